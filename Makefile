@@ -1,0 +1,36 @@
+# femkin: two set-up commands on a fresh machine
+#   make demo   create .venv, install femkin with DOLFINx, run cases/demo end to end
+#   make test   create .venv, install, run the test suite serially and under mpirun -n 2
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+NP ?= 2
+PYTEST_FLAGS ?= -q -ra
+
+.PHONY: demo test test-serial test-mpi env benchmarks clean
+env: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	bash .ci/install "$(VENV)"
+	touch $@
+
+demo: env
+	$(VENV)/bin/femkin run cases/demo
+
+test: env
+	$(MAKE) test-serial
+	$(MAKE) test-mpi
+
+test-serial:
+	$(PY) -m pytest $(PYTEST_FLAGS) tests
+
+# Rank 0 reports; the other ranks log to build/pytest-rank<N>.log. Any rank failing fails the run.
+test-mpi:
+	mkdir -p build
+	$(VENV)/bin/mpirun -n $(NP) bash -c 'if [ "$${PMI_RANK:-0}" = 0 ]; then exec $(PY) -m pytest $(PYTEST_FLAGS) -m mpi tests; else exec $(PY) -m pytest -q -m mpi tests > build/pytest-rank$${PMI_RANK}.log 2>&1; fi'
+
+benchmarks: env
+	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) build
