@@ -79,7 +79,7 @@ def voltage_to_mu_e(voltage, v_ref: float, temperature: float) -> np.ndarray:
 
 
 def pixel_centres(shape: tuple[int, int], pixel_size: float) -> tuple[np.ndarray, np.ndarray]:
-    """Return the (H, W) arrays ``x = (j + 0.5) * pixel_size`` and ``y = (i + 0.5) * pixel_size``."""
+    """Return (H, W) arrays ``x = (j + 0.5) * pixel_size``, ``y = (i + 0.5) * pixel_size``."""
     rows, cols = shape
     y, x = np.meshgrid(
         (np.arange(rows) + 0.5) * pixel_size, (np.arange(cols) + 0.5) * pixel_size, indexing="ij"
