@@ -1,0 +1,294 @@
+"""Randomised double-pass eigensolver for the prior-preconditioned Hessian.
+
+Solves the generalised symmetric eigenproblem ``H v = lambda B v`` for its dominant pairs,
+where ``H`` is the (Gauss-Newton or full) Hessian of the data misfit and ``B`` the prior
+precision ``Gamma_prior^{-1}``, with only operator actions (hIPPYlib's
+``algorithms/randomizedEigensolver.py::doublePassG``; Halko, Martinsson & Tropp 2011, Alg. 5.3,
+generalised by Saibaba, Lee & Kitanidis 2016):
+
+1. ``Y = B^{-1} H Omega`` for the caller's probes ``Omega`` (first pass);
+2. ``Q``: a B-orthonormal basis of ``range(Y)``, ``Q^T B Q = I``;
+3. ``T = Q^T H Q`` (second pass) and its small dense eigendecomposition ``T = W L W^T``;
+4. ``V = Q W``, so ``V^T B V = I`` and ``H V ~ B V L``.
+
+The Hessian actions of one pass are independent, so a caller may supply ``apply_H_batch``
+(a callable applying ``H`` to a list of vectors) and spread them over ranks or particles.
+
+Operators are given as callables ``apply(x, out)`` that write ``out = Op x`` (petsc4py
+``Vec`` in and out), or as objects with ``mult(x, out)`` (a PETSc ``Mat``) or
+``solve(b, x)`` (a PETSc ``KSP``). Every function here is collective on the vectors'
+communicator; the dense linear algebra on the small ``(k+p) x (k+p)`` matrices is done
+redundantly on every rank from allreduced Gram matrices, so all ranks agree bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import numpy as np
+
+from femkin._fem import MPI, PETSc
+
+Apply = Callable[[PETSc.Vec, PETSc.Vec], None]
+ApplyBatch = Callable[[Sequence[PETSc.Vec], Sequence[PETSc.Vec]], None]
+
+__all__ = [
+    "Apply",
+    "ApplyBatch",
+    "Eigenpairs",
+    "adaptive_rank",
+    "as_apply",
+    "b_orthonormalize",
+    "double_pass_generalized",
+]
+
+
+class Eigenpairs(NamedTuple):
+    """Dominant eigenpairs of ``H v = lambda B v``.
+
+    Attributes:
+        eigenvalues: descending, shape ``(k,)``.
+        eigenvectors: ``k`` vectors with ``V^T B V = I``.
+    """
+
+    eigenvalues: np.ndarray
+    eigenvectors: list[PETSc.Vec]
+
+
+def as_apply(op) -> Apply:
+    """Turn an operator into a callable ``apply(x, out)``.
+
+    Args:
+        op: a callable ``op(x, out)``, a PETSc ``Mat`` (``mult``) or a PETSc ``KSP``
+            (``solve``, i.e. the operator is the inverse of the KSP's matrix).
+
+    Returns:
+        A callable writing ``out = Op x``.
+    """
+    if isinstance(op, PETSc.KSP):
+        return lambda x, out: op.solve(x, out)
+    if isinstance(op, PETSc.Mat):
+        return lambda x, out: op.mult(x, out)
+    if callable(op):
+        return op
+    raise TypeError(f"operator must be callable, a PETSc Mat or a PETSc KSP; found {type(op)!r}")
+
+
+def _apply_many(apply: Apply, batch: ApplyBatch | None, xs: Sequence[PETSc.Vec]) -> list:
+    outs = [x.duplicate() for x in xs]
+    if not xs:
+        return outs
+    if batch is not None:
+        batch(list(xs), outs)
+    else:
+        for x, y in zip(xs, outs):
+            apply(x, y)
+    return outs
+
+
+def _mpi_comm(v: PETSc.Vec) -> MPI.Comm:
+    return v.getComm().tompi4py()
+
+
+def _local(vs: Sequence[PETSc.Vec]) -> np.ndarray:
+    """Owned entries of ``vs`` as the columns of an ``(n_local, len(vs))`` array (a copy)."""
+    n = vs[0].getLocalSize()
+    out = np.empty((n, len(vs)), dtype=PETSc.ScalarType)
+    for j, v in enumerate(vs):
+        out[:, j] = v.getArray(readonly=True)
+    return out
+
+
+def gram(us: Sequence[PETSc.Vec], ws: Sequence[PETSc.Vec]) -> np.ndarray:
+    """Dense matrix ``G[i, j] = us[i] . ws[j]`` (Euclidean), allreduced; collective."""
+    if not us or not ws:
+        return np.zeros((len(us), len(ws)))
+    local = _local(us).T @ _local(ws)
+    return _mpi_comm(us[0]).allreduce(local, op=MPI.SUM)
+
+
+def combine(vs: Sequence[PETSc.Vec], coefficients: np.ndarray) -> list[PETSc.Vec]:
+    """New vectors ``out[j] = sum_i vs[i] * coefficients[i, j]``; local, no communication."""
+    coefficients = np.asarray(coefficients)
+    local = _local(vs) @ coefficients
+    out = []
+    for j in range(coefficients.shape[1]):
+        w = vs[0].duplicate()
+        w.setArray(local[:, j])
+        out.append(w)
+    return out
+
+
+def b_orthonormalize(
+    ys: Sequence[PETSc.Vec],
+    apply_B: Apply,
+    *,
+    drop_tolerance: float = 1e-10,
+) -> tuple[list[PETSc.Vec], list[PETSc.Vec]]:
+    """B-orthonormal basis of ``span(ys)`` by Gram-Schmidt twice in the B inner product.
+
+    Classical Gram-Schmidt with one full reorthogonalisation ("twice is enough", Giraud et al.
+    2005), column by column: ``w <- w - Q (BQ)^T w`` twice, then ``q = w / |w|_B``. A column
+    whose B-norm falls below ``drop_tolerance`` times its original B-norm is numerically
+    dependent on the earlier ones (e.g. more probes than the rank of ``H``) and is dropped.
+    Unlike Gram-matrix methods (CholQR, SVQB), which lose directions whose relative size is
+    below ``sqrt(eps)``, this keeps directions down to ``drop_tolerance``: ``Y = B^{-1} H Omega``
+    spans eigenvalues from ``lambda_max`` down to the threshold, often six orders apart.
+    ``B`` is applied afresh to every kept vector (two actions per column), so ``BQ`` does not
+    inherit the cancellation of the subtraction.
+
+    Args:
+        ys: the vectors to orthonormalise (not modified).
+        apply_B: ``apply_B(x, out)``, ``out = B x`` with ``B`` symmetric positive definite.
+        drop_tolerance: relative B-norm below which a column counts as dependent.
+
+    Returns:
+        ``(Q, BQ)``: the basis, ``Q^T B Q = I``, possibly with fewer vectors than ``ys``,
+        and ``B`` applied to it.
+    """
+    apply_B = as_apply(apply_B)
+    q: list[PETSc.Vec] = []
+    bq: list[PETSc.Vec] = []
+    for y in ys:
+        w = y.copy()
+        bw = y.duplicate()
+        apply_B(w, bw)
+        norm0 = np.sqrt(max(w.dot(bw), 0.0))
+        if norm0 == 0.0:
+            continue
+        if q:
+            for _ in range(2):
+                c = gram(bq, [w])[:, 0]
+                local = _local(q) @ c
+                w.setArray(w.getArray(readonly=True) - local)
+            apply_B(w, bw)
+        norm = np.sqrt(max(w.dot(bw), 0.0))
+        if norm <= drop_tolerance * norm0:
+            w.destroy()
+            bw.destroy()
+            continue
+        w.scale(1.0 / norm)
+        bw.scale(1.0 / norm)
+        q.append(w)
+        bq.append(bw)
+    return q, bq
+
+
+def _rayleigh_ritz(
+    q: list[PETSc.Vec], hq: list[PETSc.Vec], k: int
+) -> Eigenpairs:
+    t = gram(q, hq)
+    t = 0.5 * (t + t.T)
+    d, w = np.linalg.eigh(t)
+    order = np.argsort(d)[::-1][:k]
+    return Eigenpairs(d[order].copy(), combine(q, w[:, order]))
+
+
+def double_pass_generalized(
+    apply_H,
+    apply_B,
+    apply_Binv,
+    probes: Sequence[PETSc.Vec],
+    k: int,
+    *,
+    apply_H_batch: ApplyBatch | None = None,
+) -> Eigenpairs:
+    """Dominant eigenpairs of ``H v = lambda B v`` by the randomised double-pass algorithm.
+
+    Costs ``2 * len(probes)`` Hessian actions (two passes; fewer in the second when the
+    probed range is rank deficient), ``len(probes)`` actions of ``B^{-1}`` and a few of ``B``.
+
+    Args:
+        apply_H: ``apply_H(x, out)``: ``out = H x`` (symmetric), or a ``Mat``.
+        apply_B: ``out = B x``, the prior precision (symmetric positive definite), or a
+            ``Mat``.
+        apply_Binv: ``out = B^{-1} x``, the prior covariance, or a ``KSP`` solving with B.
+        probes: ``k + p`` random vectors (``p`` the oversampling, about 10), drawn by the
+            caller from global indices or coordinates so the result is partition
+            independent; not modified.
+        k: number of pairs wanted, ``1 <= k <= len(probes)``.
+        apply_H_batch: optional ``apply_H_batch(xs, outs)`` applying ``H`` to a list of
+            vectors at once (independent actions the caller may batch or spread over ranks);
+            used instead of ``apply_H`` for both passes when given.
+
+    Returns:
+        ``Eigenpairs(eigenvalues, eigenvectors)``: eigenvalues in descending order and the
+        eigenvectors, ``V^T B V = I``. When the probed range has numerical rank ``r < k``
+        (``H`` of rank ``r``), only ``r`` pairs are returned: the others are zero.
+
+    Raises:
+        ValueError: when ``k`` is not in ``[1, len(probes)]``.
+    """
+    if not 1 <= k <= len(probes):
+        raise ValueError(f"k must satisfy 1 <= k <= len(probes); found {k=}, {len(probes)=}")
+    apply_H = as_apply(apply_H)
+    apply_B = as_apply(apply_B)
+    apply_Binv = as_apply(apply_Binv)
+    h_omega = _apply_many(apply_H, apply_H_batch, probes)
+    y = _apply_many(apply_Binv, None, h_omega)
+    return _second_pass(apply_H, apply_H_batch, apply_B, y, k)
+
+
+def _second_pass(apply_H, apply_H_batch, apply_B, y, k) -> Eigenpairs:
+    q, _ = b_orthonormalize(y, apply_B)
+    hq = _apply_many(apply_H, apply_H_batch, q)
+    return _rayleigh_ritz(q, hq, k)
+
+
+def adaptive_rank(
+    apply_H,
+    apply_B,
+    apply_Binv,
+    make_probe: Callable[[int], PETSc.Vec],
+    *,
+    threshold: float = 0.1,
+    max_rank: int = 50,
+    oversampling: int = 10,
+    start: int = 10,
+    apply_H_batch: ApplyBatch | None = None,
+) -> Eigenpairs:
+    """Double-pass eigensolver whose rank doubles until the spectrum falls below a threshold.
+
+    Starts with ``k = start`` and ``k + oversampling`` probes; while the smallest of the ``k``
+    computed eigenvalues is still ``>= threshold`` and ``k < max_rank``, ``k`` doubles (capped
+    at ``max_rank``), new probes ``make_probe(i)`` are added and the second pass is redone.
+    The first-pass products ``B^{-1} H omega_i`` of earlier probes are kept, so each doubling
+    costs the new probes' first pass plus one full second pass.
+
+    Args:
+        apply_H, apply_B, apply_Binv, apply_H_batch: as in :func:`double_pass_generalized`.
+        make_probe: ``make_probe(i)`` returns the ``i``-th random probe vector (seeded by ``i``
+            and global indices/coordinates, so identical on any number of ranks).
+        threshold: stop once an eigenvalue below this is computed (hIPPYlib's 0.1: beyond it
+            the data add less than 10% to the prior's information in that direction).
+        max_rank: the cap on ``k``.
+        oversampling: extra probes ``p``.
+        start: initial ``k``.
+
+    Returns:
+        ``Eigenpairs`` with all ``k`` computed pairs (fewer if ``H`` has lower rank),
+        eigenvalues descending; the caller may drop the pairs below ``threshold``.
+
+    Raises:
+        ValueError: on ``start < 1``, ``max_rank < 1``, ``oversampling < 0`` or
+            ``threshold < 0``.
+    """
+    if start < 1 or max_rank < 1 or oversampling < 0 or threshold < 0:
+        raise ValueError(
+            "adaptive_rank needs start >= 1, max_rank >= 1, oversampling >= 0, threshold >= 0; "
+            f"found {start=}, {max_rank=}, {oversampling=}, {threshold=}"
+        )
+    apply_H = as_apply(apply_H)
+    apply_B = as_apply(apply_B)
+    apply_Binv = as_apply(apply_Binv)
+    k = min(start, max_rank)
+    y: list[PETSc.Vec] = []
+    while True:
+        new = [make_probe(i) for i in range(len(y), k + oversampling)]
+        h_new = _apply_many(apply_H, apply_H_batch, new)
+        y.extend(_apply_many(apply_Binv, None, h_new))
+        pairs = _second_pass(apply_H, apply_H_batch, apply_B, y, k)
+        found = len(pairs.eigenvalues)
+        if found < k or pairs.eigenvalues[-1] < threshold or k >= max_rank:
+            return pairs
+        k = min(2 * k, max_rank)
