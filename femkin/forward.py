@@ -1,0 +1,406 @@
+"""The ACR forward model of one particle: spaces, parameters, compiled forms, time stepping.
+
+A :class:`ParticleModel` owns everything that lives on one particle's mesh: the mixed P1 x P1
+space of (c, mu), the P1 space of the log-rate field ``m``, the parameter constants (wrapped in
+``ufl.variable`` so that ``ufl.diff`` gives parameter derivatives), the residual form and its
+Jacobian compiled once, and a PETSc SNES (options prefix ``femkin_forward_``).
+
+:meth:`ParticleModel.solve` integrates from the initial state through the frame times with
+adaptive backward-Euler steps that land exactly on every frame and keeps every converged state
+in a :class:`Trajectory` (in memory or on disk) for the adjoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import tempfile
+from typing import Callable, Sequence
+
+import basix.ufl
+import numpy as np
+
+from femkin._fem import MPI, PETSc, dolfinx, ufl
+from femkin.errors import ConvergenceError
+from femkin.physics import acr
+
+SCALAR_BLOCKS = ("mu_h", "j0", "k0", "kappa", "coherency")
+
+
+@dataclasses.dataclass
+class ModelParameters:
+    """Numerical values of the global model parameters.
+
+    Attributes:
+        mu_h: Legendre coefficients a_1..a_N of mu_h (kT).
+        j0: Legendre coefficients b_1..b_M of ln j0.
+        j0_prefactor: (p, q), fixed exponents of c and (1 - c) in j0.
+        k0: rate prefactor (1/s).
+        kappa: gradient-energy coefficient (kT um^2).
+        coherency: coherency coefficient B (kT).
+        alpha: charge-transfer symmetry factor.
+    """
+
+    mu_h: Sequence[float] = (3.2,)
+    j0: Sequence[float] = ()
+    j0_prefactor: Sequence[float] = (0.5, 0.5)
+    k0: float = 1e-3
+    kappa: float = 0.02
+    coherency: float = 0.0
+    alpha: float = 0.5
+
+    @classmethod
+    def from_case(cls, model: dict) -> "ModelParameters":
+        """Build from a case file's ``[model]`` section."""
+        return cls(mu_h=tuple(model["mu_h"]), j0=tuple(model["j0"]),
+                   j0_prefactor=tuple(model["j0_prefactor"]), k0=float(model["k0"]),
+                   kappa=float(model["kappa"]), coherency=float(model["coherency"]),
+                   alpha=float(model["alpha"]))
+
+    def block_values(self) -> dict[str, np.ndarray]:
+        """Values per learnable scalar block (``k0`` as ln k0)."""
+        return {"mu_h": np.array(self.mu_h, float), "j0": np.array(self.j0, float),
+                "k0": np.array([np.log(self.k0)]), "kappa": np.array([self.kappa]),
+                "coherency": np.array([self.coherency])}
+
+    def with_blocks(self, values: dict[str, np.ndarray]) -> "ModelParameters":
+        """A copy with some blocks replaced (``k0`` given as ln k0)."""
+        new = dataclasses.replace(self)
+        for name, v in values.items():
+            v = np.asarray(v, dtype=float)
+            if name in ("mu_h", "j0"):
+                setattr(new, name, tuple(v.tolist()))
+            elif name == "k0":
+                new.k0 = float(np.exp(v[0]))
+            elif name in ("kappa", "coherency"):
+                setattr(new, name, float(v[0]))
+            else:
+                raise KeyError(name)
+        return new
+
+
+@dataclasses.dataclass
+class SolverOptions:
+    """Time stepping and Newton settings (the case file's ``[solver]`` section)."""
+
+    dt_initial: float | None = None
+    dt_min: float = 1e-6
+    dt_max: float | None = None
+    newton_rtol: float = 1e-10
+    newton_atol: float = 1e-11
+    newton_max_it: int = 25
+    dc_max: float = 0.02
+    storage: str = "memory"
+    petsc_options: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_case(cls, solver: dict) -> "SolverOptions":
+        return cls(**{f.name: solver[f.name] for f in dataclasses.fields(cls) if f.name in solver})
+
+
+class Trajectory:
+    """Converged states of one forward run, for the adjoint.
+
+    Attributes:
+        times: (N+1,) times of the states, ``times[0]`` the first frame.
+        mu_e: (N+1,) mu_e at those times.
+        cbar: (N+1,) particle mean of c at those times.
+        frame_steps: index of the state at each frame time.
+    """
+
+    def __init__(self, storage: str = "memory"):
+        self.times: list[float] = []
+        self.mu_e: list[float] = []
+        self.cbar: list[float] = []
+        self.frame_steps: list[int] = []
+        self.newton_iterations: list[int] = []
+        self._storage = storage
+        self._states: list[np.ndarray] = []
+        self._dir = tempfile.TemporaryDirectory(prefix="femkin-traj-") if storage == "disk" else None
+
+    def append(self, t: float, mu_e: float, cbar: float, state: np.ndarray) -> None:
+        self.times.append(float(t))
+        self.mu_e.append(float(mu_e))
+        self.cbar.append(float(cbar))
+        if self._dir is None:
+            self._states.append(state.copy())
+        else:
+            path = pathlib.Path(self._dir.name) / f"{len(self.times) - 1}.npy"
+            np.save(path, state)
+
+    def state(self, n: int) -> np.ndarray:
+        """The local array (owned + ghosts) of state ``n``."""
+        if self._dir is None:
+            return self._states[n]
+        return np.load(pathlib.Path(self._dir.name) / f"{n}.npy")
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.times) - 1
+
+    def dt(self, n: int) -> float:
+        return self.times[n] - self.times[n - 1]
+
+
+class ParticleModel:
+    """The ACR model on one particle mesh.
+
+    Args:
+        mesh: the particle's DOLFINx mesh (2-D triangles).
+        parameters: initial global parameter values.
+        solver: time-stepping and Newton options.
+        quadrature_degree: quadrature degree of every integral.
+        options_prefix: PETSc options prefix of the SNES.
+    """
+
+    def __init__(self, mesh, parameters: ModelParameters, *, solver: SolverOptions | None = None,
+                 quadrature_degree: int = 4, options_prefix: str = "femkin_forward_"):
+        if not options_prefix:
+            raise ValueError("options_prefix must not be empty")
+        self.mesh = mesh
+        self.comm = mesh.comm
+        self.solver_options = solver or SolverOptions()
+        cell = mesh.basix_cell()
+        p1 = basix.ufl.element("Lagrange", cell, 1)
+        self.W = dolfinx.fem.functionspace(mesh, basix.ufl.mixed_element([p1, p1]))
+        # V is the collapsed c-subspace, so c_dofs maps V's local dofs to W's exactly.
+        self.V, self.c_dofs = self.W.sub(0).collapse()
+        _, self.mu_dofs = self.W.sub(1).collapse()
+        self.c_dofs = np.asarray(self.c_dofs, dtype=np.int32)
+        self.mu_dofs = np.asarray(self.mu_dofs, dtype=np.int32)
+        self.dx = ufl.Measure("dx", domain=mesh, metadata={"quadrature_degree": quadrature_degree})
+
+        self.u = dolfinx.fem.Function(self.W, name="state")
+        self.u_old = dolfinx.fem.Function(self.W, name="state_old")
+        self.m = dolfinx.fem.Function(self.V, name="m")
+        self.test = ufl.TestFunction(self.W)
+        self.trial = ufl.TrialFunction(self.W)
+
+        def const(value):
+            return dolfinx.fem.Constant(mesh, PETSc.ScalarType(value))
+
+        self.n_a = len(parameters.mu_h)
+        self.n_b = len(parameters.j0)
+        # Named scalar constants: learnable blocks, plus the per-step mu_e and cbar.
+        self.constants: dict[str, list] = {
+            "mu_h": [const(0.0) for _ in range(self.n_a)],
+            "j0": [const(0.0) for _ in range(self.n_b)],
+            "k0": [const(0.0)],
+            "kappa": [const(0.0)],
+            "coherency": [const(0.0)],
+            "mu_e": [const(0.0)],
+            "cbar": [const(0.0)],
+        }
+        self.variables = {k: [ufl.variable(c) for c in v] for k, v in self.constants.items()}
+        self.p = const(parameters.j0_prefactor[0])
+        self.q = const(parameters.j0_prefactor[1])
+        self.alpha = const(parameters.alpha)
+        self.dt = const(1.0)
+        var = self.variables
+        self.coeffs = acr.ACRCoefficients(
+            a=var["mu_h"], b=var["j0"], p=self.p, q=self.q, ln_k0=var["k0"][0], m=self.m,
+            kappa=var["kappa"][0], coherency=var["coherency"][0], alpha=self.alpha)
+        self.F_ufl = acr.residual(ufl.split(self.u), ufl.split(self.u_old), ufl.split(self.test),
+                                  self.dt, var["mu_e"][0], var["cbar"][0], self.coeffs, self.dx)
+        self.J_ufl = ufl.derivative(self.F_ufl, self.u, self.trial)
+        self.F = dolfinx.fem.form(self.F_ufl)
+        self.J = dolfinx.fem.form(self.J_ufl)
+        self.set_parameters(parameters)
+
+        one = const(1.0)
+        self.area = self.comm.allreduce(
+            dolfinx.fem.assemble_scalar(dolfinx.fem.form(one * ufl.dx(domain=mesh))), op=MPI.SUM)
+        self._mean_c_form = dolfinx.fem.form(ufl.split(self.u)[0] / self.area * self.dx)
+        # d cbar / d u_old as a vector over W: (1/|Omega|) int phi_c.
+        self.dcbar_du = dolfinx.fem.petsc.assemble_vector(
+            dolfinx.fem.form(ufl.split(self.test)[0] / self.area * self.dx))
+        self.dcbar_du.ghostUpdate(PETSc.InsertMode.ADD, PETSc.ScatterMode.REVERSE)
+        self.dcbar_du.ghostUpdate(PETSc.InsertMode.INSERT, PETSc.ScatterMode.FORWARD)
+        self._setup_snes(options_prefix)
+
+    # -- parameters -----------------------------------------------------------------------
+    def set_parameters(self, parameters: ModelParameters) -> None:
+        """Copy global parameter values into the constants."""
+        if len(parameters.mu_h) != self.n_a or len(parameters.j0) != self.n_b:
+            raise ValueError(f"expected {self.n_a} mu_h and {self.n_b} j0 coefficients, found "
+                             f"{len(parameters.mu_h)} and {len(parameters.j0)}")
+        self.parameters = dataclasses.replace(parameters)
+        for name, values in parameters.block_values().items():
+            for c, v in zip(self.constants[name], values):
+                c.value = v
+        self.p.value, self.q.value = parameters.j0_prefactor
+        self.alpha.value = parameters.alpha
+
+    def set_m(self, values: np.ndarray) -> None:
+        """Set the owned values of m (P1 on the particle) and update ghosts."""
+        n = self.V.dofmap.index_map.size_local
+        self.m.x.array[:n] = values[:n]
+        self.m.x.scatter_forward()
+
+    # -- SNES -----------------------------------------------------------------------------
+    def _setup_snes(self, prefix: str) -> None:
+        self.A = dolfinx.fem.petsc.create_matrix(self.J)
+        self.b = dolfinx.fem.petsc.create_vector(self.W)
+        self.x = dolfinx.fem.petsc.create_vector(self.W)
+        snes = PETSc.SNES().create(self.comm)
+        snes.setOptionsPrefix(prefix)
+        snes.setFunction(dolfinx.fem.petsc.assemble_residual, self.b,
+                         kargs={"u": self.u, "residual": self.F, "jacobian": self.J, "bcs": []})
+        snes.setJacobian(dolfinx.fem.petsc.assemble_jacobian, self.A, None,
+                         kargs={"u": self.u, "jacobian": self.J, "preconditioner": None,
+                                "bcs": []})
+        o = self.solver_options
+        opts = PETSc.Options()
+        defaults = {"snes_type": "vinewtonrsls", "snes_linesearch_type": "basic",
+                    "ksp_type": "preonly", "pc_type": "lu",
+                    "pc_factor_mat_solver_type": "mumps"}
+        for k, v in {**defaults, **o.petsc_options}.items():
+            if not opts.hasName(prefix + k):
+                opts[prefix + k] = v
+        snes.setTolerances(rtol=o.newton_rtol, atol=o.newton_atol, max_it=o.newton_max_it)
+        snes.setFromOptions()
+        # c stays strictly inside (0, 1), where the logarithms live; mu is free.
+        self.lower = self.x.duplicate()
+        self.upper = self.x.duplicate()
+        eps = 1e-9
+        n_own = self.W.dofmap.index_map.size_local * self.W.dofmap.index_map_bs
+        lo = np.full(n_own, -1e20)
+        hi = np.full(n_own, 1e20)
+        cd = self.c_dofs[self.c_dofs < n_own]
+        lo[cd], hi[cd] = eps, 1.0 - eps
+        self.lower.array[:] = lo
+        self.upper.array[:] = hi
+        if snes.getType().startswith("vi"):
+            snes.setVariableBounds(self.lower, self.upper)
+        self.snes = snes
+        # A KSP for linear solves with J or J^T (adjoint, tangent), same options as Newton.
+        self.ksp = PETSc.KSP().create(self.comm)
+        self.ksp.setOptionsPrefix(prefix.replace("forward", "adjoint") if "forward" in prefix
+                                  else prefix + "adjoint_")
+        for k in ("ksp_type", "pc_type", "pc_factor_mat_solver_type"):
+            key = self.ksp.getOptionsPrefix() + k
+            if not opts.hasName(key):
+                opts[key] = defaults[k]
+        self.ksp.setFromOptions()
+
+    def newton_step(self, dt: float, mu_e: float, cbar: float) -> tuple[bool, int, int]:
+        """Solve one step from ``u_old``; returns (converged, iterations, SNES reason)."""
+        self.dt.value = dt
+        self.constants["mu_e"][0].value = mu_e
+        self.constants["cbar"][0].value = cbar
+        self.x.array[:] = self.u_old.x.petsc_vec.array  # predictor: previous state
+        try:
+            self.snes.solve(None, self.x)
+        except PETSc.Error:
+            return False, self.snes.getIterationNumber(), -99
+        reason = self.snes.getConvergedReason()
+        its = self.snes.getIterationNumber()
+        ok = reason > 0 and np.all(np.isfinite(self.x.array))
+        ok = self.comm.allreduce(bool(ok), op=MPI.LAND)
+        if ok:
+            self.x.ghostUpdate(PETSc.InsertMode.INSERT, PETSc.ScatterMode.FORWARD)
+            self.u.x.petsc_vec.array[:] = self.x.array
+            self.u.x.scatter_forward()
+        return ok, its, reason
+
+    def mean_c(self, u_array: np.ndarray | None = None) -> float:
+        """Particle mean of c of the current state (or of a given local array)."""
+        if u_array is not None:
+            self.u.x.array[:] = u_array
+        return self.comm.allreduce(dolfinx.fem.assemble_scalar(self._mean_c_form), op=MPI.SUM)
+
+    # -- time stepping ----------------------------------------------------------------------
+    def solve(self, frame_times: Sequence[float], driving: Callable[[float], float],
+              c0: np.ndarray, *, schedule: Sequence[float] | None = None,
+              storage: str | None = None) -> Trajectory:
+        """Integrate from ``c0`` at ``frame_times[0]`` through all frame times.
+
+        Args:
+            frame_times: strictly increasing frame times (s).
+            driving: mu_e(t) in kT.
+            c0: initial c as owned+ghost values of the P1 space ``V``.
+            schedule: replay these step times exactly (from an earlier trajectory) instead of
+                choosing steps adaptively; used for derivative checks.
+            storage: "memory" or "disk" (default from the solver options).
+
+        Returns:
+            The trajectory of converged states.
+
+        Raises:
+            ConvergenceError: Newton failed with the step at its floor.
+        """
+        o = self.solver_options
+        frame_times = np.asarray(frame_times, dtype=float)
+        traj = Trajectory(storage or o.storage)
+        self.u.x.array[:] = 0.0
+        nV = len(self.c_dofs)
+        self.u.x.array[self.c_dofs] = c0[:nV]
+        self.u.x.array[self.mu_dofs] = 0.0
+        self.u.x.scatter_forward()
+        t = float(frame_times[0])
+        cbar = self.mean_c()
+        traj.append(t, driving(t), cbar, self.u.x.array)
+        traj.frame_steps.append(0)
+        gaps = np.diff(frame_times)
+        dt = o.dt_initial or (gaps[0] / 10.0 if gaps.size else 1.0)
+        dt_max = o.dt_max or np.inf
+        if schedule is not None:
+            steps = np.diff(np.asarray(schedule, dtype=float))
+            targets = list(np.asarray(schedule, dtype=float)[1:])
+        frame_i = 1
+        k = 0
+        while frame_i < len(frame_times):
+            t_frame = frame_times[frame_i]
+            if schedule is not None:
+                t_new = targets[k]
+                step = steps[k]
+            else:
+                step = min(dt, dt_max, t_frame - t)
+                t_new = t + step
+                if t_frame - t_new < 1e-9 * max(1.0, abs(t_frame)):
+                    t_new = t_frame
+                    step = t_frame - t
+            self.u_old.x.array[:] = self.u.x.array
+            ok, its, reason = self.newton_step(step, driving(t_new), cbar)
+            if not ok:
+                self.u.x.array[:] = self.u_old.x.array
+                if schedule is not None or step / 2 < o.dt_min:
+                    raise ConvergenceError(
+                        f"Newton did not converge at t = {t:.6g} s with step {step:.3g} s "
+                        f"(SNES reason {reason}, {its} iterations); the step floor is "
+                        f"dt_min = {o.dt_min:g} s")
+                dt = step / 2
+                continue
+            t = t_new
+            k += 1
+            cbar_new = self.mean_c()
+            traj.append(t, driving(t), cbar_new, self.u.x.array)
+            traj.newton_iterations.append(its)
+            cbar = cbar_new
+            if abs(t - t_frame) <= 1e-9 * max(1.0, abs(t_frame)):
+                traj.frame_steps.append(len(traj.times) - 1)
+                frame_i += 1
+            # Accuracy control: aim at a change of c of at most dc_max per step.
+            dc = np.max(np.abs(self.u.x.array[self.c_dofs] - self.u_old.x.array[self.c_dofs]),
+                        initial=0.0)
+            dc = self.comm.allreduce(float(dc), op=MPI.MAX)
+            growth = 1.5 if its <= 4 else 1.0
+            dt = step * float(np.clip(o.dc_max / max(dc, 1e-300), 0.5, growth))
+        return traj
+
+    # -- helpers --------------------------------------------------------------------------
+    def c_values(self, u_array: np.ndarray) -> np.ndarray:
+        """c on the P1 space V (owned + ghosts) from a W local array."""
+        return u_array[self.c_dofs]
+
+    def interface_width(self) -> float:
+        """sqrt(kappa / a_1) in um (inf when a_1 <= 0)."""
+        a1 = self.parameters.mu_h[0] if self.parameters.mu_h else 0.0
+        return float(np.sqrt(self.parameters.kappa / a1)) if a1 > 0 else float("inf")
+
+    def h_max(self) -> float:
+        """Largest cell diameter over all ranks (um)."""
+        tdim = self.mesh.topology.dim
+        n = self.mesh.topology.index_map(tdim).size_local
+        h = self.mesh.h(tdim, np.arange(n, dtype=np.int32))
+        return self.comm.allreduce(float(h.max()) if n else 0.0, op=MPI.MAX)

@@ -1,0 +1,1 @@
+"""Physics as pure UFL forms: no PETSc, no I/O."""

@@ -1,0 +1,115 @@
+"""The Allen-Cahn reaction (ACR) model of a LiFePO4 platelet as pure UFL.
+
+Units: length um, time s, chemical potentials kT. Unknowns ``c`` (Li fraction) and ``mu``
+(chemical potential), mixed P1 x P1::
+
+    mu   = mu_h(c) - kappa lap(c) + B (c - cbar),       grad(c).n = 0 on the boundary
+    dc/dt = R = k(x) j0(c) [exp(-alpha eta) - exp((1 - alpha) eta)],   eta = mu - mu_e(t)
+    mu_h(c)  = ln(c / (1 - c)) + sum_n a_n P_n(1 - 2c)
+    ln j0(c) = sum_n b_n P_n(1 - 2c) + p ln c + q ln(1 - c)
+    k(x) = exp(ln_k0 + m(x))
+
+``cbar`` is the particle mean of ``c`` at the previous time level (semi-implicit coherency),
+so that the Newton Jacobian stays sparse; the adjoint carries its dependence exactly.
+Backward Euler in time. Every function here takes UFL expressions and returns UFL
+expressions or forms; parameters enter as whatever UFL the caller passes (``ufl.variable``
+wrapped constants so that ``ufl.diff`` gives parameter derivatives).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import ufl
+
+
+class ACRCoefficients(NamedTuple):
+    """UFL expressions of the model parameters.
+
+    Attributes:
+        a: mu_h Legendre coefficients a_1..a_N (kT).
+        b: ln j0 Legendre coefficients b_1..b_M.
+        p: exponent of c in j0 (fixed per case).
+        q: exponent of (1 - c) in j0 (fixed per case).
+        ln_k0: log of the rate prefactor k0 (1/s).
+        m: log-rate field m(x), k = k0 exp(m).
+        kappa: gradient-energy coefficient (kT um^2).
+        coherency: coherency-strain coefficient B (kT).
+        alpha: charge-transfer symmetry factor.
+    """
+
+    a: Sequence[ufl.core.expr.Expr]
+    b: Sequence[ufl.core.expr.Expr]
+    p: float | ufl.core.expr.Expr
+    q: float | ufl.core.expr.Expr
+    ln_k0: ufl.core.expr.Expr
+    m: ufl.core.expr.Expr
+    kappa: ufl.core.expr.Expr
+    coherency: ufl.core.expr.Expr
+    alpha: float | ufl.core.expr.Expr
+
+
+def legendre(n: int, x):
+    """Return ``[P_0(x), ..., P_n(x)]`` by Bonnet's recursion (works on UFL and numpy)."""
+    polys = [1.0 + 0.0 * x, x]
+    for k in range(1, n):
+        polys.append(((2 * k + 1) * x * polys[k] - k * polys[k - 1]) / (k + 1))
+    return polys[: n + 1]
+
+
+def legendre_sum(coefficients, x):
+    """``sum_{n>=1} coefficients[n-1] P_n(x)``; zero for no coefficients."""
+    if len(coefficients) == 0:
+        return 0.0 * x
+    polys = legendre(len(coefficients), x)
+    return sum(a * polys[n + 1] for n, a in enumerate(coefficients))
+
+
+def mu_h(c, a, log=ufl.ln):
+    """Homogeneous chemical potential ln(c/(1-c)) + sum a_n P_n(1-2c) in kT."""
+    return log(c / (1 - c)) + legendre_sum(a, 1 - 2 * c)
+
+
+def ln_j0(c, b, p, q, log=ufl.ln):
+    """Log exchange-current factor sum b_n P_n(1-2c) + p ln c + q ln(1-c)."""
+    return legendre_sum(b, 1 - 2 * c) + p * log(c) + q * log(1 - c)
+
+
+def reaction_rate(c, mu, mu_e, coeffs: ACRCoefficients, exp=ufl.exp, log=ufl.ln):
+    """Butler-Volmer-type rate R = k j0 [exp(-alpha eta) - exp((1-alpha) eta)] in 1/s."""
+    eta = mu - mu_e
+    alpha = coeffs.alpha
+    ln_rate_prefactor = coeffs.ln_k0 + coeffs.m + ln_j0(c, coeffs.b, coeffs.p, coeffs.q, log)
+    return exp(ln_rate_prefactor - alpha * eta) - exp(ln_rate_prefactor + (1 - alpha) * eta)
+
+
+def residual(u, u_old, tests, dt, mu_e, cbar, coeffs: ACRCoefficients, dx):
+    """Backward-Euler residual of one ACR step from ``u_old`` to ``u`` over ``dt``.
+
+    Args:
+        u: the new state (c, mu) as a pair of UFL expressions (e.g. ``ufl.split(w)``).
+        u_old: the previous state (c_old, mu_old); only c_old enters.
+        tests: the pair of test functions (v, w).
+        dt: step size (s).
+        mu_e: reservoir chemical potential at the new time (kT).
+        cbar: particle mean of c_old.
+        coeffs: model coefficients.
+        dx: the cell measure (with its quadrature degree).
+
+    Returns:
+        The residual form F(u; v, w); F = 0 defines the step.
+    """
+    c, mu = u
+    c_old = u_old[0]
+    v, w = tests
+    rate = reaction_rate(c, mu, mu_e, coeffs)
+    f_c = ((c - c_old) / dt - rate) * v * dx
+    f_mu = (mu - mu_h(c, coeffs.a) - coeffs.coherency * (c - cbar)) * w * dx
+    f_mu -= coeffs.kappa * ufl.inner(ufl.grad(c), ufl.grad(w)) * dx
+    return f_c + f_mu
+
+
+def chemical_potential_form(c, mu_trial, w, coeffs: ACRCoefficients, cbar, dx):
+    """Residual of mu = mu_h(c) - kappa lap c + B (c - cbar) for given c (projection of mu)."""
+    f = (mu_trial - mu_h(c, coeffs.a) - coeffs.coherency * (c - cbar)) * w * dx
+    return f - coeffs.kappa * ufl.inner(ufl.grad(c), ufl.grad(w)) * dx
