@@ -118,8 +118,13 @@ def particle_polygons(
     rings.sort(key=lambda r: -abs(_signed_area(r)))
     rings = [_oriented(r, ccw=(k == 0)) for k, r in enumerate(rings)]
     smoothed = [_smoothed(r, smoothing) for r in rings]
-    smoothed = [smoothed[0]] + [r for r in smoothed[1:] if abs(_signed_area(r)) > 0.25]
-    out = _simplified(smoothed, simplify)
+    keep = [0] + [k for k in range(1, len(rings)) if abs(_signed_area(smoothed[k])) > 0.25]
+    out = _simplified([smoothed[k] for k in keep], simplify)
+    # Smoothing and chords of convex stretches shrink a ring; an offset along the vertex normals
+    # restores the area enclosed by the level set (which matches the pixel count).
+    corrected = [_area_restored(r, _signed_area(rings[k])) for r, k in zip(out, keep, strict=True)]
+    if not _intersecting(corrected):
+        out = corrected
     return [r * pixel_size for r in out]
 
 
@@ -154,6 +159,22 @@ def _smoothed(ring: np.ndarray, smoothing: float) -> np.ndarray:
     si = np.linspace(0.0, s[-1], n, endpoint=False)
     xy = np.column_stack([np.interp(si, s, closed[:, 0]), np.interp(si, s, closed[:, 1])])
     return gaussian_filter1d(xy, smoothing / (s[-1] / n), axis=0, mode="wrap")
+
+
+def _area_restored(ring: np.ndarray, target: float) -> np.ndarray:
+    """Offset the vertices along their normals so the signed area becomes ``target``."""
+    for _ in range(3):
+        edges = np.roll(ring, -1, axis=0) - ring
+        length = np.linalg.norm(edges, axis=1)
+        perimeter = float(length.sum())
+        # right-hand normals point outwards of a counter-clockwise ring (inwards of a hole's,
+        # whose signed area is negative, so the same formula moves it the right way)
+        normals = np.column_stack([edges[:, 1], -edges[:, 0]]) / length[:, None]
+        vertex_normals = normals + np.roll(normals, 1, axis=0)
+        vertex_normals /= np.linalg.norm(vertex_normals, axis=1)[:, None]
+        offset = (target - _signed_area(ring)) / perimeter
+        ring = ring + offset * vertex_normals
+    return ring
 
 
 def _simplified(rings: list[np.ndarray], tolerance: float) -> list[np.ndarray]:
@@ -378,7 +399,7 @@ def _local_area(mesh) -> float:
 
 def _owned_triangles(mesh) -> np.ndarray:
     n = mesh.topology.index_map(mesh.topology.dim).size_local
-    return mesh.geometry.x[mesh.geometry.dofmap[:n], :2]
+    return mesh.geometry.x[mesh.geometry.dofmaps[0][:n], :2]
 
 
 def plot_mesh(particle_mesh: ParticleMesh, mask: np.ndarray, path: str | os.PathLike) -> None:
