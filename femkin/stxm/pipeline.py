@@ -26,12 +26,17 @@ from femkin.stxm.stack import Stack
 from femkin.stxm.unmix import References, unmix
 
 
+#: Smallest sigma reported: the bootstrap gives 0 where every resample clamps c to 0 or 1.
+SIGMA_FLOOR = 1e-3
+
+
 class Prepared(NamedTuple):
     """Everything ``prepare`` computed.
 
     Attributes:
         c: ``(T, H, W)`` Li fraction, NaN outside the mask or unobserved.
-        sigma: ``(T, H, W)`` bootstrap standard deviation of ``c``.
+        sigma: ``(T, H, W)`` bootstrap standard deviation of ``c`` (at least
+            :data:`SIGMA_FLOOR`), NaN where ``c`` is.
         mask: ``(H, W)`` labels 0 background, 1..N particles.
         labels: ``(T, H, W)`` per-frame particle labels, stable over time.
         t: ``(T,)`` frame times in seconds from the first.
@@ -223,7 +228,8 @@ def prepare(stacks: Sequence[Stack], references: References, *,
                          f"pixels above Fe OD {thresholds.min():.3g}", "none")
     inside = mask > 0
     c = np.array([np.where(inside, r.c, np.nan) for r in results])
-    sigma = np.array([np.where(inside, r.sigma, np.nan) for r in results])
+    sigma = np.array([np.where(inside, np.maximum(r.sigma, SIGMA_FLOOR), np.nan)
+                      for r in results])
     return Prepared(c=c, sigma=sigma, mask=mask, labels=labels, t=t, pixel_size=pixel_size,
                     od=aligned, fe=fe, shifts=shifts, stack_shifts=stack_shifts,
                     reference=(0, refs[0]), thresholds=thresholds, i0=i0s)
@@ -252,7 +258,8 @@ def write_summary(path: str | pathlib.Path, result: Prepared, *, max_frames: int
     ax.set_title(f"Fe OD, threshold {result.thresholds[0]:.3g}")
     fig.colorbar(im, ax=ax, shrink=0.8)
     ax = axes[0, 2]
-    ax.imshow(result.mask, cmap="tab10", interpolation="nearest", vmin=0, vmax=10)
+    ax.imshow(np.ma.masked_equal(result.mask, 0), cmap="tab10", interpolation="nearest",
+              vmin=0.5, vmax=10.5)
     ax.set_title(f"mask ({result.mask.max()} particles)")
     for j, k in enumerate(frames):
         ax = axes[1, j]
@@ -268,7 +275,8 @@ def write_summary(path: str | pathlib.Path, result: Prepared, *, max_frames: int
     ax.set_ylabel("drift (px)")
     ax.legend(fontsize=6)
     ax = axes[2, 1]
-    ax.imshow(result.labels[-1], cmap="tab10", interpolation="nearest", vmin=0, vmax=10)
+    ax.imshow(np.ma.masked_equal(result.labels[-1], 0), cmap="tab10", interpolation="nearest",
+              vmin=0.5, vmax=10.5)
     ax.set_title("labels, last frame")
     ax = axes[2, 2]
     im = ax.imshow(result.sigma[0], cmap="magma")

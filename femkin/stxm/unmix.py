@@ -9,6 +9,7 @@ bootstrap resamples of the energies (with replacement).
 from __future__ import annotations
 
 import pathlib
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -146,6 +147,7 @@ def unmix(od: np.ndarray, design: np.ndarray, *, n_boot: int = 100, seed: int = 
         samples.append(_fraction(nnls2(a, flat[:, ok][idx])))
     sigma = np.full(h * w, np.nan)
     if len(samples) >= 2:
-        with np.errstate(invalid="ignore"):
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN background pixels
             sigma[ok] = np.nanstd(np.array(samples), axis=0, ddof=1)
     return Unmixed(weights.reshape(2, h, w), c.reshape(h, w), sigma.reshape(h, w))

@@ -1,0 +1,130 @@
+"""``femkin prepare``: raw STXM stacks -> Li-fraction video (``c``, mask, ``t``, sigma) + PNG.
+
+Serial work: under ``mpirun`` only rank 0 reads, computes and writes; a user error found there
+is raised on every rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from femkin.errors import CaseError, FemkinError, InputError
+
+
+def register(subparsers) -> None:
+    """Add the ``prepare`` verb."""
+    parser = subparsers.add_parser(
+        "prepare",
+        help="turn raw STXM stacks into a Li-fraction video and masks",
+        description="Read STXM stacks (ALS .hdr/.xim, NeXus NXstxm .h5/.hdf5/.nxs, aXis2000 "
+        ".stk), one per frame in time order; compute optical densities, register energies and "
+        "frames by sub-pixel phase correlation, unmix against LiFePO4/FePO4 reference spectra "
+        "(non-negative, bootstrap sigma), segment particles (Otsu) and write the video contract "
+        "plus a PNG summary next to it. With --case, the [prepare] section gives the defaults "
+        "(paths relative to the case directory); command-line values override it.",
+    )
+    parser.add_argument("stacks", nargs="*", type=Path, help="raw stacks, one per frame")
+    parser.add_argument("--references", type=Path, default=None,
+                        help="CSV with columns energy, LiFePO4, FePO4")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="video to write (.npz, .h5 or .tif folder); default data/video.npz")
+    parser.add_argument("--i0-region", type=int, nargs=4, default=None,
+                        metavar=("ROW0", "ROW1", "COL0", "COL1"),
+                        help="particle-free region for I0 (raw pixels, half-open); automatic "
+                        "by default")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="Fe optical density threshold for the masks (default: Otsu)")
+    parser.add_argument("--min-size", type=int, default=None,
+                        help="smallest particle kept, in pixels (default 20)")
+    parser.add_argument("--times", type=float, nargs="+", default=None,
+                        help="frame times in seconds (default: from the file headers)")
+    parser.add_argument("--bootstrap", type=int, default=100,
+                        help="bootstrap resamples of the energies for sigma (default 100)")
+    parser.add_argument("--case", type=Path, default=None,
+                        help="case directory or case.toml whose [prepare] section to use")
+    parser.set_defaults(func=run)
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Merge the case file's ``[prepare]`` section with the command line (which wins)."""
+    out: dict[str, Any] = {"stacks": [], "references": None, "out": Path("data/video.npz"),
+                           "i0_region": None, "threshold": None, "min_size": 20, "times": None}
+    source = "command line"
+    if args.case is not None:
+        from femkin.case import load_case
+
+        case = load_case(args.case)
+        sec = case.prepare
+        source = str(case.file)
+        out.update({k: sec[k] for k in out if k in sec})
+        out["stacks"] = [case.resolve(s) for s in sec.get("stacks") or []]
+        if sec.get("references"):
+            out["references"] = case.resolve(sec["references"])
+        out["out"] = case.resolve(sec.get("out") or "data/video.npz")
+    if args.stacks:
+        out["stacks"] = list(args.stacks)
+    for key in ("references", "out", "i0_region", "threshold", "min_size", "times"):
+        value = getattr(args, key)
+        if value is not None:
+            out[key] = value
+    error = CaseError if args.case is not None and not args.stacks else InputError
+    if not out["stacks"]:
+        raise error(source, "stacks", "at least one raw STXM stack", "none")
+    if out["references"] is None:
+        raise error(source, "references", "a CSV of reference spectra (--references)", "none")
+    return out
+
+
+def _work(args: argparse.Namespace) -> str:
+    from femkin.io.video import Video, validate_video, write_video
+    from femkin.stxm import prepare, read_references, read_stack, write_summary
+
+    cfg = settings(args)
+    stacks = [read_stack(p) for p in cfg["stacks"]]
+    refs = read_references(cfg["references"])
+    result = prepare(stacks, refs, i0_region=cfg["i0_region"], threshold=cfg["threshold"],
+                     min_size=int(cfg["min_size"]), times=cfg["times"], n_boot=args.bootstrap)
+    out = Path(cfg["out"])
+    video = Video(c=result.c, mask=result.mask, t=result.t, pixel_size=result.pixel_size,
+                  sigma=result.sigma, source="; ".join(str(p) for p in cfg["stacks"]))
+    validate_video(video, out)
+    write_video(out, video)
+    png = out.parent / f"{out.stem}_summary.png"
+    write_summary(png, result)
+    drift = max(float(abs(s).max()) for s in result.shifts)
+    lines = [f"{len(stacks)} frame(s), {result.mask.max()} particle(s), "
+             f"{int((result.mask > 0).sum())} pixels, pixel {result.pixel_size:g} um",
+             f"largest drift corrected: {drift:.2f} px; Fe OD thresholds "
+             + ", ".join(f"{v:.3g}" for v in result.thresholds)]
+    for k in range(result.c.shape[0]):
+        import numpy as np
+
+        lines.append(f"t = {result.t[k]:g} s: mean c {np.nanmean(result.c[k]):.3f}, "
+                     f"median sigma {np.nanmedian(result.sigma[k]):.3f}")
+    lines.append(f"wrote {out} and {png}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``prepare`` on rank 0; re-raise a user error on every rank."""
+    from femkin._fem import MPI
+
+    comm = MPI.COMM_WORLD
+    report, failure = None, None
+    if comm.rank == 0:
+        try:
+            report = _work(args)
+        except InputError as err:
+            failure = (type(err), (err.file, err.field, err.expected, err.found))
+        except FemkinError as err:
+            failure = (type(err), (str(err),))
+    if comm.size > 1:
+        failure = comm.bcast(failure, root=0)
+    if failure is not None:
+        cls, fields = failure
+        raise cls(*fields)
+    if comm.rank == 0:
+        print(report, flush=True)
+    return 0
