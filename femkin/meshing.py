@@ -272,10 +272,6 @@ def mesh_particle(
         InputError: an empty label, a non-positive size, or a particle gmsh cannot mesh
             (raised on every rank).
     """
-    from dolfinx.io import gmsh as dolfinx_gmsh
-
-    import femkin._fem  # noqa: F401  (dolfinx_solver before dolfinx)
-
     _indicator(mask, label, source)  # every rank validates before any collective call
     if not (np.isfinite(size) and size > 0):
         raise InputError(source, "mesh.size", "a positive element size in pixels", size)
@@ -302,21 +298,51 @@ def mesh_particle(
                     shutil.copyfile(msh, tmp)
                     os.replace(tmp, target)
                     msh = target
-            _gmsh_start()
-            import gmsh
-
-            gmsh.model.add(f"femkin_read_{label}")
-            gmsh.merge(str(msh))
         except InputError as err:
             error = (err.file, err.field, err.expected, err.found)
         except Exception as err:  # gmsh raises plain Exceptions
             error = (source, "mask", f"a particle {label} that gmsh can mesh", f"gmsh: {err}")
     error = comm.bcast(error, root=0)
-    if error is not None:
-        if comm.rank == 0:
+    try:
+        if error is not None:
+            raise InputError(*error)
+        mesh = read_msh(msh, comm)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    area = comm.allreduce(_local_area(mesh))
+    return ParticleMesh(mesh, int(label), float(pixel_size), area, target)
+
+
+def read_msh(path: str | os.PathLike | None, comm) -> Any:
+    """Read a 2-D gmsh ``.msh`` file (needed on rank 0 only) into a DOLFINx mesh on ``comm``.
+
+    Raises:
+        InputError: on every rank, when rank 0 cannot read the file.
+    """
+    # isort: off
+    import femkin._fem  # noqa: F401  (dolfinx_solver before dolfinx)
+    from dolfinx.io import gmsh as dolfinx_gmsh
+
+    # isort: on
+
+    error = None
+    if comm.rank == 0:
+        import gmsh
+
+        try:
+            if path is None or not Path(path).is_file():
+                raise FileNotFoundError("no such file")
+            _gmsh_start()
+            gmsh.model.add("femkin_read")
+            gmsh.merge(str(path))
+            if not gmsh.model.getPhysicalGroups(2):
+                raise ValueError("no physical surface group")
+        except Exception as err:
             _gmsh_stop()
-            if scratch is not None:
-                shutil.rmtree(scratch, ignore_errors=True)
+            error = (str(path), None, "a readable 2-D gmsh mesh", f"{type(err).__name__}: {err}")
+    error = comm.bcast(error, root=0)
+    if error is not None:
         raise InputError(*error)
     if comm.rank == 0:
         import gmsh
@@ -326,13 +352,9 @@ def mesh_particle(
         finally:
             gmsh.model.remove()
             _gmsh_stop()
-            if scratch is not None:
-                shutil.rmtree(scratch, ignore_errors=True)
     else:
         data = dolfinx_gmsh.model_to_mesh(None, comm, 0, gdim=2)
-    mesh = data.mesh
-    area = comm.allreduce(_local_area(mesh))
-    return ParticleMesh(mesh, int(label), float(pixel_size), area, target)
+    return data.mesh
 
 
 _GMSH_OWNED = False
