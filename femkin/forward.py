@@ -166,8 +166,8 @@ class ParticleModel:
         # V is the collapsed c-subspace, so c_dofs maps V's local dofs to W's exactly.
         self.V, self.c_dofs = self.W.sub(0).collapse()
         _, self.mu_dofs = self.W.sub(1).collapse()
-        self.c_dofs = np.asarray(self.c_dofs, dtype=np.int32)
-        self.mu_dofs = np.asarray(self.mu_dofs, dtype=np.int32)
+        self.c_dofs = np.asarray(self.c_dofs, dtype=np.int32).reshape(-1)  # 0.11: list of one array
+        self.mu_dofs = np.asarray(self.mu_dofs, dtype=np.int32).reshape(-1)
         self.dx = ufl.Measure("dx", domain=mesh, metadata={"quadrature_degree": quadrature_degree})
 
         self.u = dolfinx.fem.Function(self.W, name="state")
