@@ -18,7 +18,7 @@ def _full_rank_posterior(p):
 
 @pytest.fixture
 def setup(comm):
-    p = make_problem(comm, n_obs=12)
+    p = make_problem(comm, n=6, n_obs=12)
     post = _full_rank_posterior(p)
     dense_prior = np.linalg.inv(p.dense_B)
     dense_post = np.linalg.inv(p.dense_H + p.dense_B)
@@ -42,11 +42,11 @@ def test_sample_map_has_the_posterior_covariance(setup):
     # The plausible wrong formula s = lambda / (1 + lambda) gives a different covariance.
     lam, V = post.eigenvalues, np.column_stack([p.gather(v) for v in post.eigenvectors])
     wrong = np.eye(len(S)) - V @ np.diag(lam / (1 + lam)) @ V.T @ p.dense_B
-    assert rel(wrong @ dense_prior @ wrong.T, dense_post) > 0.05
+    assert rel(wrong @ dense_prior @ wrong.T, dense_post) > 0.01
 
 
-@pytest.mark.mpi
 def test_monte_carlo_covariance_of_samples(setup):
+    """Serial only: the exact test above covers the parallel path of ``sample``."""
     p, post, dense_prior, dense_post = setup
     n_samples = 3000
     xs = np.empty((n_samples, p.template.getSize()))
