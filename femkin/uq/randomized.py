@@ -7,7 +7,8 @@ precision ``Gamma_prior^{-1}``, with only operator actions (hIPPYlib's
 generalised by Saibaba, Lee & Kitanidis 2016):
 
 1. ``Y = B^{-1} H Omega`` for the caller's probes ``Omega`` (first pass);
-2. ``Q``: a B-orthonormal basis of ``range(Y)``, ``Q^T B Q = I``;
+2. ``Q``: a B-orthonormal basis of ``range(Y)``, ``Q^T B Q = I`` (Gram-Schmidt twice in the
+   B inner product, see :func:`b_orthonormalize`);
 3. ``T = Q^T H Q`` (second pass) and its small dense eigendecomposition ``T = W L W^T``;
 4. ``V = Q W``, so ``V^T B V = I`` and ``H V ~ B V L``.
 
@@ -149,18 +150,29 @@ def b_orthonormalize(
     apply_B = as_apply(apply_B)
     q: list[PETSc.Vec] = []
     bq: list[PETSc.Vec] = []
+    if not ys:
+        return q, bq
+    comm = _mpi_comm(ys[0])
+    n_local = ys[0].getLocalSize()
+    # Owned entries of Q and BQ as columns, kept alongside the Vecs for cheap projections.
+    q_local = np.empty((n_local, len(ys)), dtype=PETSc.ScalarType)
+    bq_local = np.empty_like(q_local)
     for y in ys:
+        m = len(q)
         w = y.copy()
         bw = y.duplicate()
         apply_B(w, bw)
         norm0 = np.sqrt(max(w.dot(bw), 0.0))
         if norm0 == 0.0:
+            w.destroy()
+            bw.destroy()
             continue
-        if q:
+        if m:
+            w_arr = w.getArray()
             for _ in range(2):
-                c = gram(bq, [w])[:, 0]
-                local = _local(q) @ c
-                w.setArray(w.getArray(readonly=True) - local)
+                c = comm.allreduce(bq_local[:, :m].T @ w_arr, op=MPI.SUM)
+                w_arr -= q_local[:, :m] @ c
+            w.setArray(w_arr)
             apply_B(w, bw)
         norm = np.sqrt(max(w.dot(bw), 0.0))
         if norm <= drop_tolerance * norm0:
@@ -169,6 +181,8 @@ def b_orthonormalize(
             continue
         w.scale(1.0 / norm)
         bw.scale(1.0 / norm)
+        q_local[:, m] = w.getArray(readonly=True)
+        bq_local[:, m] = bw.getArray(readonly=True)
         q.append(w)
         bq.append(bw)
     return q, bq

@@ -25,7 +25,9 @@ try:  # pragma: no cover - import order of the wheel
     slepc4py.init()
     from slepc4py import SLEPc
 except ImportError as exc:  # pragma: no cover
-    raise ImportError("femkin.uq.slepc_oracle needs slepc4py (part of dolfinx-solver-real)") from exc
+    raise ImportError(
+        "femkin.uq.slepc_oracle needs slepc4py (part of dolfinx-solver-real)"
+    ) from exc
 
 __all__ = ["slepc_generalized"]
 

@@ -8,7 +8,12 @@ import scipy.linalg as sla
 from uq_problems import make_problem, rel, unit_vectors
 
 from femkin._fem import MPI
-from femkin.uq import LowRankPosterior, adaptive_rank, double_pass_generalized
+from femkin.uq import (
+    LowRankPosterior,
+    adaptive_rank,
+    b_orthonormalize,
+    double_pass_generalized,
+)
 from femkin.uq.slepc_oracle import slepc_generalized
 
 # A decaying spectrum: 60 smooth local-average observations on a 10 x 10 mesh.
@@ -164,3 +169,27 @@ def test_bad_arguments(comm):
         double_pass_generalized(p.apply_H, p.apply_B, p.apply_Binv, probes, 4)
     with pytest.raises(ValueError, match="start >= 1"):
         adaptive_rank(p.apply_H, p.apply_B, p.apply_Binv, p.make_probe, start=0)
+
+
+@pytest.mark.mpi
+def test_b_orthonormalize_keeps_small_directions(comm):
+    """Y = B^{-1} H Omega spans eigenvalues 1e5 down to 1e-2: none may be lost (CholQR/SVQB
+    on the Gram matrix lose the directions below sqrt(eps) relative and return fewer)."""
+    p = make_problem(comm, **SPECTRUM)
+    ys = []
+    for i in range(40):
+        h, y = p.template.duplicate(), p.template.duplicate()
+        p.apply_H(p.make_probe(i), h)
+        p.apply_Binv(h, y)
+        ys.append(y)
+    q, bq = b_orthonormalize(ys, p.apply_B)
+    assert len(q) == 40
+    Q, BQ, Y = (np.column_stack([p.gather(v) for v in vs]) for vs in (q, bq, ys))
+    assert np.abs(Q.T @ p.dense_B @ Q - np.eye(40)).max() < 1e-9
+    assert rel(BQ, p.dense_B @ Q) < 1e-10
+    assert rel(Q @ (BQ.T @ Y), Y) < 1e-10
+    lam, _ = double_pass_generalized(
+        p.apply_H, p.apply_B, p.apply_Binv, [p.make_probe(i) for i in range(40)], 20
+    )
+    dense = _dense_eigenvalues(p)[:20]
+    assert (np.abs(lam - dense) / dense).max() < 1e-3
