@@ -210,7 +210,8 @@ def double_pass_generalized(
     """Dominant eigenpairs of ``H v = lambda B v`` by the randomised double-pass algorithm.
 
     Costs ``2 * len(probes)`` Hessian actions (two passes; fewer in the second when the
-    probed range is rank deficient), ``len(probes)`` actions of ``B^{-1}`` and a few of ``B``.
+    probed range is rank deficient), ``len(probes)`` actions of ``B^{-1}`` and two of ``B``
+    per probe.
 
     Args:
         apply_H: ``apply_H(x, out)``: ``out = H x`` (symmetric), or a ``Mat``.
@@ -226,7 +227,8 @@ def double_pass_generalized(
             used instead of ``apply_H`` for both passes when given.
 
     Returns:
-        ``Eigenpairs(eigenvalues, eigenvectors)``: eigenvalues in descending order and the
+        ``Eigenpairs(eigenvalues, eigenvectors)``: the ``k`` largest eigenvalues (by value,
+        descending: with a full Hessian, large negative ones are not returned) and the
         eigenvectors, ``V^T B V = I``. When the probed range has numerical rank ``r < k``
         (``H`` of rank ``r``), only ``r`` pairs are returned: the others are zero.
 
@@ -240,6 +242,8 @@ def double_pass_generalized(
     apply_Binv = as_apply(apply_Binv)
     h_omega = _apply_many(apply_H, apply_H_batch, probes)
     y = _apply_many(apply_Binv, None, h_omega)
+    for h in h_omega:
+        h.destroy()
     return _second_pass(apply_H, apply_H_batch, apply_B, y, k)
 
 
