@@ -2,8 +2,12 @@
 
 Per pixel, ``OD(E) = w_LFP R_LFP(E) + w_FP R_FP(E)`` is solved in least squares with
 ``w >= 0`` (exactly, by enumerating the active sets of the two-component problem), and
-``c = w_LFP / (w_LFP + w_FP)``. The per-pixel sigma of ``c`` is the standard deviation over
-bootstrap resamples of the energies (with replacement).
+``c = w_LFP / (w_LFP + w_FP)``. The per-pixel sigma of ``c`` is the standard deviation over a
+bootstrap over the energies: the fit residuals of a pixel are resampled over its energies (with
+replacement, scaled by ``sqrt(E / (E - 2))`` for the two fitted weights), added to the fit and
+unmixed again. Resampling the residuals rather than the energies themselves keeps the design
+fixed: a resample that misses the few energies where the two spectra differ would otherwise
+give an ill-conditioned fit and a sigma dominated by it.
 """
 
 from __future__ import annotations
@@ -121,9 +125,9 @@ class Unmixed(NamedTuple):
 def unmix(od: np.ndarray, design: np.ndarray, *, n_boot: int = 100, seed: int = 0) -> Unmixed:
     """Unmix optical densities ``od (E, H, W)`` against ``design (E, 2)`` (LiFePO4, FePO4).
 
-    Pixels with a NaN at any energy get NaN. ``sigma`` is the bootstrap standard deviation of
-    ``c`` over ``n_boot`` resamples of the energies (resamples whose design is singular are
-    skipped); the generator is seeded with ``seed``.
+    Pixels with a NaN at any energy get NaN. ``sigma`` is the standard deviation of ``c`` over
+    ``n_boot`` residual resamples over the energies (module docstring), NaN when
+    ``n_boot < 2``; the generator is seeded with ``seed``.
 
     Raises:
         InputError: fewer than two energies or collinear reference spectra at these energies.
@@ -138,13 +142,12 @@ def unmix(od: np.ndarray, design: np.ndarray, *, n_boot: int = 100, seed: int = 
     weights[:, ok] = nnls2(design, flat[:, ok])
     c = _fraction(weights)
     rng = np.random.default_rng(seed)
+    fitted = design @ weights[:, ok]
+    residuals = (flat[:, ok] - fitted) * np.sqrt(e / (e - 2)) if e > 2 else 0.0 * fitted
     samples = []
     for _ in range(n_boot):
         idx = rng.integers(0, e, e)
-        a = design[idx]
-        if np.linalg.cond(a) > 1e8:
-            continue
-        samples.append(_fraction(nnls2(a, flat[:, ok][idx])))
+        samples.append(_fraction(nnls2(design, fitted + residuals[idx])))
     sigma = np.full(h * w, np.nan)
     if len(samples) >= 2:
         with np.errstate(invalid="ignore"), warnings.catch_warnings():

@@ -1,9 +1,10 @@
 """Round trip: synthetic stacks (known Li map, references, drift, Poisson noise) written in each
 format by femkin's writers, read back and prepared; c, drift and mask checked against the truth.
 
-Measured on the default scene (48x48 px, 12 energies, I0 = 4000 counts, 2 frames): drift error
-<= 0.04 px, RMS error of c inside the mask about 0.028 (the bootstrap sigma is about 0.065),
-mask differs from the truth only on pixels adjacent to the true boundary.
+Measured on the default scene (48x48 px, 12 energies, I0 = 4000 counts, 2 frames, seeds 3 and
+4): drift error <= 0.06 px; RMS error of c inside the mask 0.024-0.027 against an RMS bootstrap
+sigma of 0.022, with 87-91 % of the pixels within two sigma; the mask differs from the truth
+only on pixels adjacent to the true boundary.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from femkin.stxm.stk import write_stk
 from femkin.stxm.synthetic import (make_synthetic, reference_spectra, scene, true_mask,
                                    write_references_csv)
 
-RMS_C = 0.05  # observed 0.026-0.030; the noise (bootstrap sigma) is about 0.065
+RMS_C = 0.04  # observed 0.024-0.027; the noise (RMS bootstrap sigma) is about 0.022
 DRIFT_TOL = 0.2  # pixels, the issue's requirement
 
 
@@ -87,9 +88,11 @@ def test_prepare_recovers_truth(tmp_path, synthetic, refs, fmt):
         _, c_true = scene(rows - ref[0], cols - ref[1], float(k))
         ok = inside & np.isfinite(r.c[k])
         assert ok.sum() > 0.95 * inside.sum()
-        rms = np.sqrt(np.mean((r.c[k][ok] - c_true[ok]) ** 2))
+        err = r.c[k][ok] - c_true[ok]
+        rms = np.sqrt(np.mean(err**2))
         noise = np.sqrt(np.mean(r.sigma[k][ok] ** 2))
-        assert rms < RMS_C and rms < noise, f"frame {k}: rms {rms:.3f}, sigma {noise:.3f}"
+        assert rms < RMS_C and rms < 1.5 * noise, f"frame {k}: rms {rms:.3f}, sigma {noise:.3f}"
+        assert np.mean(np.abs(err) < 2 * r.sigma[k][ok]) > 0.8
     # mask: two particles, every wrong pixel within one pixel of the true boundary
     truth = true_mask(r.mask.shape, ref)
     assert r.mask.max() == 2
