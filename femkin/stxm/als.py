@@ -59,7 +59,8 @@ class _Parser:
         if tok is None:
             raise InputError(self.path, None, f"'{punct or 'a value'}'", "end of file (truncated?)")
         if punct is not None and tok != ("punct", punct):
-            raise InputError(self.path, None, f"'{punct}' in header", f"{tok[1]!r} (token {self.i})")
+            raise InputError(self.path, None, f"'{punct}' in header",
+                             f"{tok[1]!r} (token {self.i})")
         self.i += 1
         return tok
 
@@ -224,7 +225,8 @@ def read_hdr_stack(path: str | pathlib.Path, *, channel: int | str = 0) -> Stack
             raise InputError(path, "images", f"{files[0].name} (or {single.name})", "no .xim file")
         if any(present[n:]):
             gap = files[n].name
-            raise InputError(path, "images", "contiguous .xim files", f"{gap} missing in the middle")
+            raise InputError(path, "images", "contiguous .xim files",
+                             f"{gap} missing in the middle")
         extra = _xim_name(base, channel, energies.size)
         if extra.is_file():
             raise InputError(path, "ScanDefinition.StackAxis.Points",
