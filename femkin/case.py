@@ -120,7 +120,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "j0_prefactor": Key("list[float]", [0.5, 0.5], _all(_length(2), FINITE), "p, q"),
         "k0": Key("float", 1e-3, POSITIVE, "rate prefactor, 1/s"),
         "initial_smoothing": Key("float", 0.05, NON_NEGATIVE, "first-frame smoothing length, um"),
-        "element": Key("str", "P1", _one_of("P1", "P2"), "Lagrange element of c and mu"),
+        "element": Key("str", "P1", _one_of("P1"), "Lagrange element of c and mu"),
     },
     "solver": {
         "dt_initial": Key("float?", None, POSITIVE, "first step, s (default: frame gap / 10)"),
@@ -129,6 +129,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "newton_rtol": Key("float", 1e-10, POSITIVE, "Newton relative tolerance"),
         "newton_atol": Key("float", 1e-11, POSITIVE, "Newton absolute tolerance"),
         "newton_max_it": Key("int", 25, AT_LEAST_ONE, "Newton iterations per step"),
+        "dc_max": Key("float", 0.02, POSITIVE, "largest change of c per step (accuracy)"),
         "storage": Key("str", "memory", _one_of("memory", "disk"), "where step states are kept"),
         "petsc_options": PETSC_TABLE,
     },
@@ -142,6 +143,14 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "outputs": Key(
             "list[str]", ["npz", "xdmf", "png"], _one_of("npz", "xdmf", "vtx", "png"), "outputs"
         ),
+        # The truth of a twin experiment; [model] then holds the inversion's initial guesses.
+        "model": {
+            "mu_h": Key("list[float]?", None, FINITE, "true a_1..a_N (default: [model])"),
+            "j0": Key("list[float]?", None, FINITE, "true b_1..b_M (default: [model])"),
+            "k0": Key("float?", None, POSITIVE, "true k0, 1/s (default: [model])"),
+            "kappa": Key("float?", None, NON_NEGATIVE, "true kappa (default: [model])"),
+            "coherency": Key("float?", None, NON_NEGATIVE, "true B (default: [model])"),
+        },
     },
     "inversion": {
         "learn": Key("list[str]", ["mu_h", "j0", "k0", "m"], _one_of(*BLOCKS), "fitted blocks"),

@@ -1,0 +1,425 @@
+"""The inverse problem over all particles of a video: parameters -> forward runs -> pixel misfit.
+
+:class:`InverseProblem` spreads the particles over MPI sub-communicators
+(:func:`femkin.parallel.distribute`), builds one :class:`~femkin.forward.ParticleModel`, its
+adjoint and its observation operator per particle, and lays every learned block out in one
+:class:`~femkin.parameters.ParameterSpace` vector. It evaluates the misfit
+
+    J(theta) = 1/2 sum_f sum_p ((B c(t_f))_p - d_{f,p})^2 / sigma_{f,p}^2
+
+(NaN pixels excluded; frame 0 only when the initial state is learned), its gradient, and
+Gauss-Newton or full Hessian actions, all as dual vectors over the parameter space. The
+global gradient is reduced over all ranks; the answer does not depend on the partition.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+import scipy.ndimage as ndi
+
+from femkin._fem import MPI, PETSc, dolfinx, ufl
+from femkin.adjoint import Direction, ParticleDerivatives, Sensitivities
+from femkin.driving import Driving
+from femkin.errors import CaseError, ConvergenceError, InputError
+from femkin.forward import ModelParameters, ParticleModel, SolverOptions
+from femkin.io.video import Video
+from femkin.observation import Observation, build_observation
+from femkin.parallel import Distribution, distribute
+from femkin.parameters import FieldBlock, ParameterSpace, ParticleScalarBlock, ScalarBlock
+
+GLOBAL_BLOCKS = ("mu_h", "j0", "k0", "kappa", "coherency")
+PARTICLE_FIELD_BLOCKS = ("m", "initial")
+ALL_BLOCKS = GLOBAL_BLOCKS + PARTICLE_FIELD_BLOCKS + ("mu_e",)
+C_CLIP = 1e-3
+
+
+def image_at(image: np.ndarray, inside: np.ndarray, points: np.ndarray,
+             pixel_size: float) -> np.ndarray:
+    """Bilinear interpolation of a pixel image at points (um), NaN-aware.
+
+    Pixels that are NaN or outside ``inside`` take the value of the nearest valid pixel first,
+    so values near the particle boundary are not polluted by the background.
+    """
+    valid = inside & np.isfinite(image)
+    if not valid.any():
+        raise ValueError("no valid pixel to interpolate from")
+    _, (ri, ci) = ndi.distance_transform_edt(~valid, return_indices=True)
+    filled = image[ri, ci]
+    rows = points[:, 1] / pixel_size - 0.5
+    cols = points[:, 0] / pixel_size - 0.5
+    return ndi.map_coordinates(filled, [rows, cols], order=1, mode="nearest")
+
+
+def smoothed(V, values: np.ndarray, length: float, prefix: str = "femkin_smoothing_") -> np.ndarray:
+    """Helmholtz smoothing: solve (c, v) + length^2 (grad c, grad v) = (f, v) on V.
+
+    Args:
+        V: a P1 space.
+        values: f as owned + ghost values.
+        length: smoothing length (um); 0 returns the values unchanged.
+
+    Returns:
+        The smoothed field, owned + ghost values.
+    """
+    if length <= 0:
+        return values.copy()
+    f = dolfinx.fem.Function(V)
+    f.x.array[:] = values
+    u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
+    ell2 = dolfinx.fem.Constant(V.mesh, PETSc.ScalarType(length ** 2))
+    a = u * v * ufl.dx + ell2 * ufl.inner(ufl.grad(u), ufl.grad(v)) * ufl.dx
+    problem = dolfinx.fem.petsc.LinearProblem(
+        a, f * v * ufl.dx, petsc_options_prefix=prefix,
+        petsc_options={"ksp_type": "cg", "pc_type": "jacobi", "ksp_rtol": 1e-12})
+    out = problem.solve()
+    return out.x.array.copy()
+
+
+@dataclasses.dataclass
+class ParticleData:
+    """Observed data of one particle on this rank's pixels (frames x local pixels)."""
+
+    d: np.ndarray
+    weight: np.ndarray  # 1/sigma^2, 0 where not observed
+
+
+class Particle:
+    """Everything about one particle on its sub-communicator."""
+
+    def __init__(self, label: int, mesh, video: Video, parameters: ModelParameters,
+                 solver: SolverOptions, sigma, initial_smoothing: float):
+        self.label = label
+        self.model = ParticleModel(mesh, parameters, solver=solver)
+        self.derivs = ParticleDerivatives(self.model)
+        ps = video.pixel_size
+        self.obs: Observation = build_observation(self.model.W.sub(0), video.mask, label, ps)
+        self.obs_V: Observation = build_observation(self.model.V, video.mask, label, ps)
+        T = video.c.shape[0]
+        d = np.stack([video.c[f].ravel()[self.obs.pixels] for f in range(T)])
+        s = np.broadcast_to(np.asarray(sigma, dtype=float), video.c.shape) \
+            if np.ndim(sigma) else np.full(video.c.shape, float(sigma))
+        s = np.stack([s[f].ravel()[self.obs.pixels] for f in range(T)])
+        observed = np.isfinite(d)
+        self.data = ParticleData(np.where(observed, d, 0.0), np.where(observed, 1.0 / s ** 2, 0.0))
+        self.n_observed = self.model.comm.allreduce(int(observed[1:].sum()), op=MPI.SUM)
+        coords = self.model.V.tabulate_dof_coordinates()
+        raw = image_at(video.c[0], video.mask == label, coords, ps)
+        self.c0_data = np.clip(smoothed(self.model.V, raw, initial_smoothing), C_CLIP, 1 - C_CLIP)
+        self.trajectory = None
+        self.lambdas = None
+        self.schedule = None
+
+    def misfit(self, traj, include_first: bool) -> float:
+        """Local (this rank's pixels) misfit of a trajectory."""
+        total = 0.0
+        for f, n in enumerate(traj.frame_steps):
+            if f == 0 and not include_first:
+                continue
+            r = self.obs.apply(traj.state(n)) - self.data.d[f]
+            total += 0.5 * float(np.sum(self.data.weight[f] * r * r))
+        return total
+
+    def frame_of_step(self, traj, include_first: bool) -> dict[int, int]:
+        return {n: f for f, n in enumerate(traj.frame_steps) if f > 0 or include_first}
+
+
+class InverseProblem:
+    """Misfit, gradient and Hessian actions over all particles of a video.
+
+    Args:
+        comm: the communicator of the whole run.
+        video: the observed video (validated).
+        meshes: ``{label: mesh}`` of the particles held by this rank's group (built on
+            ``distribution.subcomm``), see :func:`build_meshes`.
+        distribution: where the particles live.
+        parameters: initial (and, for unlearned blocks, fixed) model parameters.
+        learn: the blocks to fit (:data:`ALL_BLOCKS`).
+        solver: time-stepping options.
+        sigma: noise std (scalar or (T, H, W)).
+        driving: ``{label: Driving}`` initial mu_e(t) per particle, knots at the frame times
+            when "mu_e" is learned.
+        initial_smoothing: smoothing length (um) of the first-frame projection.
+    """
+
+    def __init__(self, comm, video: Video, meshes: dict, distribution: Distribution,
+                 parameters: ModelParameters, learn: Sequence[str], solver: SolverOptions,
+                 sigma, driving: dict[int, Driving], initial_smoothing: float = 0.05):
+        unknown = [b for b in learn if b not in ALL_BLOCKS]
+        if unknown:
+            raise CaseError("<case>", "inversion.learn", f"blocks among {list(ALL_BLOCKS)}",
+                            unknown)
+        self.comm = comm
+        self.video = video
+        self.labels = [int(lb) for lb in video.labels]
+        self.distribution = distribution
+        self.parameters = parameters
+        self.learn = tuple(b for b in ALL_BLOCKS if b in learn)
+        self.include_first = "initial" in self.learn
+        self.driving = driving
+        self.particles: dict[int, Particle] = {}
+        for i in distribution.mine:
+            label = self.labels[i]
+            self.particles[label] = Particle(label, meshes[label], video, parameters, solver,
+                                             sigma, initial_smoothing)
+        sizes = parameters.block_values()
+        scalar_blocks = [ScalarBlock(b, len(sizes[b])) for b in GLOBAL_BLOCKS if b in self.learn]
+        field_blocks = []
+        for name in PARTICLE_FIELD_BLOCKS:
+            if name in self.learn:
+                for label in self.labels:
+                    p = self.particles.get(label)
+                    field_blocks.append(FieldBlock(name, label, p.model.V if p else None))
+        pblocks = []
+        if "mu_e" in self.learn:
+            for i, label in enumerate(self.labels):
+                root = distribution.group_root[distribution.owner[i]]
+                pblocks.append(ParticleScalarBlock("mu_e", label, len(driving[label].values), root))
+        self.space = ParameterSpace(comm, scalar_blocks, field_blocks, pblocks)
+        self.n_observed = comm.allreduce(
+            sum(p.n_observed for p in self.particles.values()
+                if p.model.comm.rank == 0), op=MPI.SUM)
+        self.counters = {"forward": 0, "gradient": 0, "hessian": 0}
+        self._x_last = None
+
+    # -- parameter vector <-> models --------------------------------------------------------------
+    def initial_vector(self) -> PETSc.Vec:
+        """The starting point: case values, m = 0, the data's mu_e, the projected first frame."""
+        x = self.space.create_vector()
+        values = self.parameters.block_values()
+        for b in GLOBAL_BLOCKS:
+            if b in self.learn:
+                self.space.set_scalars(x, b, values[b])
+        for label, p in self.particles.items():
+            if "initial" in self.learn:
+                self.space.field_view(x, "initial", label)[:] = \
+                    p.c0_data[: len(self.space.field_view(x, "initial", label))]
+            if "mu_e" in self.learn:
+                self.space.set_scalars(x, "mu_e", self.driving[label].values, label)
+        return x
+
+    def parameters_at(self, x: PETSc.Vec) -> ModelParameters:
+        """Global model parameters at x (collective)."""
+        values = {b: self.space.get_scalars(x, b) for b in GLOBAL_BLOCKS if b in self.learn}
+        return self.parameters.with_blocks(values)
+
+    def _apply(self, x: PETSc.Vec) -> None:
+        params = self.parameters_at(x)
+        knots = {}
+        if "mu_e" in self.learn:
+            for label in self.labels:
+                knots[label] = self.space.get_scalars(x, "mu_e", label)
+        for label, p in self.particles.items():
+            p.model.set_parameters(params)
+            if "m" in self.learn:
+                self.space.to_function(x, "m", label, p.model.m)
+            if "mu_e" in self.learn:
+                self.driving[label] = Driving(self.driving[label].t, knots[label])
+
+    def _c0(self, x: PETSc.Vec, label: int) -> np.ndarray:
+        p = self.particles[label]
+        if "initial" not in self.learn:
+            return p.c0_data
+        f = dolfinx.fem.Function(p.model.V)
+        self.space.to_function(x, "initial", label, f)
+        return f.x.array.copy()
+
+    # -- evaluations ------------------------------------------------------------------------------
+    def misfit(self, x: PETSc.Vec, *, store_adjoint: bool = False) -> float:
+        """Run every particle forward at x and return the misfit (collective)."""
+        self._apply(x)
+        local = 0.0
+        failure = None
+        for label, p in self.particles.items():
+            try:
+                p.trajectory = p.model.solve(self.video.t, self.driving[label], self._c0(x, label),
+                                             schedule=p.schedule)
+            except ConvergenceError as err:
+                failure = f"particle {label}: {err}"
+                p.trajectory = None
+                continue
+            local += p.misfit(p.trajectory, self.include_first)
+        failures = self.comm.allgather(failure)
+        failures = [f for f in failures if f]
+        if failures:
+            raise ConvergenceError(failures[0])
+        self.counters["forward"] += 1
+        self._x_last = x.copy()
+        return self.comm.allreduce(local, op=MPI.SUM)
+
+    def _misfit_source(self, p: Particle):
+        frames = p.frame_of_step(p.trajectory, self.include_first)
+
+        def source(n, out):
+            f = frames.get(n)
+            if f is not None:
+                r = p.obs.apply(p.trajectory.state(n)) - p.data.d[f]
+                out += p.obs.matrix.T @ (p.data.weight[f] * r)
+        return source
+
+    def gradient(self, x: PETSc.Vec, g: PETSc.Vec) -> float:
+        """Misfit and its dual gradient at x (runs the forward model)."""
+        value = self.misfit(x)
+        sens = {}
+        for label, p in self.particles.items():
+            sens[label], p.lambdas = p.derivs.adjoint(p.trajectory, self._misfit_source(p),
+                                                      store=True)
+        self._pack(sens, g)
+        self.counters["gradient"] += 1
+        return value
+
+    def _direction(self, v: PETSc.Vec) -> dict[int, Direction]:
+        scalars = {b: self.space.get_scalars(v, b) for b in GLOBAL_BLOCKS if b in self.learn}
+        knots = {}
+        if "mu_e" in self.learn:
+            for label in self.labels:
+                knots[label] = self.space.get_scalars(v, "mu_e", label)
+        out = {}
+        for label, p in self.particles.items():
+            dm = dc0 = dmu = None
+            if "m" in self.learn:
+                f = dolfinx.fem.Function(p.model.V)
+                self.space.to_function(v, "m", label, f)
+                dm = f.x.array.copy()
+            if "initial" in self.learn:
+                f = dolfinx.fem.Function(p.model.V)
+                self.space.to_function(v, "initial", label, f)
+                dc0 = f.x.array.copy()
+            if "mu_e" in self.learn:
+                drv = self.driving[label]
+                dmu = np.zeros(len(p.trajectory.times))
+                for n, t in enumerate(p.trajectory.times):
+                    idx, w = drv.weights(t)
+                    dmu[n] = float(np.dot(w, knots[label][idx]))
+            full = {k: scalars.get(k, np.zeros(len(vals))) for k, vals in
+                    self.parameters.block_values().items()}
+            out[label] = Direction(full, m=dm, mu_e=dmu, c0=dc0)
+        return out
+
+    def hessian_mult(self, v: PETSc.Vec, out: PETSc.Vec, *, gauss_newton: bool = True) -> None:
+        """Gauss-Newton (default) or full misfit Hessian action at the last gradient point."""
+        if any(p.trajectory is None for p in self.particles.values()):
+            raise RuntimeError("hessian_mult needs a gradient evaluation first")
+        directions = self._direction(v)
+        sens = {}
+        for label, p in self.particles.items():
+            tang = p.derivs.tangent(p.trajectory, directions[label])
+            frames = p.frame_of_step(p.trajectory, self.include_first)
+
+            def source2(n, arr, p=p, tang=tang, frames=frames):
+                f = frames.get(n)
+                if f is not None:
+                    arr += p.obs.matrix.T @ (p.data.weight[f] * p.obs.apply(tang[n]))
+            if gauss_newton:
+                sens[label], _ = p.derivs.adjoint(p.trajectory, source2)
+            else:
+                sens[label] = p.derivs.second_order(p.trajectory, directions[label], p.lambdas,
+                                                    tang, source2)
+        self._pack(sens, out)
+        self.counters["hessian"] += 1
+
+    def _pack(self, sens: dict[int, Sensitivities], g: PETSc.Vec) -> None:
+        """Write per-particle sensitivities into the dual vector g (collective)."""
+        g.set(0.0)
+        # Global blocks: each particle counted once (its sub-communicator's rank 0).
+        totals = {}
+        for b in GLOBAL_BLOCKS:
+            if b in self.learn:
+                local = np.zeros(len(self.parameters.block_values()[b]))
+                for label, s in sens.items():
+                    if self.particles[label].model.comm.rank == 0:
+                        local += s.scalars[b]
+                totals[b] = self.comm.allreduce(local, op=MPI.SUM)
+                self.space.set_scalars(g, b, totals[b])
+        for label, s in sens.items():
+            p = self.particles[label]
+            if "m" in self.learn:
+                self.space.field_view(g, "m", label)[:] = s.m
+            if "initial" in self.learn:
+                self.space.field_view(g, "initial", label)[:] = s.c0
+            if "mu_e" in self.learn:
+                drv = self.driving[label]
+                gk = np.zeros(len(drv.values))
+                for n, t in enumerate(p.trajectory.times):
+                    if n == 0:
+                        continue
+                    idx, w = drv.weights(t)
+                    gk[idx] += w * s.mu_e[n]
+                self.space.set_scalars(g, "mu_e", gk, label)
+        g.assemble()
+
+    def freeze_schedule(self) -> None:
+        """Replay the current step sequence in later forward runs (for derivative checks)."""
+        for p in self.particles.values():
+            p.schedule = list(p.trajectory.times)
+
+    # -- outputs ------------------------------------------------------------------------------
+    def fitted_video(self) -> np.ndarray | None:
+        """The model's c at every frame on the pixel grid (NaN outside), on rank 0."""
+        T, H, W = self.video.c.shape
+        local_pix, local_vals = [], []
+        for p in self.particles.values():
+            local_pix.append(p.obs.pixels)
+            local_vals.append(np.stack([p.obs.apply(p.trajectory.state(n))
+                                        for n in p.trajectory.frame_steps], axis=1))
+        pix = np.concatenate(local_pix) if local_pix else np.zeros(0, int)
+        vals = np.concatenate(local_vals) if local_vals else np.zeros((0, T))
+        gathered = self.comm.gather((pix, vals), root=0)
+        if self.comm.rank != 0:
+            return None
+        out = np.full((T, H * W), np.nan)
+        for pp, vv in gathered:
+            out[:, pp] = vv.T
+        return out.reshape(T, H, W)
+
+    def field_on_pixels(self, name: str, x: PETSc.Vec | None = None,
+                        arrays: dict[int, np.ndarray] | None = None) -> np.ndarray | None:
+        """A per-particle P1 field (block ``name`` of x, or given V arrays) on the pixel grid,
+        NaN outside the particles; on rank 0."""
+        H, W = self.video.mask.shape
+        local = []
+        for label, p in self.particles.items():
+            if arrays is not None:
+                vals = arrays[label]
+            else:
+                f = dolfinx.fem.Function(p.model.V)
+                self.space.to_function(x, name, label, f)
+                vals = f.x.array
+            local.append((p.obs_V.pixels, p.obs_V.apply(vals)))
+        gathered = self.comm.gather(local, root=0)
+        if self.comm.rank != 0:
+            return None
+        out = np.full(H * W, np.nan)
+        for part in gathered:
+            for pix, vals in part:
+                out[pix] = vals
+        return out.reshape(H, W)
+
+
+def driving_from(video: Video, case_driving: dict, labels: Sequence[int]) -> dict[int, Driving]:
+    """Initial mu_e(t) per particle: the case's knots if given, else the video's mu_e.
+
+    Knots are moved to the frame times when mu_e is fitted (``mode = "fitted"``).
+    """
+    if case_driving.get("t") is not None:
+        base = Driving(case_driving["t"], case_driving["mu_e"])
+    elif video.mu_e is not None:
+        base = Driving(video.t, video.mu_e)
+    else:
+        raise InputError(video.source, "mu_e", "a mu_e (or voltage) series in the video, or "
+                         "[driving] t and mu_e knots in the case file", "neither")
+    if case_driving.get("mode", "data") == "fitted":
+        return {lb: Driving(video.t, [base(t) for t in video.t]) for lb in labels}
+    return {lb: Driving(base.t, base.values) for lb in labels}
+
+
+def resolve_sigma(video: Video, case_data: dict, source: str):
+    """Noise std: the case's [data] sigma, else the video's sigma."""
+    if case_data.get("sigma") is not None:
+        return float(case_data["sigma"])
+    if video.sigma is not None:
+        return video.sigma
+    raise InputError(source, "sigma", "a noise std in the video ('sigma') or [data] sigma in "
+                     "the case file", "neither")
