@@ -305,7 +305,7 @@ def adaptive_rank(
         new = [make_probe(i) for i in range(len(y), k + oversampling)]
         h_new = _apply_many(apply_H, apply_H_batch, new)
         y.extend(_apply_many(apply_Binv, None, h_new))
-        for v in new + h_new:
+        for v in h_new:
             v.destroy()
         pairs = _second_pass(apply_H, apply_H_batch, apply_B, y, k)
         found = len(pairs.eigenvalues)
