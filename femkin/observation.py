@@ -78,7 +78,7 @@ def build_observation(V, mask: np.ndarray, label: int, pixel_size: float) -> Obs
     mid_tree = dolfinx.geometry.create_midpoint_tree(mesh, tdim, cells_local)
     closest = dolfinx.geometry.compute_closest_entity(tree, mid_tree, mesh, points)
     x = mesh.geometry.x
-    xdofs = mesh.geometry.dofmap
+    xdofs = mesh.geometry.dofmaps[0] if hasattr(mesh.geometry, "dofmaps") else mesh.geometry.dofmap
     if n_cells > 0 and flat.size > 0:
         verts = x[xdofs[closest]]
         lam = _barycentric(points, verts)

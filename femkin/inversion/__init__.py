@@ -1,0 +1,1 @@
+"""Inversion: priors, the TAO fit, checkpoints and results."""
