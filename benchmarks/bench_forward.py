@@ -79,6 +79,7 @@ def run_femkin(problem, snes_type: str | None = None) -> dict:
     its = np.array(traj.newton_iterations)
     return {"snes_type": model.snes.getType(), "steps": n, "wall_s": wall, "cpu_s": cpu,
             "time_per_step_s": wall / n, "dof_steps_per_s": problem.n_dofs * n / wall,
+            "dof_steps_per_cpu_s": problem.n_dofs * n / cpu,
             "newton_its_per_step": float(its.mean()), "newton_its_total": int(its.sum()),
             **_breakdown(wall, ev)}, traj
 
@@ -122,7 +123,8 @@ def run_plain_dolfinx(problem, times: list[float]) -> dict:
     n = len(times) - 1
     return {"snes_type": "newtonls", "steps": n, "wall_s": wall, "cpu_s": cpu,
             "time_per_step_s": wall / n,
-            "dof_steps_per_s": problem.n_dofs * n / wall, "newton_its_per_step": its / n,
+            "dof_steps_per_s": problem.n_dofs * n / wall,
+            "dof_steps_per_cpu_s": problem.n_dofs * n / cpu, "newton_its_per_step": its / n,
             "newton_its_total": its, **_breakdown(wall, ev)}
 
 
