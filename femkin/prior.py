@@ -1,0 +1,344 @@
+"""Gaussian priors on the parameter vector (hIPPYlib style).
+
+- :class:`BiLaplacianPrior`: a Gaussian field on a P1 space with covariance
+  ``Gamma = A^{-1} M A^{-1}``, ``A = delta M + gamma K (+ Robin boundary mass)``. In 2-D this is
+  the discretised Matern field with nu = 1: with ``kappa^2 = delta / gamma`` the continuous
+  marginal variance is ``1 / (4 pi gamma delta)`` and the correlation length (where the
+  correlation ``(kappa r) K_1(kappa r)`` is about 0.14) is ``sqrt(8 gamma / delta)``.
+- :class:`GaussianScalarPrior`: independent normals on a coefficient vector.
+- :class:`Prior`: the composite over a :class:`~femkin.parameters.ParameterSpace`.
+
+Vectors of coefficients are primal; ``precision_mult`` and ``gradient`` return dual vectors
+(``Gamma^{-1} v``), ``covariance_mult`` maps dual to primal.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from femkin._fem import PETSc, dolfinx, ufl
+from femkin.errors import InputError
+from femkin.parameters import ParameterSpace, block_key_str, hashed_normal, rounded_coordinates
+
+#: hIPPYlib's Robin coefficient divisor (Roininen et al. 2014), reduces boundary inflation.
+ROBIN_BETA = 1.42
+
+
+def bilaplacian_coefficients(std: float, length: float) -> tuple[float, float]:
+    """``(gamma, delta)`` of ``A = delta M + gamma K`` for a 2-D Matern nu = 1 field.
+
+    From ``length = sqrt(8 gamma / delta)`` and ``std^2 = 1 / (4 pi gamma delta)``.
+    """
+    gamma = length / (std * np.sqrt(32.0 * np.pi))
+    delta = 8.0 * gamma / length**2
+    return float(gamma), float(delta)
+
+
+class BiLaplacianPrior:
+    """Gaussian prior on a P1 space ``V`` with covariance ``A^{-1} M A^{-1}``.
+
+    Args:
+        V: P1 function space (collective on its mesh's communicator).
+        std: marginal standard deviation.
+        length: correlation length (same unit as the mesh).
+        mean: mean coefficient vector (owned dofs), default 0.
+        robin: add hIPPYlib's Robin term ``gamma sqrt(delta/gamma)/1.42 * u v ds``.
+        options_prefix: PETSc options prefix of the solves with ``A`` (MUMPS LU by default).
+
+    ``precision_mult`` applies ``A M^{-1} A`` with a CG solve (rtol 1e-14) for ``M^{-1}``, so
+    it is the exact inverse of ``covariance_mult``. ``sample`` uses the lumped mass
+    (``mean + A^{-1} M_L^{1/2} w``), whose covariance ``A^{-1} M_L A^{-1}`` is close to, but
+    not exactly, ``Gamma``.
+
+    Raises:
+        InputError: non-positive std or length.
+    """
+
+    def __init__(self, V, std: float, length: float, mean: np.ndarray | None = None,
+                 robin: bool = True, options_prefix: str = "femkin_prior_"):
+        if not (np.isfinite(std) and std > 0):
+            raise InputError("<case>", "prior std", "a positive number", std)
+        if not (np.isfinite(length) and length > 0):
+            raise InputError("<case>", "prior length", "a positive number", length)
+        self.V = V
+        self.comm = V.mesh.comm
+        self.std, self.length = float(std), float(length)
+        self.gamma, self.delta = bilaplacian_coefficients(std, length)
+        u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
+        a = (self.delta * u * v + self.gamma * ufl.inner(ufl.grad(u), ufl.grad(v))) * ufl.dx
+        if robin:
+            a += self.gamma * np.sqrt(self.delta / self.gamma) / ROBIN_BETA * u * v * ufl.ds
+        self.A = dolfinx.fem.petsc.assemble_matrix(dolfinx.fem.form(a))
+        self.A.assemble()
+        self.M = dolfinx.fem.petsc.assemble_matrix(dolfinx.fem.form(u * v * ufl.dx))
+        self.M.assemble()
+        self.n_local = V.dofmap.index_map.size_local
+        self.n_global = V.dofmap.index_map.size_global
+        self.Asolver = PETSc.KSP().create(self.comm)
+        self.Asolver.setOptionsPrefix(options_prefix)
+        self.Asolver.setOperators(self.A)
+        self.Asolver.setType("preonly")
+        self.Asolver.getPC().setType("lu")
+        self.Asolver.getPC().setFactorSolverType("mumps")
+        self.Asolver.setFromOptions()
+        self.Msolver = PETSc.KSP().create(self.comm)
+        self.Msolver.setOperators(self.M)
+        self.Msolver.setType("cg")
+        self.Msolver.getPC().setType("jacobi")
+        self.Msolver.setTolerances(rtol=1e-14, atol=1e-300, max_it=1000)
+        ones, self.sqrt_ML = self.M.createVecs()
+        ones.set(1.0)
+        self.M.mult(ones, self.sqrt_ML)
+        self.sqrt_ML.sqrtabs()
+        ones.destroy()
+        self.mean = self.M.createVecs()[0]
+        self.mean.set(0.0)
+        if mean is not None:
+            self.mean.getArray()[:] = mean
+        self._w1, self._w2 = self.M.createVecs()
+
+    def _solve(self, ksp: PETSc.KSP, b: PETSc.Vec, x: PETSc.Vec) -> None:
+        ksp.solve(b, x)
+        if ksp.getConvergedReason() <= 0:
+            raise RuntimeError(f"prior solve failed: reason {ksp.getConvergedReason()}")
+
+    def create_vector(self) -> PETSc.Vec:
+        """A zero vector on ``V`` (owned dofs)."""
+        v = self.M.createVecs()[0]
+        v.set(0.0)
+        return v
+
+    def covariance_mult(self, r: PETSc.Vec, out: PETSc.Vec) -> None:
+        """``out = A^{-1} M A^{-1} r`` (dual -> primal)."""
+        self._solve(self.Asolver, r, self._w1)
+        self.M.mult(self._w1, self._w2)
+        self._solve(self.Asolver, self._w2, out)
+
+    def precision_mult(self, v: PETSc.Vec, out: PETSc.Vec) -> None:
+        """``out = A M^{-1} A v`` (primal -> dual)."""
+        self.A.mult(v, self._w1)
+        self._solve(self.Msolver, self._w1, self._w2)
+        self.A.mult(self._w2, out)
+
+    def cost(self, m: PETSc.Vec) -> float:
+        """``0.5 (m - mean)^T Gamma^{-1} (m - mean)``."""
+        d = m.copy()
+        d.axpy(-1.0, self.mean)
+        g = d.duplicate()
+        self.precision_mult(d, g)
+        value = 0.5 * d.dot(g)
+        d.destroy()
+        g.destroy()
+        return value
+
+    def gradient(self, m: PETSc.Vec, out: PETSc.Vec) -> None:
+        """``out = Gamma^{-1} (m - mean)`` (dual)."""
+        d = m.copy()
+        d.axpy(-1.0, self.mean)
+        self.precision_mult(d, out)
+        d.destroy()
+
+    def sample(self, white: PETSc.Vec, out: PETSc.Vec) -> None:
+        """``out = mean + A^{-1} M_L^{1/2} white`` for i.i.d. N(0, 1) ``white``."""
+        self._w1.pointwiseMult(self.sqrt_ML, white)
+        self._solve(self.Asolver, self._w1, out)
+        out.axpy(1.0, self.mean)
+
+    def pointwise_variance(self, method: str = "exact", n_samples: int = 200,
+                           seed: int = 0) -> np.ndarray:
+        """The diagonal of ``Gamma`` on the owned dofs.
+
+        Args:
+            method: ``"exact"``: probing with every unit vector (one solve with ``A`` per
+                global dof; for small spaces); ``"randomized"``: the mean of squared samples
+                ``A^{-1} M_L^{1/2} w`` (covariance with the lumped mass; relative error about
+                ``sqrt(2 / n_samples)``).
+            n_samples: samples of the randomized estimate.
+            seed: seed of the white noise (hashed from dof coordinates).
+        """
+        var = np.zeros(self.n_local)
+        e, y, My = self.create_vector(), self.create_vector(), self.create_vector()
+        lo, hi = e.getOwnershipRange()
+        if method == "exact":
+            for i in range(self.n_global):
+                e.set(0.0)
+                if lo <= i < hi:
+                    e.setValue(i, 1.0)
+                e.assemble()
+                self._solve(self.Asolver, e, y)
+                self.M.mult(y, My)
+                self._solve(self.Asolver, My, y)
+                if lo <= i < hi:
+                    var[i - lo] = y.getValue(i)
+        elif method == "randomized":
+            keys = rounded_coordinates(self.V.tabulate_dof_coordinates()[: self.n_local])
+            for k in range(n_samples):
+                e.getArray()[:] = hashed_normal(seed + k, "prior_probe", None, keys)
+                self._w1.pointwiseMult(self.sqrt_ML, e)
+                self._solve(self.Asolver, self._w1, y)
+                var += y.getArray(readonly=True) ** 2
+            var /= n_samples
+        else:
+            raise ValueError(f"{method=} is not 'exact' or 'randomized'")
+        for obj in (e, y, My):
+            obj.destroy()
+        return var
+
+    def destroy(self) -> None:
+        """Free the PETSc objects."""
+        for obj in (self.A, self.M, self.Asolver, self.Msolver, self.sqrt_ML, self.mean,
+                    self._w1, self._w2):
+            obj.destroy()
+
+
+class GaussianScalarPrior:
+    """Independent normals ``N(mean_i, std_i^2)`` on a coefficient vector.
+
+    Raises:
+        InputError: non-positive std or mismatched sizes.
+    """
+
+    def __init__(self, mean, std):
+        self.mean = np.atleast_1d(np.asarray(mean, dtype=float))
+        self.std = np.broadcast_to(np.asarray(std, dtype=float), self.mean.shape).copy()
+        if not np.all(np.isfinite(self.std) & (self.std > 0)):
+            raise InputError("<case>", "coefficient_std", "positive numbers", self.std.tolist())
+
+    @property
+    def size(self) -> int:
+        return self.mean.size
+
+    def cost(self, x: np.ndarray) -> float:
+        return 0.5 * float(np.sum(((x - self.mean) / self.std) ** 2))
+
+    def gradient(self, x: np.ndarray) -> np.ndarray:
+        return (x - self.mean) / self.std**2
+
+    def precision_mult(self, v: np.ndarray) -> np.ndarray:
+        return v / self.std**2
+
+    def covariance_mult(self, r: np.ndarray) -> np.ndarray:
+        return r * self.std**2
+
+    def sample(self, white: np.ndarray) -> np.ndarray:
+        return self.mean + self.std * white
+
+
+class Prior:
+    """The composite Gaussian prior over a parameter space (blocks independent).
+
+    Args:
+        space: the parameter space.
+        priors: one entry per block key ``(name, label)`` (``label`` is ``None`` for global
+            coefficient blocks): a :class:`GaussianScalarPrior` for scalar blocks, a
+            :class:`BiLaplacianPrior` for field blocks (``None`` on ranks that do not hold the
+            particle). The same keys on every rank.
+
+    Raises:
+        InputError: a block without a prior, a prior for an unknown block or a size mismatch
+            (on every rank, before any collective call).
+    """
+
+    def __init__(self, space: ParameterSpace, priors: Mapping[tuple, object]):
+        self.space = space
+        keys = set(space.keys)
+        given = set(priors)
+        if keys != given:
+            raise InputError("<prior>", "blocks", f"priors for {sorted(map(str, keys))}",
+                             f"priors for {sorted(map(str, given))}")
+        for key in space._scalars:
+            p = priors[key]
+            size = space._sizes[key]
+            if not isinstance(p, GaussianScalarPrior) or p.size != size:
+                raise InputError("<prior>", block_key_str(*key),
+                                 f"a GaussianScalarPrior of size {size}", p)
+        for key, data in space._fields.items():
+            p = priors[key]
+            if data is not None and not isinstance(p, BiLaplacianPrior):
+                raise InputError("<prior>", block_key_str(*key), "a BiLaplacianPrior", p)
+        self.priors = dict(priors)
+        self._mean = space.create_vector()
+        a = self._mean.getArray()
+        for key, (_, sl) in space._scalars.items():
+            if sl is not None:
+                a[sl] = self.priors[key].mean
+        for key, data in space._fields.items():
+            if data is not None:
+                a[data.slice] = self.priors[key].mean.getArray(readonly=True)
+
+    def mean(self) -> PETSc.Vec:
+        """A copy of the prior mean."""
+        return self._mean.copy()
+
+    def _apply(self, v: PETSc.Vec, out: PETSc.Vec, scalar_op: str, field_op: str) -> None:
+        va, oa = v.getArray(readonly=True), out.getArray()
+        for key, (_, sl) in self.space._scalars.items():
+            if sl is not None:
+                oa[sl] = getattr(self.priors[key], scalar_op)(va[sl])
+        for key, data in self.space._fields.items():
+            if data is None:
+                continue
+            vin = data.wrap(v.getArray()[data.slice])
+            vout = data.wrap(oa[data.slice])
+            getattr(self.priors[key], field_op)(vin, vout)
+            vin.destroy()
+            vout.destroy()
+
+    def precision_mult(self, v: PETSc.Vec, out: PETSc.Vec) -> None:
+        """``out = Gamma^{-1} v`` (primal -> dual)."""
+        self._apply(v, out, "precision_mult", "precision_mult")
+
+    def covariance_mult(self, r: PETSc.Vec, out: PETSc.Vec) -> None:
+        """``out = Gamma r`` (dual -> primal)."""
+        self._apply(r, out, "covariance_mult", "covariance_mult")
+
+    def gradient(self, x: PETSc.Vec, g: PETSc.Vec) -> None:
+        """``g = Gamma^{-1} (x - mean)`` (dual)."""
+        d = x.copy()
+        d.axpy(-1.0, self._mean)
+        self.precision_mult(d, g)
+        d.destroy()
+
+    def cost(self, x: PETSc.Vec) -> float:
+        """``0.5 (x - mean)^T Gamma^{-1} (x - mean)`` (collective)."""
+        d = x.copy()
+        d.axpy(-1.0, self._mean)
+        g = x.duplicate()
+        self.precision_mult(d, g)
+        value = 0.5 * d.dot(g)
+        d.destroy()
+        g.destroy()
+        return value
+
+    def cost_gradient(self, x: PETSc.Vec, g: PETSc.Vec) -> float:
+        """The cost, with its dual gradient written into ``g``."""
+        self.gradient(x, g)
+        d = x.copy()
+        d.axpy(-1.0, self._mean)
+        value = 0.5 * d.dot(g)
+        d.destroy()
+        return value
+
+    def sample(self, seed: int) -> PETSc.Vec:
+        """A prior sample from ``space.random_normal(seed)`` (the same on any number of ranks)."""
+        w = self.space.random_normal(seed)
+        out = self.space.create_vector()
+        wa, oa = w.getArray(readonly=True), out.getArray()
+        for key, (_, sl) in self.space._scalars.items():
+            if sl is not None:
+                oa[sl] = self.priors[key].sample(wa[sl])
+        for key, data in self.space._fields.items():
+            if data is None:
+                continue
+            win = data.wrap(w.getArray()[data.slice])
+            vout = data.wrap(oa[data.slice])
+            self.priors[key].sample(win, vout)
+            win.destroy()
+            vout.destroy()
+        w.destroy()
+        return out
+
+
+__all__ = ["BiLaplacianPrior", "GaussianScalarPrior", "Prior", "bilaplacian_coefficients"]
