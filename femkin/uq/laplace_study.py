@@ -1,0 +1,502 @@
+"""The Laplace approximation of an inversion's posterior at its MAP point (``femkin uq``).
+
+Given an :class:`~femkin.problem.InverseProblem`, its :class:`~femkin.inversion.fit.Prior` and
+the MAP point ``x``, :func:`analyse`
+
+1. evaluates the gradient at ``x`` (the Hessian actions are taken at the last gradient point);
+2. computes the dominant eigenpairs of ``H v = lambda Gamma_prior^{-1} v`` (``H`` the
+   Gauss-Newton or full misfit Hessian) with the randomised double-pass solver
+   (:func:`femkin.uq.randomized.adaptive_rank`; probe ``i`` is
+   ``space.random_normal(seed + i)``, so the result does not depend on the partition);
+3. builds the low-rank posterior ``Gamma_post = Gamma_prior - V D V^T``
+   (:class:`femkin.uq.laplace.LowRankPosterior`) and from it
+   - the marginal std and correlations of all global coefficients (unit-vector functionals;
+     their prior variances are the diagonal coefficient prior),
+   - the pointwise posterior std of ``ln k = ln k0 + m`` at every dof of every particle
+     (the prior diagonal of the BiLaplacian prior from :func:`bilaplacian_pointwise_variance`,
+     the ``ln k0``-``m`` cross covariance from the eigenvectors), interpolated to the pixels,
+   - 95% credible bands of ``mu_h(c)`` and ``ln j0(c)`` by linear propagation (both are linear
+     in the global coefficients: ``J C J^T`` with ``C`` their posterior covariance);
+4. draws ``N`` posterior samples ``x + S z`` (``z`` a prior sample from seeded, partition
+   independent normals) and runs the forward model at each for a band of the predicted
+   particle-average ``c(t)``.
+
+All functions are collective on the problem's communicator; arrays meant for output are
+complete on rank 0 (``None`` elsewhere where stated).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import numpy as np
+
+from femkin._fem import MPI, PETSc, dolfinx
+from femkin.errors import ConvergenceError
+from femkin.parameters import hashed_normal, rounded_coordinates
+from femkin.physics.acr import legendre
+from femkin.uq.laplace import LowRankPosterior, correlation
+from femkin.uq.randomized import adaptive_rank
+
+__all__ = [
+    "EXACT_VARIANCE_LIMIT",
+    "SAMPLE_SEED_OFFSET",
+    "Z95",
+    "UQResult",
+    "analyse",
+    "bilaplacian_pointwise_variance",
+    "coefficient_layout",
+    "prior_sample",
+    "scalar_prior_variances",
+]
+
+#: Standard-normal quantile of a two-sided 95% interval.
+Z95 = 1.959963984540054
+#: Fields with at most this many dofs get the exact prior diagonal (one prior solve per dof);
+#: larger ones a sampled estimate.
+EXACT_VARIANCE_LIMIT = 6000
+#: Posterior sample ``i`` uses the normals of seed ``seed + SAMPLE_SEED_OFFSET + i`` (probes use
+#: ``seed + i``), so samples and probes never share numbers.
+SAMPLE_SEED_OFFSET = 1_000_003
+
+
+@dataclasses.dataclass
+class UQResult:
+    """What :func:`analyse` computes.
+
+    Attributes:
+        posterior: the low-rank Laplace posterior (all computed pairs with ``lambda > -1``).
+        eigenvalues: all computed eigenvalues, descending.
+        names: the global coefficients in the order of ``covariance`` (``"mu_h[1]"``, ...,
+            ``"k0"`` for ln k0).
+        blocks: ``[(block, size), ...]`` in that order.
+        mean: the MAP values of the global coefficients.
+        covariance: their posterior covariance (dense).
+        prior_variance: their prior variances.
+        ln_k_std: ``{label: (H, W) map}`` of the posterior std of ln k, NaN outside the
+            particle (rank 0; empty elsewhere).
+        ln_k_prior_std: the same for the prior.
+        bands: ``{"c": grid, "mu_h": (value, lo, hi), "j0": (value, lo, hi)}`` (every rank).
+        c_t: ``{"t", "samples", "failed", "particles": {label: {"map", "lo", "hi",
+            "observed"}}}`` (rank 0; ``None`` elsewhere or without samples).
+        fitted: the fitted video at the MAP point (rank 0).
+        variance_method: ``"exact"`` or ``"sampled(N)"``: how the prior diagonal was found.
+        hessian_actions: Hessian actions spent by the eigensolver.
+        wall_time: seconds per stage.
+    """
+
+    posterior: LowRankPosterior
+    eigenvalues: np.ndarray
+    names: list[str]
+    blocks: list[tuple[str, int]]
+    mean: np.ndarray
+    covariance: np.ndarray
+    prior_variance: np.ndarray
+    ln_k_std: dict[int, np.ndarray]
+    ln_k_prior_std: dict[int, np.ndarray]
+    bands: dict[str, Any]
+    c_t: dict | None
+    fitted: np.ndarray | None
+    variance_method: str
+    hessian_actions: int
+    wall_time: dict[str, float]
+
+    @property
+    def std(self) -> np.ndarray:
+        """Posterior marginal std of the global coefficients."""
+        return np.sqrt(np.maximum(np.diag(self.covariance), 0.0))
+
+    def to_json(self, settings: dict) -> dict:
+        """The public ``results/uq.json`` content (see the module docstring of the command)."""
+        std = self.std
+        prior_std = np.sqrt(self.prior_variance)
+        coefficients = {}
+        i = 0
+        for block, size in self.blocks:
+            coefficients[block] = {"mean": self.mean[i:i + size].tolist(),
+                                   "std": std[i:i + size].tolist(),
+                                   "prior_std": prior_std[i:i + size].tolist()}
+            i += size
+        out = {
+            "hessian": settings["hessian"],
+            "threshold": settings["threshold"],
+            "eigenvalues": self.eigenvalues.tolist(),
+            "rank": int(self.posterior.rank),
+            "coefficients": coefficients,
+            "coefficient_names": list(self.names),
+            "correlation": _finite(correlation(self.covariance)).tolist()
+            if self.names else [],
+            "ln_k_std": {str(lb): {"mean": float(np.nanmean(s)), "max": float(np.nanmax(s)),
+                                   "min": float(np.nanmin(s)),
+                                   "prior_mean": float(np.nanmean(self.ln_k_prior_std[lb]))}
+                         for lb, s in self.ln_k_std.items()},
+            "prior_pointwise_variance": self.variance_method,
+            "hessian_actions": int(self.hessian_actions),
+            "wall_time": dict(self.wall_time),
+        }
+        if self.c_t is not None:
+            out["c_t"] = self.c_t
+        return out
+
+
+def _finite(a: np.ndarray) -> np.ndarray:
+    return np.where(np.isfinite(a), a, 0.0)
+
+
+# -- prior pieces ------------------------------------------------------------------------------
+def coefficient_layout(space) -> list[tuple[str, int]]:
+    """The global scalar blocks of a parameter space, ``[(name, size), ...]`` in storage order."""
+    return [(b.name, b.size) for b in space.scalar_blocks]
+
+
+def coefficient_names(blocks: list[tuple[str, int]]) -> list[str]:
+    """``["mu_h[1]", "mu_h[2]", "j0[1]", "k0", ...]``: one-size blocks keep their bare name."""
+    return [name if size == 1 else f"{name}[{n + 1}]" for name, size in blocks
+            for n in range(size)]
+
+
+def scalar_prior_variances(prior, space) -> np.ndarray:
+    """Prior variances of the global coefficients (every rank): ``1 / inv_var`` on rank 0."""
+    iv = prior.inv_var.getArray(readonly=True)
+    values = []
+    for name, _ in coefficient_layout(space):
+        _, sl = space._scalars[(name, None)]
+        if sl is not None:
+            values.append(1.0 / iv[sl])
+    local = np.concatenate(values) if values else np.zeros(0)
+    return space.comm.bcast(local if space.comm.rank == 0 else None, root=0)
+
+
+def _unit_functionals(space) -> list[PETSc.Vec]:
+    """Unit vectors of every global coefficient (the entry lives on rank 0)."""
+    out = []
+    for name, size in coefficient_layout(space):
+        _, sl = space._scalars[(name, None)]
+        for n in range(size):
+            e = space.create_vector()
+            if sl is not None:
+                e.getArray()[sl.start + n] = 1.0
+            out.append(e)
+    return out
+
+
+def bilaplacian_pointwise_variance(bl, coordinates: np.ndarray, *, samples: int = 400,
+                                   seed: int = 0, exact_limit: int = EXACT_VARIANCE_LIMIT,
+                                   name: str = "m", label: int | None = None
+                                   ) -> tuple[PETSc.Vec, str]:
+    """The diagonal of a BiLaplacian covariance ``A^{-1} M_L A^{-1}``.
+
+    ``diag_i = sum_j w_j[i]^2`` with ``w_j = A^{-1} (sqrt(M_L[j]) e_j)``: exact with one solve
+    per global dof (the sum runs over all global indices, so the result does not depend on the
+    partition beyond rounding) when the field has at most ``exact_limit`` dofs. Otherwise the
+    unbiased estimate ``mean_s (A^{-1} M_L^{1/2} z_s)^2`` over ``samples`` prior samples, with
+    ``z_s`` hashed from dof coordinates (relative error about ``sqrt(2 / samples)``).
+
+    Args:
+        bl: a :class:`femkin.inversion.fit.BiLaplacian` (``A``, ``ml``, ``ksp``).
+        coordinates: owned dof coordinates (for the sampled estimator's seeds).
+        samples: number of samples of the estimator.
+        seed: its seed.
+        exact_limit: the largest field computed exactly.
+        name, label: mix into the estimator's seed.
+
+    Returns:
+        ``(diagonal, method)``: a new Vec on the field's communicator and ``"exact"`` or
+        ``"sampled(N)"``.
+    """
+    diag = bl.A.createVecRight()
+    diag.set(0.0)
+    rhs = bl.A.createVecRight()
+    sol = bl.A.createVecRight()
+    sqrt_ml = bl.ml.copy()
+    sqrt_ml.sqrtabs()
+    acc = diag.getArray()
+    n_global = diag.getSize()
+    if n_global <= exact_limit:
+        lo, hi = rhs.getOwnershipRange()
+        sm = sqrt_ml.getArray(readonly=True)
+        for j in range(n_global):
+            rhs.set(0.0)
+            if lo <= j < hi:
+                rhs.getArray()[j - lo] = sm[j - lo]
+            bl.ksp.solve(rhs, sol)
+            s = sol.getArray(readonly=True)
+            acc += s * s
+        method = "exact"
+    else:
+        keys = rounded_coordinates(coordinates)
+        for s_i in range(samples):
+            z = hashed_normal(seed + s_i, f"{name}_variance", label, keys)
+            rhs.getArray()[:] = z
+            rhs.pointwiseMult(rhs, sqrt_ml)
+            bl.ksp.solve(rhs, sol)
+            s = sol.getArray(readonly=True)
+            acc += s * s / samples
+        method = f"sampled({samples})"
+    for v in (rhs, sol, sqrt_ml):
+        v.destroy()
+    return diag, method
+
+
+def prior_sample(prior, space, seed: int) -> PETSc.Vec:
+    """A zero-mean sample of the prior, partition independent.
+
+    Independent ``std * z`` on the scalar and nodal blocks; ``A^{-1} M_L^{1/2} z`` (covariance
+    ``A^{-1} M_L A^{-1}``) on the BiLaplacian fields; ``z = space.random_normal(seed)``.
+    """
+    z = space.random_normal(seed)
+    out = z.duplicate()
+    iv = prior.inv_var.getArray(readonly=True)
+    za = z.getArray(readonly=True)
+    out.getArray()[:] = np.where(iv > 0, za / np.sqrt(np.where(iv > 0, iv, 1.0)), 0.0)
+    for (_, _), (data, bl) in prior.fields.items():
+        rhs = bl.A.createVecRight()
+        sol = bl.A.createVecRight()
+        rhs.getArray()[:] = za[data.slice]
+        sq = bl.ml.copy()
+        sq.sqrtabs()
+        rhs.pointwiseMult(rhs, sq)
+        bl.ksp.solve(rhs, sol)
+        out.getArray()[data.slice] = sol.getArray(readonly=True)
+        for v in (rhs, sol, sq):
+            v.destroy()
+    z.destroy()
+    return out
+
+
+# -- the analysis ------------------------------------------------------------------------------
+def _curves_jacobian(blocks, name: str, c: np.ndarray) -> np.ndarray:
+    """``d curve(c_j) / d coefficient_i`` for mu_h (a_n) or ln j0 (b_n): ``P_n(1 - 2 c_j)``."""
+    n_total = sum(size for _, size in blocks)
+    jac = np.zeros((c.size, n_total))
+    start = 0
+    for block, size in blocks:
+        if block == name and size:
+            polys = legendre(size, 1.0 - 2.0 * c)
+            for n in range(size):
+                jac[:, start + n] = polys[n + 1]
+        start += size
+    return jac
+
+
+def credible_bands(problem, x: PETSc.Vec, blocks, covariance: np.ndarray,
+                   c: np.ndarray | None = None, z: float = Z95) -> dict[str, Any]:
+    """95% bands of ``mu_h(c)`` and ``j0(c)`` (the latter from the band of ln j0).
+
+    Both curves are linear in the global coefficients, so ``Var g(c_j) = J_j C J_j^T`` with
+    ``C`` their posterior covariance: linear propagation, exact for the Gaussian posterior.
+
+    Returns:
+        ``{"c": c, "mu_h": (value, lo, hi), "j0": (value, lo, hi)}``.
+    """
+    from femkin.inversion.results import C_GRID
+    from femkin.physics.acr import ln_j0, mu_h
+
+    c = C_GRID if c is None else np.asarray(c, dtype=float)
+    params = problem.parameters_at(x)
+    out: dict[str, Any] = {"c": c}
+    p, q = params.j0_prefactor
+    mu = mu_h(c, params.mu_h, np.log)
+    lnj = ln_j0(c, params.j0, p, q, np.log)
+    for name, centre in (("mu_h", mu), ("j0", lnj)):
+        jac = _curves_jacobian(blocks, name, c)
+        std = np.sqrt(np.maximum(np.einsum("ji,ik,jk->j", jac, covariance, jac), 0.0))
+        lo, hi = centre - z * std, centre + z * std
+        if name == "j0":
+            centre, lo, hi = np.exp(centre), np.exp(lo), np.exp(hi)
+        out[name] = (centre, lo, hi)
+    return out
+
+
+def _particle_averages(problem, fitted: np.ndarray | None) -> dict[int, np.ndarray] | None:
+    """Mean over each particle's pixels of a (T, H, W) video (rank 0)."""
+    if fitted is None:
+        return None
+    mask = problem.video.mask
+    return {lb: np.nanmean(fitted[:, mask == lb], axis=1) for lb in problem.labels}
+
+
+def _ln_k_maps(problem, prior, posterior: LowRankPosterior, prior_var: np.ndarray,
+               covariance: np.ndarray, blocks, *, samples: int, seed: int):
+    """Posterior and prior std of ln k = ln k0 + m on the pixels, per particle (rank 0).
+
+    ``Var(ln k0 + m_i) = Var(ln k0) + Var(m_i) + 2 Cov(ln k0, m_i)`` with each term taken from
+    the posterior (``covariance`` holds the global coefficients' one).
+    """
+    space = problem.space
+    names = [b for b, _ in blocks]
+    k0_var = k0_prior_var = 0.0
+    k0_v = np.zeros(posterior.rank)
+    if "k0" in names:
+        i_k0 = coefficient_names(blocks).index("k0")
+        k0_var = float(covariance[i_k0, i_k0])
+        k0_prior_var = float(prior_var[i_k0])
+        k0_v = np.array([space.get_scalars(v, "k0")[0] for v in posterior.eigenvectors])
+    prior_diag = space.create_vector()
+    methods = set()
+    for (name, label), (data, bl) in prior.fields.items():
+        if name != "m":
+            continue
+        diag, method = bilaplacian_pointwise_variance(bl, data.coordinates, samples=samples,
+                                                      seed=seed, label=label)
+        prior_diag.getArray()[data.slice] = diag.getArray(readonly=True)
+        methods.add(method)
+        diag.destroy()
+    methods = sorted(set().union(*problem.comm.allgather(methods)))
+    post_diag = posterior.pointwise_variance(prior_diag)
+    # Cov(ln k0, m_i) = -sum_j d_j v_j[k0] v_j[i]: the prior has no cross covariance.
+    cross = space.create_vector()
+    for d, kv, v in zip(posterior.d, k0_v, posterior.eigenvectors):
+        cross.axpy(-float(d * kv), v)
+    post_arrays, prior_arrays = {}, {}
+    has_m = "m" in problem.learn
+    for label, p in problem.particles.items():
+        V = p.model.V
+        n_owned = V.dofmap.index_map.size_local
+        if has_m:
+            sl = space._fields[("m", label)].slice
+            var_m = post_diag.getArray(readonly=True)[sl]
+            cov = cross.getArray(readonly=True)[sl]
+            pri_m = prior_diag.getArray(readonly=True)[sl]
+        else:
+            var_m = cov = pri_m = np.zeros(n_owned)
+        var = np.maximum(var_m + k0_var + 2.0 * cov, 0.0)
+        pvar = pri_m + k0_prior_var
+        for store, values in ((post_arrays, var), (prior_arrays, pvar)):
+            f = dolfinx.fem.Function(V)
+            f.x.array[:n_owned] = np.sqrt(values)
+            f.x.scatter_forward()
+            store[label] = f.x.array.copy()
+    post_img = problem.field_on_pixels("m", arrays=post_arrays)
+    prior_img = problem.field_on_pixels("m", arrays=prior_arrays)
+    for v in (prior_diag, post_diag, cross):
+        v.destroy()
+    post_maps, prior_maps = {}, {}
+    if problem.comm.rank == 0:
+        mask = problem.video.mask
+        for lb in problem.labels:
+            post_maps[lb] = np.where(mask == lb, post_img, np.nan)
+            prior_maps[lb] = np.where(mask == lb, prior_img, np.nan)
+    return post_maps, prior_maps, ",".join(methods) or "none"
+
+
+def analyse(problem, prior, x: PETSc.Vec, settings: dict, *, variance_samples: int = 400,
+            log=None) -> UQResult:
+    """The Laplace approximation at the MAP point ``x`` (see the module docstring).
+
+    Args:
+        problem: the inverse problem.
+        prior: its prior (:class:`femkin.inversion.fit.Prior`).
+        x: the MAP point (not modified).
+        settings: the case's ``[uq]`` section (``hessian``, ``max_rank``, ``threshold``,
+            ``oversampling``, ``samples``, ``seed``).
+        variance_samples: samples of the prior-diagonal estimator for fields too large for the
+            exact diagonal (:data:`EXACT_VARIANCE_LIMIT`).
+        log: optional ``log(message)`` called on rank 0 for progress.
+
+    Returns:
+        The :class:`UQResult`.
+    """
+    comm = problem.comm
+    space = problem.space
+    say = (lambda msg: log(msg)) if (log is not None and comm.rank == 0) else (lambda msg: None)
+    timings: dict[str, float] = {}
+    gauss_newton = settings["hessian"] == "gauss-newton"
+    seed = int(settings["seed"])
+
+    t0 = time.perf_counter()
+    g = space.create_vector()
+    problem.gradient(x, g)
+    g.destroy()
+    fitted = problem.fitted_video()
+    timings["gradient"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    h_before = problem.counters["hessian"]
+
+    def apply_H(v, out):
+        problem.hessian_mult(v, out, gauss_newton=gauss_newton)
+
+    max_rank = min(int(settings["max_rank"]), space.global_size)
+    pairs = adaptive_rank(apply_H, prior.precision, prior.covariance,
+                          lambda i: space.random_normal(seed + i),
+                          threshold=float(settings["threshold"]), max_rank=max_rank,
+                          oversampling=int(settings["oversampling"]),
+                          start=min(10, max_rank))
+    hessian_actions = problem.counters["hessian"] - h_before
+    timings["eigensolver"] = time.perf_counter() - t0
+    lam = np.asarray(pairs.eigenvalues)
+    keep = [i for i, v in enumerate(lam) if v > -1.0 + 1e-8]
+    say(f"eigenvalues ({hessian_actions} Hessian actions): "
+        + " ".join(f"{v:.3g}" for v in lam))
+    posterior = LowRankPosterior(lam[keep], [pairs.eigenvectors[i] for i in keep],
+                                 prior.covariance, apply_prior_precision=prior.precision)
+
+    t0 = time.perf_counter()
+    blocks = coefficient_layout(space)
+    names = coefficient_names(blocks)
+    prior_var = scalar_prior_variances(prior, space)
+    functionals = _unit_functionals(space)
+    # Exact here: the prior covariance of unit vectors is the diagonal coefficient prior.
+    covariance = posterior.covariance_matrix(functionals)
+    for f in functionals:
+        f.destroy()
+    mean = np.concatenate([space.get_scalars(x, b) for b, _ in blocks]) if blocks \
+        else np.zeros(0)
+    bands = credible_bands(problem, x, blocks, covariance)
+    ln_k_std, ln_k_prior_std, method = _ln_k_maps(problem, prior, posterior, prior_var, covariance, blocks,
+                                                  samples=variance_samples, seed=seed)
+    timings["posterior"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    c_t = _sample_band(problem, prior, posterior, x, fitted, int(settings["samples"]), seed, say)
+    timings["samples"] = time.perf_counter() - t0
+    return UQResult(posterior, lam, names, blocks, mean, covariance, prior_var, ln_k_std,
+                    ln_k_prior_std, bands, c_t, fitted, method, hessian_actions, timings)
+
+
+def _sample_band(problem, prior, posterior, x, fitted, n_samples: int, seed: int, say):
+    """Posterior samples through the forward model: 95% band of particle-average c(t)."""
+    if n_samples <= 0:
+        return None
+    comm = problem.comm
+    space = problem.space
+    averages: list[dict[int, np.ndarray]] = []
+    failed = 0
+    xs = space.create_vector()
+    for i in range(n_samples):
+        z = prior_sample(prior, space, seed + SAMPLE_SEED_OFFSET + i)
+        posterior.sample(z, out=xs)
+        xs.axpy(1.0, x)
+        z.destroy()
+        try:
+            problem.misfit(xs)
+        except ConvergenceError:
+            failed += 1
+            continue
+        avg = _particle_averages(problem, problem.fitted_video())
+        if comm.rank == 0:
+            averages.append(avg)
+    say(f"{n_samples - failed} posterior samples through the forward model ({failed} failed)")
+    # Leave the problem at the MAP point (trajectories, Hessian linearisation point).
+    g = space.create_vector()
+    problem.gradient(x, g)
+    g.destroy()
+    xs.destroy()
+    if comm.rank != 0:
+        return None
+    map_avg = _particle_averages(problem, fitted)
+    observed = _particle_averages(problem, problem.video.c)
+    particles = {}
+    for lb in problem.labels:
+        entry = {"map": map_avg[lb].tolist(), "observed": observed[lb].tolist()}
+        if averages:
+            stack = np.stack([a[lb] for a in averages])
+            entry["lo"] = np.percentile(stack, 2.5, axis=0).tolist()
+            entry["hi"] = np.percentile(stack, 97.5, axis=0).tolist()
+            entry["std"] = stack.std(axis=0, ddof=1 if len(stack) > 1 else 0).tolist()
+        particles[str(lb)] = entry
+    return {"t": np.asarray(problem.video.t, dtype=float).tolist(), "samples": n_samples,
+            "failed": failed, "particles": particles}
