@@ -268,17 +268,27 @@ class ParameterSpace:
         _, sl = self._scalar(name, label)
         return None if sl is None else x.getArray()[sl]
 
-    def field_view(self, x: PETSc.Vec, name: str, label: int) -> np.ndarray:
-        """Writable view of the owned dofs of a field block in ``x`` (holding ranks only)."""
+    def field_view(self, x: PETSc.Vec, name: str, label: int,
+                   readonly: bool = False) -> np.ndarray:
+        """View of the owned dofs of a field block in ``x`` (holding ranks only).
+
+        Use ``readonly=True`` for vectors that PETSc has locked (TAO's iterate in callbacks).
+        """
         data = self._field(name, label)
         if data is None:
             raise ValueError(f"rank {self.comm.rank} does not hold field "
                              f"{block_key_str(name, label)!r}")
-        return x.getArray()[data.slice]
+        return x.getArray(readonly=readonly)[data.slice]
 
-    def field_vec(self, x: PETSc.Vec, name: str, label: int) -> PETSc.Vec:
-        """A Vec on the particle's sub-communicator sharing memory with the block in ``x``."""
-        return self._field(name, label).wrap(self.field_view(x, name, label))
+    def field_vec(self, x: PETSc.Vec, name: str, label: int,
+                  readonly: bool = False) -> PETSc.Vec:
+        """A Vec on the particle's sub-communicator holding the block of ``x``.
+
+        It shares memory with ``x`` (writes go through), or, with ``readonly=True``, holds a
+        copy (works on locked vectors).
+        """
+        view = self.field_view(x, name, label, readonly=readonly)
+        return self._field(name, label).wrap(view.copy() if readonly else view)
 
     def to_function(self, x: PETSc.Vec, name: str, label: int, f) -> None:
         """Copy a field block into ``f`` and update its ghosts (collective on the sub-comm)."""
@@ -308,6 +318,10 @@ class ParameterSpace:
             if inverse:
                 data.mass_solver.solve(data.work_in, data.work_out)
                 if data.mass_solver.getConvergedReason() <= 0:
+                    if not np.all(np.isfinite(xa)):  # let the caller see the NaN
+                        data.work_out.set(np.nan)
+                        y.getArray()[data.slice] = np.nan
+                        continue
                     raise RuntimeError("mass-matrix CG did not converge: reason "
                                        f"{data.mass_solver.getConvergedReason()}")
             else:

@@ -280,7 +280,7 @@ class Prior:
         for key, data in self.space._fields.items():
             if data is None:
                 continue
-            vin = data.wrap(v.getArray()[data.slice])
+            vin = data.wrap(va[data.slice].copy())
             vout = data.wrap(oa[data.slice])
             getattr(self.priors[key], field_op)(vin, vout)
             vin.destroy()
