@@ -1,4 +1,4 @@
-"""``femkin run CASE``: the whole study — mesh, simulate (twin experiments), invert, report."""
+"""``femkin run CASE``: the whole study — mesh, simulate (twin experiments), invert, uq, report."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "run", help="the whole study: mesh, (simulate), invert, report",
+        "run", help="the whole study: mesh, (simulate), invert, uq, report",
         description="Run a case end to end. A case with a [simulate] section is a twin "
         "experiment: its data are simulated first (if CASE/simulated/video.npz is missing).")
     parser.add_argument("case", type=Path, help="case directory (or its case.toml)")
@@ -31,6 +31,12 @@ def run(args: argparse.Namespace) -> int:
     if case.simulate is not None and not (case.dir / "simulated" / "video.npz").exists():
         simulate(args.case, comm, quiet=args.quiet)
     problem, result, timings, prior = invert(args.case, resume=args.resume, quiet=args.quiet)
+    # The UQ step on the in-memory problem at the MAP point (see femkin.commands.uq).
+    from femkin.commands.uq import uq_at
+    from femkin.study import open_study
+
+    uq_at(open_study(args.case, comm), problem, prior, result.x, result.history,
+          quiet=args.quiet)
     if comm.rank == 0 and not args.quiet:
         import json
         summary = json.loads((case.dir / "results" / "summary.json").read_text())

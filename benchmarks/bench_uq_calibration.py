@@ -1,0 +1,126 @@
+"""Calibration of the Laplace posterior on the tiny twin experiment.
+
+For ``N`` realisations (``[simulate] seed = 0 .. N-1``: both the noise and the true ln k field
+change) of the twin case of ``tests/workflow_case.py``: simulate, invert (``max_iterations``
+TAO iterations), ``femkin uq`` (no forward samples), then check whether the 95% interval
+``MAP +- 1.96 std`` of each global coefficient (mu_h a_1, a_2, j0 b_1, ln k0) covers the truth.
+The issue's target: coverage between 85% and 100% over at least 20 realisations. Also reports
+whether the posterior std of ln k is smaller where the data say more: the Spearman
+correlation, over pixels, between the std of ln k and the time-integrated sensitivity proxy
+``sum_f |c_f - c_0|`` of the true video (pixels that react carry information about k).
+
+Realisations run as separate processes (``--jobs`` at a time). Prints one JSON object.
+
+Run: ``.venv/bin/python benchmarks/bench_uq_calibration.py --realisations 20 --jobs 2``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+Z95 = 1.959963984540054
+
+
+def one(seed: int, directory: pathlib.Path, max_iterations: int, max_rank: int) -> dict:
+    """Simulate, invert and analyse one realisation; returns its record."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from workflow_case import write_case
+
+    from femkin.cli import main
+
+    case = write_case(directory / f"case_{seed}", max_iterations=max_iterations)
+    text = (case / "case.toml").read_text().replace("seed = 3", f"seed = {seed}")
+    text += f"\n[uq]\nmax_rank = {max_rank}\nsamples = 0\n"
+    (case / "case.toml").write_text(text)
+    t0 = time.perf_counter()
+    assert main(["simulate", str(case), "--quiet"]) == 0
+    t1 = time.perf_counter()
+    assert main(["invert", str(case), "--quiet"]) == 0
+    t2 = time.perf_counter()
+    assert main(["uq", str(case), "--quiet"]) == 0
+    t3 = time.perf_counter()
+    uq = json.loads((case / "results" / "uq.json").read_text())
+    summary = json.loads((case / "results" / "summary.json").read_text())
+    truth = np.load(case / "simulated" / "truth.npz")
+    true = np.concatenate([truth["mu_h"], truth["j0"], [np.log(float(truth["k0"]))]])
+    mean = np.concatenate([v["mean"] for v in uq["coefficients"].values()])
+    std = np.concatenate([v["std"] for v in uq["coefficients"].values()])
+    z = (mean - true) / std
+    # Where the data say more: pixels whose true c changes a lot carry information about k.
+    k_std = np.load(case / "results" / "k_std_1.npy")
+    inside = np.isfinite(k_std)
+    activity = np.sum(np.abs(truth["c"][1:] - truth["c"][:1]), axis=0)
+    rank = lambda a: np.argsort(np.argsort(a))  # noqa: E731
+    spearman = float(np.corrcoef(rank(k_std[inside]), rank(activity[inside]))[0, 1])
+    return {"seed": seed, "names": uq["coefficient_names"], "z": z.tolist(),
+            "covered": (np.abs(z) <= Z95).tolist(), "std": std.tolist(),
+            "iterations": summary["iterations"], "tao_reason": summary["tao_reason"],
+            "misfit_rms": summary["misfit_rms"], "rank": uq["rank"],
+            "smallest_eigenvalue": uq["eigenvalues"][-1],
+            "spearman_std_vs_activity": spearman,
+            "wall_time": {"simulate": t1 - t0, "invert": t2 - t1, "uq": t3 - t2}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--realisations", type=int, default=20)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--max-iterations", type=int, default=40)
+    parser.add_argument("--max-rank", type=int, default=60)
+    parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--dir", type=pathlib.Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one is not None:
+        print(json.dumps(one(args.one, args.dir, args.max_iterations, args.max_rank)))
+        return
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="femkin-calib-") as tmp:
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+
+        def run(seed):
+            cmd = [sys.executable, __file__, "--one", str(seed), "--dir", tmp,
+                   "--max-iterations", str(args.max_iterations),
+                   "--max-rank", str(args.max_rank)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+            if proc.returncode != 0:
+                return {"seed": seed, "error": proc.stderr[-2000:]}
+            return json.loads(proc.stdout.strip().splitlines()[-1])
+
+        with ThreadPoolExecutor(args.jobs) as pool:
+            records = list(pool.map(run, range(args.realisations)))
+    good = [r for r in records if "error" not in r]
+    out = {"realisations": len(records), "failed": [r for r in records if "error" in r]}
+    if good:
+        covered = np.array([r["covered"] for r in good])
+        z = np.array([r["z"] for r in good])
+        out.update({
+            "coefficients": good[0]["names"],
+            "coverage": float(covered.mean()),
+            "coverage_per_coefficient": dict(zip(good[0]["names"],
+                                                 covered.mean(axis=0).tolist())),
+            "z_rms_per_coefficient": dict(zip(good[0]["names"],
+                                              np.sqrt(np.mean(z ** 2, axis=0)).tolist())),
+            "target": "0.85 <= coverage <= 1.0",
+            "spearman_std_vs_activity_mean": float(np.mean(
+                [r["spearman_std_vs_activity"] for r in good])),
+            "tao_reasons": sorted({r["tao_reason"] for r in good}),
+            "iterations_mean": float(np.mean([r["iterations"] for r in good])),
+            "records": good,
+        })
+    out["wall_time"] = time.perf_counter() - t0
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

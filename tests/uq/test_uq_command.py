@@ -1,0 +1,216 @@
+"""``femkin uq`` on the tiny twin case: uq.json, std maps, bands, partition independence."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+
+from femkin._fem import MPI
+from femkin.cli import main
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from workflow_case import write_case  # noqa: E402
+
+UQ_SECTION = """
+[uq]
+max_rank = 20
+oversampling = 5
+samples = 4
+seed = 7
+"""
+
+
+@pytest.fixture(scope="module")
+def inverted_case():
+    """A twin case simulated, inverted (6 iterations) and run through ``femkin uq``."""
+    comm = MPI.COMM_WORLD
+    root = tempfile.mkdtemp(prefix="femkin-uq-") if comm.rank == 0 else None
+    root = pathlib.Path(comm.bcast(root, root=0))
+    case = root / "case"
+    if comm.rank == 0:
+        write_case(case, max_iterations=6)
+        with open(case / "case.toml", "a") as f:
+            f.write(UQ_SECTION)
+    comm.barrier()
+    assert main(["simulate", str(case), "--quiet"]) == 0
+    from femkin.commands.uq import uq
+    from femkin.errors import InputError
+
+    try:
+        uq(case, quiet=True)
+        missing_error = None
+    except InputError as err:
+        missing_error = str(err)
+    assert main(["invert", str(case), "--quiet"]) == 0
+    assert main(["uq", str(case), "--quiet"]) == 0
+    yield case, missing_error
+    comm.barrier()
+    if comm.rank == 0:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _uq_json(case):
+    return json.loads((case / "results" / "uq.json").read_text())
+
+
+@pytest.mark.mpi
+def test_uq_without_inversion_asks_for_it(inverted_case):
+    _, message = inverted_case
+    assert message is not None and "femkin invert" in message and "state.npz" in message
+
+
+@pytest.mark.mpi
+def test_uq_json_fields_and_shapes(inverted_case):
+    case, _ = inverted_case
+    uq = _uq_json(case)
+    lam = np.array(uq["eigenvalues"])
+    assert uq["rank"] == lam.size and 10 <= lam.size <= 20
+    assert np.all(np.diff(lam) <= 0) and lam[0] > 100 * lam[-1] > 0
+    assert list(uq["coefficients"]) == ["mu_h", "j0", "k0"]
+    sizes = {k: len(v["mean"]) for k, v in uq["coefficients"].items()}
+    assert sizes == {"mu_h": 2, "j0": 1, "k0": 1}
+    corr = np.array(uq["correlation"])
+    assert corr.shape == (4, 4)
+    assert np.allclose(np.diag(corr), 1.0) and np.allclose(corr, corr.T)
+    assert np.all(np.abs(corr) <= 1.0 + 1e-12)
+    assert uq["coefficient_names"] == ["mu_h[1]", "mu_h[2]", "j0", "k0"]
+    # the k0 block is ln k0: its MAP lies near the truth ln(2e-3), far from k0 itself
+    assert abs(uq["coefficients"]["k0"]["mean"][0] - np.log(2e-3)) < 1.0
+    for block, v in uq["coefficients"].items():
+        std, prior = np.array(v["std"]), np.array(v["prior_std"])
+        assert np.all(std > 0), block
+        # every global coefficient is informed by the video: clearly below the prior std 2
+        assert np.all(std < 0.8 * prior), (block, std, prior)
+    assert uq["hessian_actions"] >= 2 * (lam.size + 5)
+    assert set(uq["wall_time"]) >= {"gradient", "eigensolver", "posterior", "samples", "total"}
+    report = (case / "results" / "report.md").read_text()
+    assert "## Uncertainty" in report and f"Hessian rank: {uq['rank']}" in report
+
+
+@pytest.mark.mpi
+def test_ln_k_std_map(inverted_case):
+    case, _ = inverted_case
+    std = np.load(case / "results" / "k_std_1.npy")
+    prior = np.load(case / "results" / "k_prior_std_1.npy")
+    mask = np.load(case / "simulated" / "video.npz")["mask"]
+    inside = mask == 1
+    assert std.shape == mask.shape
+    assert np.all(np.isnan(std[~inside])) and np.all(np.isfinite(std[inside]))
+    assert np.all(std[inside] > 0)
+    assert np.all(std[inside] < prior[inside])
+    # the prior of ln k = ln k0 + m has std about sqrt(2^2 + 0.5^2); the data cut it a lot
+    assert 2.0 < np.mean(prior[inside]) < 2.2
+    assert np.mean(std[inside]) < 0.5 * np.mean(prior[inside])
+
+
+@pytest.mark.mpi
+def test_curve_bands_are_the_linear_propagation_of_the_coefficients(inverted_case):
+    case, _ = inverted_case
+    uq = _uq_json(case)
+    std = np.concatenate([v["std"] for v in uq["coefficients"].values()])
+    cov = np.array(uq["correlation"]) * np.outer(std, std)
+    for name, rows in (("mu_h", [0, 1]), ("j0", [2])):
+        data = np.genfromtxt(case / "results" / f"{name}.csv", delimiter=",", names=True)
+        c, value, lo, hi = data["c"], data[name], data["lo"], data["hi"]
+        assert np.all(lo <= value) and np.all(value <= hi)
+        x = 1 - 2 * c
+        # ln j0 = b_1 P_1(1 - 2c) vanishes at c = 1/2: no uncertainty there
+        assert np.all((hi - lo)[np.abs(x) > 1e-9] > 0)
+        jac = np.column_stack([x, 0.5 * (3 * x ** 2 - 1)])[:, : len(rows)]
+        sub = cov[np.ix_(rows, rows)]
+        half = 1.959963984540054 * np.sqrt(np.einsum("ji,ik,jk->j", jac, sub, jac))
+        if name == "mu_h":
+            assert np.allclose(hi - value, half, rtol=1e-6, atol=1e-8)
+        else:  # the band of ln j0, exponentiated
+            assert np.allclose(np.log(hi / value), half, rtol=1e-6, atol=1e-8)
+            assert np.allclose(np.log(value / lo), half, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.mpi
+def test_c_t_band_from_posterior_samples(inverted_case):
+    case, _ = inverted_case
+    c_t = _uq_json(case)["c_t"]
+    assert c_t["samples"] == 4 and c_t["failed"] == 0 and len(c_t["t"]) == 5
+    p = c_t["particles"]["1"]
+    lo, hi, mp = (np.array(p[k]) for k in ("lo", "hi", "map"))
+    assert np.all(lo <= hi) and np.all(hi[1:] - lo[1:] > 0)
+    # the particle lithiates; the band is near the MAP prediction (not centred on it: the
+    # forward model is far from linear over the posterior's spread in mu_h and j0)
+    assert mp[-1] > mp[0] + 0.1
+    assert np.all(lo - 0.2 < mp) and np.all(mp < hi + 0.2)
+    for name in ("uq_c_t.png", "uq_k_std.png", "curves.png"):
+        assert (case / "results" / name).exists(), name
+
+
+@pytest.mark.mpi
+def test_eigenvalues_do_not_depend_on_the_partition(inverted_case):
+    """Under mpirun the case was analysed on 2 ranks; redo it on rank 0 alone."""
+    case, _ = inverted_case
+    comm = MPI.COMM_WORLD
+    lam_world = np.array(_uq_json(case)["eigenvalues"])
+    if comm.rank == 0:
+        from femkin.commands.invert import _checkpoint_path, read_checkpoint
+        from femkin.inversion.fit import Prior
+        from femkin.study import build_problem, open_study
+        from femkin.uq.laplace_study import analyse
+
+        self_comm = MPI.COMM_SELF
+        study = open_study(case, self_comm)
+        problem = build_problem(study, self_comm)
+        x = problem.initial_vector()
+        prior = Prior(problem, study.case.inversion["prior"], x)
+        settings = {"learn": list(problem.learn), "tao_type": study.case.inversion["tao_type"],
+                    "video": str(study.video_path.name)}
+        read_checkpoint(_checkpoint_path(study.case), problem, x, settings)
+        result = analyse(problem, prior, x, {**study.case.uq, "samples": 0})
+        lam_self = result.eigenvalues
+        ok = lam_self.size == lam_world.size and np.allclose(lam_self, lam_world, rtol=1e-6,
+                                                             atol=0)
+        detail = (lam_self.tolist(), lam_world.tolist())
+    else:
+        ok, detail = True, None
+    ok = comm.allreduce(ok, op=MPI.LAND)
+    assert ok, comm.bcast(detail, root=0)
+
+
+def test_prior_pointwise_variance_exact_and_sampled(tmp_path):
+    """The exact BiLaplacian diagonal against unit-vector covariance actions, and the
+    sampled estimator within its statistical error."""
+    from femkin._fem import MPI as _MPI
+    from femkin.inversion.fit import Prior
+    from femkin.study import build_problem, open_study
+    from femkin.uq.laplace_study import bilaplacian_pointwise_variance
+
+    case = write_case(tmp_path / "case")
+    text = (case / "case.toml").read_text()
+    (case / "case.toml").write_text(text.replace("[data]\n", "[data]\nsigma = 0.05\n"))
+    comm = _MPI.COMM_SELF
+    study = open_study(case, comm, simulated=False)
+    problem = build_problem(study, comm)
+    x0 = problem.initial_vector()
+    prior = Prior(problem, study.case.inversion["prior"], x0)
+    (data, bl), = prior.fields.values()
+    exact, method = bilaplacian_pointwise_variance(bl, data.coordinates)
+    assert method == "exact"
+    n = exact.getSize()
+    e, y = exact.duplicate(), exact.duplicate()
+    for i in np.linspace(0, n - 1, 7).astype(int):
+        e.set(0.0)
+        e.setValue(i, 1.0)
+        e.assemble()
+        bl.covariance(e, y)
+        assert abs(y.getValue(i) - exact.getValue(i)) < 1e-9 * exact.getValue(i)
+    ex = exact.getArray()
+    # pointwise std near the requested 0.5 (the Robin term keeps the boundary close to it)
+    assert 0.35 < np.sqrt(ex.min()) and np.sqrt(ex.max()) < 0.75
+    sampled, method = bilaplacian_pointwise_variance(bl, data.coordinates, samples=800,
+                                                     exact_limit=0)
+    assert method == "sampled(800)"
+    rel = np.abs(sampled.getArray() / ex - 1.0)
+    assert np.median(rel) < 2 * np.sqrt(2 / 800) and rel.max() < 6 * np.sqrt(2 / 800)
