@@ -49,8 +49,8 @@ def test_converges_to_exact_map(comm, tao_type):
                       grtol=0.0, gttol=1e-9, max_iterations=200,
                       monitor=lambda it, x, f, g: history.append((it, f, g)))
     assert result.reason.startswith("CONVERGED")
-    err = relative_error(p.space.to_global_dict(result.x), serial_map(12)) \
-        if comm.rank == 0 else None
+    d, ref = p.space.to_global_dict(result.x), serial_map(12)
+    err = relative_error(d, ref) if comm.rank == 0 else None
     assert comm.bcast(err, root=0) < 1e-6
     assert len(history) == len(result.history) >= result.iterations + 1
     assert history[-1][0] == result.history[-1]["iteration"] == result.iterations
