@@ -149,15 +149,17 @@ def solve_map(problem, prior: Prior, x0: PETSc.Vec, *, tao_type: str = "bnls",
               gauss_newton: bool = True, petsc_options: dict | None = None,
               monitor: Callable | None = None, start_iteration: int = 0,
               history: list | None = None) -> MapResult:
-    """Minimise misfit + prior with TAO from x0 (options prefix ``femkin_tao_``)."""
+    """Minimise misfit + prior with TAO from x0 (options -femkin_tao_type, -femkin_tao_monitor,
+    ...; ``petsc_options`` keys as in PETSc without the leading ``femkin_``, e.g. ``tao_type``)."""
     comm = problem.comm
     space = problem.space
     history = list(history or [])
     state = {"misfit": np.nan}
     opts = PETSc.Options()
+    # TAO's own options are -tao_*; with the prefix "femkin_" they read -femkin_tao_type etc.
     for k, v in (petsc_options or {}).items():
-        if not opts.hasName("femkin_tao_" + k):
-            opts["femkin_tao_" + k] = v
+        if not opts.hasName("femkin_" + k):
+            opts["femkin_" + k] = v
 
     def objective_gradient(tao, x, g):
         g.set(0.0)
@@ -170,24 +172,39 @@ def solve_map(problem, prior: Prior, x0: PETSc.Vec, *, tao_type: str = "bnls",
         return mis + prior.cost_gradient(x, g)
 
     tao = PETSc.TAO().create(comm)
-    tao.setOptionsPrefix("femkin_tao_")
+    tao.setOptionsPrefix("femkin_")
     tao.setType(tao_type)
     tao.setObjectiveGradient(objective_gradient, x0.duplicate())
     n_loc, n_glob = x0.getSizes()
 
     class Hessian:
+        """Misfit Hessian + prior precision, plus the diagonal shift TAO may ask for."""
+
+        def __init__(self):
+            self.shift_value = 0.0
+
         def mult(self, mat, v, y):
             problem.hessian_mult(v, y, gauss_newton=gauss_newton)
             tmp = y.duplicate()
             prior.precision(v, tmp)
             y.axpy(1.0, tmp)
+            if self.shift_value:
+                y.axpy(self.shift_value, v)
             tmp.destroy()
+
+        def shift(self, mat, a):
+            self.shift_value += a
 
     H = PETSc.Mat().createPython((n_loc, n_glob), Hessian(), comm=comm)
     H.setUp()
     is_newton = tao_type in ("nls", "bnls", "ntr", "bntr", "ntl", "bntl")
+    hessian_ctx = H.getPythonContext()
+
+    def form_hessian(tao, x, A, P):
+        hessian_ctx.shift_value = 0.0  # a new linearisation point: TAO re-applies its shift
+
     if is_newton:
-        tao.setHessian(lambda tao, x, A, P: None, H, H)
+        tao.setHessian(form_hessian, H, H)
     tao.setTolerances(gatol=gatol, grtol=grtol)
     tao.setMaximumIterations(max(max_iterations - start_iteration, 0))
 
@@ -212,7 +229,28 @@ def solve_map(problem, prior: Prior, x0: PETSc.Vec, *, tao_type: str = "bnls",
             monitor(rec, tao.getSolution())
 
     tao.setMonitor(mon)
+    is_lmvm = tao_type in ("lmvm", "blmvm")
+    if is_lmvm:
+        # Initial Hessian = prior precision, applied through its inverse (the prior covariance).
+        class PriorPrecision:
+            def mult(self, mat, x, y):
+                prior.precision(x, y)
+
+        H0 = PETSc.Mat().createPython((n_loc, n_glob), PriorPrecision(), comm=comm)
+        H0.setUp()
+        tao.setLMVMH0(H0)
     tao.setFromOptions()
+    if is_lmvm:
+        h0ksp = tao.getLMVMH0KSP()
+        h0ksp.setType("preonly")
+        h0pc = h0ksp.getPC()
+
+        class PriorCovariancePC:
+            def apply(self, pc, r, y):
+                prior.covariance(r, y)
+
+        h0pc.setType("python")
+        h0pc.setPythonContext(PriorCovariancePC())
     if is_newton:
         ksp = tao.getKSP()
         if ksp is not None:
@@ -232,7 +270,7 @@ def solve_map(problem, prior: Prior, x0: PETSc.Vec, *, tao_type: str = "bnls",
     reason = tao.getConvergedReason()
     name = _reason_name(reason)
     if reason < 0 and reason != PETSc.TAO.ConvergedReason.DIVERGED_MAXITS:
-        if not np.isfinite(tao.getObjectiveValue()):
+        if not np.isfinite(tao.getSolutionStatus()[1]):
             raise ConvergenceError(f"TAO {tao_type} failed: {name}")
     g = x.duplicate()
     value = objective_gradient(tao, x, g)
