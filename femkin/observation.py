@@ -98,9 +98,9 @@ def build_observation(V, mask: np.ndarray, label: int, pixel_size: float) -> Obs
         lam = np.zeros((flat.size, 3))
     # Owner: smallest distance (to 1e-12 um), ties to the lowest rank.
     rounded = np.round(dist, 12)
-    best = comm.allreduce(rounded, op=MPI.MIN)
+    best = np.min(comm.allgather(rounded), axis=0)  # elementwise (allreduce MIN fails on arrays)
     candidate = np.where(rounded <= best, comm.rank, comm.size)
-    owner = comm.allreduce(candidate, op=MPI.MIN)
+    owner = np.min(comm.allgather(candidate), axis=0)
     mine = np.nonzero(owner == comm.rank)[0]
 
     cell_dofs = V.dofmap.list
