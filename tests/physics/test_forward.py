@@ -145,7 +145,7 @@ def test_observations_independent_of_rank_count(comm):
     pix_ref, val_ref, times_ref = _gathered_observations(MPI.COMM_SELF, 12, frames, driving)
     np.testing.assert_array_equal(pix, pix_ref)
     assert pix.size == 144
-    np.testing.assert_allclose(times, times_ref, rtol=1e-12)
+    np.testing.assert_allclose(times, times_ref, rtol=1e-8)  # adaptive steps: roundoff only
     rel = np.max(np.abs(val - val_ref)) / np.max(np.abs(val_ref))
     assert rel < 1e-8, f"relative difference {rel:.3g} between {comm.size} ranks and 1"
     assert np.max(np.ptp(val_ref[:, 1:], axis=0)) > 0.1  # the evolved field is not uniform
