@@ -1,0 +1,70 @@
+"""Paper-scale synthetic study: ~40 particles, ~180,000 observed pixel values, fitted on 2 ranks.
+
+Writes a twin case of ``--particles`` particles of ``--pixels`` pixels each over ``--frames``
+frames (defaults 40 x ~445 px x 10 observed frames after the initial one = ~177,000
+observed pixel values), simulates it under ``mpirun -n 2`` and runs the full fit (``--iterations`` TAO
+iterations at most, the default Newton-Krylov with the Gauss-Newton Hessian) under
+``.venv/bin/mpirun -n 2``. Prints one JSON object: the wall time of the fit (target: under
+30 minutes on the 2-core machine), the shares of the fit's wall time spent in forward runs,
+gradient adjoints and Hessian actions (timers patched onto ``InverseProblem`` by
+:class:`_synthetic.PhaseTimers`), solve counts, CPU times and the load average.
+
+    .venv/bin/python benchmarks/bench_paper_scale.py                     # the full study
+    .venv/bin/python benchmarks/bench_paper_scale.py --particles 8       # a reduced one
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--particles", type=int, default=40)
+    parser.add_argument("--pixels", type=float, default=450.0, help="pixels per particle")
+    parser.add_argument("--frames", type=int, default=11, help="frames incl. the initial one")
+    parser.add_argument("--iterations", type=int, default=30, help="TAO iteration limit")
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--keep", type=pathlib.Path, help="work directory to keep")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(HERE))
+    from _synthetic import write_synthetic_case
+    from bench_particles import run_worker
+
+    work = args.keep or pathlib.Path(tempfile.mkdtemp(prefix="femkin-bench-paper-"))
+    case = work / "case"
+    if case.exists():
+        shutil.rmtree(case)
+    write_synthetic_case(case, args.particles, pixels=args.pixels, n_frames=args.frames,
+                         max_iterations=args.iterations)
+    t0 = time.perf_counter()
+    run_worker("simulate", case, args.ranks)
+    t_sim = time.perf_counter() - t0
+    fit = run_worker("fit", case, args.ranks)
+    record = {
+        "particles": fit["particles"], "frames": args.frames,
+        "observed_pixel_values": fit["n_observed"],
+        "ranks": fit["ranks"], "iterations": fit["iterations"], "tao_reason": fit["tao_reason"],
+        "simulate_s": t_sim, "fit_wall_s": fit["wall_s"]["fit"],
+        "total_wall_s": fit["wall_s"]["total"],
+        "under_30_min": fit["wall_s"]["total"] < 1800.0,
+        "phase_share_of_fit": fit["phase_share_of_fit"], "cpu_count": os.cpu_count(),
+        "run": fit,
+    }
+    print(json.dumps(record, indent=1))
+    if args.keep is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

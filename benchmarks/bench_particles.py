@@ -1,0 +1,95 @@
+"""Eight-particle synthetic study fitted on 1 and on 2 ranks: the parallel speed-up (issue #4).
+
+Writes an 8-particle twin case (:mod:`_synthetic`), simulates it once under ``mpirun -n 2``,
+copies it, and runs the same fit (a fixed number of TAO iterations, ``--iterations``) serially
+and under ``.venv/bin/mpirun -n 2``, each in a fresh process. Prints one JSON object: both
+runs' records (wall and CPU times, per-phase times, solves, load average) and
+
+    speedup_wall = T_fit(1 rank) / T_fit(2 ranks)          (target >= 1.7)
+    speedup_cpu  = CPU(1 rank) / max over ranks CPU(2 ranks)
+
+The machine is shared: the wall-clock speed-up is only meaningful when the load average is
+below ~2; the CPU-time ratio is what the speed-up would be with two idle cores.
+
+    .venv/bin/python benchmarks/bench_particles.py [--particles 8] [--iterations 4] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+PYTHON = ROOT / ".venv" / "bin" / "python"
+MPIRUN = ROOT / ".venv" / "bin" / "mpirun"
+WORKER = HERE / "_synthetic.py"
+
+
+def run_worker(verb: str, case: pathlib.Path, ranks: int) -> dict | None:
+    """Run the worker in a fresh process on ``ranks`` ranks; its JSON record (fit) or None."""
+    cmd = [str(PYTHON), str(WORKER), verb, str(case)]
+    if ranks > 1:
+        cmd = [str(MPIRUN), "-n", str(ranks)] + cmd
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT, env=env)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    return json.loads(lines[-1]) if lines else None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--particles", type=int, default=8)
+    parser.add_argument("--pixels", type=float, default=60.0, help="pixels per particle")
+    parser.add_argument("--frames", type=int, default=5)
+    parser.add_argument("--iterations", type=int, default=4, help="TAO iterations of each fit")
+    parser.add_argument("--keep", type=pathlib.Path, help="work directory to keep")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(ROOT))
+    from _synthetic import write_synthetic_case
+
+    work = args.keep or pathlib.Path(tempfile.mkdtemp(prefix="femkin-bench-particles-"))
+    base = work / "case"
+    if base.exists():
+        shutil.rmtree(base)
+    write_synthetic_case(base, args.particles, pixels=args.pixels, n_frames=args.frames,
+                         max_iterations=args.iterations)
+    t0 = time.perf_counter()
+    run_worker("simulate", base, 2)
+    t_sim = time.perf_counter() - t0
+    runs = {}
+    for ranks in (1, 2):
+        case = work / f"np{ranks}"
+        if case.exists():
+            shutil.rmtree(case)
+        shutil.copytree(base, case, ignore=shutil.ignore_patterns("meshes", "results"))
+        runs[ranks] = run_worker("fit", case, ranks)
+    one, two = runs[1], runs[2]
+    record = {
+        "particles": one["particles"], "n_observed": one["n_observed"],
+        "iterations": [one["iterations"], two["iterations"]],
+        "simulate_s": t_sim,
+        "speedup_wall": one["wall_s"]["fit"] / two["wall_s"]["fit"],
+        "speedup_cpu": one["cpu_s"]["max_rank"] / two["cpu_s"]["max_rank"],
+        "coefficients_max_rel_diff": max(
+            abs(a - b) / max(abs(b), 1e-12)
+            for k in ("mu_h", "j0") for a, b in zip(two["coefficients"][k],
+                                                    one["coefficients"][k])),
+        "cpu_count": os.cpu_count(), "runs": {"1": one, "2": two},
+    }
+    print(json.dumps(record, indent=1))
+    if args.keep is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
