@@ -35,54 +35,24 @@ def _checkpoint_path(case) -> Path:
     return case.dir / "checkpoints" / "state.npz"
 
 
-def write_checkpoint(path: Path, problem, x, history, settings: dict) -> None:
-    from femkin.inversion.results import atomic_write
+def checkpoint_settings(study, problem) -> tuple[dict, str]:
+    """The settings a checkpoint belongs to, and their hash."""
+    import hashlib
+    import json
 
-    d = problem.space.to_global_dict(x)
-    if problem.comm.rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {f"x::{k}": v for k, v in d.items()}
-        payload["history"] = np.array(repr(history))
-        payload["settings"] = np.array(repr(settings))
-
-        def w(tmp):
-            with open(tmp, "wb") as f:
-                np.savez(f, **payload)
-        atomic_write(path, w)
-
-
-def read_checkpoint(path: Path, problem, x, settings: dict):
-    import ast
-
-    from femkin.errors import InputError
-    from femkin.study import collective
-
-    def load():
-        if not path.exists():
-            return None
-        try:
-            with np.load(path) as z:
-                d = {k[3:]: z[k] for k in z.files if k.startswith("x::")}
-                history = ast.literal_eval(str(z["history"]))
-                saved = ast.literal_eval(str(z["settings"]))
-        except Exception as err:  # noqa: BLE001 - a damaged checkpoint is a user-facing error
-            raise InputError(path, None, "a readable femkin checkpoint", repr(err)) from None
-        if saved != settings:
-            raise InputError(path, "settings", f"a checkpoint of this case ({settings})", saved)
-        return d, history
-
-    loaded = collective(problem.comm, load)
-    if loaded is None:
-        return None
-    d, history = loaded
-    problem.space.from_global_dict(d if problem.comm.rank == 0 else None, x, source=str(path))
-    return history
+    inv = study.case.inversion
+    settings = {"learn": list(problem.learn), "tao_type": inv["tao_type"],
+                "hessian": inv["hessian"], "video": str(study.video_path.name),
+                "prior": inv["prior"], "model": study.case.model}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return settings, digest
 
 
 def invert(case_path, *, resume: bool = False, quiet: bool = False, comm=None):
     """Run the fit of a case; returns (problem, result, timings)."""
     from femkin._fem import MPI
-    from femkin.inversion.fit import Prior, solve_map
+    from femkin.inversion.checkpoint import read_checkpoint, write_checkpoint
+    from femkin.inversion.fit import build_prior, solve_map
     from femkin.study import build_problem, open_study
 
     comm = comm or MPI.COMM_WORLD
@@ -93,17 +63,16 @@ def invert(case_path, *, resume: bool = False, quiet: bool = False, comm=None):
     problem = build_problem(study, comm)
     timings["setup"] = time.perf_counter() - t0
     x0 = problem.initial_vector()
-    prior = Prior(problem, case.inversion["prior"], x0)
+    prior = build_prior(problem, case.inversion["prior"], x0)
     inv = case.inversion
-    settings = {"learn": list(problem.learn), "tao_type": inv["tao_type"],
-                "video": str(study.video_path.name)}
+    settings, case_hash = checkpoint_settings(study, problem)
     ckpt = _checkpoint_path(case)
     history = []
     x_start = x0.copy()
     if resume:
-        loaded = read_checkpoint(ckpt, problem, x_start, settings)
-        if loaded is not None:
-            history = loaded
+        state = read_checkpoint(ckpt, problem.space, x_start, case_hash=case_hash)
+        if state is not None:
+            history = state["history"]
             if comm.rank == 0 and not quiet:
                 print(f"resuming from {ckpt} at iteration {len(history) and history[-1]['iteration']}",
                       flush=True)
@@ -115,7 +84,8 @@ def invert(case_path, *, resume: bool = False, quiet: bool = False, comm=None):
                   f"{rec['gradient_norm']:.3e}  RMS/sigma {rec["misfit_rms"]:.3f}  "
                   f"{rec['time']:.1f} s", flush=True)
         if rec["iteration"] % inv["checkpoint_every"] == 0:
-            write_checkpoint(ckpt, problem, x, history, settings)
+            write_checkpoint(ckpt, problem.space, x, {"case_hash": case_hash, "history": history,
+                                                      "settings": settings})
 
     t1 = time.perf_counter()
     result = solve_map(problem, prior, x_start, tao_type=inv["tao_type"],
@@ -124,7 +94,8 @@ def invert(case_path, *, resume: bool = False, quiet: bool = False, comm=None):
                        petsc_options=inv["petsc_options"], monitor=monitor,
                        start_iteration=start_it, history=history)
     history[:] = result.history
-    write_checkpoint(ckpt, problem, result.x, history, settings)
+    write_checkpoint(ckpt, problem.space, result.x, {"case_hash": case_hash, "history": history,
+                                                     "settings": settings, "done": True})
     timings["fit"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     problem.misfit(result.x)

@@ -43,9 +43,10 @@ def uq(case_path, *, quiet: bool = False, comm=None) -> dict | None:
             checkpoint belongs to other inversion settings.
     """
     from femkin._fem import MPI
-    from femkin.commands.invert import _checkpoint_path, read_checkpoint
+    from femkin.commands.invert import _checkpoint_path, checkpoint_settings
     from femkin.errors import InputError
-    from femkin.inversion.fit import Prior
+    from femkin.inversion.checkpoint import read_checkpoint
+    from femkin.inversion.fit import build_prior
     from femkin.study import build_problem, collective, open_study
 
     comm = comm or MPI.COMM_WORLD
@@ -62,10 +63,10 @@ def uq(case_path, *, quiet: bool = False, comm=None) -> dict | None:
     collective(comm, check)
     problem = build_problem(study, comm)
     x = problem.initial_vector()
-    prior = Prior(problem, case.inversion["prior"], x)
-    settings = {"learn": list(problem.learn), "tao_type": case.inversion["tao_type"],
-                "video": str(study.video_path.name)}
-    history = read_checkpoint(ckpt, problem, x, settings)
+    prior = build_prior(problem, case.inversion["prior"], x)
+    _, case_hash = checkpoint_settings(study, problem)
+    state = read_checkpoint(ckpt, problem.space, x, case_hash=case_hash)
+    history = state["history"] if state else []
     setup = time.perf_counter() - t0
     return uq_at(study, problem, prior, x, history or [], quiet=quiet,
                  extra_timings={"setup": setup})

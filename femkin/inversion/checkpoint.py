@@ -33,6 +33,7 @@ def write_checkpoint(path, space: ParameterSpace, x: PETSc.Vec, state: dict) -> 
     if space.comm.rank == 0:
         try:
             payload = json.dumps(state)
+            path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
             with open(tmp, "wb") as f:
                 np.savez(f, **{_STATE: np.array(payload)}, **blocks)
@@ -68,7 +69,10 @@ def read_checkpoint(path, space: ParameterSpace, x: PETSc.Vec,
                     blocks = {k: data[k] for k in data.files if k != _STATE}
                 found = state.get("case_hash")
                 if case_hash is not None and found != case_hash:
-                    result = ("error", ("case_hash", f"case hash {case_hash}", found), None)
+                    result = ("error", ("case_hash", f"a checkpoint of the current case settings "
+                                         f"(hash {case_hash})", f"one written with other "
+                                         f"settings (hash {found}); remove it or run "
+                                         "without --resume"), None)
                 else:
                     result = ("ok", state, blocks)
             except (OSError, ValueError, KeyError) as exc:

@@ -90,15 +90,23 @@ class _HessianContext:
     def __init__(self, rf: ReducedFunctional):
         self.rf = rf
         self.x: PETSc.Vec | None = None
+        self.shift_value = 0.0
 
     def update(self, x: PETSc.Vec) -> None:
         if self.x is None:
             self.x = x.copy()
         else:
             x.copy(self.x)
+        self.shift_value = 0.0  # a new linearisation point; TAO re-applies any shift
 
     def mult(self, mat, v, out):
         self.rf.hessian_mult(self.x, v, out)
+        if self.shift_value:
+            out.axpy(self.shift_value, v)
+
+    def shift(self, mat, a):
+        """MatShift: bounded Newton methods perturb an indefinite Hessian by a multiple of I."""
+        self.shift_value += a
 
 
 class _ApplyContext:

@@ -1,6 +1,6 @@
 """The Laplace approximation of an inversion's posterior at its MAP point (``femkin uq``).
 
-Given an :class:`~femkin.problem.InverseProblem`, its :class:`~femkin.inversion.fit.Prior` and
+Given an :class:`~femkin.problem.InverseProblem`, its :class:`~femkin.prior.Prior` and
 the MAP point ``x``, :func:`analyse`
 
 1. evaluates the gradient at ``x`` (the Hessian actions are taken at the last gradient point);
@@ -35,7 +35,6 @@ import numpy as np
 
 from femkin._fem import MPI, PETSc, dolfinx
 from femkin.errors import ConvergenceError
-from femkin.parameters import hashed_normal, rounded_coordinates
 from femkin.physics.acr import legendre
 from femkin.uq.laplace import LowRankPosterior, correlation
 from femkin.uq.randomized import adaptive_rank
@@ -158,15 +157,10 @@ def coefficient_names(blocks: list[tuple[str, int]]) -> list[str]:
 
 
 def scalar_prior_variances(prior, space) -> np.ndarray:
-    """Prior variances of the global coefficients (every rank): ``1 / inv_var`` on rank 0."""
-    iv = prior.inv_var.getArray(readonly=True)
-    values = []
-    for name, _ in coefficient_layout(space):
-        _, sl = space._scalars[(name, None)]
-        if sl is not None:
-            values.append(1.0 / iv[sl])
-    local = np.concatenate(values) if values else np.zeros(0)
-    return space.comm.bcast(local if space.comm.rank == 0 else None, root=0)
+    """Prior variances of the global coefficients, in storage order (every rank)."""
+    values = [np.asarray(prior.priors[(name, None)].std, dtype=float) ** 2
+              for name, _ in coefficient_layout(space)]
+    return np.concatenate(values) if values else np.zeros(0)
 
 
 def _unit_functionals(space) -> list[PETSc.Vec]:
@@ -182,87 +176,23 @@ def _unit_functionals(space) -> list[PETSc.Vec]:
     return out
 
 
-def bilaplacian_pointwise_variance(bl, coordinates: np.ndarray, *, samples: int = 400,
-                                   seed: int = 0, exact_limit: int = EXACT_VARIANCE_LIMIT,
-                                   name: str = "m", label: int | None = None
-                                   ) -> tuple[PETSc.Vec, str]:
-    """The diagonal of a BiLaplacian covariance ``A^{-1} M_L A^{-1}``.
-
-    ``diag_i = sum_j w_j[i]^2`` with ``w_j = A^{-1} (sqrt(M_L[j]) e_j)``: exact with one solve
-    per global dof (the sum runs over all global indices, so the result does not depend on the
-    partition beyond rounding) when the field has at most ``exact_limit`` dofs. Otherwise the
-    unbiased estimate ``mean_s (A^{-1} M_L^{1/2} z_s)^2`` over ``samples`` prior samples, with
-    ``z_s`` hashed from dof coordinates (relative error about ``sqrt(2 / samples)``).
-
-    Args:
-        bl: a :class:`femkin.inversion.fit.BiLaplacian` (``A``, ``ml``, ``ksp``).
-        coordinates: owned dof coordinates (for the sampled estimator's seeds).
-        samples: number of samples of the estimator.
-        seed: its seed.
-        exact_limit: the largest field computed exactly.
-        name, label: mix into the estimator's seed.
-
-    Returns:
-        ``(diagonal, method)``: a new Vec on the field's communicator and ``"exact"`` or
-        ``"sampled(N)"``.
-    """
-    diag = bl.A.createVecRight()
-    diag.set(0.0)
-    rhs = bl.A.createVecRight()
-    sol = bl.A.createVecRight()
-    sqrt_ml = bl.ml.copy()
-    sqrt_ml.sqrtabs()
-    acc = diag.getArray()
-    n_global = diag.getSize()
-    if n_global <= exact_limit:
-        lo, hi = rhs.getOwnershipRange()
-        sm = sqrt_ml.getArray(readonly=True)
-        for j in range(n_global):
-            rhs.set(0.0)
-            if lo <= j < hi:
-                rhs.getArray()[j - lo] = sm[j - lo]
-            bl.ksp.solve(rhs, sol)
-            s = sol.getArray(readonly=True)
-            acc += s * s
-        method = "exact"
-    else:
-        keys = rounded_coordinates(coordinates)
-        for s_i in range(samples):
-            z = hashed_normal(seed + s_i, f"{name}_variance", label, keys)
-            rhs.getArray()[:] = z
-            rhs.pointwiseMult(rhs, sqrt_ml)
-            bl.ksp.solve(rhs, sol)
-            s = sol.getArray(readonly=True)
-            acc += s * s / samples
-        method = f"sampled({samples})"
-    for v in (rhs, sol, sqrt_ml):
-        v.destroy()
-    return diag, method
+def bilaplacian_pointwise_variance(bl, *, samples: int = 400, seed: int = 0,
+                                   exact_limit: int = EXACT_VARIANCE_LIMIT) -> tuple[np.ndarray, str]:
+    """The diagonal of a :class:`femkin.prior.BiLaplacianPrior` covariance on its owned dofs:
+    exact (one pair of solves per global dof) up to ``exact_limit`` dofs, else the randomized
+    estimate from ``samples`` coordinate-seeded samples (relative error ~ sqrt(2/samples))."""
+    if bl.n_global <= exact_limit:
+        return bl.pointwise_variance("exact"), "exact"
+    return bl.pointwise_variance("randomized", n_samples=samples, seed=seed), \
+        f"sampled({samples})"
 
 
 def prior_sample(prior, space, seed: int) -> PETSc.Vec:
-    """A zero-mean sample of the prior, partition independent.
-
-    Independent ``std * z`` on the scalar and nodal blocks; ``A^{-1} M_L^{1/2} z`` (covariance
-    ``A^{-1} M_L A^{-1}``) on the BiLaplacian fields; ``z = space.random_normal(seed)``.
-    """
-    z = space.random_normal(seed)
-    out = z.duplicate()
-    iv = prior.inv_var.getArray(readonly=True)
-    za = z.getArray(readonly=True)
-    out.getArray()[:] = np.where(iv > 0, za / np.sqrt(np.where(iv > 0, iv, 1.0)), 0.0)
-    for (_, _), (data, bl) in prior.fields.items():
-        rhs = bl.A.createVecRight()
-        sol = bl.A.createVecRight()
-        rhs.getArray()[:] = za[data.slice]
-        sq = bl.ml.copy()
-        sq.sqrtabs()
-        rhs.pointwiseMult(rhs, sq)
-        bl.ksp.solve(rhs, sol)
-        out.getArray()[data.slice] = sol.getArray(readonly=True)
-        for v in (rhs, sol, sq):
-            v.destroy()
-    z.destroy()
+    """A zero-mean prior sample, partition independent (:meth:`femkin.prior.Prior.sample`)."""
+    out = prior.sample(seed)
+    mean = prior.mean()
+    out.axpy(-1.0, mean)
+    mean.destroy()
     return out
 
 
@@ -336,14 +266,13 @@ def _ln_k_maps(problem, prior, posterior: LowRankPosterior, prior_var: np.ndarra
         k0_v = np.array([space.get_scalars(v, "k0")[0] for v in posterior.eigenvectors])
     prior_diag = space.create_vector()
     methods = set()
-    for (name, label), (data, bl) in prior.fields.items():
-        if name != "m":
+    for (name, label), data in space._fields.items():
+        if name != "m" or data is None:
             continue
-        diag, method = bilaplacian_pointwise_variance(bl, data.coordinates, samples=samples,
-                                                      seed=seed, label=label)
-        prior_diag.getArray()[data.slice] = diag.getArray(readonly=True)
+        diag, method = bilaplacian_pointwise_variance(prior.priors[(name, label)],
+                                                      samples=samples, seed=seed)
+        prior_diag.getArray()[data.slice] = diag
         methods.add(method)
-        diag.destroy()
     methods = sorted(set().union(*problem.comm.allgather(methods)))
     post_diag = posterior.pointwise_variance(prior_diag)
     # Cov(ln k0, m_i) = -sum_j d_j v_j[k0] v_j[i]: the prior has no cross covariance.
@@ -388,7 +317,7 @@ def analyse(problem, prior, x: PETSc.Vec, settings: dict, *, variance_samples: i
 
     Args:
         problem: the inverse problem.
-        prior: its prior (:class:`femkin.inversion.fit.Prior`).
+        prior: its prior (:class:`femkin.prior.Prior`).
         x: the MAP point (not modified).
         settings: the case's ``[uq]`` section (``hessian``, ``max_rank``, ``threshold``,
             ``oversampling``, ``samples``, ``seed``).
@@ -420,7 +349,7 @@ def analyse(problem, prior, x: PETSc.Vec, settings: dict, *, variance_samples: i
         problem.hessian_mult(v, out, gauss_newton=gauss_newton)
 
     max_rank = min(int(settings["max_rank"]), space.global_size)
-    pairs = adaptive_rank(apply_H, prior.precision, prior.covariance,
+    pairs = adaptive_rank(apply_H, prior.precision_mult, prior.covariance_mult,
                           lambda i: space.random_normal(seed + i),
                           threshold=float(settings["threshold"]), max_rank=max_rank,
                           oversampling=int(settings["oversampling"]),
@@ -432,7 +361,8 @@ def analyse(problem, prior, x: PETSc.Vec, settings: dict, *, variance_samples: i
     say(f"eigenvalues ({hessian_actions} Hessian actions): "
         + " ".join(f"{v:.3g}" for v in lam))
     posterior = LowRankPosterior(lam[keep], [pairs.eigenvectors[i] for i in keep],
-                                 prior.covariance, apply_prior_precision=prior.precision)
+                                 prior.covariance_mult,
+                                 apply_prior_precision=prior.precision_mult)
 
     t0 = time.perf_counter()
     blocks = coefficient_layout(space)

@@ -28,7 +28,7 @@ def test_roundtrip(comm, mpi_tmp_path):
     assert read_checkpoint(path, space, y, case_hash="ab") == STATE
     y.axpy(-1.0, x)
     assert y.norm() == 0.0
-    with pytest.raises(InputError, match="case hash"):
+    with pytest.raises(InputError, match="case_hash"):
         read_checkpoint(path, space, y, case_hash="other")
 
 
