@@ -66,3 +66,67 @@ def test_invert_twin_without_simulation_is_a_clear_error(tmp_path, capsys):
     assert main(["invert", str(case)]) == 2
     err = capsys.readouterr().err
     assert "femkin simulate" in err
+
+
+@pytest.mark.mpi
+def test_simulate_same_on_any_number_of_ranks(mpi_tmp_path):
+    """femkin simulate on all ranks equals a serial run (relative 1e-8)."""
+    import shutil
+
+    from femkin.commands.simulate import simulate
+
+    comm = MPI.COMM_WORLD
+    world, single = mpi_tmp_path / "world", mpi_tmp_path / "single"
+    if comm.rank == 0:
+        write_case(world, labels=2)
+        shutil.copytree(world, single)
+    comm.barrier()
+    simulate(world, comm, quiet=True)
+    ok, detail = True, None
+    if comm.rank == 0:
+        simulate(single, MPI.COMM_SELF, quiet=True)
+        a = np.load(world / "simulated" / "truth.npz")["c"]
+        b = np.load(single / "simulated" / "truth.npz")["c"]
+        finite = np.isfinite(a)
+        ok = bool(np.array_equal(finite, np.isfinite(b))) and np.allclose(
+            a[finite], b[finite], rtol=1e-8, atol=1e-10)
+        detail = float(np.nanmax(np.abs(a - b)))
+    ok = comm.bcast(ok)
+    assert ok, comm.bcast(detail)
+
+
+@pytest.mark.mpi
+def test_verify_two_particles(mpi_tmp_path, capsys):
+    """Taylor rates on a two-particle case: shared coefficients and per-particle m fields."""
+    comm = MPI.COMM_WORLD
+    case = mpi_tmp_path / "case"
+    if comm.rank == 0:
+        write_case(case, labels=2, n_frames=4)
+    comm.barrier()
+    assert main(["simulate", str(case), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(case), "--json", "--blocks", "mu_h", "k0", "m"]) == 0
+    out = capsys.readouterr().out
+    rates = comm.bcast(json.loads(out.strip().splitlines()[-1]) if comm.rank == 0 else None)
+    for block in ("mu_h", "k0", "m"):
+        assert rates["gradient"][block] > 1.9, rates
+        assert rates["hessian"][block] > 2.6, rates
+    assert rates["symmetry"] < 1e-8
+
+
+def test_trajectory_on_disk_equals_memory():
+    """storage = "disk" keeps the same states as memory (for long videos)."""
+    from femkin._fem import dolfinx
+    from femkin.driving import Driving
+    from femkin.forward import ModelParameters, ParticleModel, SolverOptions
+
+    mesh = dolfinx.mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
+    model = ParticleModel(mesh, ModelParameters(mu_h=(3.0,), j0=(), k0=2e-3),
+                          solver=SolverOptions(dc_max=0.05))
+    c0 = np.full(model.V.dofmap.index_map.size_local + model.V.dofmap.index_map.num_ghosts, 0.2)
+    frames, drive = [0.0, 100.0, 200.0], Driving([0.0, 200.0], [1.0, 2.0])
+    mem = model.solve(frames, drive, c0, storage="memory")
+    disk = model.solve(frames, drive, c0, storage="disk")
+    assert mem.times == disk.times and mem.n_steps > 2
+    for n in range(mem.n_steps + 1):
+        assert np.array_equal(mem.state(n), disk.state(n))

@@ -28,7 +28,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "uq", help="posterior uncertainty at the MAP point (Laplace approximation)",
         description="After 'femkin invert': eigenpairs of the prior-preconditioned Hessian, "
-        "posterior std and correlations of the coefficients, std of ln k, 95%% bands of "
+        "posterior std and correlations of the coefficients, std of ln k, 95% bands of "
         "mu_h, j0 and c(t); writes CASE/results/uq.json and updates the report.")
     parser.add_argument("case", type=Path, help="case directory (or its case.toml)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
