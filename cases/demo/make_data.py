@@ -1,7 +1,7 @@
 """Generate the demo case's input data (deterministic): ``data/video.npz`` and ``data/k_map.npy``.
 
 One synthetic LiFePO4 platelet of irregular, rounded shape (~1200 pixels at 50 nm) in a 56x56
-image. The video holds the mask, 31 frame times over 1500 s, the drive ``mu_e(t)`` (kT) and only
+image. The video holds the mask, 13 frame times over 1500 s, the drive ``mu_e(t)`` (kT) and only
 the first frame of ``c`` (0.1 plus a +-0.02 smooth variation); later frames are NaN until
 ``femkin simulate`` fills them. ``k_map.npy`` is the "true" heterogeneous rate
 ``k = K0 * exp(m)`` (1/s) on pixels, NaN outside the particle.
@@ -22,16 +22,24 @@ SEED = 2023
 SHAPE = (56, 56)  # image rows, columns
 PIXEL_SIZE = 0.05  # um
 TARGET_PIXELS = 1200
-T = np.linspace(0.0, 1500.0, 31)  # s
+T = np.linspace(0.0, 1500.0, 13)  # s: 13 frames keep the demo fit to a few CPU minutes
 C0 = 0.1  # mean initial Li fraction
 C0_VARIATION = 0.02  # amplitude of its smooth spatial variation
 K0 = 1.5e-3  # 1/s, median of the true k map
 M_STD = 0.4  # std of m = ln(k / K0) over the particle
 
 
+MU_E_START, MU_E_END = 1.0, 2.5  # kT: a lithiating ramp above the spinodal peak of mu_h
+
+
 def mu_e(t: np.ndarray) -> np.ndarray:
-    """The reservoir chemical potential (kT) at times t (s). The lead may change the drive."""
-    return np.full_like(t, -3.0)
+    """The reservoir chemical potential (kT) at times t (s): a linear lithiating ramp.
+
+    It stays above the largest value of the true mu_h on (0.1, 0.9) (0.42 kT), so every pixel
+    lithiates from c ~ 0.1 to c ~ 0.9 within the video, and rises with time so that the same c
+    is reached under different overpotentials (this separates mu_h from j0 in the fit).
+    """
+    return MU_E_START + (MU_E_END - MU_E_START) * (t - t[0]) / (t[-1] - t[0])
 
 
 def particle_mask(rng: np.random.Generator) -> np.ndarray:

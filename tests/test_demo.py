@@ -1,0 +1,66 @@
+"""The demo twin experiment end to end (slow: a few CPU minutes; run with FEMKIN_SLOW=1).
+
+``femkin run`` on a temporary copy of ``cases/demo`` simulates the data on a mesh twice as
+fine as the fit's, adds noise 0.07, fits mu_h, j0, k0 and m with TAO bnls, and runs the
+Laplace UQ. Asserted against the truth, with the issue's thresholds: the misfit RMS is within
+10 % of the noise, ln k correlates with the true ln k over the pixels with Pearson r >= 0.85,
+and the fitted mu_h is within 0.3 kT of the true one on c in [0.1, 0.9]. Measured on this
+machine (13 frames, 10 bnls iterations): misfit RMS 0.0701 (0.2 % off 0.07), r = 0.996,
+max |mu_h error| = 0.19 kT.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "cases" / "demo"
+FEMKIN = Path(sys.executable).parent / "femkin"
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> Path:
+    """Run ``femkin run`` on a fresh copy of the demo (inputs only); return the case dir."""
+    case = tmp_path_factory.mktemp("demo") / "demo"
+    case.mkdir()
+    shutil.copy2(DEMO / "case.toml", case / "case.toml")
+    shutil.copytree(DEMO / "data", case / "data")
+    proc = subprocess.run([str(FEMKIN), "run", str(case), "--quiet"], capture_output=True,
+                          text=True, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return case
+
+
+@pytest.mark.slow
+def test_demo_data_are_an_honest_twin(demo_run):
+    """The simulated data: noisy (std 0.07 around the clean truth) and sweeping c 0.1 -> 0.9."""
+    with np.load(demo_run / "simulated" / "video.npz") as z:
+        noisy = z["c"]
+    with np.load(demo_run / "simulated" / "truth.npz") as z:
+        clean = z["c"]
+    residual = (noisy - clean)[1:]
+    residual = residual[np.isfinite(residual)]
+    assert abs(residual.std() - 0.07) < 0.003
+    means = np.array([np.nanmean(frame) for frame in clean])
+    assert means[0] == pytest.approx(0.1, abs=0.01)
+    assert means[-1] > 0.9
+    assert 12 <= clean.shape[0] <= 16
+
+
+@pytest.mark.slow
+def test_demo_twin_meets_the_verification_thresholds(demo_run):
+    summary = json.loads((demo_run / "results" / "summary.json").read_text())
+    truth = summary["truth_comparison"]
+    noise = truth["noise"]
+    assert noise == pytest.approx(0.07)
+    assert abs(summary["misfit_rms"] - noise) <= 0.10 * noise
+    assert truth["ln_k_pearson"] >= 0.85
+    assert truth["mu_h_max_error_kT"] <= 0.3
+    assert (demo_run / "results" / "uq.json").is_file()
