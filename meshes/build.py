@@ -1,8 +1,10 @@
 """Rebuild the reference meshes in this folder: ``python meshes/build.py``.
 
-``demo_particle_1.msh`` is particle 1 of ``cases/demo/data/video.npz`` meshed with the demo
-case's ``[mesh]`` settings (the schema defaults when ``cases/demo/case.toml`` is absent). Tests
-and the demo read these files with ``dolfinx.io.gmsh.read_from_msh(path, comm, gdim=2)``.
+``demo_particle_1.msh`` is particle 1 of ``cases/demo/data/video.npz`` meshed with the schema's
+default ``[mesh]`` settings (1 pixel per element): the reference resolution the tests check
+against :func:`femkin.meshing.mesh_particle` with its defaults. The demo case itself fits on a
+coarser mesh (its ``[mesh] size``, 1.5 pixels) and meshes that into ``cases/demo/meshes/``.
+Tests read these files with ``femkin.meshing.read_msh(path, comm)``.
 """
 
 from __future__ import annotations
@@ -21,12 +23,10 @@ DEMO = HERE.parent / "cases" / "demo"
 
 
 def main() -> None:
+    options = {key: spec.default for key, spec in SCHEMA["mesh"].items()}
+    video_path = DEMO / "data" / "video.npz"
     if (DEMO / "case.toml").is_file():
-        case = load_case(DEMO)
-        options, video_path = case.mesh, case.resolve(case.data["video"])
-    else:
-        options = {key: spec.default for key, spec in SCHEMA["mesh"].items()}
-        video_path = DEMO / "data" / "video.npz"
+        video_path = load_case(DEMO).resolve(load_case(DEMO).data["video"])
     video = read_video(video_path)
     with tempfile.TemporaryDirectory() as cache:
         for label in video.labels:
