@@ -94,8 +94,13 @@ def main() -> None:
                    "--max-rank", str(args.max_rank)]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
             if proc.returncode != 0:
-                return {"seed": seed, "error": proc.stderr[-2000:]}
-            return json.loads(proc.stdout.strip().splitlines()[-1])
+                record = {"seed": seed, "error": proc.stderr[-2000:]}
+            else:
+                record = json.loads(proc.stdout.strip().splitlines()[-1])
+            # one line per finished realisation on stderr, so an interrupted run still counts
+            print(json.dumps({k: record.get(k) for k in ("seed", "covered", "z", "error")}),
+                  file=sys.stderr, flush=True)
+            return record
 
         with ThreadPoolExecutor(args.jobs) as pool:
             records = list(pool.map(run, range(args.realisations)))
