@@ -218,17 +218,24 @@ class ParticleDerivatives:
             lam_next = self.lam.x.array.copy()
             if store:
                 lambdas[n] = lam_next
-            for (name, i) in keys:
-                val = self._assemble_scalar(dFl_dvar[(name, i)])
-                if name == "mu_e":
-                    mu_e_sens[n] += val
-                else:
-                    scal[name][i] += val
+            self._accumulate(dFl_dvar, n, scal, mu_e_sens)
             dolfinx.fem.petsc.assemble_vector(g_m, dFl_dm)
         g_m.ghostUpdate(PETSc.InsertMode.ADD, PETSc.ScatterMode.REVERSE)
         scal.pop("mu_e")
         scal.pop("cbar")
         return Sensitivities(scal, self._owned_V(g_m), mu_e_sens, g_c0), lambdas
+
+    def _accumulate(self, forms: dict, n: int, scal: dict, mu_e_sens: np.ndarray) -> None:
+        """Add the scalar-parameter forms at step n: mu_e per step, cbar not at all (its
+        dependence on the previous state enters the adjoint recursion instead)."""
+        for (name, i), form in forms.items():
+            if name == "cbar":
+                continue
+            val = self._assemble_scalar(form)
+            if name == "mu_e":
+                mu_e_sens[n] += val
+            else:
+                scal[name][i] += val
 
     def _c_owned(self, b: PETSc.Vec) -> np.ndarray:
         """Owned V values of the c-component of an assembled (reverse-scattered) W vector."""
@@ -354,20 +361,10 @@ class ParticleDerivatives:
             self._solve(True, b, lamhat)
             lamhat_next = lamhat.x.array.copy()
             # Hessian action: D(lambda_n . dF_n/dtheta) + lamhat_n . dF_n/dtheta.
-            for (name, i) in keys:
-                val = self._assemble_scalar(soa_dvar[(name, i)])
-                if name == "mu_e":
-                    mu_e_sens[n] += val
-                elif name != "cbar":
-                    scal[name][i] += val
+            self._accumulate(soa_dvar, n, scal, mu_e_sens)
             dolfinx.fem.petsc.assemble_vector(g_m, soa_dm)
             self.lam.x.array[:] = lamhat_next
-            for (name, i) in keys:
-                val = self._assemble_scalar(dFl_dvar[(name, i)])
-                if name == "mu_e":
-                    mu_e_sens[n] += val
-                elif name != "cbar":
-                    scal[name][i] += val
+            self._accumulate(dFl_dvar, n, scal, mu_e_sens)
             dolfinx.fem.petsc.assemble_vector(g_m, dFl_dm)
         g_m.ghostUpdate(PETSc.InsertMode.ADD, PETSc.ScatterMode.REVERSE)
         scal.pop("mu_e")

@@ -183,6 +183,10 @@ class InverseProblem:
                 if p.model.comm.rank == 0), op=MPI.SUM)
         self.counters = {"forward": 0, "gradient": 0, "hessian": 0}
         self._x_last = None
+        # Adaptive steps make J(x) piecewise smooth (a different step sequence per x), which
+        # stalls line searches near the optimum; the first run's steps are therefore kept
+        # (re-adapted only where Newton fails on them) and saved with the checkpoints.
+        self.freeze = True
 
     # -- parameter vector <-> models --------------------------------------------------------------
     def initial_vector(self) -> PETSc.Vec:
@@ -233,13 +237,23 @@ class InverseProblem:
         local = 0.0
         failure = None
         for label, p in self.particles.items():
+            c0 = self._c0(x, label)
             try:
-                p.trajectory = p.model.solve(self.video.t, self.driving[label], self._c0(x, label),
-                                             schedule=p.schedule)
+                try:
+                    p.trajectory = p.model.solve(self.video.t, self.driving[label], c0,
+                                                 schedule=p.schedule)
+                except ConvergenceError:
+                    if p.schedule is None:
+                        raise
+                    # The frozen steps are too long for these parameters: adapt afresh.
+                    p.trajectory = p.model.solve(self.video.t, self.driving[label], c0)
+                    p.schedule = list(p.trajectory.times)
             except ConvergenceError as err:
                 failure = f"particle {label}: {err}"
                 p.trajectory = None
                 continue
+            if self.freeze and p.schedule is None:
+                p.schedule = list(p.trajectory.times)
             local += p.misfit(p.trajectory, self.include_first)
         failures = self.comm.allgather(failure)
         failures = [f for f in failures if f]
@@ -349,6 +363,21 @@ class InverseProblem:
                     gk[idx] += w * s.mu_e[n]
                 self.space.set_scalars(g, "mu_e", gk, label)
         g.assemble()
+
+    def schedules(self) -> dict[str, list[float]]:
+        """The frozen step times of every particle, on every rank (collective)."""
+        local = {str(lb): p.schedule for lb, p in self.particles.items()
+                 if p.schedule is not None and p.model.comm.rank == 0}
+        merged: dict[str, list[float]] = {}
+        for part in self.comm.allgather(local):
+            merged.update(part)
+        return merged
+
+    def set_schedules(self, schedules: dict[str, list[float]]) -> None:
+        """Restore frozen step times (e.g. from a checkpoint)."""
+        for label, p in self.particles.items():
+            if str(label) in schedules:
+                p.schedule = list(schedules[str(label)])
 
     def freeze_schedule(self) -> None:
         """Replay the current step sequence in later forward runs (for derivative checks)."""

@@ -78,8 +78,6 @@ def taylor_test(problem, x: PETSc.Vec, block: str, *, steps: Sequence[float], se
         r1.append(abs(Jh - J0 - h * gd))
         r2.append(abs(Jh - J0 - h * gd - 0.5 * h * h * dHd))
     problem.misfit(x)  # restore the state at x
-    for p in problem.particles.values():
-        p.schedule = None
     return TaylorResult(block, list(steps), r1, r2, _rates(r1), _rates(r2) if hessian else
                         float("nan"))
 

@@ -73,6 +73,7 @@ def invert(case_path, *, resume: bool = False, quiet: bool = False, comm=None):
         state = read_checkpoint(ckpt, problem.space, x_start, case_hash=case_hash)
         if state is not None:
             history = state["history"]
+            problem.set_schedules(state.get("schedules", {}))
             if comm.rank == 0 and not quiet:
                 print(f"resuming from {ckpt} at iteration {len(history) and history[-1]['iteration']}",
                       flush=True)
@@ -85,7 +86,8 @@ def invert(case_path, *, resume: bool = False, quiet: bool = False, comm=None):
                   f"{rec['time']:.1f} s", flush=True)
         if rec["iteration"] % inv["checkpoint_every"] == 0:
             write_checkpoint(ckpt, problem.space, x, {"case_hash": case_hash, "history": history,
-                                                      "settings": settings})
+                                                      "settings": settings,
+                                                      "schedules": problem.schedules()})
 
     t1 = time.perf_counter()
     result = solve_map(problem, prior, x_start, tao_type=inv["tao_type"],
@@ -94,12 +96,18 @@ def invert(case_path, *, resume: bool = False, quiet: bool = False, comm=None):
                        petsc_options=inv["petsc_options"], monitor=monitor,
                        start_iteration=start_it, history=history)
     history[:] = result.history
+    if result.reason.startswith("DIVERGED") and result.reason != "DIVERGED_MAXITS" \
+            and comm.rank == 0:
+        print(f"femkin: warning: TAO stopped with {result.reason} after {result.iterations} "
+              "iterations; results are written for the last iterate", flush=True)
     write_checkpoint(ckpt, problem.space, result.x, {"case_hash": case_hash, "history": history,
-                                                     "settings": settings, "done": True})
+                                                     "settings": settings, "done": True,
+                                                     "schedules": problem.schedules()})
     timings["fit"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     problem.misfit(result.x)
     write_results(study, problem, result, timings, prior)
+    comm.barrier()  # every rank returns once the result files exist
     timings["results"] = time.perf_counter() - t2
     return problem, result, timings, prior
 

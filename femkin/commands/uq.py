@@ -67,6 +67,8 @@ def uq(case_path, *, quiet: bool = False, comm=None) -> dict | None:
     _, case_hash = checkpoint_settings(study, problem)
     state = read_checkpoint(ckpt, problem.space, x, case_hash=case_hash)
     history = state["history"] if state else []
+    if state:
+        problem.set_schedules(state.get("schedules", {}))
     setup = time.perf_counter() - t0
     return uq_at(study, problem, prior, x, history or [], quiet=quiet,
                  extra_timings={"setup": setup})
@@ -90,13 +92,15 @@ def uq_at(study, problem, prior, x, history: list, *, quiet: bool = False,
     timings.update(result.wall_time)
     timings["total"] = time.perf_counter() - t0 + timings.get("setup", 0.0)
     result.wall_time = timings
-    if comm.rank != 0:
-        return None
-    payload = result.to_json(study.case.uq)
-    write_uq_results(study, problem, params, result, payload, history)
-    if not quiet:
-        print(f"uq: rank {payload['rank']}, {payload['hessian_actions']} Hessian actions, "
-              f"{timings['total']:.1f} s; results in {study.case.dir / 'results'}", flush=True)
+    payload = None
+    if comm.rank == 0:
+        payload = result.to_json(study.case.uq)
+        write_uq_results(study, problem, params, result, payload, history)
+        if not quiet:
+            print(f"uq: rank {payload['rank']}, {payload['hessian_actions']} Hessian actions, "
+                  f"{timings['total']:.1f} s; results in {study.case.dir / 'results'}",
+                  flush=True)
+    comm.barrier()  # every rank returns once the result files exist
     return payload
 
 

@@ -148,7 +148,7 @@ def solve_map(problem, prior: Prior, x0: PETSc.Vec, *, tao_type: str = "bnls",
     result = minimize(rf, x0, prior=prior, tao_type=tao_type,
                       max_iterations=max(max_iterations - start_iteration, 0), gatol=gatol,
                       grtol=grtol, options_prefix="femkin_", petsc_options=petsc_options,
-                      monitor=on_iteration)
+                      monitor=on_iteration, raise_on_failure=False)
     value = rf.value(result.x)
     return MapResult(result.x, float(value), float(rf.last_misfit),
                      result.iterations + start_iteration, result.reason, history)

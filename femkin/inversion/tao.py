@@ -183,7 +183,7 @@ def minimize(rf: ReducedFunctional, x0: PETSc.Vec, *, prior: CovariancePrior | N
              options_prefix: str = "femkin_tao_", petsc_options: dict | None = None,
              monitor: Callable[[int, PETSc.Vec, float, float], None] | None = None,
              checkpoint: Callable[[int, PETSc.Vec, float, float], None] | None = None,
-             ) -> TaoResult:
+             raise_on_failure: bool = True) -> TaoResult:
     """Minimise ``rf`` from ``x0`` with TAO.
 
     Args:
@@ -203,6 +203,8 @@ def minimize(rf: ReducedFunctional, x0: PETSc.Vec, *, prior: CovariancePrior | N
             removed again afterwards.
         monitor: called as ``monitor(iteration, x, value, gradient_norm)`` every iteration.
         checkpoint: called like ``monitor``, after it (write a checkpoint there).
+        raise_on_failure: raise on a DIVERGED reason; else return the last iterate with it
+            (a line-search failure close to the optimum is often the attainable accuracy).
 
     Returns:
         The :class:`TaoResult`.
@@ -316,7 +318,7 @@ def minimize(rf: ReducedFunctional, x0: PETSc.Vec, *, prior: CovariancePrior | N
     for obj in (tao, H, riesz_inverse, gradient, precision, lo, hi):
         if obj is not None:
             obj.destroy()
-    if reason < 0 and reason != PETSc.TAO.ConvergedReason.DIVERGED_MAXITS:
+    if raise_on_failure and reason < 0 and reason != PETSc.TAO.ConvergedReason.DIVERGED_MAXITS:
         raise ConvergenceError(f"TAO {actual_type} failed after {iterations} iterations: "
                                f"{name} (objective {value:.6g})")
     return TaoResult(x, float(value), int(iterations), name, history)

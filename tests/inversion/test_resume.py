@@ -22,7 +22,7 @@ def _case(root):
     case = write_case(root, max_iterations=40, n_frames=4)
     text = (case / "case.toml").read_text()
     text = text.replace('learn = ["mu_h", "j0", "k0", "m"]', 'learn = ["mu_h", "j0", "k0"]')
-    text = text.replace("[inversion]\n", "[inversion]\ngatol = 1e-7\ngrtol = 1e-10\n")
+    text = text.replace("[inversion]\n", "[inversion]\ngatol = 1e-3\ngrtol = 1e-7\n")
     (case / "case.toml").write_text(text)
     subprocess.run([sys.executable, "-c", CLI, "simulate", str(case), "--quiet"], check=True)
     return case
@@ -47,16 +47,20 @@ def test_kill_and_resume_reaches_same_answer(tmp_path):
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         if ckpt.exists():
-            with np.load(ckpt) as z:
-                if str(z["history"]).count("'iteration'") >= 3:
-                    break
+            try:
+                with np.load(ckpt) as z:
+                    state = json.loads(str(z["__state__"]))
+            except (OSError, ValueError, KeyError):  # replaced while we read it
+                state = {"history": []}
+            if len(state["history"]) >= 3:
+                break
         time.sleep(0.05)
     assert proc.poll() is None, "the fit finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (b / "results" / "summary.json").exists()
     with np.load(ckpt) as z:  # the checkpoint is whole: atomically replaced
-        assert any(k.startswith("x::") for k in z.files)
+        assert "__state__" in z.files and len(z.files) > 1
     subprocess.run([sys.executable, "-c", CLI, "invert", str(b), "--resume", "--quiet"],
                    check=True)
     got, summary = _coefficients(b)
