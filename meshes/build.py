@@ -26,7 +26,8 @@ def main() -> None:
     options = {key: spec.default for key, spec in SCHEMA["mesh"].items()}
     video_path = DEMO / "data" / "video.npz"
     if (DEMO / "case.toml").is_file():
-        video_path = load_case(DEMO).resolve(load_case(DEMO).data["video"])
+        case = load_case(DEMO)
+        video_path = case.resolve(case.data["video"])
     video = read_video(video_path)
     with tempfile.TemporaryDirectory() as cache:
         for label in video.labels:
