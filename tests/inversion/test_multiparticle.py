@@ -125,7 +125,6 @@ def _data_case(root: Path, source: Path, video: Video, keep: int | None) -> Path
     return root
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(MPI.COMM_WORLD.size > 1, reason="serial study of three fits")
 def test_two_particles_recover_mu_h_better_than_either_alone(tmp_path):
     source = write_case(tmp_path / "twin", labels=2, max_iterations=12, n_frames=6)
@@ -151,4 +150,5 @@ def test_two_particles_recover_mu_h_better_than_either_alone(tmp_path):
         case = _data_case(tmp_path / name, source, sim, keep)
         invert(case, quiet=True)
         errors[name] = _mu_h_error(case)
-    assert errors["joint"] < min(errors["label1"], errors["label2"]), errors
+    # measured: joint 0.023 kT, label 1 alone 0.24 kT, label 2 alone 0.52 kT (12 iterations)
+    assert errors["joint"] < 0.5 * min(errors["label1"], errors["label2"]), errors
