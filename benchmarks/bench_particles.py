@@ -12,6 +12,13 @@ The machine is shared: the wall-clock speed-up is only meaningful when the load 
 below ~2; the CPU-time ratio is what the speed-up would be with two idle cores.
 
     .venv/bin/python benchmarks/bench_particles.py [--particles 8] [--iterations 4] [--keep DIR]
+
+Measured (2026-11-25, shared 2-core machine; both fits stopped after 1 iteration with
+DIVERGED_LS_FAILURE, with identical solve counts (6 forward, 4 gradient, 59-60 Hessian) and
+identical coefficients): at load average ~7, fit 63.9 s on 1 rank vs 36.5 s on 2 (speed-up
+1.75; CPU 33.2 s vs 19.0 s on the busiest rank, 1.74); at load ~2-3, 16.2 s vs 19.1 s (0.85;
+CPU 21.7 s vs 16.8 s, 1.30). Wall-clock speed-ups on this machine are dominated by the other
+jobs' load; neither number is reliable.
 """
 
 from __future__ import annotations
