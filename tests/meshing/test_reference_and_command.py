@@ -20,14 +20,16 @@ DEMO = REPO / "cases" / "demo"
 def test_demo_data_contract():
     video = read_video(DEMO / "data" / "video.npz")
     pixels = int((video.mask == 1).sum())
-    assert video.mask.max() == 1 and 1000 < pixels < 1400 and video.pixel_size == 0.05
-    assert video.t.shape == (31,) and video.t[-1] == 1500.0
+    # One realistic particle (a few hundred to two thousand pixels at 50 nm), a template video
+    # whose first frame is the initial state and whose other frames the simulator fills.
+    assert video.mask.max() == 1 and 300 < pixels <= 2000 and video.pixel_size == 0.05
+    assert video.t.ndim == 1 and video.t.size >= 10 and video.t[0] == 0.0
     c0 = video.c[0][video.mask == 1]
-    assert abs(c0.mean() - 0.1) < 0.005 and 0.015 < np.ptp(c0) / 2 < 0.0201
+    assert np.all((0.0 < c0) & (c0 < 1.0)) and np.ptp(c0) > 0.0
     assert np.isnan(video.c[1:]).all() and np.isnan(video.c[0][video.mask == 0]).all()
     k = np.load(DEMO / "data" / "k_map.npy")
     assert np.isfinite(k[video.mask == 1]).all() and np.isnan(k[video.mask == 0]).all()
-    assert abs(np.std(np.log(k[video.mask == 1])) - 0.4) < 1e-6
+    assert np.std(np.log(k[video.mask == 1])) > 0.2  # heterogeneous k
 
 
 @pytest.mark.mpi

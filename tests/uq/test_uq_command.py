@@ -173,7 +173,9 @@ def test_eigenvalues_do_not_depend_on_the_partition(inverted_case):
         x = problem.initial_vector()
         prior = build_prior(problem, study.case.inversion["prior"], x)
         _, case_hash = checkpoint_settings(study, problem)
-        read_checkpoint(_checkpoint_path(study.case), problem.space, x, case_hash=case_hash)
+        state = read_checkpoint(_checkpoint_path(study.case), problem.space, x,
+                                case_hash=case_hash)
+        problem.set_schedules(state.get("schedules", {}))
         result = analyse(problem, prior, x, {**study.case.uq, "samples": 0})
         lam_self = result.eigenvalues
         ok = lam_self.size == lam_world.size and np.allclose(lam_self, lam_world, rtol=1e-6,
