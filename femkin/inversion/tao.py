@@ -183,7 +183,8 @@ def minimize(rf: ReducedFunctional, x0: PETSc.Vec, *, prior: CovariancePrior | N
              options_prefix: str = "femkin_tao_", petsc_options: dict | None = None,
              monitor: Callable[[int, PETSc.Vec, float, float], None] | None = None,
              checkpoint: Callable[[int, PETSc.Vec, float, float], None] | None = None,
-             raise_on_failure: bool = True) -> TaoResult:
+             raise_on_failure: bool = True, ksp_rtol: float = 0.05,
+             ksp_max_it: int = 20) -> TaoResult:
     """Minimise ``rf`` from ``x0`` with TAO.
 
     Args:
@@ -203,6 +204,9 @@ def minimize(rf: ReducedFunctional, x0: PETSc.Vec, *, prior: CovariancePrior | N
             removed again afterwards.
         monitor: called as ``monitor(iteration, x, value, gradient_norm)`` every iteration.
         checkpoint: called like ``monitor``, after it (write a checkpoint there).
+        ksp_rtol, ksp_max_it: inexact Newton: the Newton-Krylov types' CG stops at this relative
+            residual or iteration count (each iteration is one Hessian action); PETSc options
+            (``-femkin_tao_bnk_ksp_max_it`` ...) override them.
         raise_on_failure: raise on a DIVERGED reason; else return the last iterate with it
             (a line-search failure close to the optimum is often the attainable accuracy).
 
@@ -247,6 +251,8 @@ def minimize(rf: ReducedFunctional, x0: PETSc.Vec, *, prior: CovariancePrior | N
     tao = PETSc.TAO().create(comm)
     tao.setOptionsPrefix(options_prefix)
     tao.setType(tao_type)
+    if tao_type in NEWTON_TYPES:  # before setFromOptions, so that PETSc options still win
+        tao.getKSP().setTolerances(rtol=ksp_rtol, max_it=ksp_max_it)
     tao.setSolution(x)
     gradient = x.duplicate()
 
