@@ -86,6 +86,8 @@ class ParticleDerivatives:
         self.v_test = ufl.TestFunction(V)
         self.F_lam = ufl.replace(model.F_ufl, {model.test: self.lam})
         self._forms: dict = {}
+        #: Scalar blocks to differentiate (None: all); see :meth:`_scalar_keys`.
+        self.active: set[str] | None = None
         self.b = dolfinx.fem.petsc.create_vector(W)
         self.x = dolfinx.fem.petsc.create_vector(W)
         self.bV = dolfinx.fem.petsc.create_vector(V)
@@ -164,8 +166,22 @@ class ParticleDerivatives:
     def _owned_V(self, vec: PETSc.Vec) -> np.ndarray:
         return vec.array[: self.model.V.dofmap.index_map.size_local].copy()
 
+    @property
+    def _field_active(self) -> bool:
+        return self.active is None or "m" in self.active
+
     def _scalar_keys(self):
-        return [(name, i) for name, v in self.model.variables.items() for i in range(len(v))]
+        """The scalar variables whose sensitivities are assembled at every step.
+
+        ``active`` (None: all) restricts them to the learned blocks; ``cbar`` is needed by the
+        recursion itself unless the coherency term vanishes identically (B = 0, not learned).
+        """
+        names = set(self.model.variables) if self.active is None else set(self.active)
+        if self.active is not None and (self.model.parameters.coherency != 0.0
+                                        or "coherency" in names):
+            names.add("cbar")
+        return [(name, i) for name, v in self.model.variables.items() if name in names
+                for i in range(len(v))]
 
     # -- first-order adjoint ------------------------------------------------------------------
     def adjoint(self, traj: Trajectory, source: Callable[[int, np.ndarray], None], *,
@@ -205,7 +221,8 @@ class ParticleDerivatives:
                 self.set_step(traj, n + 1)
                 self.lam.x.array[:] = lam_next
                 dolfinx.fem.petsc.assemble_vector(b, rhs_old)
-                s_next = self._assemble_scalar(dFl_dvar[("cbar", 0)])
+                if ("cbar", 0) in dFl_dvar:
+                    s_next = self._assemble_scalar(dFl_dvar[("cbar", 0)])
             b.ghostUpdate(PETSc.InsertMode.ADD, PETSc.ScatterMode.REVERSE)
             b.axpy(s_next, model.dcbar_du)
             if n == 0:
@@ -219,7 +236,8 @@ class ParticleDerivatives:
             if store:
                 lambdas[n] = lam_next
             self._accumulate(dFl_dvar, n, scal, mu_e_sens)
-            dolfinx.fem.petsc.assemble_vector(g_m, dFl_dm)
+            if self._field_active:
+                dolfinx.fem.petsc.assemble_vector(g_m, dFl_dm)
         g_m.ghostUpdate(PETSc.InsertMode.ADD, PETSc.ScatterMode.REVERSE)
         scal.pop("mu_e")
         scal.pop("cbar")
@@ -344,10 +362,12 @@ class ParticleDerivatives:
                 load(n + 1, lambdas[n + 1])
                 dolfinx.fem.petsc.assemble_vector(b, soa_old)
                 # D(lambda_{n+1} . dF_{n+1}/ds) ds/du_n
-                s_coef += self._assemble_scalar(soa_dvar[("cbar", 0)])
+                if ("cbar", 0) in soa_dvar:
+                    s_coef += self._assemble_scalar(soa_dvar[("cbar", 0)])
                 self.lam.x.array[:] = lamhat_next
                 dolfinx.fem.petsc.assemble_vector(b, rhs_old)
-                s_coef += self._assemble_scalar(dFl_dvar[("cbar", 0)])
+                if ("cbar", 0) in dFl_dvar:
+                    s_coef += self._assemble_scalar(dFl_dvar[("cbar", 0)])
             if n >= 1:
                 load(n, lambdas[n])
                 dolfinx.fem.petsc.assemble_vector(b, soa_self)
@@ -362,10 +382,12 @@ class ParticleDerivatives:
             lamhat_next = lamhat.x.array.copy()
             # Hessian action: D(lambda_n . dF_n/dtheta) + lamhat_n . dF_n/dtheta.
             self._accumulate(soa_dvar, n, scal, mu_e_sens)
-            dolfinx.fem.petsc.assemble_vector(g_m, soa_dm)
+            if self._field_active:
+                dolfinx.fem.petsc.assemble_vector(g_m, soa_dm)
             self.lam.x.array[:] = lamhat_next
             self._accumulate(dFl_dvar, n, scal, mu_e_sens)
-            dolfinx.fem.petsc.assemble_vector(g_m, dFl_dm)
+            if self._field_active:
+                dolfinx.fem.petsc.assemble_vector(g_m, dFl_dm)
         g_m.ghostUpdate(PETSc.InsertMode.ADD, PETSc.ScatterMode.REVERSE)
         scal.pop("mu_e")
         scal.pop("cbar")

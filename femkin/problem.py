@@ -164,6 +164,9 @@ class InverseProblem:
             label = self.labels[i]
             self.particles[label] = Particle(label, meshes[label], video, parameters, solver,
                                              sigma, initial_smoothing)
+            # Only the learned blocks' sensitivities are assembled at every step.
+            self.particles[label].derivs.active = {b for b in learn if b in GLOBAL_BLOCKS
+                                                   or b in ("mu_e", "m")}
         sizes = parameters.block_values()
         scalar_blocks = [ScalarBlock(b, len(sizes[b])) for b in GLOBAL_BLOCKS if b in self.learn]
         field_blocks = []
