@@ -121,8 +121,6 @@ def write_results(study, problem, result, timings, prior) -> dict | None:
     fitted = problem.fitted_video()
     params = problem.parameters_at(result.x)
     k_maps = {}
-    for label in problem.labels:
-        pass
     m_pix = problem.field_on_pixels("m", result.x) if "m" in problem.learn else None
     if comm.rank != 0:
         return None
@@ -151,11 +149,12 @@ def write_results(study, problem, result, timings, prior) -> dict | None:
                "n_observed": int(problem.n_observed),
                "solves": dict(problem.counters)}
     truth = None
+    cv = res.curves(params)
     if study.truth_path is not None and Path(study.truth_path).exists():
+        from femkin.forward import ModelParameters
+
         with np.load(study.truth_path) as z:
             truth = {k: z[k] for k in z.files}
-        cv, tv = res.curves(params), None
-        from femkin.forward import ModelParameters
         tp = ModelParameters(mu_h=tuple(truth["mu_h"]), j0=tuple(truth["j0"]),
                              j0_prefactor=tuple(truth["j0_prefactor"]))
         tv = res.curves(tp)
@@ -168,7 +167,6 @@ def write_results(study, problem, result, timings, prior) -> dict | None:
         comp["noise"] = float(truth.get("noise", np.nan))
         summary["truth_comparison"] = comp
     np.savez(out / "fitted.npz", c=fitted, t=video.t)
-    cv = res.curves(params)
     res.write_csv(out / "mu_h.csv", {"c": cv["c"], "mu_h": cv["mu_h"]})
     res.write_csv(out / "j0.csv", {"c": cv["c"], "j0": cv["j0"]})
     names = res.figures(out, params, truth, fitted, obs, video.t, k_maps, result.history)
@@ -178,9 +176,7 @@ def write_results(study, problem, result, timings, prior) -> dict | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
-    from femkin._fem import MPI, PETSc  # noqa: F401 - PETSc reads command-line options
+    from femkin._fem import MPI
 
     _petsc_argv(args)
     problem, result, timings, _ = invert(args.case, resume=args.resume, quiet=args.quiet)
