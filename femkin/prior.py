@@ -303,12 +303,8 @@ class Prior:
 
     def cost(self, x: PETSc.Vec) -> float:
         """``0.5 (x - mean)^T Gamma^{-1} (x - mean)`` (collective)."""
-        d = x.copy()
-        d.axpy(-1.0, self._mean)
         g = x.duplicate()
-        self.precision_mult(d, g)
-        value = 0.5 * d.dot(g)
-        d.destroy()
+        value = self.cost_gradient(x, g)
         g.destroy()
         return value
 
