@@ -315,7 +315,8 @@ class ParticleModel:
     # -- time stepping ----------------------------------------------------------------------
     def solve(self, frame_times: Sequence[float], driving: Callable[[float], float],
               c0: np.ndarray, *, schedule: Sequence[float] | None = None,
-              storage: str | None = None) -> Trajectory:
+              storage: str | None = None,
+              on_frame: Callable[[int], None] | None = None) -> Trajectory:
         """Integrate from ``c0`` at ``frame_times[0]`` through all frame times.
 
         Args:
@@ -325,6 +326,7 @@ class ParticleModel:
             schedule: replay these step times exactly (from an earlier trajectory) instead of
                 choosing steps adaptively; used for derivative checks.
             storage: "memory" or "disk" (default from the solver options).
+            on_frame: called as ``on_frame(i)`` once frame ``i >= 1`` is reached (progress).
 
         Returns:
             The trajectory of converged states.
@@ -382,6 +384,8 @@ class ParticleModel:
             cbar = cbar_new
             if abs(t - t_frame) <= 1e-9 * max(1.0, abs(t_frame)):
                 traj.frame_steps.append(len(traj.times) - 1)
+                if on_frame is not None:
+                    on_frame(frame_i)
                 frame_i += 1
             # Accuracy control: aim at a change of c of at most dc_max per step.
             dc = np.max(np.abs(self.u.x.array[self.c_dofs] - self.u_old.x.array[self.c_dofs]),

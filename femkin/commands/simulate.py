@@ -45,6 +45,7 @@ def simulate(case_path, comm=None, *, quiet: bool = False) -> Path:
     from femkin.io.video import Video, write_video
     from femkin.observation import build_observation
     from femkin.problem import C_CLIP, driving_from, image_at, smoothed
+    from femkin.progress import Progress
     from femkin.study import build_meshes, collective, open_study
 
     comm = comm or MPI.COMM_WORLD
@@ -81,6 +82,9 @@ def simulate(case_path, comm=None, *, quiet: bool = False) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
     comm.barrier()
     local = []
+    # Rank 0 shows its own group's particles (the distribution balances pixels over groups).
+    bar = Progress(f"simulate: frames of {len(dist.mine)} particle(s)",
+                   (T - 1) * len(dist.mine), comm=comm, quiet=quiet)
     for i in dist.mine:
         label = labels[i]
         model = ParticleModel(meshes[label], params, solver=solver)
@@ -96,7 +100,7 @@ def simulate(case_path, comm=None, *, quiet: bool = False) -> Path:
         c0 = smoothed(model.V, image_at(video.c[0], inside, coords, video.pixel_size),
                       case.model["initial_smoothing"])
         c0 = np.clip(c0, C_CLIP, 1 - C_CLIP)
-        traj = model.solve(video.t, driving[label], c0)
+        traj = model.solve(video.t, driving[label], c0, on_frame=lambda _: bar.update())
         obs = build_observation(model.W.sub(0), video.mask, label, video.pixel_size)
         obs_V = build_observation(model.V, video.mask, label, video.pixel_size)
         clean = np.stack([obs.apply(traj.state(n)) for n in traj.frame_steps])
@@ -104,8 +108,10 @@ def simulate(case_path, comm=None, *, quiet: bool = False) -> Path:
         if "xdmf" in sim.get("outputs", ["xdmf"]):
             _write_xdmf(model, traj, out_dir / f"particle_{label}.xdmf")
         if not quiet and model.comm.rank == 0:
+            bar.clear()
             print(f"particle {label}: {traj.n_steps} steps, "
                   f"{int(np.sum(traj.newton_iterations))} Newton iterations", flush=True)
+    bar.close()
     gathered = comm.gather(local, root=0)
     video_out = out_dir / "video.npz"
     if comm.rank == 0:

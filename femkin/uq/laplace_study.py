@@ -36,6 +36,7 @@ import numpy as np
 from femkin._fem import MPI, PETSc, dolfinx
 from femkin.errors import ConvergenceError
 from femkin.physics.acr import legendre
+from femkin.progress import Progress
 from femkin.uq.laplace import LowRankPosterior, correlation
 from femkin.uq.randomized import adaptive_rank
 
@@ -345,8 +346,12 @@ def analyse(problem, prior, x: PETSc.Vec, settings: dict, *, variance_samples: i
     t0 = time.perf_counter()
     h_before = problem.counters["hessian"]
 
+    # The adaptive rank makes the number of actions unknown in advance: count only.
+    bar = Progress("uq: Hessian actions", None, comm=comm, quiet=log is None)
+
     def apply_H(v, out):
         problem.hessian_mult(v, out, gauss_newton=gauss_newton)
+        bar.update()
 
     max_rank = min(int(settings["max_rank"]), space.global_size)
     pairs = adaptive_rank(apply_H, prior.precision_mult, prior.covariance_mult,
@@ -354,6 +359,7 @@ def analyse(problem, prior, x: PETSc.Vec, settings: dict, *, variance_samples: i
                           threshold=float(settings["threshold"]), max_rank=max_rank,
                           oversampling=int(settings["oversampling"]),
                           start=min(10, max_rank))
+    bar.close()
     hessian_actions = problem.counters["hessian"] - h_before
     timings["eigensolver"] = time.perf_counter() - t0
     lam = np.asarray(pairs.eigenvalues)
@@ -381,16 +387,19 @@ def analyse(problem, prior, x: PETSc.Vec, settings: dict, *, variance_samples: i
     timings["posterior"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    c_t = _sample_band(problem, prior, posterior, x, fitted, int(settings["samples"]), seed, say)
+    c_t = _sample_band(problem, prior, posterior, x, fitted, int(settings["samples"]), seed, say,
+                       quiet=log is None)
     timings["samples"] = time.perf_counter() - t0
     return UQResult(posterior, lam, names, blocks, mean, covariance, prior_var, ln_k_std,
                     ln_k_prior_std, bands, c_t, fitted, method, hessian_actions, timings)
 
 
-def _sample_band(problem, prior, posterior, x, fitted, n_samples: int, seed: int, say):
+def _sample_band(problem, prior, posterior, x, fitted, n_samples: int, seed: int, say, *,
+                 quiet: bool = True):
     """Posterior samples through the forward model: 95% band of particle-average c(t)."""
     if n_samples <= 0:
         return None
+    bar = Progress("uq: posterior samples", n_samples, comm=problem.comm, quiet=quiet)
     comm = problem.comm
     space = problem.space
     averages: list[dict[int, np.ndarray]] = []
@@ -406,9 +415,12 @@ def _sample_band(problem, prior, posterior, x, fitted, n_samples: int, seed: int
         except ConvergenceError:
             failed += 1
             continue
+        finally:
+            bar.update()
         avg = _particle_averages(problem, problem.fitted_video())
         if comm.rank == 0:
             averages.append(avg)
+    bar.close()
     say(f"{n_samples - failed} posterior samples through the forward model ({failed} failed)")
     # Leave the problem at the MAP point (trajectories, Hessian linearisation point).
     g = space.create_vector()
