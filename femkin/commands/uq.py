@@ -12,7 +12,8 @@ and the low-rank posterior (:mod:`femkin.uq.laplace_study`), and writes into ``C
 - ``mu_h.csv`` and ``j0.csv`` with the 95% band columns ``lo`` and ``hi``;
 - ``k_std_<label>.npy`` (posterior std of ln k on the pixel grid, NaN outside) and
   ``k_prior_std_<label>.npy`` (the prior's);
-- figures with the bands (``curves.png``, ``uq_k_std.png``, ``uq_c_t.png``) and the report.
+- figures with the bands (``curves.png``, ``uq_c_t.png``), ``uq_k_std.png`` (the posterior std
+  of ln k and its ratio to the prior std, which shows where the data inform k) and the report.
 """
 
 from __future__ import annotations
@@ -148,12 +149,17 @@ def _uq_figures(out: Path, result, payload: dict) -> list[str]:
     names = []
     labels = list(result.ln_k_std)
     if labels:
-        fig, axes = plt.subplots(1, len(labels), figsize=(4.2 * len(labels), 3.5),
+        # top: posterior std of ln k; bottom: over the prior std (the data's effect alone)
+        fig, axes = plt.subplots(2, len(labels), figsize=(4.2 * len(labels), 7.0),
                                  squeeze=False)
-        for ax, lb in zip(axes[0], labels):
-            im = ax.imshow(result.ln_k_std[lb], cmap="viridis")
-            ax.set_title(f"posterior std of ln k, particle {lb}", fontsize=9)
-            fig.colorbar(im, ax=ax)
+        for col, lb in enumerate(labels):
+            std, prior_std = result.ln_k_std[lb], result.ln_k_prior_std[lb]
+            for ax, image, title in (
+                    (axes[0, col], std, f"posterior std of ln k, particle {lb}"),
+                    (axes[1, col], std / prior_std, f"posterior / prior std, particle {lb}")):
+                im = ax.imshow(image, cmap="viridis")
+                ax.set_title(title, fontsize=9)
+                fig.colorbar(im, ax=ax)
         fig.tight_layout()
         fig.savefig(out / "uq_k_std.png", dpi=110)
         plt.close(fig)
