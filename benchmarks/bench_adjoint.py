@@ -5,14 +5,21 @@ the first two frame intervals (~10 adaptive steps), with the pixel misfit
 J = 1/2 sum_f sum_p (B c_f - d)^2 / sigma^2:
 
 - forward: ``ParticleModel.solve`` (adaptive steps, trajectory in memory);
-- gradient: ``ParticleDerivatives.adjoint`` (one J^T assembly and solve per step);
+- gradient: ``ParticleDerivatives.adjoint`` (one J assembly, factorisation and transposed
+  solve per step, all scalar sensitivities of a step in one assembly);
 - Gauss-Newton Hessian action: ``tangent`` + ``adjoint`` driven by B^T B du / sigma^2;
 - full Hessian action: ``tangent`` + ``second_order`` (first-order adjoint states reused
   from the gradient, as in a Newton-CG inner loop).
 
-Every timing follows one warm-up call of the same operation (JIT compilation excluded).
-Memory: ``tracemalloc`` peaks (Python and numpy heap only; PETSc/MUMPS allocations are not
-traced) of a forward solve and of a forward solve followed by the gradient. On the demo mesh
+- a block of ``BATCH`` Gauss-Newton actions one by one vs batched (``tangent_many`` +
+  ``adjoint_many``: one factorisation per step serves all directions), as in the randomised
+  eigensolver of the uncertainty step.
+
+Every timing is the best of ``REPEATS`` calls after one warm-up call of the same operation (JIT
+compilation excluded); ratios are given on wall clock and on process CPU time, all measured in
+the same run. Memory: peak resident set size (everything: PETSc, MUMPS, Python) of a fresh
+process that sets the problem up and runs a forward solve, or a forward solve and the
+gradient, twice; the growth over the setup's memory is reported too. On the demo mesh
 the same discrete problem with an L2 misfit is taped by dolfinx-adjoint and its
 ``ReducedFunctional.derivative()`` (second call) is timed against femkin's adjoint driven by the
 same functional. If a ratio misses its target, a cProfile summary of the slow operation is
@@ -28,6 +35,8 @@ import io
 import json
 import os
 import pstats
+import resource
+import subprocess
 import sys
 import time
 import tracemalloc
@@ -44,13 +53,25 @@ from femkin.adjoint import Direction, ParticleDerivatives  # noqa: E402
 
 FRAMES = [0.0, 60.0, 120.0]
 TARGETS = {"gradient_over_forward": 0.4, "gauss_newton_over_forward": 0.8}
+BATCH = 8
+
+
+REPEATS = 5
 
 
 def _timed(fn, *args, **kwargs):
-    fn(*args, **kwargs)  # warm-up
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return time.perf_counter() - t0, out
+    """One warm-up call, then the best of ``REPEATS`` calls: (wall s, process CPU s, result).
+
+    The minimum is the standard estimator on a shared machine (other jobs only ever add time).
+    """
+    out = fn(*args, **kwargs)  # warm-up
+    walls, cpus = [], []
+    for _ in range(REPEATS):
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = fn(*args, **kwargs)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return min(walls), min(cpus), out
 
 
 def _profile(fn, n: int = 15) -> list[str]:
@@ -65,6 +86,19 @@ def _profile(fn, n: int = 15) -> list[str]:
     return lines[start:start + n + 1]
 
 
+def _directions(model, count: int) -> list[Direction]:
+    """``count`` fixed directions over every block (deterministic, from dof coordinates)."""
+    x = model.V.tabulate_dof_coordinates()
+    out = []
+    for j in range(count):
+        s = 1.0 + 0.1 * j
+        out.append(Direction({"mu_h": s * np.array([0.3, -0.2, 0.1]),
+                              "j0": s * np.array([0.2, 0.1]), "k0": np.array([0.3 * s]),
+                              "kappa": np.array([0.004]), "coherency": np.array([0.3])},
+                             m=0.5 * np.sin((3 + j) * x[:, 0] + j * x[:, 1])))
+    return out
+
+
 def bench_case(size: float, *, with_dxa: bool) -> dict:
     problem = make_problem(size, prefix=f"bench_adj_{str(size).replace('.', '_')}_")
     model = problem.model
@@ -73,16 +107,12 @@ def bench_case(size: float, *, with_dxa: bool) -> dict:
     def forward():
         return model.solve(FRAMES, problem.driving, problem.c0)
 
-    t_fwd, traj = _timed(forward)
+    t_fwd, c_fwd, traj = _timed(forward)
     data = pixel_data(problem, traj)
     _, source = pixel_misfit_sources(problem, traj, data)
-    t_grad, (sens, _) = _timed(der.adjoint, traj, source)
+    t_grad, c_grad, _ = _timed(der.adjoint, traj, source)
     _, lambdas = der.adjoint(traj, source, store=True)
-
-    x = model.V.tabulate_dof_coordinates()
-    direction = Direction({"mu_h": np.array([0.3, -0.2, 0.1]), "j0": np.array([0.2, 0.1]),
-                           "k0": np.array([0.3]), "kappa": np.array([0.004]),
-                           "coherency": np.array([0.3])}, m=0.5 * np.sin(3 * x[:, 0]))
+    direction = _directions(model, 1)[0]
 
     def gn_action():
         tang = der.tangent(traj, direction)
@@ -93,38 +123,60 @@ def bench_case(size: float, *, with_dxa: bool) -> dict:
         return der.second_order(traj, direction, lambdas, tang,
                                 gauss_newton_source(problem, traj, tang))
 
-    t_tan, _ = _timed(der.tangent, traj, direction)
-    t_gn, _ = _timed(gn_action)
-    t_full, _ = _timed(full_action)
+    t_tan, c_tan, _ = _timed(der.tangent, traj, direction)
+    t_gn, c_gn, _ = _timed(gn_action)
+    t_full, c_full, _ = _timed(full_action)
     # As in an inversion with the default [inversion] learn: only the learned blocks'
     # sensitivities are assembled at every step (coherency is 0, so cbar drops out too).
     der.active = {"mu_h", "j0", "k0", "m"}
-    t_grad_learned, _ = _timed(der.adjoint, traj, source)
-    t_gn_learned, _ = _timed(gn_action)
-    der.active = None
+    t_grad_l, c_grad_l, _ = _timed(der.adjoint, traj, source)
+    t_gn_l, c_gn_l, _ = _timed(gn_action)
+    # A block of Gauss-Newton actions (the randomised eigensolver's passes): one by one vs
+    # batched (one Jacobian factorisation per step for every direction).
+    block = _directions(model, BATCH)
 
-    tracemalloc.start()
-    forward()
-    _, peak_fwd = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    tracemalloc.start()
-    tr2 = forward()
-    der.adjoint(tr2, pixel_misfit_sources(problem, tr2, data)[1])
-    _, peak_grad = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
+    def gn_one_by_one():
+        return [gn_action_for(d) for d in block]
+
+    def gn_action_for(d):
+        tang = der.tangent(traj, d)
+        return der.adjoint(traj, gauss_newton_source(problem, traj, tang))[0]
+
+    def gn_batched():
+        tangs = der.tangent_many(traj, block)
+        return [s for s, _ in der.adjoint_many(
+            traj, [gauss_newton_source(problem, traj, t) for t in tangs])]
+
+    t_seq, c_seq, seq = _timed(gn_one_by_one)
+    t_bat, c_bat, bat = _timed(gn_batched)
+    batch_diff = max(float(np.max(np.abs(a.m - b.m)) / np.max(np.abs(a.m))) for a, b in
+                     zip(seq, bat))
+    der.active = None
 
     out = {"mesh_size_px": size, "dofs": problem.n_dofs, "steps": traj.n_steps,
            "newton_its_total": int(np.sum(traj.newton_iterations)),
-           "forward_s": t_fwd, "gradient_s": t_grad, "tangent_s": t_tan,
-           "gauss_newton_action_s": t_gn, "full_hessian_action_s": t_full,
+           "wall_s": {"forward": t_fwd, "gradient": t_grad, "tangent": t_tan,
+                      "gauss_newton_action": t_gn, "full_hessian_action": t_full,
+                      "gradient_default_learn": t_grad_l,
+                      "gauss_newton_action_default_learn": t_gn_l},
+           "cpu_s": {"forward": c_fwd, "gradient": c_grad, "tangent": c_tan,
+                     "gauss_newton_action": c_gn, "full_hessian_action": c_full,
+                     "gradient_default_learn": c_grad_l,
+                     "gauss_newton_action_default_learn": c_gn_l},
            "gradient_over_forward": t_grad / t_fwd,
            "gauss_newton_over_forward": t_gn / t_fwd,
            "full_hessian_over_forward": t_full / t_fwd,
-           "gradient_over_forward_default_learn": t_grad_learned / t_fwd,
-           "gauss_newton_over_forward_default_learn": t_gn_learned / t_fwd,
-           "tracemalloc_peak_forward_MiB": peak_fwd / 2**20,
-           "tracemalloc_peak_forward_plus_gradient_MiB": peak_grad / 2**20,
-           "memory_gradient_over_forward": peak_grad / peak_fwd}
+           "gradient_over_forward_default_learn": t_grad_l / t_fwd,
+           "gauss_newton_over_forward_default_learn": t_gn_l / t_fwd,
+           "cpu_gradient_over_forward": c_grad / c_fwd,
+           "cpu_gauss_newton_over_forward": c_gn / c_fwd,
+           "cpu_gradient_over_forward_default_learn": c_grad_l / c_fwd,
+           "cpu_gauss_newton_over_forward_default_learn": c_gn_l / c_fwd,
+           "batched_gauss_newton": {
+               "directions": BATCH, "one_by_one_s": t_seq, "batched_s": t_bat,
+               "speedup": t_seq / t_bat, "per_action_over_forward": t_bat / BATCH / t_fwd,
+               "max_rel_diff": batch_diff},
+           "memory": memory_case(size)}
     profiles = {}
     if out["gradient_over_forward"] > TARGETS["gradient_over_forward"]:
         profiles["gradient"] = _profile(lambda: der.adjoint(traj, source))
@@ -138,17 +190,48 @@ def bench_case(size: float, *, with_dxa: bool) -> dict:
     return out
 
 
+def _rss_child(size: float, what: str) -> None:
+    """In a fresh process: build the problem, run ``what`` twice, print peak RSS (MiB)."""
+    problem = make_problem(size, prefix=f"bench_mem_{str(size).replace('.', '_')}_")
+    model = problem.model
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(2):
+        traj = model.solve(FRAMES, problem.driving, problem.c0)
+        if what == "gradient":
+            data = pixel_data(problem, traj)
+            ParticleDerivatives(model).adjoint(traj, pixel_misfit_sources(problem, traj,
+                                                                          data)[1])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"before_MiB": base / 1024, "peak_MiB": peak / 1024}))
+
+
+def memory_case(size: float) -> dict:
+    """Peak resident memory (whole process: PETSc, MUMPS, Python) of a forward solve and of a
+    forward solve plus gradient, each in a fresh process; also the growth over the memory held
+    after setup (mesh, forms, matrices), which is what the run itself adds."""
+    res = {}
+    for what in ("forward", "gradient"):
+        proc = subprocess.run([sys.executable, __file__, "--rss", str(size), what],
+                              capture_output=True, text=True, check=True)
+        res[what] = json.loads(proc.stdout.strip().splitlines()[-1])
+    f, g = res["forward"], res["gradient"]
+    return {"forward_peak_rss_MiB": f["peak_MiB"], "gradient_peak_rss_MiB": g["peak_MiB"],
+            "peak_rss_ratio": g["peak_MiB"] / f["peak_MiB"],
+            "forward_growth_MiB": f["peak_MiB"] - f["before_MiB"],
+            "gradient_growth_MiB": g["peak_MiB"] - g["before_MiB"]}
+
+
 def compare_dxa(problem, traj) -> dict:
     """Our gradient vs dolfinx-adjoint's taped gradient, same L2 functional and trajectory."""
     model = problem.model
     der = ParticleDerivatives(model)
     data = l2_data(model, traj)
     J, source = l2_misfit_source(model, traj, data)
-    t_ours, (sens, _) = _timed(der.adjoint, traj, source)
+    t_ours, _, (sens, _) = _timed(der.adjoint, traj, source)
     t0 = time.perf_counter()
     taped = TapedProblem(model, traj, data, problem.driving, rtol=1e-10, atol=1e-11)
     t_tape_forward = time.perf_counter() - t0
-    t_dxa, (scalars, g_m) = _timed(taped.gradient)
+    t_dxa, _, (scalars, g_m) = _timed(taped.gradient)
     rel = max(float(np.max(np.abs(sens.scalars[k] - scalars[k]) / np.max(np.abs(scalars[k]))))
               for k in scalars)
     rel_m = float(np.max(np.abs(sens.m - g_m)) / np.max(np.abs(g_m)))
@@ -160,12 +243,16 @@ def compare_dxa(problem, traj) -> dict:
 
 
 def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--rss":
+        _rss_child(float(sys.argv[2]), sys.argv[3])
+        return
     t0 = time.perf_counter()
     out = {"benchmark": "adjoint", "ranks": MPI.COMM_WORLD.size, "dolfinx": dolfinx.__version__,
            "frames": FRAMES, "targets": TARGETS,
-           "note": "times after one warm-up call of each operation (JIT excluded); memory is "
-                   "tracemalloc peak (Python + numpy heap, not PETSc/MUMPS); full Hessian "
-                   "action reuses the stored first-order adjoint states",
+           "note": "times: best of %d calls after one warm-up call of each operation (JIT "
+                   "excluded), ratios of wall and of process CPU times from the same run; "
+                   "memory: peak RSS of fresh processes; full Hessian action reuses the "
+                   "stored first-order adjoint states" % REPEATS,
            "cases": {"demo": bench_case(1.0, with_dxa=True),
                      "refined_4x": bench_case(0.5, with_dxa=False)}}
     out["total_wall_s"] = time.perf_counter() - t0

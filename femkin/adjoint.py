@@ -66,10 +66,21 @@ def _diff_form(form, var):
                      for itg in form.integrals()])
 
 
+def _times(form, factor):
+    """``form`` with every integrand multiplied by ``factor``."""
+    return ufl.Form([itg.reconstruct(integrand=itg.integrand() * factor)
+                     for itg in form.integrals()])
+
+
 class ParticleDerivatives:
     """Adjoint, tangent and second-order adjoint solves for one :class:`ParticleModel`.
 
-    Forms are compiled once per model, the first time they are needed.
+    Forms are compiled once per model, the first time they are needed. All derivatives with
+    respect to the scalar variables at a step are assembled in one pass, as the components of
+    a vector in a cell-wise constant space with one component per variable (summed over the
+    cells afterwards), and the linear solves with J and J^T share the model's matrix and
+    factorisation (a transposed solve, no second matrix). The ``*_many`` methods run several
+    directions or sources through one trajectory, one Jacobian factorisation per step for all.
     """
 
     STEP_SCALARS = ("mu_e", "cbar")
@@ -91,7 +102,7 @@ class ParticleDerivatives:
         self.b = dolfinx.fem.petsc.create_vector(W)
         self.x = dolfinx.fem.petsc.create_vector(W)
         self.bV = dolfinx.fem.petsc.create_vector(V)
-        self._AT = None
+        self._scalar_vecs: dict = {}
 
     # -- forms ----------------------------------------------------------------------------
     def _form(self, key, builder: Callable):
@@ -117,11 +128,42 @@ class ParticleDerivatives:
                 out += dc * _diff_form(m.F_ufl, var)
         return out
 
-    def _adjoint_jacobian(self):
-        form = self._form("JT", lambda: ufl.adjoint(self.model.J_ufl))
-        if self._AT is None:
-            self._AT = dolfinx.fem.petsc.create_matrix(form)
-        return form
+    def _scalar_form(self, tag: str, keys: list, builder: Callable):
+        """One linear form whose test space is cell-wise constant with ``len(keys)`` components:
+        component i is ``builder(variable_i)`` (a form), so one assembly gives all of them.
+
+        Returns (compiled form or None if every component vanishes, its assembly vector).
+        """
+        key = (tag, tuple(keys))
+        if key not in self._forms:
+            model = self.model
+            form = None
+            if keys:
+                Q = dolfinx.fem.functionspace(model.mesh, ("DG", 0, (len(keys),)))
+                q = ufl.TestFunction(Q)
+                parts = [_times(builder(model.variables[name][i]), q[j])
+                         for j, (name, i) in enumerate(keys)]
+                parts = [f for f in parts if f.integrals()]
+                if parts:
+                    total = parts[0]
+                    for f in parts[1:]:
+                        total = total + f
+                    form = dolfinx.fem.form(total)
+                    self._scalar_vecs[key] = dolfinx.fem.petsc.create_vector(Q)
+            self._forms[key] = form
+        return self._forms[key], self._scalar_vecs.get(key)
+
+    def _scalars_local(self, compiled) -> np.ndarray:
+        """This rank's share of every component of a :meth:`_scalar_form` (not reduced)."""
+        form, vec = compiled
+        if form is None:
+            return np.zeros(0)
+        with vec.localForm() as loc:
+            loc.set(0.0)
+        dolfinx.fem.petsc.assemble_vector(vec, form)
+        bs = vec.getBlockSize()
+        # Cell integrals only touch owned cells; ghost entries stay zero, none are lost.
+        return vec.array.reshape(-1, bs).sum(axis=0)
 
     # -- state bookkeeping --------------------------------------------------------------------
     def set_step(self, traj: Trajectory, n: int) -> None:
@@ -133,9 +175,6 @@ class ParticleDerivatives:
         m.constants["mu_e"][0].value = traj.mu_e[n]
         m.constants["cbar"][0].value = traj.cbar[n - 1]
 
-    def _assemble_scalar(self, form) -> float:
-        return self.model.comm.allreduce(dolfinx.fem.assemble_scalar(form), op=MPI.SUM)
-
     def _assemble_W(self, form, vec=None):
         vec = self.b if vec is None else vec
         with vec.localForm() as loc:
@@ -143,20 +182,22 @@ class ParticleDerivatives:
         dolfinx.fem.petsc.assemble_vector(vec, form)
         return vec
 
+    def _assemble_jacobian(self) -> None:
+        """Assemble J at the current step into the model's matrix (its factorisation follows
+        at the next solve and serves every solve with J or J^T until the next assembly)."""
+        m = self.model
+        m.A.zeroEntries()
+        dolfinx.fem.petsc.assemble_matrix(m.A, m.J)
+        m.A.assemble()
+        m.ksp.setOperators(m.A)
+
     def _solve(self, transpose: bool, rhs: PETSc.Vec, out: dolfinx.fem.Function) -> None:
-        """Solve J x = rhs or J^T x = rhs at the current step; result into ``out``."""
+        """Solve J x = rhs or J^T x = rhs with the last assembled J; result into ``out``."""
         m = self.model
         if transpose:
-            form = self._adjoint_jacobian()
-            A = self._AT
+            m.ksp.solveTranspose(rhs, self.x)
         else:
-            form = m.J
-            A = m.A
-        A.zeroEntries()
-        dolfinx.fem.petsc.assemble_matrix(A, form)
-        A.assemble()
-        m.ksp.setOperators(A)
-        m.ksp.solve(rhs, self.x)
+            m.ksp.solve(rhs, self.x)
         if m.ksp.getConvergedReason() < 0:  # pragma: no cover - direct solver
             raise RuntimeError(f"linear solve failed: KSP reason {m.ksp.getConvergedReason()}")
         self.x.ghostUpdate(PETSc.InsertMode.INSERT, PETSc.ScatterMode.FORWARD)
@@ -183,6 +224,56 @@ class ParticleDerivatives:
         return [(name, i) for name, v in self.model.variables.items() if name in names
                 for i in range(len(v))]
 
+    # -- helpers shared by the recursions -----------------------------------------------------
+    def _new_sensitivities(self, N: int):
+        """Zeroed accumulators: (scalars dict, m dual vector or None, mu_e array)."""
+        scal = {name: np.zeros(len(v)) for name, v in self.model.variables.items()}
+        g_m = None
+        if self._field_active:
+            g_m = self.bV.duplicate()
+            g_m.zeroEntries()
+        return scal, g_m, np.zeros(N + 1)
+
+    def _add_step_scalars(self, keys, values, n: int, scal: dict, mu_e_sens: np.ndarray,
+                          cbar_index: int | None) -> float:
+        """Add one step's local scalar sensitivities (in the order of ``keys``): mu_e per step,
+        cbar not at all (it enters the recursion instead). Returns the global cbar component."""
+        for (name, i), v in zip(keys, values):
+            if name == "mu_e":
+                mu_e_sens[n] += v
+            elif name != "cbar":
+                scal[name][i] += v
+        if cbar_index is None or len(values) == 0:
+            return 0.0
+        return self.model.comm.allreduce(float(values[cbar_index]), op=MPI.SUM)
+
+    def _finish(self, scal: dict, g_m, mu_e_sens: np.ndarray, g_c0: np.ndarray) -> Sensitivities:
+        """Reduce the local scalar sums over the particle's ranks (one collective)."""
+        names = [k for k in scal if k not in ("mu_e", "cbar")]
+        flat = np.concatenate([scal[k] for k in names] + [mu_e_sens])
+        total = np.empty_like(flat)
+        self.model.comm.Allreduce(flat, total, op=MPI.SUM)
+        out, pos = {}, 0
+        for k in names:
+            out[k] = total[pos:pos + len(scal[k])]
+            pos += len(scal[k])
+        if g_m is not None:
+            g_m.ghostUpdate(PETSc.InsertMode.ADD, PETSc.ScatterMode.REVERSE)
+            m_dual = self._owned_V(g_m)
+            g_m.destroy()
+        else:
+            m_dual = np.zeros(self.model.V.dofmap.index_map.size_local)
+        return Sensitivities(out, m_dual, total[pos:], g_c0)
+
+    def _cbar_index(self, keys) -> int | None:
+        return keys.index(("cbar", 0)) if ("cbar", 0) in keys else None
+
+    def _mean_c_of(self, arr: np.ndarray) -> float:
+        """Particle mean of the c-component of a W local array (linear: d cbar/du . arr)."""
+        dcbar = self.model.dcbar_du
+        local = float(np.dot(dcbar.array, arr[: dcbar.getLocalSize()]))
+        return self.model.comm.allreduce(local, op=MPI.SUM)
+
     # -- first-order adjoint ------------------------------------------------------------------
     def adjoint(self, traj: Trajectory, source: Callable[[int, np.ndarray], None], *,
                 store: bool = False) -> tuple[Sensitivities, list | None]:
@@ -197,63 +288,61 @@ class ParticleDerivatives:
         Returns:
             The sensitivities and, if ``store``, the list of lambda arrays (index n).
         """
+        return self.adjoint_many(traj, [source], store=store)[0]
+
+    def adjoint_many(self, traj: Trajectory, sources: list, *,
+                     store: bool = False) -> list[tuple[Sensitivities, list | None]]:
+        """:meth:`adjoint` for several functionals at once: one J factorisation per step serves
+        every source's transposed solve. Returns one (sensitivities, lambdas) per source."""
         model = self.model
         N = traj.n_steps
+        K = len(sources)
         keys = self._scalar_keys()
-        dFl_dvar = {k: self._form(("dFl", k), lambda k=k: _diff_form(
-            self.F_lam, model.variables[k[0]][k[1]])) for k in keys}
+        i_cbar = self._cbar_index(keys)
+        dFl = self._scalar_form("dFl", keys, lambda var: _diff_form(self.F_lam, var))
         rhs_old = self._form("rhs_old", lambda: ufl.derivative(
             self.F_lam, model.u_old, ufl.TestFunction(model.W)))
         dFl_dm = self._form("dFl_dm", lambda: ufl.derivative(self.F_lam, model.m, self.v_test))
-        scal = {name: np.zeros(len(v)) for name, v in model.variables.items()}
-        g_m = self.bV.duplicate()
-        g_m.zeroEntries()
-        mu_e_sens = np.zeros(N + 1)
-        lambdas = [None] * (N + 1) if store else None
-        lam_next = None
-        for n in range(N, -1, -1):
-            b = self.b
-            with b.localForm() as loc:
-                loc.set(0.0)
-                source(n, loc.array)
-            s_next = 0.0
-            if lam_next is not None:
-                self.set_step(traj, n + 1)
-                self.lam.x.array[:] = lam_next
-                dolfinx.fem.petsc.assemble_vector(b, rhs_old)
-                if ("cbar", 0) in dFl_dvar:
-                    s_next = self._assemble_scalar(dFl_dvar[("cbar", 0)])
-            b.ghostUpdate(PETSc.InsertMode.ADD, PETSc.ScatterMode.REVERSE)
-            b.axpy(s_next, model.dcbar_du)
-            if n == 0:
-                # dJ/du_0 (the initial state is a parameter when "initial" is learned).
-                g_c0 = self._c_owned(b)
-                break
-            b.scale(-1.0)
+        acc = [self._new_sensitivities(N) for _ in range(K)]
+        lambdas = [[None] * (N + 1) if store else None for _ in range(K)]
+        # carry[k]: (dF_{n+1}/du_n)^T lambda_{n+1}, local with ghosts (before the reverse
+        # scatter), assembled right after lambda_{n+1} is solved for; s_next[k] its cbar part.
+        carry = [np.zeros(len(self.lam.x.array)) for _ in range(K)]
+        s_next = [0.0] * K
+        b = self.b
+        for n in range(N, 0, -1):
             self.set_step(traj, n)
-            self._solve(True, b, self.lam)
-            lam_next = self.lam.x.array.copy()
-            if store:
-                lambdas[n] = lam_next
-            self._accumulate(dFl_dvar, n, scal, mu_e_sens)
-            if self._field_active:
-                dolfinx.fem.petsc.assemble_vector(g_m, dFl_dm)
-        g_m.ghostUpdate(PETSc.InsertMode.ADD, PETSc.ScatterMode.REVERSE)
-        scal.pop("mu_e")
-        scal.pop("cbar")
-        return Sensitivities(scal, self._owned_V(g_m), mu_e_sens, g_c0), lambdas
-
-    def _accumulate(self, forms: dict, n: int, scal: dict, mu_e_sens: np.ndarray) -> None:
-        """Add the scalar-parameter forms at step n: mu_e per step, cbar not at all (its
-        dependence on the previous state enters the adjoint recursion instead)."""
-        for (name, i), form in forms.items():
-            if name == "cbar":
-                continue
-            val = self._assemble_scalar(form)
-            if name == "mu_e":
-                mu_e_sens[n] += val
-            else:
-                scal[name][i] += val
+            self._assemble_jacobian()
+            for k in range(K):
+                with b.localForm() as loc:
+                    loc.array[:] = carry[k]
+                    sources[k](n, loc.array)
+                b.ghostUpdate(PETSc.InsertMode.ADD, PETSc.ScatterMode.REVERSE)
+                b.axpy(s_next[k], model.dcbar_du)
+                b.scale(-1.0)
+                self._solve(True, b, self.lam)
+                if store:
+                    lambdas[k][n] = self.lam.x.array.copy()
+                scal, g_m, mu_e_sens = acc[k]
+                s_next[k] = self._add_step_scalars(keys, self._scalars_local(dFl), n, scal,
+                                                   mu_e_sens, i_cbar)
+                if g_m is not None:
+                    dolfinx.fem.petsc.assemble_vector(g_m, dFl_dm)
+                with b.localForm() as loc:
+                    loc.set(0.0)
+                dolfinx.fem.petsc.assemble_vector(b, rhs_old)
+                with b.localForm() as loc:
+                    carry[k][:] = loc.array
+        out = []
+        for k in range(K):
+            # dJ/du_0 (the initial state is a parameter when "initial" is learned).
+            with b.localForm() as loc:
+                loc.array[:] = carry[k]
+                sources[k](0, loc.array)
+            b.ghostUpdate(PETSc.InsertMode.ADD, PETSc.ScatterMode.REVERSE)
+            b.axpy(s_next[k], model.dcbar_du)
+            out.append((self._finish(*acc[k], self._c_owned(b)), lambdas[k]))
+        return out
 
     def _c_owned(self, b: PETSc.Vec) -> np.ndarray:
         """Owned V values of the c-component of an assembled (reverse-scattered) W vector."""
@@ -267,26 +356,35 @@ class ParticleDerivatives:
     # -- tangent linear model -----------------------------------------------------------------
     def tangent(self, traj: Trajectory, direction: Direction) -> list[np.ndarray]:
         """Tangent states du_n (W local arrays with ghosts), n = 0..N."""
-        model = self.model
+        return self.tangent_many(traj, [direction])[0]
+
+    def tangent_many(self, traj: Trajectory, directions: list) -> list[list[np.ndarray]]:
+        """:meth:`tangent` for several directions: one J factorisation per step for all."""
         N = traj.n_steps
         rhs = self._form("tlm_rhs", self._tlm_rhs_ufl)
-        mean_form = self._form("mean_du", lambda: ufl.split(self.du_old)[0] / model.area * model.dx)
-        du0 = np.zeros_like(self.du.x.array)
-        if direction.c0 is not None:
-            du0[model.c_dofs] = direction.c0[: len(model.c_dofs)]
-        self._set_direction(direction)
-        out = [du0]
+        outs = []
+        for d in directions:
+            du0 = np.zeros_like(self.du.x.array)
+            if d.c0 is not None:
+                du0[self.model.c_dofs] = d.c0[: len(self.model.c_dofs)]
+            outs.append([du0])
+        if len(directions) == 1:
+            self._set_direction(directions[0])
         for n in range(1, N + 1):
             self.set_step(traj, n)
-            self.du_old.x.array[:] = out[n - 1]
-            self.dconst["cbar"][0].value = self._assemble_scalar(mean_form)
-            self.dconst["mu_e"][0].value = direction.mu_e[n] if direction.mu_e is not None else 0.0
-            b = self._assemble_W(rhs)
-            b.ghostUpdate(PETSc.InsertMode.ADD, PETSc.ScatterMode.REVERSE)
-            b.scale(-1.0)
-            self._solve(False, b, self.du)
-            out.append(self.du.x.array.copy())
-        return out
+            self._assemble_jacobian()
+            for d, out in zip(directions, outs):
+                if len(directions) > 1:
+                    self._set_direction(d)
+                self.du_old.x.array[:] = out[n - 1]
+                self.dconst["cbar"][0].value = self._mean_c_of(out[n - 1])
+                self.dconst["mu_e"][0].value = d.mu_e[n] if d.mu_e is not None else 0.0
+                b = self._assemble_W(rhs)
+                b.ghostUpdate(PETSc.InsertMode.ADD, PETSc.ScatterMode.REVERSE)
+                b.scale(-1.0)
+                self._solve(False, b, self.du)
+                out.append(self.du.x.array.copy())
+        return outs
 
     def _set_direction(self, direction: Direction) -> None:
         for name, consts in self.dconst.items():
@@ -316,79 +414,67 @@ class ParticleDerivatives:
         model = self.model
         N = traj.n_steps
         keys = self._scalar_keys()
+        i_cbar = self._cbar_index(keys)
         Wt = ufl.TestFunction(model.W)
         soa_self = self._form("soa_self", lambda: self._directional(
             ufl.derivative(self.F_lam, model.u, Wt)))
         soa_old = self._form("soa_old", lambda: self._directional(
             ufl.derivative(self.F_lam, model.u_old, Wt)))
         rhs_old = self._form("rhs_old", lambda: ufl.derivative(self.F_lam, model.u_old, Wt))
-        dFl_dvar = {k: self._form(("dFl", k), lambda k=k: _diff_form(
-            self.F_lam, model.variables[k[0]][k[1]])) for k in keys}
-        soa_dvar = {k: self._form(("soa_dvar", k), lambda k=k: self._directional(_diff_form(
-            self.F_lam, model.variables[k[0]][k[1]]))) for k in keys}
+        dFl = self._scalar_form("dFl", keys, lambda var: _diff_form(self.F_lam, var))
+        soa_dvar = self._scalar_form("soa_dvar", keys, lambda var: self._directional(
+            _diff_form(self.F_lam, var)))
         dFl_dm = self._form("dFl_dm", lambda: ufl.derivative(self.F_lam, model.m, self.v_test))
         soa_dm = self._form("soa_dm", lambda: self._directional(
             ufl.derivative(self.F_lam, model.m, self.v_test)))
-        mean_form = self._form("mean_du", lambda: ufl.split(self.du_old)[0] / model.area * model.dx)
         self._set_direction(direction)
-        # d s_{n} for every n (mean of the tangent c).
-        ds = np.zeros(N + 1)
-        for n in range(N + 1):
-            self.du_old.x.array[:] = tangents[n]
-            ds[n] = self._assemble_scalar(mean_form)
+        ds = [self._mean_c_of(t) for t in tangents]  # d s_n: mean of the tangent c
         dmu_e = direction.mu_e if direction.mu_e is not None else np.zeros(N + 1)
 
-        def load(n: int, lam: np.ndarray) -> None:
+        def load(n: int) -> None:
             self.set_step(traj, n)
-            self.lam.x.array[:] = lam
+            self.lam.x.array[:] = lambdas[n]
             self.du.x.array[:] = tangents[n]
             self.du_old.x.array[:] = tangents[n - 1]
             self.dconst["cbar"][0].value = ds[n - 1]
             self.dconst["mu_e"][0].value = dmu_e[n]
 
-        scal = {name: np.zeros(len(v)) for name, v in model.variables.items()}
-        g_m = self.bV.duplicate()
-        g_m.zeroEntries()
-        mu_e_sens = np.zeros(N + 1)
+        scal, g_m, mu_e_sens = self._new_sensitivities(N)
         lamhat = dolfinx.fem.Function(model.W)
-        lamhat_next = None
-        for n in range(N, -1, -1):
-            b = self.b
+        carry = np.zeros(len(self.lam.x.array))
+        s_coef = 0.0
+        b = self.b
+        for n in range(N, 0, -1):
+            load(n)
             with b.localForm() as loc:
-                loc.set(0.0)
+                loc.array[:] = carry
                 source2(n, loc.array)
-            s_coef = 0.0
-            if n < N:
-                load(n + 1, lambdas[n + 1])
-                dolfinx.fem.petsc.assemble_vector(b, soa_old)
-                # D(lambda_{n+1} . dF_{n+1}/ds) ds/du_n
-                if ("cbar", 0) in soa_dvar:
-                    s_coef += self._assemble_scalar(soa_dvar[("cbar", 0)])
-                self.lam.x.array[:] = lamhat_next
-                dolfinx.fem.petsc.assemble_vector(b, rhs_old)
-                if ("cbar", 0) in dFl_dvar:
-                    s_coef += self._assemble_scalar(dFl_dvar[("cbar", 0)])
-            if n >= 1:
-                load(n, lambdas[n])
-                dolfinx.fem.petsc.assemble_vector(b, soa_self)
+            dolfinx.fem.petsc.assemble_vector(b, soa_self)
             b.ghostUpdate(PETSc.InsertMode.ADD, PETSc.ScatterMode.REVERSE)
             b.axpy(s_coef, model.dcbar_du)
-            if n == 0:
-                g_c0 = self._c_owned(b)
-                break
             b.scale(-1.0)
-            load(n, lambdas[n])
+            self._assemble_jacobian()
             self._solve(True, b, lamhat)
-            lamhat_next = lamhat.x.array.copy()
-            # Hessian action: D(lambda_n . dF_n/dtheta) + lamhat_n . dF_n/dtheta.
-            self._accumulate(soa_dvar, n, scal, mu_e_sens)
-            if self._field_active:
+            # Hessian action: D(lambda_n . dF_n/dtheta) + lamhat_n . dF_n/dtheta; the cbar parts
+            # of both enter the recursion of step n-1 (with the carried vector terms).
+            s_coef = self._add_step_scalars(keys, self._scalars_local(soa_dvar), n, scal,
+                                            mu_e_sens, i_cbar)
+            if g_m is not None:
                 dolfinx.fem.petsc.assemble_vector(g_m, soa_dm)
-            self.lam.x.array[:] = lamhat_next
-            self._accumulate(dFl_dvar, n, scal, mu_e_sens)
-            if self._field_active:
+            with b.localForm() as loc:
+                loc.set(0.0)
+            dolfinx.fem.petsc.assemble_vector(b, soa_old)
+            self.lam.x.array[:] = lamhat.x.array
+            s_coef += self._add_step_scalars(keys, self._scalars_local(dFl), n, scal,
+                                             mu_e_sens, i_cbar)
+            if g_m is not None:
                 dolfinx.fem.petsc.assemble_vector(g_m, dFl_dm)
-        g_m.ghostUpdate(PETSc.InsertMode.ADD, PETSc.ScatterMode.REVERSE)
-        scal.pop("mu_e")
-        scal.pop("cbar")
-        return Sensitivities(scal, self._owned_V(g_m), mu_e_sens, g_c0)
+            dolfinx.fem.petsc.assemble_vector(b, rhs_old)
+            with b.localForm() as loc:
+                carry[:] = loc.array
+        with b.localForm() as loc:
+            loc.array[:] = carry
+            source2(0, loc.array)
+        b.ghostUpdate(PETSc.InsertMode.ADD, PETSc.ScatterMode.REVERSE)
+        b.axpy(s_coef, model.dcbar_du)
+        return self._finish(scal, g_m, mu_e_sens, self._c_owned(b))
