@@ -62,6 +62,7 @@ def test_answer_does_not_depend_on_ranks(mpi_tmp_path, labels):
         assert dist.n_groups == min(labels, comm.size)
         assert dist.subcomm.size == comm.size // dist.n_groups
         assert len(dist.mine) == 1
+    single_rank_particles = comm.allreduce(dist.subcomm.size, op=MPI.MAX) == 1
     comm.barrier()
     parallel = comm.bcast(_coefficients(case) if comm.rank == 0 else None)
     first = np.array([result.history[0]["objective"], result.history[0]["gradient_norm"]])
@@ -72,21 +73,26 @@ def test_answer_does_not_depend_on_ranks(mpi_tmp_path, labels):
     ref_first = np.array([ref_result.history[0]["objective"],
                           ref_result.history[0]["gradient_norm"]])
     # The objective and the prior-weighted gradient norm at the initial point: the evaluation
-    # itself is partition independent to roundoff.
+    # itself is partition independent to roundoff (measured <= 6e-16 on 2 ranks).
     first_rel = comm.allreduce(float(np.max(np.abs(first - ref_first) / np.abs(ref_first))),
                                op=MPI.MAX)
-    assert first_rel < 1e-10, (first, ref_first)
+    assert first_rel < 1e-12, (first, ref_first)
     # The fit moved away from the initial guesses, so agreement is not trivial.
     initial = np.array([2.5, 0.0, 0.0, np.log(1.0e-3)])
     moved = comm.allreduce(float(np.max(np.abs(serial - initial))), op=MPI.MIN)
     assert moved > 0.05, (serial, initial)
-    # After three truncated Newton-CG iterations the iterates of different partitions differ
-    # by ~1e-6 (two particles on two sub-communicators) to ~1e-4 (one particle split over two
-    # ranks) relative, measured on 2 ranks: the evaluations agree to roundoff (above), the
-    # Newton steps do not (see the report of this test). The 1e-6 is not met yet.
+    # After three truncated Newton-CG iterations, measured on 2 ranks:
+    # - two particles, one per rank (each particle's solves are serial, as in the reference):
+    #   2.6e-13 relative;
+    # - one particle split over two ranks: 7e-9 to 5e-8 relative. Partitioned assembly, dot
+    #   products and parallel MUMPS (not even bitwise reproducible from run to run on 2 ranks)
+    #   differ from the serial run by 1e-16..1e-14; the last CG directions of each Newton step
+    #   amplify that about 1e6-fold (ill-conditioned GN Hessian; the Hessian actions at equal
+    #   inputs agree to 1e-14). Two serial runs with different LU packages differ as much.
+    tolerance = 1e-9 if single_rank_particles else 1e-6
     rel = np.abs(parallel - serial) / np.maximum(np.abs(serial), 1e-2)
     worst = comm.allreduce(float(rel.max()), op=MPI.MAX)
-    assert worst < 1e-3, (parallel, serial)
+    assert worst < tolerance, (worst, parallel, serial)
 
 
 # ------------------------------------------------------------------------------------------
