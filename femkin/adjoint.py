@@ -19,6 +19,7 @@ tangent, which gives full Hessian actions.
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -84,6 +85,10 @@ class ParticleDerivatives:
     """
 
     STEP_SCALARS = ("mu_e", "cbar")
+    #: MUMPS factorisations kept by all instances of this process (each holds an MPI
+    #: communicator, of which MPICH has 2048); on one rank PETSc's own LU is kept instead.
+    MUMPS_CACHE_LIMIT = 256
+    _mumps_cached = 0
 
     def __init__(self, model: ParticleModel):
         self.model = model
@@ -103,6 +108,13 @@ class ParticleDerivatives:
         self.x = dolfinx.fem.petsc.create_vector(W)
         self.bV = dolfinx.fem.petsc.create_vector(V)
         self._scalar_vecs: dict = {}
+        # Factorised Jacobians of the current trajectory, by step (see _use_step).
+        self._cache: dict[int, PETSc.KSP] = {}
+        self._cache_of = None
+        self._cache_key = None
+        self._cache_bytes = 0.0
+        self._factor_bytes: float | None = None
+        self._ksp = model.ksp
 
     # -- forms ----------------------------------------------------------------------------
     def _form(self, key, builder: Callable):
@@ -183,23 +195,107 @@ class ParticleDerivatives:
         return vec
 
     def _assemble_jacobian(self) -> None:
-        """Assemble J at the current step into the model's matrix (its factorisation follows
-        at the next solve and serves every solve with J or J^T until the next assembly)."""
+        """Assemble J at the current step into the model's matrix and solve with the model's
+        KSP (it refactorises at the next solve)."""
         m = self.model
         m.A.zeroEntries()
         dolfinx.fem.petsc.assemble_matrix(m.A, m.J)
         m.A.assemble()
         m.ksp.setOperators(m.A)
+        self._ksp = m.ksp
+
+    def clear_cache(self) -> None:
+        """Free the kept factorisations (done automatically when the trajectory changes)."""
+        for ksp in self._cache.values():
+            if ksp.getPC().getFactorSolverType() == "mumps":
+                ParticleDerivatives._mumps_cached -= 1
+            A = ksp.getOperators()[0]
+            ksp.destroy()
+            A.destroy()
+        self._cache = {}
+        self._cache_of = None
+        self._cache_key = None
+        self._cache_bytes = 0.0
+
+    def _fingerprint(self) -> tuple:
+        """The model's parameters (not the per-step constants): kept factorisations are valid
+        only for the trajectory and the parameters they were computed with."""
+        m = self.model
+        consts = tuple(float(c.value) for name, v in m.constants.items()
+                       if name not in self.STEP_SCALARS for c in v)
+        return consts, hash(m.m.x.array.tobytes())
+
+    def _use_step(self, traj: Trajectory, n: int) -> None:
+        """Make the next solves use J at step n (the model must be at step n: set_step).
+
+        J_n depends only on the trajectory, so its factorisation serves the gradient and every
+        Hessian action at the same point (a Newton-CG inner loop, the eigensolver's passes).
+        Factorisations are kept while they fit in ``[solver] factor_cache_mb`` per process;
+        steps beyond it are refactorised at every use.
+        """
+        key = self._fingerprint()
+        if self._cache_of is None or self._cache_of() is not traj or self._cache_key != key:
+            self.clear_cache()
+            self._cache_of = weakref.ref(traj)
+            self._cache_key = key
+        ksp = self._cache.get(n)
+        if ksp is not None:
+            self._ksp = ksp
+            return
+        m = self.model
+        budget = 2.0**20 * m.solver_options.factor_cache_mb
+        estimate = self._factor_bytes if self._factor_bytes is not None else 0.0
+        comm = m.comm
+        mumps = comm.size > 1
+        full = self._cache_bytes + estimate > budget or (
+            mumps and ParticleDerivatives._mumps_cached >= self.MUMPS_CACHE_LIMIT)
+        # Every rank of the particle decides alike (the factorisation is collective).
+        full = comm.allreduce(bool(full), op=MPI.LOR)
+        if full:
+            self._assemble_jacobian()
+            return
+        A = m.A.duplicate(copy=False)
+        dolfinx.fem.petsc.assemble_matrix(A, m.J)
+        A.assemble()
+        ksp = PETSc.KSP().create(comm)
+        ksp.setOperators(A)
+        ksp.setType("preonly")
+        pc = ksp.getPC()
+        pc.setType("lu")
+        if mumps:
+            pc.setFactorSolverType("mumps")
+            ParticleDerivatives._mumps_cached += 1
+        else:
+            pc.setFactorSolverType("petsc")
+            pc.setFactorOrdering("nd")
+        ksp.setUp()
+        if self._factor_bytes is None:
+            self._factor_bytes = comm.allreduce(self._estimate_bytes(A, pc), op=MPI.MAX)
+        self._cache_bytes += self._factor_bytes
+        self._cache[n] = ksp
+        self._ksp = ksp
+
+    @staticmethod
+    def _estimate_bytes(A: PETSc.Mat, pc: PETSc.PC) -> float:
+        """Memory of a kept step: the matrix and its factors (8-byte values, 4-byte indices)."""
+        nnz = A.getInfo()["nz_used"]
+        try:
+            nnz_f = pc.getFactorMatrix().getInfo()["nz_used"]
+        except PETSc.Error:  # pragma: no cover - solver without MatGetInfo
+            nnz_f = 0.0
+        if nnz_f <= 0:
+            nnz_f = 20.0 * nnz  # a generous fill for 2-D P1 meshes
+        return 12.0 * (nnz + nnz_f)
 
     def _solve(self, transpose: bool, rhs: PETSc.Vec, out: dolfinx.fem.Function) -> None:
         """Solve J x = rhs or J^T x = rhs with the last assembled J; result into ``out``."""
-        m = self.model
+        ksp = self._ksp
         if transpose:
-            m.ksp.solveTranspose(rhs, self.x)
+            ksp.solveTranspose(rhs, self.x)
         else:
-            m.ksp.solve(rhs, self.x)
-        if m.ksp.getConvergedReason() < 0:  # pragma: no cover - direct solver
-            raise RuntimeError(f"linear solve failed: KSP reason {m.ksp.getConvergedReason()}")
+            ksp.solve(rhs, self.x)
+        if ksp.getConvergedReason() < 0:  # pragma: no cover - direct solver
+            raise RuntimeError(f"linear solve failed: KSP reason {ksp.getConvergedReason()}")
         self.x.ghostUpdate(PETSc.InsertMode.INSERT, PETSc.ScatterMode.FORWARD)
         with self.x.localForm() as loc:
             out.x.array[:] = loc.array
@@ -312,7 +408,7 @@ class ParticleDerivatives:
         b = self.b
         for n in range(N, 0, -1):
             self.set_step(traj, n)
-            self._assemble_jacobian()
+            self._use_step(traj, n)
             for k in range(K):
                 with b.localForm() as loc:
                     loc.array[:] = carry[k]
@@ -372,7 +468,7 @@ class ParticleDerivatives:
             self._set_direction(directions[0])
         for n in range(1, N + 1):
             self.set_step(traj, n)
-            self._assemble_jacobian()
+            self._use_step(traj, n)
             for d, out in zip(directions, outs):
                 if len(directions) > 1:
                     self._set_direction(d)
@@ -453,7 +549,7 @@ class ParticleDerivatives:
             b.ghostUpdate(PETSc.InsertMode.ADD, PETSc.ScatterMode.REVERSE)
             b.axpy(s_coef, model.dcbar_du)
             b.scale(-1.0)
-            self._assemble_jacobian()
+            self._use_step(traj, n)
             self._solve(True, b, lamhat)
             # Hessian action: D(lambda_n . dF_n/dtheta) + lamhat_n . dF_n/dtheta; the cbar parts
             # of both enter the recursion of step n-1 (with the carried vector terms).

@@ -131,6 +131,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "newton_max_it": Key("int", 25, AT_LEAST_ONE, "Newton iterations per step"),
         "dc_max": Key("float", 0.02, POSITIVE, "largest change of c per step (accuracy)"),
         "storage": Key("str", "memory", _one_of("memory", "disk"), "where step states are kept"),
+        "factor_cache_mb": Key("float", 1024.0, NON_NEGATIVE,
+                               "memory per process for the Jacobian factorisations kept for "
+                               "derivative solves (0: refactorise every time)"),
         "petsc_options": PETSC_TABLE,
     },
     "simulate": {

@@ -91,6 +91,7 @@ class SolverOptions:
     newton_max_it: int = 25
     dc_max: float = 0.02
     storage: str = "memory"
+    factor_cache_mb: float = 1024.0
     petsc_options: dict = dataclasses.field(default_factory=dict)
 
     @classmethod

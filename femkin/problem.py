@@ -144,6 +144,9 @@ class InverseProblem:
         initial_smoothing: smoothing length (um) of the first-frame projection.
     """
 
+    #: Memory (MiB per particle) for the tangent states of one batch of Hessian actions.
+    BATCH_MB = 512.0
+
     def __init__(self, comm, video: Video, meshes: dict, distribution: Distribution,
                  parameters: ModelParameters, learn: Sequence[str], solver: SolverOptions,
                  sigma, driving: dict[int, Driving], initial_smoothing: float = 0.05):
@@ -241,6 +244,7 @@ class InverseProblem:
         failure = None
         for label, p in self.particles.items():
             c0 = self._c0(x, label)
+            p.derivs.clear_cache()  # the kept factorisations belong to the old trajectory
             try:
                 try:
                     p.trajectory = p.model.solve(self.video.t, self.driving[label], c0,
@@ -317,25 +321,51 @@ class InverseProblem:
 
     def hessian_mult(self, v: PETSc.Vec, out: PETSc.Vec, *, gauss_newton: bool = True) -> None:
         """Gauss-Newton (default) or full misfit Hessian action at the last gradient point."""
+        self.hessian_mult_batch([v], [out], gauss_newton=gauss_newton)
+
+    def _gn_source(self, p: Particle, tang: list):
+        frames = p.frame_of_step(p.trajectory, self.include_first)
+
+        def source2(n, arr):
+            f = frames.get(n)
+            if f is not None:
+                arr += p.obs.matrix.T @ (p.data.weight[f] * p.obs.apply(tang[n]))
+        return source2
+
+    def hessian_mult_batch(self, vs: Sequence[PETSc.Vec], outs: Sequence[PETSc.Vec], *,
+                           gauss_newton: bool = True) -> None:
+        """Hessian actions on several vectors at the last gradient point (collective).
+
+        Gauss-Newton actions of all vectors run through each particle's steps together (one
+        Jacobian factorisation per step for all, in chunks whose tangent states fit in
+        :attr:`BATCH_MB`); full-Hessian actions one after another.
+        """
         if any(p.trajectory is None for p in self.particles.values()):
             raise RuntimeError("hessian_mult needs a gradient evaluation first")
-        directions = self._direction(v)
-        sens = {}
+        directions = [self._direction(v) for v in vs]
+        sens: list[dict] = [{} for _ in vs]
         for label, p in self.particles.items():
-            tang = p.derivs.tangent(p.trajectory, directions[label])
-            frames = p.frame_of_step(p.trajectory, self.include_first)
-
-            def source2(n, arr, p=p, tang=tang, frames=frames):
-                f = frames.get(n)
-                if f is not None:
-                    arr += p.obs.matrix.T @ (p.data.weight[f] * p.obs.apply(tang[n]))
+            dirs = [d[label] for d in directions]
             if gauss_newton:
-                sens[label], _ = p.derivs.adjoint(p.trajectory, source2)
+                # The tangent states of a batch are held in memory: at most BATCH_MB of them.
+                state_bytes = 8.0 * len(p.model.u.x.array) * (p.trajectory.n_steps + 1)
+                size = int(max(1, self.BATCH_MB * 2**20 // max(state_bytes, 1.0)))
+                size = p.model.comm.allreduce(size, op=MPI.MIN)
+                for k0 in range(0, len(dirs), size):
+                    chunk = dirs[k0:k0 + size]
+                    tangs = p.derivs.tangent_many(p.trajectory, chunk)
+                    results = p.derivs.adjoint_many(
+                        p.trajectory, [self._gn_source(p, t) for t in tangs])
+                    for k, (s_k, _) in enumerate(results, start=k0):
+                        sens[k][label] = s_k
             else:
-                sens[label] = p.derivs.second_order(p.trajectory, directions[label], p.lambdas,
-                                                    tang, source2)
-        self._pack(sens, out)
-        self.counters["hessian"] += 1
+                for k, d in enumerate(dirs):
+                    tang = p.derivs.tangent(p.trajectory, d)
+                    sens[k][label] = p.derivs.second_order(
+                        p.trajectory, d, p.lambdas, tang, self._gn_source(p, tang))
+        for s_k, out in zip(sens, outs):
+            self._pack(s_k, out)
+        self.counters["hessian"] += len(vs)
 
     def _pack(self, sens: dict[int, Sensitivities], g: PETSc.Vec) -> None:
         """Write per-particle sensitivities into the dual vector g (collective)."""

@@ -353,12 +353,17 @@ def analyse(problem, prior, x: PETSc.Vec, settings: dict, *, variance_samples: i
         problem.hessian_mult(v, out, gauss_newton=gauss_newton)
         bar.update()
 
+    def apply_H_batch(vs, outs):
+        # The actions of one pass share each step's Jacobian factorisation.
+        problem.hessian_mult_batch(vs, outs, gauss_newton=gauss_newton)
+        bar.update(len(vs))
+
     max_rank = min(int(settings["max_rank"]), space.global_size)
     pairs = adaptive_rank(apply_H, prior.precision_mult, prior.covariance_mult,
                           lambda i: space.random_normal(seed + i),
                           threshold=float(settings["threshold"]), max_rank=max_rank,
                           oversampling=int(settings["oversampling"]),
-                          start=min(10, max_rank))
+                          start=min(10, max_rank), apply_H_batch=apply_H_batch)
     bar.close()
     hessian_actions = problem.counters["hessian"] - h_before
     timings["eigensolver"] = time.perf_counter() - t0
