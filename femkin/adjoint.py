@@ -225,13 +225,15 @@ class ParticleDerivatives:
                        if name not in self.STEP_SCALARS for c in v)
         return consts, hash(m.m.x.array.tobytes())
 
-    def _use_step(self, traj: Trajectory, n: int) -> None:
+    def _use_step(self, traj: Trajectory, n: int, keep: bool = False) -> None:
         """Make the next solves use J at step n (the model must be at step n: set_step).
 
-        J_n depends only on the trajectory, so its factorisation serves the gradient and every
-        Hessian action at the same point (a Newton-CG inner loop, the eigensolver's passes).
-        Factorisations are kept while they fit in ``[solver] factor_cache_mb`` per process;
-        steps beyond it are refactorised at every use.
+        J_n depends only on the trajectory and the parameters, so one factorisation serves
+        every Hessian action at the same point (a Newton-CG inner loop, the eigensolver's
+        passes). Tangent runs (``keep``) factorise J_n afresh and keep it while the kept ones
+        fit in ``[solver] factor_cache_mb`` per process; the adjoint and second-order runs use
+        what is kept and otherwise refactorise the model's matrix (its symbolic analysis is
+        reused, which makes a lone gradient cheapest).
         """
         key = self._fingerprint()
         if self._cache_of is None or self._cache_of() is not traj or self._cache_key != key:
@@ -242,12 +244,15 @@ class ParticleDerivatives:
         if ksp is not None:
             self._ksp = ksp
             return
+        if not keep:
+            self._assemble_jacobian()
+            return
         m = self.model
         budget = 2.0**20 * m.solver_options.factor_cache_mb
         estimate = self._factor_bytes if self._factor_bytes is not None else 0.0
         comm = m.comm
         mumps = comm.size > 1
-        full = self._cache_bytes + estimate > budget or (
+        full = budget <= 0 or self._cache_bytes + estimate > budget or (
             mumps and ParticleDerivatives._mumps_cached >= self.MUMPS_CACHE_LIMIT)
         # Every rank of the particle decides alike (the factorisation is collective).
         full = comm.allreduce(bool(full), op=MPI.LOR)
@@ -468,7 +473,7 @@ class ParticleDerivatives:
             self._set_direction(directions[0])
         for n in range(1, N + 1):
             self.set_step(traj, n)
-            self._use_step(traj, n)
+            self._use_step(traj, n, keep=True)
             for d, out in zip(directions, outs):
                 if len(directions) > 1:
                     self._set_direction(d)

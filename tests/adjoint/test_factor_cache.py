@@ -1,7 +1,7 @@
 """Kept Jacobian factorisations and batched derivative solves give the same numbers.
 
-The gradient factorises J_n at every step and keeps it (``[solver] factor_cache_mb``); the
-Hessian actions at the same point then only solve. Batched tangent and adjoint runs
+A tangent run factorises J_n at every step and keeps it (``[solver] factor_cache_mb``); the
+adjoint of the same Hessian action and every later action at the same point then only solve. Batched tangent and adjoint runs
 (``tangent_many``/``adjoint_many``) share each step's factorisation between directions. Both
 are pure reorganisations: every result must match the refactorising, one-at-a-time path to
 roundoff, the memory budget must bound what is kept, and a parameter change must invalidate
@@ -50,13 +50,16 @@ def test_kept_factorisations_reproduce_refactorising(problem):
     assert len(der._cache) == 0
     opts.factor_cache_mb = 1024.0
     grad = _flat(problem, der.adjoint(problem.traj, problem.source)[0])
-    n_steps = problem.traj.n_steps
-    assert len(der._cache) == n_steps  # every step kept by the gradient
-    kept = dict(der._cache)
+    assert len(der._cache) == 0  # a lone gradient keeps nothing
     gn = _flat(problem, _gauss_newton(problem, d))
+    n_steps = problem.traj.n_steps
+    assert len(der._cache) == n_steps  # every step kept by the tangent run
+    kept = dict(der._cache)
     full = _flat(problem, problem.hessian(d))
+    grad2 = _flat(problem, der.adjoint(problem.traj, problem.source)[0])
     assert all(der._cache[n] is kept[n] for n in kept)  # reused, not refactorised
     assert _rel(grad, grad_ref) < 1e-11
+    assert _rel(grad2, grad_ref) < 1e-11
     assert _rel(gn, gn_ref) < 1e-11
     assert _rel(full, full_ref) < 1e-11
 
@@ -64,18 +67,20 @@ def test_kept_factorisations_reproduce_refactorising(problem):
 def test_budget_bounds_what_is_kept(problem):
     der, opts = problem.der, problem.model.solver_options
     opts.factor_cache_mb = 1024.0
+    d = _direction(problem, BLOCKS, seed=1.3)
     der.clear_cache()
-    der.adjoint(problem.traj, problem.source)
+    _gauss_newton(problem, d)
     one = der._factor_bytes
     assert one > 0
     # Room for three steps: three kept, the others refactorised on every use, same answer.
     opts.factor_cache_mb = 3.5 * one / 2**20
     der.clear_cache()
-    g3 = _flat(problem, der.adjoint(problem.traj, problem.source)[0])
+    g3 = _flat(problem, _gauss_newton(problem, d))
     assert len(der._cache) == 3
     opts.factor_cache_mb = 0.0
     der.clear_cache()
-    g0 = _flat(problem, der.adjoint(problem.traj, problem.source)[0])
+    g0 = _flat(problem, _gauss_newton(problem, d))
+    assert len(der._cache) == 0
     assert _rel(g3, g0) < 1e-11
     opts.factor_cache_mb = 1024.0
 
@@ -84,8 +89,10 @@ def test_parameter_change_invalidates(problem):
     der, model = problem.der, problem.model
     model.solver_options.factor_cache_mb = 1024.0
     der.clear_cache()
-    g_ref = _flat(problem, der.adjoint(problem.traj, problem.source)[0])
+    d = problem.direction(_direction(problem, BLOCKS, seed=0.4))
+    der.tangent(problem.traj, d)
     assert len(der._cache) == problem.traj.n_steps
+    g_ref = _flat(problem, der.adjoint(problem.traj, problem.source)[0])
     # Other parameters, same trajectory object: the kept J_n are stale and must go.
     model.set_parameters(PARAMS.with_blocks({"k0": np.array([np.log(3.0e-3)])}))
     g_other = _flat(problem, der.adjoint(problem.traj, problem.source)[0])
