@@ -6,8 +6,11 @@ For a random direction d in one parameter block, the Taylor remainders
     r2(h) = |J(x + h d) - J(x) - h g.d - h^2/2 d.H d|  (falls as h^3 if H is right)
 
 are computed on a frozen time-step schedule; the observed rate is the smallest log2 ratio of
-successive remainders. Directions come from :meth:`ParameterSpace.random_normal`, so they do
-not depend on the number of ranks.
+successive remainders that both lie above the evaluation noise of J. That noise is set by the
+Newton tolerance of the forward solves (J itself is only known to about that relative
+accuracy): remainders below ``NOISE * |J|`` measure it, not the derivative, and are reported
+but not used for the rate. Directions come from :meth:`ParameterSpace.random_normal`, so they
+do not depend on the number of ranks.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from femkin._fem import PETSc
+
+#: Relative evaluation noise of J below which a Taylor remainder is not used for a rate.
+NOISE = 1e-11
 
 #: Scale of the probe direction per block (the initial state must stay inside (0, 1)).
 DIRECTION_SCALE = {"initial": 0.02, "kappa": 0.002, "coherency": 0.5, "k0": 0.3}
@@ -29,13 +35,16 @@ class TaylorResult(NamedTuple):
     hessian_remainders: list[float]
     gradient_rate: float
     hessian_rate: float
+    floor: float = 0.0
 
 
-def _rates(r: Sequence[float]) -> float:
+def _rates(r: Sequence[float], floor: float = 0.0) -> float:
+    """Smallest observed rate over successive pairs whose remainders both exceed ``floor``."""
     r = np.asarray(r, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
         rates = np.log2(r[:-1] / r[1:])
-    rates = rates[np.isfinite(rates)]
+    usable = np.isfinite(rates) & (r[:-1] > floor) & (r[1:] > floor)
+    rates = rates[usable]
     return float(rates.min()) if rates.size else float("nan")
 
 
@@ -78,8 +87,9 @@ def taylor_test(problem, x: PETSc.Vec, block: str, *, steps: Sequence[float], se
         r1.append(abs(Jh - J0 - h * gd))
         r2.append(abs(Jh - J0 - h * gd - 0.5 * h * h * dHd))
     problem.misfit(x)  # restore the state at x
-    return TaylorResult(block, list(steps), r1, r2, _rates(r1), _rates(r2) if hessian else
-                        float("nan"))
+    floor = NOISE * abs(J0)
+    return TaylorResult(block, list(steps), r1, r2, _rates(r1, floor),
+                        _rates(r2, floor) if hessian else float("nan"), floor)
 
 
 def hessian_symmetry(problem, x: PETSc.Vec, *, seed: int = 2, gauss_newton: bool = False) -> float:
