@@ -19,6 +19,7 @@ from femkin.io.video import Video, read_video
 from femkin.meshing import mesh_particle
 from femkin.parallel import distribute
 from femkin.problem import InverseProblem, driving_from, resolve_sigma
+from femkin.progress import Progress
 
 
 class Study(NamedTuple):
@@ -76,8 +77,11 @@ def open_study(path, comm=MPI.COMM_WORLD, *, simulated: bool | None = None) -> S
     return collective(comm, load)
 
 
-def build_meshes(comm, study: Study, labels, *, size: float | None = None):
-    """Distribute the particles and mesh those of this rank's group (cached in CASE/meshes)."""
+def build_meshes(comm, study: Study, labels, *, size: float | None = None, quiet: bool = True):
+    """Distribute the particles and mesh those of this rank's group (cached in CASE/meshes).
+
+    With ``quiet=False`` rank 0 shows a progress bar over its group's particles.
+    """
     video = study.video
     weights = [int((video.mask == lb).sum()) for lb in labels]
     dist = distribute(comm, weights)
@@ -85,16 +89,22 @@ def build_meshes(comm, study: Study, labels, *, size: float | None = None):
     if size is not None:
         opts["size"] = size
     meshes = {}
+    bar = Progress(f"mesh: {len(dist.mine)} particle(s)", len(dist.mine), comm=comm,
+                   quiet=quiet)
     for i in dist.mine:
         label = int(labels[i])
         pm = mesh_particle(video.mask, label, video.pixel_size, dist.subcomm, **opts,
                            cache_dir=study.case.dir / "meshes", source=str(study.video_path))
         meshes[label] = pm.mesh
+        bar.update()
+    bar.close()
     return dist, meshes
 
 
-def build_problem(study: Study, comm=MPI.COMM_WORLD, *, learn=None) -> InverseProblem:
-    """The inverse problem of a case (meshes cached, particles distributed)."""
+def build_problem(study: Study, comm=MPI.COMM_WORLD, *, learn=None,
+                  quiet: bool = True) -> InverseProblem:
+    """The inverse problem of a case (meshes cached, particles distributed; ``quiet=False``
+    shows a progress bar while meshing)."""
     case, video = study.case, study.video
     labels = [int(lb) for lb in video.labels]
 
@@ -104,7 +114,7 @@ def build_problem(study: Study, comm=MPI.COMM_WORLD, *, learn=None) -> InversePr
         return sigma, driving
 
     sigma, driving = collective(comm, checks)
-    dist, meshes = build_meshes(comm, study, labels)
+    dist, meshes = build_meshes(comm, study, labels, quiet=quiet)
     params = ModelParameters.from_case(case.model)
     solver = SolverOptions.from_case(case.solver)
     learn = case.inversion["learn"] if learn is None else learn

@@ -74,7 +74,8 @@ def simulate(case_path, comm=None, *, quiet: bool = False) -> Path:
         return k_map, driving_from(video, case.driving, labels)
 
     k_map, driving = collective(comm, checks)
-    dist, meshes = build_meshes(comm, study, labels, size=sim.get("mesh_size"))
+    dist, meshes = build_meshes(comm, study, labels, size=sim.get("mesh_size"),
+                                quiet=quiet)
     solver = SolverOptions.from_case(case.solver)
     T, H, W = video.c.shape
     out_dir = case.dir / "simulated"

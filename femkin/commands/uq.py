@@ -62,7 +62,7 @@ def uq(case_path, *, quiet: bool = False, comm=None) -> dict | None:
                              "invert CASE' first)", "no such file")
 
     collective(comm, check)
-    problem = build_problem(study, comm)
+    problem = build_problem(study, comm, quiet=quiet)
     x = problem.initial_vector()
     prior = build_prior(problem, case.inversion["prior"], x)
     _, case_hash = checkpoint_settings(study, problem)
