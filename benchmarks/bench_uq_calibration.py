@@ -44,10 +44,12 @@ Z95 = 1.959963984540054
 
 
 def one(seed: int, directory: pathlib.Path, max_iterations: int, max_rank: int,
-        hide_columns: int = 0) -> dict:
+        hide_columns: int = 0, truth_m: str = "fourier") -> dict:
     """Simulate, invert and analyse one realisation; returns its record.
 
     ``hide_columns > 0`` hides the particle's pixel columns ``j < hide_columns`` after frame 0.
+    ``truth_m = "prior"`` draws the true m from the inversion's own BiLaplacian prior (std 0.5,
+    length 0.15 um) instead of the smooth Fourier-feature field (std 0.4, length 0.2 um).
     """
     sys.path.insert(0, str(ROOT / "tests"))
     from workflow_case import write_case
@@ -57,6 +59,10 @@ def one(seed: int, directory: pathlib.Path, max_iterations: int, max_rank: int,
 
     case = write_case(directory / f"case_{seed}", max_iterations=max_iterations)
     text = (case / "case.toml").read_text().replace("seed = 3", f"seed = {seed}")
+    if truth_m == "prior":
+        text = text.replace("m_std = 0.4\nm_length = 0.2\n",
+                            "m_std = 0.5\nm_length = 0.15\nm_field = \"prior\"\n", 1)
+        assert 'm_field = "prior"' in text
     text += f"\n[uq]\nmax_rank = {max_rank}\nsamples = 0\n"
     (case / "case.toml").write_text(text)
     t0 = time.perf_counter()
@@ -114,12 +120,15 @@ def main() -> None:
     parser.add_argument("--max-rank", type=int, default=60)
     parser.add_argument("--hide-columns", type=int, default=0,
                         help="hide the particle's pixel columns j < J after frame 0")
+    parser.add_argument("--truth", choices=("fourier", "prior"), default="fourier",
+                        help="true m: smooth Fourier-feature field (std 0.4, length 0.2 um, "
+                        "not the prior's law) or a sample of the inversion's prior")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=pathlib.Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one is not None:
         print(json.dumps(one(args.one, args.dir, args.max_iterations, args.max_rank,
-                             args.hide_columns)))
+                             args.hide_columns, args.truth)))
         return
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="femkin-calib-") as tmp:
@@ -129,7 +138,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--one", str(seed), "--dir", tmp,
                    "--max-iterations", str(args.max_iterations),
                    "--max-rank", str(args.max_rank),
-                   "--hide-columns", str(args.hide_columns)]
+                   "--hide-columns", str(args.hide_columns), "--truth", args.truth]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
             if proc.returncode != 0:
                 record = {"seed": seed, "error": proc.stderr[-2000:]}

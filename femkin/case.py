@@ -143,6 +143,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "mesh_size": Key("float?", None, POSITIVE, "data-generation element size, pixels"),
         "m_std": Key("float?", None, NON_NEGATIVE, "std of a random smooth m (no k_map)"),
         "m_length": Key("float?", None, POSITIVE, "correlation length of that m, um"),
+        "m_field": Key("str", "fourier", _one_of("fourier", "prior"),
+                       "that m: a smooth Fourier-feature field, or a sample of the BiLaplacian "
+                       "prior with that std and length (a twin whose truth follows the prior)"),
         "outputs": Key(
             "list[str]", ["npz", "xdmf", "png"], _one_of("npz", "xdmf", "vtx", "png"), "outputs"
         ),

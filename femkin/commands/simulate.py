@@ -35,6 +35,32 @@ def random_m(coords, std: float, length: float, seed: int, n_features: int = 64)
     return std * field
 
 
+def prior_m(V, std: float, length: float, seed: int, label: int):
+    """A sample of the BiLaplacian prior (std, length) on ``V`` (owned + ghost values).
+
+    The white noise is hashed from the seed, the label and the rounded dof coordinates, so the
+    sample does not depend on the partition.
+    """
+    from femkin._fem import dolfinx
+    from femkin.parameters import hashed_normal, rounded_coordinates
+    from femkin.prior import BiLaplacianPrior
+
+    prior = BiLaplacianPrior(V, std, length, options_prefix="femkin_truth_prior_")
+    n_own = V.dofmap.index_map.size_local
+    white = prior.create_vector()
+    white.getArray()[:] = hashed_normal(seed, "m_truth", label,
+                                        rounded_coordinates(V.tabulate_dof_coordinates()[:n_own]))
+    out = prior.create_vector()
+    prior.sample(white, out)
+    f = dolfinx.fem.Function(V)
+    f.x.array[:n_own] = out.getArray(readonly=True)
+    f.x.scatter_forward()
+    for v in (white, out):
+        v.destroy()
+    prior.destroy()
+    return f.x.array.copy()
+
+
 def simulate(case_path, comm=None, *, quiet: bool = False) -> Path:
     """Run the simulation of a case; returns the path of the simulated video."""
     import numpy as np
@@ -93,6 +119,8 @@ def simulate(case_path, comm=None, *, quiet: bool = False) -> Path:
         inside = video.mask == label
         if k_map is not None:
             m = image_at(np.log(k_map / params.k0), inside, coords, video.pixel_size)
+        elif sim.get("m_std") and sim.get("m_field", "fourier") == "prior":
+            m = prior_m(model.V, sim["m_std"], sim.get("m_length") or 0.2, sim["seed"], label)
         elif sim.get("m_std"):
             m = random_m(coords, sim["m_std"], sim.get("m_length") or 0.2, sim["seed"])
         else:
