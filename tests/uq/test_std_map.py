@@ -33,7 +33,6 @@ import json
 import pathlib
 import shutil
 import sys
-import tempfile
 
 import numpy as np
 import pytest
@@ -43,7 +42,7 @@ from femkin.cli import main
 from femkin.io.video import read_video, write_video
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from workflow_case import write_case  # noqa: E402
+from uq_problems import simulated_twin  # noqa: E402
 
 UQ_SECTION = """
 [uq]
@@ -62,15 +61,7 @@ FAR_HIDDEN, FAR_OBSERVED = 3, 8
 def blind_case():
     """The twin case with its left part hidden, inverted (4 iterations, rank 0) and analysed."""
     comm = MPI.COMM_WORLD
-    root = tempfile.mkdtemp(prefix="femkin-stdmap-") if comm.rank == 0 else None
-    root = pathlib.Path(comm.bcast(root, root=0))
-    case = root / "case"
-    if comm.rank == 0:
-        write_case(case, max_iterations=4)
-        with open(case / "case.toml", "a") as f:
-            f.write(UQ_SECTION)
-    comm.barrier()
-    assert main(["simulate", str(case), "--quiet"]) == 0
+    root, case = simulated_twin("femkin-stdmap-", 4, UQ_SECTION)
     if comm.rank == 0:
         path = case / "simulated" / "video.npz"
         video = read_video(path)

@@ -6,7 +6,6 @@ import json
 import pathlib
 import shutil
 import sys
-import tempfile
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from femkin._fem import MPI
 from femkin.cli import main
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from uq_problems import simulated_twin  # noqa: E402
 from workflow_case import write_case  # noqa: E402
 
 UQ_SECTION = """
@@ -30,15 +30,7 @@ seed = 7
 def inverted_case():
     """A twin case simulated, inverted (6 iterations, serially) and run through ``femkin uq``."""
     comm = MPI.COMM_WORLD
-    root = tempfile.mkdtemp(prefix="femkin-uq-") if comm.rank == 0 else None
-    root = pathlib.Path(comm.bcast(root, root=0))
-    case = root / "case"
-    if comm.rank == 0:
-        write_case(case, max_iterations=6)
-        with open(case / "case.toml", "a") as f:
-            f.write(UQ_SECTION)
-    comm.barrier()
-    assert main(["simulate", str(case), "--quiet"]) == 0
+    root, case = simulated_twin("femkin-uq-", 6, UQ_SECTION)
     from femkin.commands.uq import uq
     from femkin.errors import InputError
 

@@ -161,3 +161,25 @@ def unit_vectors(problem: Problem) -> list[PETSc.Vec]:
 def rel(a: np.ndarray, b: np.ndarray) -> float:
     """Relative Frobenius difference ``|a - b| / |b|``."""
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def simulated_twin(prefix: str, max_iterations: int, extra_toml: str):
+    """Collective: a tiny twin case (``tests/workflow_case.py``) in a fresh temporary root, with
+    ``extra_toml`` appended to its case file, simulated on every rank. Returns (root, case)."""
+    import pathlib
+    import tempfile
+
+    from femkin.cli import main
+    from workflow_case import write_case
+
+    comm = MPI.COMM_WORLD
+    root = tempfile.mkdtemp(prefix=prefix) if comm.rank == 0 else None
+    root = pathlib.Path(comm.bcast(root, root=0))
+    case = root / "case"
+    if comm.rank == 0:
+        write_case(case, max_iterations=max_iterations)
+        with open(case / "case.toml", "a") as f:
+            f.write(extra_toml)
+    comm.barrier()
+    assert main(["simulate", str(case), "--quiet"]) == 0
+    return root, case
