@@ -204,6 +204,15 @@ class ParticleDerivatives:
         m.ksp.setOperators(m.A)
         self._ksp = m.ksp
 
+    def __del__(self):
+        # Accounting only (no collective PETSc calls in a finaliser): the kept MUMPS
+        # factorisations go with this object, so they no longer count against the limit.
+        try:
+            ParticleDerivatives._mumps_cached -= sum(
+                ksp.getPC().getFactorSolverType() == "mumps" for ksp in self._cache.values())
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
     def clear_cache(self) -> None:
         """Free the kept factorisations (done automatically when the trajectory changes)."""
         for ksp in self._cache.values():

@@ -122,3 +122,23 @@ def test_batched_equals_one_at_a_time(problem):
         assert _rel(_flat(problem, s), _flat(problem, s1)) < 1e-12
     # Different directions give different actions (the batch does not mix them up).
     assert _rel(_flat(problem, results[0][0]), _flat(problem, results[1][0])) > 1e-2
+
+
+def test_discarded_objects_release_their_mumps_count(problem):
+    """The process-wide count of kept MUMPS factorisations (each holds a communicator) drops
+    when a ParticleDerivatives is discarded, so later problems can keep theirs."""
+    from femkin.adjoint import ParticleDerivatives
+
+    der = ParticleDerivatives(problem.model)
+    problem.model.solver_options.factor_cache_mb = 1024.0
+    before = ParticleDerivatives._mumps_cached
+    der.tangent(problem.traj, problem.direction(_direction(problem, BLOCKS, seed=0.9)))
+    kept = len(der._cache)
+    assert kept == problem.traj.n_steps
+    expected = kept if problem.comm.size > 1 else 0  # one rank keeps PETSc's own LU
+    assert ParticleDerivatives._mumps_cached == before + expected
+    del der
+    import gc
+
+    gc.collect()
+    assert ParticleDerivatives._mumps_cached == before
