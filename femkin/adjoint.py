@@ -234,7 +234,16 @@ class ParticleDerivatives:
                        if name not in self.STEP_SCALARS for c in v)
         return consts, hash(m.m.x.array.tobytes())
 
-    def _use_step(self, traj: Trajectory, n: int, keep: bool = False) -> None:
+    def _cache_for(self, traj: Trajectory) -> None:
+        """Drop the kept factorisations unless they belong to ``traj`` and the current
+        parameters (called once per recursion, before its first :meth:`_use_step`)."""
+        key = self._fingerprint()
+        if self._cache_of is None or self._cache_of() is not traj or self._cache_key != key:
+            self.clear_cache()
+            self._cache_of = weakref.ref(traj)
+            self._cache_key = key
+
+    def _use_step(self, n: int, keep: bool = False) -> None:
         """Make the next solves use J at step n (the model must be at step n: set_step).
 
         J_n depends only on the trajectory and the parameters, so one factorisation serves
@@ -242,13 +251,9 @@ class ParticleDerivatives:
         passes). Tangent runs (``keep``) factorise J_n afresh and keep it while the kept ones
         fit in ``[solver] factor_cache_mb`` per process; the adjoint and second-order runs use
         what is kept and otherwise refactorise the model's matrix (its symbolic analysis is
-        reused, which makes a lone gradient cheapest).
+        reused, which makes a lone gradient cheapest). :meth:`_cache_for` must have been
+        called for the trajectory.
         """
-        key = self._fingerprint()
-        if self._cache_of is None or self._cache_of() is not traj or self._cache_key != key:
-            self.clear_cache()
-            self._cache_of = weakref.ref(traj)
-            self._cache_key = key
         ksp = self._cache.get(n)
         if ksp is not None:
             self._ksp = ksp
@@ -384,6 +389,20 @@ class ParticleDerivatives:
         local = float(np.dot(dcbar.array, arr[: dcbar.getLocalSize()]))
         return self.model.comm.allreduce(local, op=MPI.SUM)
 
+    def _rhs(self, carry: np.ndarray, source: Callable, n: int, s: float,
+             extra=None) -> PETSc.Vec:
+        """``self.b`` = carried terms + ``source(n)`` (+ the assembled ``extra`` form), summed
+        over ghosts, plus ``s`` times d cbar/du (the coherency mean's dependence)."""
+        b = self.b
+        with b.localForm() as loc:
+            loc.array[:] = carry
+            source(n, loc.array)
+        if extra is not None:
+            dolfinx.fem.petsc.assemble_vector(b, extra)
+        b.ghostUpdate(PETSc.InsertMode.ADD, PETSc.ScatterMode.REVERSE)
+        b.axpy(s, self.model.dcbar_du)
+        return b
+
     # -- first-order adjoint ------------------------------------------------------------------
     def adjoint(self, traj: Trajectory, source: Callable[[int, np.ndarray], None], *,
                 store: bool = False) -> tuple[Sensitivities, list | None]:
@@ -406,6 +425,7 @@ class ParticleDerivatives:
         every source's transposed solve. Returns one (sensitivities, lambdas) per source."""
         model = self.model
         N = traj.n_steps
+        self._cache_for(traj)
         K = len(sources)
         keys = self._scalar_keys()
         i_cbar = self._cbar_index(keys)
@@ -422,14 +442,9 @@ class ParticleDerivatives:
         b = self.b
         for n in range(N, 0, -1):
             self.set_step(traj, n)
-            self._use_step(traj, n)
+            self._use_step(n)
             for k in range(K):
-                with b.localForm() as loc:
-                    loc.array[:] = carry[k]
-                    sources[k](n, loc.array)
-                b.ghostUpdate(PETSc.InsertMode.ADD, PETSc.ScatterMode.REVERSE)
-                b.axpy(s_next[k], model.dcbar_du)
-                b.scale(-1.0)
+                self._rhs(carry[k], sources[k], n, s_next[k]).scale(-1.0)
                 self._solve(True, b, self.lam)
                 if store:
                     lambdas[k][n] = self.lam.x.array.copy()
@@ -446,11 +461,7 @@ class ParticleDerivatives:
         out = []
         for k in range(K):
             # dJ/du_0 (the initial state is a parameter when "initial" is learned).
-            with b.localForm() as loc:
-                loc.array[:] = carry[k]
-                sources[k](0, loc.array)
-            b.ghostUpdate(PETSc.InsertMode.ADD, PETSc.ScatterMode.REVERSE)
-            b.axpy(s_next[k], model.dcbar_du)
+            b = self._rhs(carry[k], sources[k], 0, s_next[k])
             out.append((self._finish(*acc[k], self._c_owned(b)), lambdas[k]))
         return out
 
@@ -471,6 +482,7 @@ class ParticleDerivatives:
     def tangent_many(self, traj: Trajectory, directions: list) -> list[list[np.ndarray]]:
         """:meth:`tangent` for several directions: one J factorisation per step for all."""
         N = traj.n_steps
+        self._cache_for(traj)
         rhs = self._form("tlm_rhs", self._tlm_rhs_ufl)
         outs = []
         for d in directions:
@@ -482,7 +494,7 @@ class ParticleDerivatives:
             self._set_direction(directions[0])
         for n in range(1, N + 1):
             self.set_step(traj, n)
-            self._use_step(traj, n, keep=True)
+            self._use_step(n, keep=True)
             for d, out in zip(directions, outs):
                 if len(directions) > 1:
                     self._set_direction(d)
@@ -523,6 +535,7 @@ class ParticleDerivatives:
         """
         model = self.model
         N = traj.n_steps
+        self._cache_for(traj)
         keys = self._scalar_keys()
         i_cbar = self._cbar_index(keys)
         Wt = ufl.TestFunction(model.W)
@@ -556,14 +569,8 @@ class ParticleDerivatives:
         b = self.b
         for n in range(N, 0, -1):
             load(n)
-            with b.localForm() as loc:
-                loc.array[:] = carry
-                source2(n, loc.array)
-            dolfinx.fem.petsc.assemble_vector(b, soa_self)
-            b.ghostUpdate(PETSc.InsertMode.ADD, PETSc.ScatterMode.REVERSE)
-            b.axpy(s_coef, model.dcbar_du)
-            b.scale(-1.0)
-            self._use_step(traj, n)
+            self._rhs(carry, source2, n, s_coef, extra=soa_self).scale(-1.0)
+            self._use_step(n)
             self._solve(True, b, lamhat)
             # Hessian action: D(lambda_n . dF_n/dtheta) + lamhat_n . dF_n/dtheta; the cbar parts
             # of both enter the recursion of step n-1 (with the carried vector terms).
@@ -582,9 +589,5 @@ class ParticleDerivatives:
             dolfinx.fem.petsc.assemble_vector(b, rhs_old)
             with b.localForm() as loc:
                 carry[:] = loc.array
-        with b.localForm() as loc:
-            loc.array[:] = carry
-            source2(0, loc.array)
-        b.ghostUpdate(PETSc.InsertMode.ADD, PETSc.ScatterMode.REVERSE)
-        b.axpy(s_coef, model.dcbar_du)
+        b = self._rhs(carry, source2, 0, s_coef)
         return self._finish(scal, g_m, mu_e_sens, self._c_owned(b))
