@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -27,8 +28,14 @@ from femkin.physics import acr
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEMO_VIDEO = ROOT / "cases" / "demo" / "data" / "video.npz"
 
-PARAMETERS = ModelParameters(mu_h=(3.2, 0.0, 0.6), j0=(-0.6, 0.3), j0_prefactor=(0.5, 0.5),
-                             k0=1.5e-3, kappa=0.01, coherency=0.5)
+PARAMETERS = ModelParameters(
+    mu_h=(3.2, 0.0, 0.6),
+    j0=(-0.6, 0.3),
+    j0_prefactor=(0.5, 0.5),
+    k0=1.5e-3,
+    kappa=0.01,
+    coherency=0.5,
+)
 FRAMES = np.linspace(0.0, 300.0, 6)
 MU_E = -1.0 - 0.5 * np.arange(6)
 SIGMA = 0.05
@@ -72,15 +79,22 @@ class Problem:
         return im.size_global * self.model.W.dofmap.index_map_bs
 
 
-def make_problem(size: float, comm=MPI.COMM_WORLD, *, solver: SolverOptions | None = None,
-                 quadrature_degree: int = 4, prefix: str = "bench_forward_") -> Problem:
+def make_problem(
+    size: float,
+    comm=MPI.COMM_WORLD,
+    *,
+    solver: SolverOptions | None = None,
+    quadrature_degree: int = 4,
+    prefix: str = "bench_forward_",
+) -> Problem:
     """Mesh the demo particle with element size ``size`` (pixels) and build its model."""
     mask, label, pixel_size, source = demo_mask()
     t0 = time.perf_counter()
     mesh = mesh_particle(mask, label, pixel_size, comm, size=size).mesh
     t_mesh = time.perf_counter() - t0
-    model = ParticleModel(mesh, PARAMETERS, solver=solver, quadrature_degree=quadrature_degree,
-                          options_prefix=prefix)
+    model = ParticleModel(
+        mesh, PARAMETERS, solver=solver, quadrature_degree=quadrature_degree, options_prefix=prefix
+    )
     c0, m = initial_fields(model.V)
     model.set_m(m)
     obs = build_observation(model.W.sub(0), mask, label, pixel_size)
@@ -100,8 +114,10 @@ def pixel_misfit_sources(problem: Problem, traj, data: dict[int, np.ndarray]):
     """(J, source) of J = 1/2 sum_f sum_p (B c_f - d)^2 / sigma^2 and its dJ/du_n callback."""
     obs, comm = problem.obs, problem.model.comm
     frames = set(traj.frame_steps[1:])
-    J = comm.allreduce(sum(0.5 * np.sum((obs.apply(traj.state(n)) - data[n]) ** 2)
-                           for n in frames) / SIGMA**2, op=MPI.SUM)
+    J = comm.allreduce(
+        sum(0.5 * np.sum((obs.apply(traj.state(n)) - data[n]) ** 2) for n in frames) / SIGMA**2,
+        op=MPI.SUM,
+    )
 
     def source(n: int, out: np.ndarray) -> None:
         if n in frames:
@@ -174,8 +190,16 @@ class TapedProblem:
         data: L2 data Functions at the frame steps (from :func:`l2_data`).
     """
 
-    def __init__(self, model: ParticleModel, traj, data: dict[int, Any], driving: Driving,
-                 *, rtol: float = 1e-13, atol: float = 1e-14):
+    def __init__(
+        self,
+        model: ParticleModel,
+        traj,
+        data: dict[int, Any],
+        driving: Driving,
+        *,
+        rtol: float = 1e-13,
+        atol: float = 1e-14,
+    ):
         import dolfinx_adjoint as dxa
         import pyadjoint
 
@@ -193,9 +217,13 @@ class TapedProblem:
         def fixed(v):
             return dolfinx.fem.Constant(mesh, PETSc.ScalarType(v))
 
-        self.blocks = {"mu_h": [C(v) for v in p.mu_h], "j0": [C(v) for v in p.j0],
-                       "k0": [C(np.log(p.k0))], "kappa": [C(p.kappa)],
-                       "coherency": [C(p.coherency)]}
+        self.blocks = {
+            "mu_h": [C(v) for v in p.mu_h],
+            "j0": [C(v) for v in p.j0],
+            "k0": [C(np.log(p.k0))],
+            "kappa": [C(p.kappa)],
+            "coherency": [C(p.coherency)],
+        }
         self.m = dxa.Function(model.V, name="m")
         dt, mu_e, cbar = C(1.0), C(0.0), C(0.0)
         with pyadjoint.stop_annotating():
@@ -203,18 +231,37 @@ class TapedProblem:
             self.u_old.x.array[:] = traj.state(0)
             self.u.x.array[:] = traj.state(0)
         coeffs = acr.ACRCoefficients(
-            a=self.blocks["mu_h"], b=self.blocks["j0"], p=fixed(p.j0_prefactor[0]),
-            q=fixed(p.j0_prefactor[1]), ln_k0=self.blocks["k0"][0], m=self.m,
-            kappa=self.blocks["kappa"][0], coherency=self.blocks["coherency"][0],
-            alpha=fixed(p.alpha))
+            a=self.blocks["mu_h"],
+            b=self.blocks["j0"],
+            p=fixed(p.j0_prefactor[0]),
+            q=fixed(p.j0_prefactor[1]),
+            ln_k0=self.blocks["k0"][0],
+            m=self.m,
+            kappa=self.blocks["kappa"][0],
+            coherency=self.blocks["coherency"][0],
+            alpha=fixed(p.alpha),
+        )
         dx = model.dx
-        F = acr.residual(ufl.split(self.u), ufl.split(self.u_old), ufl.split(ufl.TestFunction(W)),
-                         dt, mu_e, cbar, coeffs, dx)
+        F = acr.residual(
+            ufl.split(self.u),
+            ufl.split(self.u_old),
+            ufl.split(ufl.TestFunction(W)),
+            dt,
+            mu_e,
+            cbar,
+            coeffs,
+            dx,
+        )
         lu = {"ksp_type": "preonly", "pc_type": "lu", "pc_factor_mat_solver_type": "mumps"}
-        opts = {"snes_type": "newtonls", "snes_linesearch_type": "basic", "snes_rtol": rtol,
-                "snes_atol": atol, "snes_max_it": 50, **lu}
-        self.problem = dxa.NonlinearProblem(F, self.u, petsc_options=opts,
-                                            adjoint_petsc_options=lu)
+        opts = {
+            "snes_type": "newtonls",
+            "snes_linesearch_type": "basic",
+            "snes_rtol": rtol,
+            "snes_atol": atol,
+            "snes_max_it": 50,
+            **lu,
+        }
+        self.problem = dxa.NonlinearProblem(F, self.u, petsc_options=opts, adjoint_petsc_options=lu)
         times = traj.times
         frames = set(traj.frame_steps[1:])
         J = 0.0
@@ -228,7 +275,8 @@ class TapedProblem:
                 raise RuntimeError(f"dolfinx-adjoint forward step {n} did not converge")
             if n in frames:
                 J = J + dxa.assemble_scalar(
-                    0.5 * (ufl.split(self.u)[0] - data[n]) ** 2 / SIGMA**2 * dx)
+                    0.5 * (ufl.split(self.u)[0] - data[n]) ** 2 / SIGMA**2 * dx
+                )
             dxa.assign(self.u, self.u_old)
         pyadjoint.pause_annotation()
         self.J = J
@@ -243,7 +291,6 @@ class TapedProblem:
         g = self.rf.derivative()
         scal: dict[str, list] = {k: [] for k in self.blocks}
         for (name, i), gi in zip(self.control_names[:-1], g[:-1]):
-            scal[name].append(float(np.asarray(gi.x.array).ravel()[0]) if gi.x.array.size
-                              else 0.0)
+            scal[name].append(float(np.asarray(gi.x.array).ravel()[0]) if gi.x.array.size else 0.0)
         n_own = self.m.function_space.dofmap.index_map.size_local
         return {k: np.array(v) for k, v in scal.items()}, g[-1].x.array[:n_own].copy()

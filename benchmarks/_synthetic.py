@@ -81,7 +81,7 @@ def synthetic_mask(n_particles: int, pixels: float, seed: int = 11) -> tuple[np.
     n_cols = int(np.ceil(np.sqrt(n_particles)))
     n_rows = int(np.ceil(n_particles / n_cols))
     mask = np.zeros((n_rows * cell, n_cols * cell), dtype=np.int64)
-    ii, jj = np.mgrid[0:mask.shape[0], 0:mask.shape[1]]
+    ii, jj = np.mgrid[0 : mask.shape[0], 0 : mask.shape[1]]
     placed = []
     for i, (a, b, theta, c_init) in enumerate(shapes):
         cy, cx = (i // n_cols + 0.5) * cell - 0.5, (i % n_cols + 0.5) * cell - 0.5
@@ -92,10 +92,18 @@ def synthetic_mask(n_particles: int, pixels: float, seed: int = 11) -> tuple[np.
     return mask, placed
 
 
-def write_synthetic_case(root, n_particles: int, *, pixels: float = 60.0, n_frames: int = 5,
-                         max_iterations: int = 4, learn=("mu_h", "j0", "k0", "m"),
-                         mesh_size: float = 1.5, sim_mesh_size: float = 1.0,
-                         seed: int = 11) -> pathlib.Path:
+def write_synthetic_case(
+    root,
+    n_particles: int,
+    *,
+    pixels: float = 60.0,
+    n_frames: int = 5,
+    max_iterations: int = 4,
+    learn=("mu_h", "j0", "k0", "m"),
+    mesh_size: float = 1.5,
+    sim_mesh_size: float = 1.0,
+    seed: int = 11,
+) -> pathlib.Path:
     """Write a twin case of ``n_particles`` particles into ``root`` (run ``simulate`` next).
 
     Args:
@@ -116,18 +124,25 @@ def write_synthetic_case(root, n_particles: int, *, pixels: float = 60.0, n_fram
     root = pathlib.Path(root)
     (root / "data").mkdir(parents=True, exist_ok=True)
     mask, placed = synthetic_mask(n_particles, pixels, seed)
-    ii, jj = np.mgrid[0:mask.shape[0], 0:mask.shape[1]]
+    ii, jj = np.mgrid[0 : mask.shape[0], 0 : mask.shape[1]]
     t = np.linspace(0.0, 400.0, n_frames)
     c = np.full((n_frames,) + mask.shape, np.nan)
     for i, (cy, cx, c_init) in enumerate(placed):
         inside = mask == i + 1
-        c[0][inside] = c_init + 0.02 * np.cos((ii[inside] - cy) / 3.0) \
-            * np.sin((jj[inside] - cx) / 4.0)
-    write_video(root / "data" / "video.npz",
-                Video(c, mask, t, PIXEL_SIZE, mu_e=np.full(n_frames, 1.0)))
-    (root / "case.toml").write_text(CASE_TOML.format(
-        mesh_size=mesh_size, sim_mesh_size=sim_mesh_size, max_iterations=max_iterations,
-        learn=json.dumps(list(learn))))
+        c[0][inside] = c_init + 0.02 * np.cos((ii[inside] - cy) / 3.0) * np.sin(
+            (jj[inside] - cx) / 4.0
+        )
+    write_video(
+        root / "data" / "video.npz", Video(c, mask, t, PIXEL_SIZE, mu_e=np.full(n_frames, 1.0))
+    )
+    (root / "case.toml").write_text(
+        CASE_TOML.format(
+            mesh_size=mesh_size,
+            sim_mesh_size=sim_mesh_size,
+            max_iterations=max_iterations,
+            learn=json.dumps(list(learn)),
+        )
+    )
     return root
 
 
@@ -145,8 +160,11 @@ class PhaseTimers:
         self.seconds = {"forward": 0.0, "adjoint": 0.0, "hessian": 0.0}
         self.calls = {"forward": 0, "adjoint": 0, "hessian": 0}
         timers = self
-        misfit, gradient, hessian = (InverseProblem.misfit, InverseProblem.gradient,
-                                     InverseProblem.hessian_mult)
+        misfit, gradient, hessian = (
+            InverseProblem.misfit,
+            InverseProblem.gradient,
+            InverseProblem.hessian_mult,
+        )
 
         def timed_misfit(problem, *args, **kwargs):
             t0 = time.perf_counter()
@@ -214,8 +232,10 @@ def timed_fit(case, comm=None) -> dict:
         "iterations": int(result.iterations),
         "tao_reason": str(result.reason),
         "wall_s": {"total": wall, **{k: float(v) for k, v in timings.items()}},
-        "cpu_s": {"sum_over_ranks": comm.allreduce(cpu, op=MPI.SUM),
-                  "max_rank": comm.allreduce(cpu, op=MPI.MAX)},
+        "cpu_s": {
+            "sum_over_ranks": comm.allreduce(cpu, op=MPI.SUM),
+            "max_rank": comm.allreduce(cpu, op=MPI.MAX),
+        },
         "phase_wall_s": phases,
         "phase_share_of_fit": {k: v / fit for k, v in phases.items()},
         "phase_calls": dict(timers.calls),

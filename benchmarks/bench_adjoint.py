@@ -41,18 +41,23 @@ import io
 import json
 import os
 import pstats
-import resource
 import subprocess
 import sys
 import time
-import tracemalloc
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import (TapedProblem, gauss_newton_source, l2_data, l2_misfit_source,  # noqa: E402
-                     make_problem, pixel_data, pixel_misfit_sources)
+from _common import (
+    TapedProblem,
+    gauss_newton_source,
+    l2_data,
+    l2_misfit_source,  # noqa: E402
+    make_problem,
+    pixel_data,
+    pixel_misfit_sources,
+)
 
 from femkin._fem import MPI, dolfinx  # noqa: E402
 from femkin.adjoint import Direction, ParticleDerivatives  # noqa: E402
@@ -89,7 +94,7 @@ def _profile(fn, n: int = 15) -> list[str]:
     pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(n)
     lines = [ln.strip() for ln in s.getvalue().splitlines() if ln.strip()]
     start = next(i for i, ln in enumerate(lines) if ln.startswith("ncalls"))
-    return lines[start:start + n + 1]
+    return lines[start : start + n + 1]
 
 
 def _directions(model, count: int) -> list[Direction]:
@@ -98,10 +103,18 @@ def _directions(model, count: int) -> list[Direction]:
     out = []
     for j in range(count):
         s = 1.0 + 0.1 * j
-        out.append(Direction({"mu_h": s * np.array([0.3, -0.2, 0.1]),
-                              "j0": s * np.array([0.2, 0.1]), "k0": np.array([0.3 * s]),
-                              "kappa": np.array([0.004]), "coherency": np.array([0.3])},
-                             m=0.5 * np.sin((3 + j) * x[:, 0] + j * x[:, 1])))
+        out.append(
+            Direction(
+                {
+                    "mu_h": s * np.array([0.3, -0.2, 0.1]),
+                    "j0": s * np.array([0.2, 0.1]),
+                    "k0": np.array([0.3 * s]),
+                    "kappa": np.array([0.004]),
+                    "coherency": np.array([0.3]),
+                },
+                m=0.5 * np.sin((3 + j) * x[:, 0] + j * x[:, 1]),
+            )
+        )
     return out
 
 
@@ -128,8 +141,9 @@ def bench_case(size: float, *, with_dxa: bool) -> dict:
 
     def full_action():
         tang = der.tangent(traj, direction)
-        return der.second_order(traj, direction, lambdas, tang,
-                                gauss_newton_source(problem, traj, tang))
+        return der.second_order(
+            traj, direction, lambdas, tang, gauss_newton_source(problem, traj, tang)
+        )
 
     t_tan, c_tan, _ = _timed(der.tangent, traj, direction)
     t_gn, c_gn, _ = _timed(gn_action)
@@ -152,13 +166,18 @@ def bench_case(size: float, *, with_dxa: bool) -> dict:
 
     def gn_batched():
         tangs = der.tangent_many(traj, block)
-        return [s for s, _ in der.adjoint_many(
-            traj, [gauss_newton_source(problem, traj, t) for t in tangs])]
+        return [
+            s
+            for s, _ in der.adjoint_many(
+                traj, [gauss_newton_source(problem, traj, t) for t in tangs]
+            )
+        ]
 
     t_seq, c_seq, seq = _timed(gn_one_by_one)
     t_bat, c_bat, bat = _timed(gn_batched)
-    batch_diff = max(float(np.max(np.abs(a.m - b.m)) / np.max(np.abs(a.m))) for a, b in
-                     zip(seq, bat))
+    batch_diff = max(
+        float(np.max(np.abs(a.m - b.m)) / np.max(np.abs(a.m))) for a, b in zip(seq, bat)
+    )
     # Kept factorisations (the default): the first Hessian action at a point factorises each
     # J_n in its tangent run and keeps it (timed from an empty cache every call); later
     # actions at the same point (Newton-CG, the eigensolver) only solve. The gradient keeps
@@ -175,42 +194,65 @@ def bench_case(size: float, *, with_dxa: bool) -> dict:
     t_bat_k, _, _ = _timed(gn_batched)
     der.active = None
     t_full_k, _, _ = _timed(full_action)
-    kept = {"steps_kept": len(der._cache), "kept_MiB": der._cache_bytes / 2**20,
-            "first_gauss_newton_action_s": t_first_k, "gauss_newton_action_s": t_gn_k,
-            "full_hessian_action_s": t_full_k, "batched_gauss_newton_s": t_bat_k,
-            "first_gauss_newton_over_forward_default_learn": t_first_k / t_fwd,
-            "gauss_newton_over_forward_default_learn": t_gn_k / t_fwd,
-            "full_hessian_over_forward": t_full_k / t_fwd,
-            "batched_gauss_newton_per_action_over_forward": t_bat_k / BATCH / t_fwd,
-            "cpu_gauss_newton_over_forward_default_learn": c_gn_k / c_fwd}
+    kept = {
+        "steps_kept": len(der._cache),
+        "kept_MiB": der._cache_bytes / 2**20,
+        "first_gauss_newton_action_s": t_first_k,
+        "gauss_newton_action_s": t_gn_k,
+        "full_hessian_action_s": t_full_k,
+        "batched_gauss_newton_s": t_bat_k,
+        "first_gauss_newton_over_forward_default_learn": t_first_k / t_fwd,
+        "gauss_newton_over_forward_default_learn": t_gn_k / t_fwd,
+        "full_hessian_over_forward": t_full_k / t_fwd,
+        "batched_gauss_newton_per_action_over_forward": t_bat_k / BATCH / t_fwd,
+        "cpu_gauss_newton_over_forward_default_learn": c_gn_k / c_fwd,
+    }
     der.clear_cache()
     model.solver_options.factor_cache_mb = 0.0
 
-    out = {"mesh_size_px": size, "dofs": problem.n_dofs, "steps": traj.n_steps,
-           "newton_its_total": int(np.sum(traj.newton_iterations)),
-           "wall_s": {"forward": t_fwd, "gradient": t_grad, "tangent": t_tan,
-                      "gauss_newton_action": t_gn, "full_hessian_action": t_full,
-                      "gradient_default_learn": t_grad_l,
-                      "gauss_newton_action_default_learn": t_gn_l},
-           "cpu_s": {"forward": c_fwd, "gradient": c_grad, "tangent": c_tan,
-                     "gauss_newton_action": c_gn, "full_hessian_action": c_full,
-                     "gradient_default_learn": c_grad_l,
-                     "gauss_newton_action_default_learn": c_gn_l},
-           "gradient_over_forward": t_grad / t_fwd,
-           "gauss_newton_over_forward": t_gn / t_fwd,
-           "full_hessian_over_forward": t_full / t_fwd,
-           "gradient_over_forward_default_learn": t_grad_l / t_fwd,
-           "gauss_newton_over_forward_default_learn": t_gn_l / t_fwd,
-           "cpu_gradient_over_forward": c_grad / c_fwd,
-           "cpu_gauss_newton_over_forward": c_gn / c_fwd,
-           "cpu_gradient_over_forward_default_learn": c_grad_l / c_fwd,
-           "cpu_gauss_newton_over_forward_default_learn": c_gn_l / c_fwd,
-           "batched_gauss_newton": {
-               "directions": BATCH, "one_by_one_s": t_seq, "batched_s": t_bat,
-               "speedup": t_seq / t_bat, "per_action_over_forward": t_bat / BATCH / t_fwd,
-               "max_rel_diff": batch_diff},
-           "kept_factorisations": kept,
-           "memory": memory_case(size)}
+    out = {
+        "mesh_size_px": size,
+        "dofs": problem.n_dofs,
+        "steps": traj.n_steps,
+        "newton_its_total": int(np.sum(traj.newton_iterations)),
+        "wall_s": {
+            "forward": t_fwd,
+            "gradient": t_grad,
+            "tangent": t_tan,
+            "gauss_newton_action": t_gn,
+            "full_hessian_action": t_full,
+            "gradient_default_learn": t_grad_l,
+            "gauss_newton_action_default_learn": t_gn_l,
+        },
+        "cpu_s": {
+            "forward": c_fwd,
+            "gradient": c_grad,
+            "tangent": c_tan,
+            "gauss_newton_action": c_gn,
+            "full_hessian_action": c_full,
+            "gradient_default_learn": c_grad_l,
+            "gauss_newton_action_default_learn": c_gn_l,
+        },
+        "gradient_over_forward": t_grad / t_fwd,
+        "gauss_newton_over_forward": t_gn / t_fwd,
+        "full_hessian_over_forward": t_full / t_fwd,
+        "gradient_over_forward_default_learn": t_grad_l / t_fwd,
+        "gauss_newton_over_forward_default_learn": t_gn_l / t_fwd,
+        "cpu_gradient_over_forward": c_grad / c_fwd,
+        "cpu_gauss_newton_over_forward": c_gn / c_fwd,
+        "cpu_gradient_over_forward_default_learn": c_grad_l / c_fwd,
+        "cpu_gauss_newton_over_forward_default_learn": c_gn_l / c_fwd,
+        "batched_gauss_newton": {
+            "directions": BATCH,
+            "one_by_one_s": t_seq,
+            "batched_s": t_bat,
+            "speedup": t_seq / t_bat,
+            "per_action_over_forward": t_bat / BATCH / t_fwd,
+            "max_rel_diff": batch_diff,
+        },
+        "kept_factorisations": kept,
+        "memory": memory_case(size),
+    }
     profiles = {}
     if out["gradient_over_forward"] > TARGETS["gradient_over_forward"]:
         profiles["gradient"] = _profile(lambda: der.adjoint(traj, source))
@@ -234,7 +276,8 @@ def _status_kib(field: str) -> float:
 def _rss_child(size: float, what: str) -> None:
     """In a fresh process: set the problem up and run ``what`` once (JIT compilation), reset
     the peak-RSS counter (Linux ``clear_refs``), run it again and print the peak and the
-    resident memory before the measured run (MiB)."""
+    resident memory before the measured run (MiB).
+    """
     problem = make_problem(size, prefix=f"bench_mem_{str(size).replace('.', '_')}_")
     model = problem.model
     der = ParticleDerivatives(model)
@@ -265,15 +308,22 @@ def memory_case(size: float) -> dict:
     """Peak resident memory (whole process: PETSc, MUMPS, Python) of a forward solve, of a
     forward solve plus gradient, and of those plus a Gauss-Newton action that keeps every
     step's factorisation, each in a fresh process; the growth is the peak over the memory held before the run (mesh, forms,
-    matrices, compiled kernels)."""
+    matrices, compiled kernels).
+    """
     res = {}
     for what in ("forward", "gradient", "gauss_newton_kept"):
-        proc = subprocess.run([sys.executable, __file__, "--rss", str(size), what],
-                              capture_output=True, text=True, check=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--rss", str(size), what],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         res[what] = json.loads(proc.stdout.strip().splitlines()[-1])
     f = res["forward"]
-    out = {"forward_peak_rss_MiB": f["peak_MiB"],
-           "forward_growth_MiB": f["peak_MiB"] - f["before_MiB"]}
+    out = {
+        "forward_peak_rss_MiB": f["peak_MiB"],
+        "forward_growth_MiB": f["peak_MiB"] - f["before_MiB"],
+    }
     for what in ("gradient", "gauss_newton_kept"):
         g = res[what]
         out[what + "_peak_rss_MiB"] = g["peak_MiB"]
@@ -293,14 +343,22 @@ def compare_dxa(problem, traj) -> dict:
     taped = TapedProblem(model, traj, data, problem.driving, rtol=1e-10, atol=1e-11)
     t_tape_forward = time.perf_counter() - t0
     t_dxa, _, (scalars, g_m) = _timed(taped.gradient)
-    rel = max(float(np.max(np.abs(sens.scalars[k] - scalars[k]) / np.max(np.abs(scalars[k]))))
-              for k in scalars)
+    rel = max(
+        float(np.max(np.abs(sens.scalars[k] - scalars[k]) / np.max(np.abs(scalars[k]))))
+        for k in scalars
+    )
     rel_m = float(np.max(np.abs(sens.m - g_m)) / np.max(np.abs(g_m)))
-    return {"functional": "sum_f 1/2 int (c_f - d_f)^2 / sigma^2 dx", "J_ours": J,
-            "J_taped": float(taped.J), "ours_gradient_s": t_ours,
-            "dolfinx_adjoint_gradient_s": t_dxa,
-            "dolfinx_adjoint_taped_forward_s_incl_jit": t_tape_forward,
-            "speedup": t_dxa / t_ours, "max_rel_diff_scalars": rel, "max_rel_diff_m": rel_m}
+    return {
+        "functional": "sum_f 1/2 int (c_f - d_f)^2 / sigma^2 dx",
+        "J_ours": J,
+        "J_taped": float(taped.J),
+        "ours_gradient_s": t_ours,
+        "dolfinx_adjoint_gradient_s": t_dxa,
+        "dolfinx_adjoint_taped_forward_s_incl_jit": t_tape_forward,
+        "speedup": t_dxa / t_ours,
+        "max_rel_diff_scalars": rel,
+        "max_rel_diff_m": rel_m,
+    }
 
 
 def main() -> None:
@@ -308,14 +366,21 @@ def main() -> None:
         _rss_child(float(sys.argv[2]), sys.argv[3])
         return
     t0 = time.perf_counter()
-    out = {"benchmark": "adjoint", "ranks": MPI.COMM_WORLD.size, "dolfinx": dolfinx.__version__,
-           "frames": FRAMES, "targets": TARGETS,
-           "note": "times: best of %d calls after one warm-up call of each operation (JIT "
-                   "excluded), ratios of wall and of process CPU times from the same run; "
-                   "memory: peak RSS of fresh processes; full Hessian action reuses the "
-                   "stored first-order adjoint states" % REPEATS,
-           "cases": {"demo": bench_case(1.0, with_dxa=True),
-                     "refined_4x": bench_case(0.5, with_dxa=False)}}
+    out = {
+        "benchmark": "adjoint",
+        "ranks": MPI.COMM_WORLD.size,
+        "dolfinx": dolfinx.__version__,
+        "frames": FRAMES,
+        "targets": TARGETS,
+        "note": "times: best of %d calls after one warm-up call of each operation (JIT "
+        "excluded), ratios of wall and of process CPU times from the same run; "
+        "memory: peak RSS of fresh processes; full Hessian action reuses the "
+        "stored first-order adjoint states" % REPEATS,
+        "cases": {
+            "demo": bench_case(1.0, with_dxa=True),
+            "refined_4x": bench_case(0.5, with_dxa=False),
+        },
+    }
     out["total_wall_s"] = time.perf_counter() - t0
     if MPI.COMM_WORLD.rank == 0:
         print(json.dumps(out, indent=1))

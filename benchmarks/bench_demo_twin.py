@@ -50,10 +50,12 @@ def timed(argv: list[str], log: Path) -> dict[str, float]:
     wall = time.perf_counter() - start
     after = os.times()
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}); see {log}:\n"
-                           + log.read_text()[-3000:])
-    cpu = (after.children_user - before.children_user) + (after.children_system
-                                                          - before.children_system)
+        raise RuntimeError(
+            f"{' '.join(argv)} failed ({proc.returncode}); see {log}:\n" + log.read_text()[-3000:]
+        )
+    cpu = (after.children_user - before.children_user) + (
+        after.children_system - before.children_system
+    )
     return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2)}
 
 
@@ -81,11 +83,17 @@ def run_demo(case: Path, *, uq: bool = True) -> dict:
     }
     return {
         "phases": phases,
-        "total": {"wall_s": round(sum(p["wall_s"] for p in phases.values()), 2),
-                  "cpu_s": round(sum(p["cpu_s"] for p in phases.values()), 2)},
-        "fit": {"iterations": summary["iterations"], "tao_reason": summary["tao_reason"],
-                "solves": summary.get("solves"), "n_observed": summary["n_observed"],
-                "coefficients": summary["coefficients"]},
+        "total": {
+            "wall_s": round(sum(p["wall_s"] for p in phases.values()), 2),
+            "cpu_s": round(sum(p["cpu_s"] for p in phases.values()), 2),
+        },
+        "fit": {
+            "iterations": summary["iterations"],
+            "tao_reason": summary["tao_reason"],
+            "solves": summary.get("solves"),
+            "n_observed": summary["n_observed"],
+            "coefficients": summary["coefficients"],
+        },
         "metrics": metrics,
         "thresholds": THRESHOLDS,
         "passed": passed,

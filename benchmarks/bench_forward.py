@@ -34,8 +34,7 @@ from femkin.forward import SolverOptions  # noqa: E402
 TIMED_FRAMES = [0.0, 60.0, 120.0]
 WARMUP_FRAMES = [0.0, 1.0]
 
-EVENTS = ("SNESSolve", "SNESFunctionEval", "SNESJacobianEval", "KSPSolve", "PCSetUp",
-          "PCApply")
+EVENTS = ("SNESSolve", "SNESFunctionEval", "SNESJacobianEval", "KSPSolve", "PCSetUp", "PCApply")
 
 
 def _events() -> dict[str, float]:
@@ -77,11 +76,18 @@ def run_femkin(problem, snes_type: str | None = None) -> dict:
     ev = _delta(_events(), before)
     n = traj.n_steps
     its = np.array(traj.newton_iterations)
-    return {"snes_type": model.snes.getType(), "steps": n, "wall_s": wall, "cpu_s": cpu,
-            "time_per_step_s": wall / n, "dof_steps_per_s": problem.n_dofs * n / wall,
-            "dof_steps_per_cpu_s": problem.n_dofs * n / cpu,
-            "newton_its_per_step": float(its.mean()), "newton_its_total": int(its.sum()),
-            **_breakdown(wall, ev)}, traj
+    return {
+        "snes_type": model.snes.getType(),
+        "steps": n,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "time_per_step_s": wall / n,
+        "dof_steps_per_s": problem.n_dofs * n / wall,
+        "dof_steps_per_cpu_s": problem.n_dofs * n / cpu,
+        "newton_its_per_step": float(its.mean()),
+        "newton_its_total": int(its.sum()),
+        **_breakdown(wall, ev),
+    }, traj
 
 
 def run_plain_dolfinx(problem, times: list[float]) -> dict:
@@ -89,12 +95,19 @@ def run_plain_dolfinx(problem, times: list[float]) -> dict:
     model = problem.model
     o = model.solver_options
     u, u_old = model.u, model.u_old
-    opts = {"snes_type": "newtonls", "snes_linesearch_type": "basic", "snes_rtol": o.newton_rtol,
-            "snes_atol": o.newton_atol, "snes_max_it": o.newton_max_it, "ksp_type": "preonly",
-            "pc_type": "lu", "pc_factor_mat_solver_type": "mumps"}
-    prob = dolfinx.fem.petsc.NonlinearProblem(model.F_ufl, u, J=model.J_ufl,
-                                              petsc_options_prefix="bench_plain_",
-                                              petsc_options=opts)
+    opts = {
+        "snes_type": "newtonls",
+        "snes_linesearch_type": "basic",
+        "snes_rtol": o.newton_rtol,
+        "snes_atol": o.newton_atol,
+        "snes_max_it": o.newton_max_it,
+        "ksp_type": "preonly",
+        "pc_type": "lu",
+        "pc_factor_mat_solver_type": "mumps",
+    }
+    prob = dolfinx.fem.petsc.NonlinearProblem(
+        model.F_ufl, u, J=model.J_ufl, petsc_options_prefix="bench_plain_", petsc_options=opts
+    )
     mean_form = dolfinx.fem.form(ufl.split(u_old)[0] / model.area * model.dx)
     nV = model.V.dofmap.index_map.size_local + model.V.dofmap.index_map.num_ghosts
     c_dofs = np.ravel(model.c_dofs)
@@ -109,7 +122,8 @@ def run_plain_dolfinx(problem, times: list[float]) -> dict:
             model.dt.value = times[n] - times[n - 1]
             model.constants["mu_e"][0].value = problem.driving(times[n])
             model.constants["cbar"][0].value = model.comm.allreduce(
-                dolfinx.fem.assemble_scalar(mean_form), op=MPI.SUM)
+                dolfinx.fem.assemble_scalar(mean_form), op=MPI.SUM
+            )
             prob.solve()
             if prob.solver.getConvergedReason() <= 0:
                 raise RuntimeError(f"plain dolfinx Newton failed at step {n}")
@@ -121,11 +135,18 @@ def run_plain_dolfinx(problem, times: list[float]) -> dict:
     wall, cpu, its = loop(times)
     ev = _delta(_events(), before)
     n = len(times) - 1
-    return {"snes_type": "newtonls", "steps": n, "wall_s": wall, "cpu_s": cpu,
-            "time_per_step_s": wall / n,
-            "dof_steps_per_s": problem.n_dofs * n / wall,
-            "dof_steps_per_cpu_s": problem.n_dofs * n / cpu, "newton_its_per_step": its / n,
-            "newton_its_total": its, **_breakdown(wall, ev)}
+    return {
+        "snes_type": "newtonls",
+        "steps": n,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "time_per_step_s": wall / n,
+        "dof_steps_per_s": problem.n_dofs * n / wall,
+        "dof_steps_per_cpu_s": problem.n_dofs * n / cpu,
+        "newton_its_per_step": its / n,
+        "newton_its_total": its,
+        **_breakdown(wall, ev),
+    }
 
 
 def bench_case(name: str, size: float) -> dict:
@@ -133,21 +154,30 @@ def bench_case(name: str, size: float) -> dict:
     femkin_vi, traj = run_femkin(problem)
     times = list(traj.times)
     plain = run_plain_dolfinx(problem, times)
-    return {"mesh_size_px": size, "cells": problem.model.mesh.topology.index_map(2).size_global,
-            "dofs": problem.n_dofs, "femkin": femkin_vi,
-            "plain_dolfinx_newton": plain,
-            "femkin_vs_plain_throughput": femkin_vi["dof_steps_per_s"] / plain["dof_steps_per_s"]}
+    return {
+        "mesh_size_px": size,
+        "cells": problem.model.mesh.topology.index_map(2).size_global,
+        "dofs": problem.n_dofs,
+        "femkin": femkin_vi,
+        "plain_dolfinx_newton": plain,
+        "femkin_vs_plain_throughput": femkin_vi["dof_steps_per_s"] / plain["dof_steps_per_s"],
+    }
 
 
 def main() -> None:
     PETSc.Log.begin()
     t0 = time.perf_counter()
     comm = MPI.COMM_WORLD
-    out = {"benchmark": "forward", "ranks": comm.size, "host": platform.node(),
-           "python": platform.python_version(), "dolfinx": dolfinx.__version__,
-           "note": "wall and process CPU times after a warm-up run (JIT excluded); shares "
-                   "from PETSc's event log; DOF = global DOFs of the mixed (c, mu) P1xP1 space",
-           "cases": {}}
+    out = {
+        "benchmark": "forward",
+        "ranks": comm.size,
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "dolfinx": dolfinx.__version__,
+        "note": "wall and process CPU times after a warm-up run (JIT excluded); shares "
+        "from PETSc's event log; DOF = global DOFs of the mixed (c, mu) P1xP1 space",
+        "cases": {},
+    }
     for name, size in (("demo", 1.0), ("refined_4x", 0.5), ("target_30k", 0.32)):
         out["cases"][name] = bench_case(name, size)
     out["total_wall_s"] = time.perf_counter() - t0

@@ -52,20 +52,30 @@ def main(argv=None) -> int:
     case = work / "case"
     if case.exists():
         shutil.rmtree(case)
-    write_synthetic_case(case, args.particles, pixels=args.pixels, n_frames=args.frames,
-                         max_iterations=args.iterations)
+    write_synthetic_case(
+        case,
+        args.particles,
+        pixels=args.pixels,
+        n_frames=args.frames,
+        max_iterations=args.iterations,
+    )
     t0 = time.perf_counter()
     run_worker("simulate", case, args.ranks)
     t_sim = time.perf_counter() - t0
     fit = run_worker("fit", case, args.ranks)
     record = {
-        "particles": fit["particles"], "frames": args.frames,
+        "particles": fit["particles"],
+        "frames": args.frames,
         "observed_pixel_values": fit["n_observed"],
-        "ranks": fit["ranks"], "iterations": fit["iterations"], "tao_reason": fit["tao_reason"],
-        "simulate_s": t_sim, "fit_wall_s": fit["wall_s"]["fit"],
+        "ranks": fit["ranks"],
+        "iterations": fit["iterations"],
+        "tao_reason": fit["tao_reason"],
+        "simulate_s": t_sim,
+        "fit_wall_s": fit["wall_s"]["fit"],
         "total_wall_s": fit["wall_s"]["total"],
         "under_30_min": fit["wall_s"]["total"] < 1800.0,
-        "phase_share_of_fit": fit["phase_share_of_fit"], "cpu_count": os.cpu_count(),
+        "phase_share_of_fit": fit["phase_share_of_fit"],
+        "cpu_count": os.cpu_count(),
         "run": fit,
     }
     print(json.dumps(record, indent=1))

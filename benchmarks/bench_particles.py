@@ -69,8 +69,13 @@ def main(argv=None) -> int:
     base = work / "case"
     if base.exists():
         shutil.rmtree(base)
-    write_synthetic_case(base, args.particles, pixels=args.pixels, n_frames=args.frames,
-                         max_iterations=args.iterations)
+    write_synthetic_case(
+        base,
+        args.particles,
+        pixels=args.pixels,
+        n_frames=args.frames,
+        max_iterations=args.iterations,
+    )
     t0 = time.perf_counter()
     run_worker("simulate", base, 2)
     t_sim = time.perf_counter() - t0
@@ -83,16 +88,19 @@ def main(argv=None) -> int:
         runs[ranks] = run_worker("fit", case, ranks)
     one, two = runs[1], runs[2]
     record = {
-        "particles": one["particles"], "n_observed": one["n_observed"],
+        "particles": one["particles"],
+        "n_observed": one["n_observed"],
         "iterations": [one["iterations"], two["iterations"]],
         "simulate_s": t_sim,
         "speedup_wall": one["wall_s"]["fit"] / two["wall_s"]["fit"],
         "speedup_cpu": one["cpu_s"]["max_rank"] / two["cpu_s"]["max_rank"],
         "coefficients_max_rel_diff": max(
             abs(a - b) / max(abs(b), 1e-12)
-            for k in ("mu_h", "j0") for a, b in zip(two["coefficients"][k],
-                                                    one["coefficients"][k])),
-        "cpu_count": os.cpu_count(), "runs": {"1": one, "2": two},
+            for k in ("mu_h", "j0")
+            for a, b in zip(two["coefficients"][k], one["coefficients"][k])
+        ),
+        "cpu_count": os.cpu_count(),
+        "runs": {"1": one, "2": two},
     }
     print(json.dumps(record, indent=1))
     if args.keep is None:

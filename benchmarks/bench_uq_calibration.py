@@ -48,8 +48,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 Z95 = 1.959963984540054
 
 
-def one(seed: int, directory: pathlib.Path, max_iterations: int, max_rank: int,
-        hide_columns: int = 0, truth_m: str = "fourier") -> dict:
+def one(
+    seed: int,
+    directory: pathlib.Path,
+    max_iterations: int,
+    max_rank: int,
+    hide_columns: int = 0,
+    truth_m: str = "fourier",
+) -> dict:
     """Simulate, invert and analyse one realisation; returns its record.
 
     ``hide_columns > 0`` hides the particle's pixel columns ``j < hide_columns`` after frame 0.
@@ -65,8 +71,9 @@ def one(seed: int, directory: pathlib.Path, max_iterations: int, max_rank: int,
     case = write_case(directory / f"case_{seed}", max_iterations=max_iterations)
     text = (case / "case.toml").read_text().replace("seed = 3", f"seed = {seed}")
     if truth_m == "prior":
-        text = text.replace("m_std = 0.4\nm_length = 0.2\n",
-                            "m_std = 0.5\nm_length = 0.15\nm_field = \"prior\"\n", 1)
+        text = text.replace(
+            "m_std = 0.4\nm_length = 0.2\n", 'm_std = 0.5\nm_length = 0.15\nm_field = "prior"\n', 1
+        )
         assert 'm_field = "prior"' in text
     text += f"\n[uq]\nmax_rank = {max_rank}\nsamples = 0\n"
     (case / "case.toml").write_text(text)
@@ -101,20 +108,29 @@ def one(seed: int, directory: pathlib.Path, max_iterations: int, max_rank: int,
     activity = np.sum(np.abs(truth["c"][1:] - truth["c"][:1]), axis=0)
     rank = lambda a: np.argsort(np.argsort(a))  # noqa: E731
     spearman = float(np.corrcoef(rank(ratio[inside]), rank(activity[inside]))[0, 1])
-    data_effect = {"ratio_mean": float(np.mean(ratio[inside])),
-                   "spearman_ratio_vs_activity": spearman}
+    data_effect = {
+        "ratio_mean": float(np.mean(ratio[inside])),
+        "spearman_ratio_vs_activity": spearman,
+    }
     if cols is not None:
         hidden = inside & (cols <= hide_columns - 3)
         observed = inside & (cols >= hide_columns + 2)
         data_effect["ratio_hidden_mean"] = float(np.mean(ratio[hidden]))
         data_effect["ratio_observed_mean"] = float(np.mean(ratio[observed]))
-    return {"seed": seed, "names": uq["coefficient_names"], "z": z.tolist(),
-            "covered": (np.abs(z) <= Z95).tolist(), "std": std.tolist(),
-            "iterations": summary["iterations"], "tao_reason": summary["tao_reason"],
-            "misfit_rms": summary["misfit_rms"], "rank": uq["rank"],
-            "smallest_eigenvalue": uq["eigenvalues"][-1],
-            "data_effect": data_effect,
-            "wall_time": {"simulate": t1 - t0, "invert": t2 - t1, "uq": t3 - t2}}
+    return {
+        "seed": seed,
+        "names": uq["coefficient_names"],
+        "z": z.tolist(),
+        "covered": (np.abs(z) <= Z95).tolist(),
+        "std": std.tolist(),
+        "iterations": summary["iterations"],
+        "tao_reason": summary["tao_reason"],
+        "misfit_rms": summary["misfit_rms"],
+        "rank": uq["rank"],
+        "smallest_eigenvalue": uq["eigenvalues"][-1],
+        "data_effect": data_effect,
+        "wall_time": {"simulate": t1 - t0, "invert": t2 - t1, "uq": t3 - t2},
+    }
 
 
 def main() -> None:
@@ -123,27 +139,57 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--max-iterations", type=int, default=40)
     parser.add_argument("--max-rank", type=int, default=60)
-    parser.add_argument("--hide-columns", type=int, default=0,
-                        help="hide the particle's pixel columns j < J after frame 0")
-    parser.add_argument("--truth", choices=("fourier", "prior"), default="fourier",
-                        help="true m: smooth Fourier-feature field (std 0.4, length 0.2 um, "
-                        "not the prior's law) or a sample of the inversion's prior")
+    parser.add_argument(
+        "--hide-columns",
+        type=int,
+        default=0,
+        help="hide the particle's pixel columns j < J after frame 0",
+    )
+    parser.add_argument(
+        "--truth",
+        choices=("fourier", "prior"),
+        default="fourier",
+        help="true m: smooth Fourier-feature field (std 0.4, length 0.2 um, "
+        "not the prior's law) or a sample of the inversion's prior",
+    )
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=pathlib.Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one is not None:
-        print(json.dumps(one(args.one, args.dir, args.max_iterations, args.max_rank,
-                             args.hide_columns, args.truth)))
+        print(
+            json.dumps(
+                one(
+                    args.one,
+                    args.dir,
+                    args.max_iterations,
+                    args.max_rank,
+                    args.hide_columns,
+                    args.truth,
+                )
+            )
+        )
         return
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="femkin-calib-") as tmp:
         env = dict(os.environ, OMP_NUM_THREADS="1")
 
         def run(seed):
-            cmd = [sys.executable, __file__, "--one", str(seed), "--dir", tmp,
-                   "--max-iterations", str(args.max_iterations),
-                   "--max-rank", str(args.max_rank),
-                   "--hide-columns", str(args.hide_columns), "--truth", args.truth]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--one",
+                str(seed),
+                "--dir",
+                tmp,
+                "--max-iterations",
+                str(args.max_iterations),
+                "--max-rank",
+                str(args.max_rank),
+                "--hide-columns",
+                str(args.hide_columns),
+                "--truth",
+                args.truth,
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
             if proc.returncode != 0:
                 record = {"seed": seed, "error": proc.stderr[-2000:]}
@@ -151,8 +197,7 @@ def main() -> None:
                 record = json.loads(proc.stdout.strip().splitlines()[-1])
             # one line per finished realisation on stderr, so an interrupted run still counts
             keys = ("seed", "covered", "z", "data_effect", "error")
-            print(json.dumps({k: record.get(k) for k in keys}),
-                  file=sys.stderr, flush=True)
+            print(json.dumps({k: record.get(k) for k in keys}), file=sys.stderr, flush=True)
             return record
 
         with ThreadPoolExecutor(args.jobs) as pool:
@@ -162,20 +207,26 @@ def main() -> None:
     if good:
         covered = np.array([r["covered"] for r in good])
         z = np.array([r["z"] for r in good])
-        out.update({
-            "coefficients": good[0]["names"],
-            "coverage": float(covered.mean()),
-            "coverage_per_coefficient": dict(zip(good[0]["names"],
-                                                 covered.mean(axis=0).tolist())),
-            "z_rms_per_coefficient": dict(zip(good[0]["names"],
-                                              np.sqrt(np.mean(z ** 2, axis=0)).tolist())),
-            "target": "0.85 <= coverage <= 1.0",
-            "data_effect_mean": {key: float(np.mean([r["data_effect"][key] for r in good]))
-                                 for key in good[0]["data_effect"]},
-            "tao_reasons": sorted({r["tao_reason"] for r in good}),
-            "iterations_mean": float(np.mean([r["iterations"] for r in good])),
-            "records": good,
-        })
+        out.update(
+            {
+                "coefficients": good[0]["names"],
+                "coverage": float(covered.mean()),
+                "coverage_per_coefficient": dict(
+                    zip(good[0]["names"], covered.mean(axis=0).tolist())
+                ),
+                "z_rms_per_coefficient": dict(
+                    zip(good[0]["names"], np.sqrt(np.mean(z**2, axis=0)).tolist())
+                ),
+                "target": "0.85 <= coverage <= 1.0",
+                "data_effect_mean": {
+                    key: float(np.mean([r["data_effect"][key] for r in good]))
+                    for key in good[0]["data_effect"]
+                },
+                "tao_reasons": sorted({r["tao_reason"] for r in good}),
+                "iterations_mean": float(np.mean([r["iterations"] for r in good])),
+                "records": good,
+            }
+        )
     out["wall_time"] = time.perf_counter() - t0
     print(json.dumps(out, indent=1))
 

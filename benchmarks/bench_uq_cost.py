@@ -27,8 +27,9 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def measure(case: pathlib.Path, *, prepare: bool, max_iterations: int, samples: int,
-            max_rank: int | None) -> dict:
+def measure(
+    case: pathlib.Path, *, prepare: bool, max_iterations: int, samples: int, max_rank: int | None
+) -> dict:
     from femkin.cli import main
 
     if prepare:
@@ -58,22 +59,37 @@ def measure(case: pathlib.Path, *, prepare: bool, max_iterations: int, samples: 
     fit = summary["wall_time"]["fit"]
     return {
         "case": str(case),
-        "inversion": {"iterations": summary["iterations"], "tao_reason": summary["tao_reason"],
-                      "solves": solves, "fit_wall": fit, "command_wall": invert_wall},
-        "uq": {"rank": uq["rank"], "smallest_eigenvalue": uq["eigenvalues"][-1],
-               "hessian_actions": uq["hessian_actions"],
-               "samples": (uq.get("c_t") or {}).get("samples", 0),
-               "wall_time": uq["wall_time"], "command_wall": uq_wall},
-        "ratios": {"work_uq_over_inversion": uq_work / max(inv_work, 1),
-                   "wall_uq_over_fit": uq["wall_time"]["total"] / fit},
+        "inversion": {
+            "iterations": summary["iterations"],
+            "tao_reason": summary["tao_reason"],
+            "solves": solves,
+            "fit_wall": fit,
+            "command_wall": invert_wall,
+        },
+        "uq": {
+            "rank": uq["rank"],
+            "smallest_eigenvalue": uq["eigenvalues"][-1],
+            "hessian_actions": uq["hessian_actions"],
+            "samples": (uq.get("c_t") or {}).get("samples", 0),
+            "wall_time": uq["wall_time"],
+            "command_wall": uq_wall,
+        },
+        "ratios": {
+            "work_uq_over_inversion": uq_work / max(inv_work, 1),
+            "wall_uq_over_fit": uq["wall_time"]["total"] / fit,
+        },
         "target": "uq cost <= inversion cost (ratios <= 1)",
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", type=pathlib.Path, default=None,
-                        help="an inverted case to analyse (default: the tiny twin case)")
+    parser.add_argument(
+        "--case",
+        type=pathlib.Path,
+        default=None,
+        help="an inverted case to analyse (default: the tiny twin case)",
+    )
     parser.add_argument("--max-iterations", type=int, default=20)
     parser.add_argument("--samples", type=int, default=20)
     parser.add_argument("--max-rank", type=int, default=None)
@@ -82,9 +98,13 @@ def main() -> None:
         out = measure(args.case, prepare=False, max_iterations=0, samples=0, max_rank=None)
     else:
         with tempfile.TemporaryDirectory(prefix="femkin-uqcost-") as tmp:
-            out = measure(pathlib.Path(tmp) / "case", prepare=True,
-                          max_iterations=args.max_iterations, samples=args.samples,
-                          max_rank=args.max_rank)
+            out = measure(
+                pathlib.Path(tmp) / "case",
+                prepare=True,
+                max_iterations=args.max_iterations,
+                samples=args.samples,
+                max_rank=args.max_rank,
+            )
     print(json.dumps(out, indent=1))
 
 

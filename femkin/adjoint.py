@@ -20,7 +20,8 @@ tangent, which gives full Hessian actions.
 from __future__ import annotations
 
 import weakref
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -63,14 +64,16 @@ class Direction(NamedTuple):
 
 def _diff_form(form, var):
     """The derivative of every integrand of ``form`` with respect to ``ufl.variable`` ``var``."""
-    return ufl.Form([itg.reconstruct(integrand=ufl.diff(itg.integrand(), var))
-                     for itg in form.integrals()])
+    return ufl.Form(
+        [itg.reconstruct(integrand=ufl.diff(itg.integrand(), var)) for itg in form.integrals()]
+    )
 
 
 def _times(form, factor):
     """``form`` with every integrand multiplied by ``factor``."""
-    return ufl.Form([itg.reconstruct(integrand=itg.integrand() * factor)
-                     for itg in form.integrals()])
+    return ufl.Form(
+        [itg.reconstruct(integrand=itg.integrand() * factor) for itg in form.integrals()]
+    )
 
 
 class ParticleDerivatives:
@@ -97,8 +100,10 @@ class ParticleDerivatives:
         self.du = dolfinx.fem.Function(W, name="tangent")
         self.du_old = dolfinx.fem.Function(W, name="tangent_old")
         self.dm = dolfinx.fem.Function(V, name="dm")
-        self.dconst = {k: [dolfinx.fem.Constant(model.mesh, PETSc.ScalarType(0.0)) for _ in v]
-                       for k, v in model.variables.items()}
+        self.dconst = {
+            k: [dolfinx.fem.Constant(model.mesh, PETSc.ScalarType(0.0)) for _ in v]
+            for k, v in model.variables.items()
+        }
         self.v_test = ufl.TestFunction(V)
         self.F_lam = ufl.replace(model.F_ufl, {model.test: self.lam})
         self._forms: dict = {}
@@ -125,8 +130,11 @@ class ParticleDerivatives:
     def _directional(self, form):
         """Total derivative of ``form`` in the direction (du, du_old, dm, dconst)."""
         m = self.model
-        out = (ufl.derivative(form, m.u, self.du) + ufl.derivative(form, m.u_old, self.du_old)
-               + ufl.derivative(form, m.m, self.dm))
+        out = (
+            ufl.derivative(form, m.u, self.du)
+            + ufl.derivative(form, m.u_old, self.du_old)
+            + ufl.derivative(form, m.m, self.dm)
+        )
         for name, variables in m.variables.items():
             for var, dc in zip(variables, self.dconst[name]):
                 out += dc * _diff_form(form, var)
@@ -153,8 +161,10 @@ class ParticleDerivatives:
             if keys:
                 Q = dolfinx.fem.functionspace(model.mesh, ("DG", 0, (len(keys),)))
                 q = ufl.TestFunction(Q)
-                parts = [_times(builder(model.variables[name][i]), q[j])
-                         for j, (name, i) in enumerate(keys)]
+                parts = [
+                    _times(builder(model.variables[name][i]), q[j])
+                    for j, (name, i) in enumerate(keys)
+                ]
                 parts = [f for f in parts if f.integrals()]
                 if parts:
                     total = parts[0]
@@ -196,7 +206,8 @@ class ParticleDerivatives:
 
     def _assemble_jacobian(self) -> None:
         """Assemble J at the current step into the model's matrix and solve with the model's
-        KSP (it refactorises at the next solve)."""
+        KSP (it refactorises at the next solve).
+        """
         m = self.model
         m.A.zeroEntries()
         dolfinx.fem.petsc.assemble_matrix(m.A, m.J)
@@ -209,7 +220,8 @@ class ParticleDerivatives:
         # factorisations go with this object, so they no longer count against the limit.
         try:
             ParticleDerivatives._mumps_cached -= sum(
-                ksp.getPC().getFactorSolverType() == "mumps" for ksp in self._cache.values())
+                ksp.getPC().getFactorSolverType() == "mumps" for ksp in self._cache.values()
+            )
         except Exception:  # pragma: no cover - interpreter shutdown
             pass
 
@@ -228,15 +240,21 @@ class ParticleDerivatives:
 
     def _fingerprint(self) -> tuple:
         """The model's parameters (not the per-step constants): kept factorisations are valid
-        only for the trajectory and the parameters they were computed with."""
+        only for the trajectory and the parameters they were computed with.
+        """
         m = self.model
-        consts = tuple(float(c.value) for name, v in m.constants.items()
-                       if name not in self.STEP_SCALARS for c in v)
+        consts = tuple(
+            float(c.value)
+            for name, v in m.constants.items()
+            if name not in self.STEP_SCALARS
+            for c in v
+        )
         return consts, hash(m.m.x.array.tobytes())
 
     def _cache_for(self, traj: Trajectory) -> None:
         """Drop the kept factorisations unless they belong to ``traj`` and the current
-        parameters (called once per recursion, before its first :meth:`_use_step`)."""
+        parameters (called once per recursion, before its first :meth:`_use_step`).
+        """
         key = self._fingerprint()
         if self._cache_of is None or self._cache_of() is not traj or self._cache_key != key:
             self.clear_cache()
@@ -266,8 +284,11 @@ class ParticleDerivatives:
         estimate = self._factor_bytes if self._factor_bytes is not None else 0.0
         comm = m.comm
         mumps = comm.size > 1
-        full = budget <= 0 or self._cache_bytes + estimate > budget or (
-            mumps and ParticleDerivatives._mumps_cached >= self.MUMPS_CACHE_LIMIT)
+        full = (
+            budget <= 0
+            or self._cache_bytes + estimate > budget
+            or (mumps and ParticleDerivatives._mumps_cached >= self.MUMPS_CACHE_LIMIT)
+        )
         # Every rank of the particle decides alike (the factorisation is collective).
         full = comm.allreduce(bool(full), op=MPI.LOR)
         if full:
@@ -333,11 +354,16 @@ class ParticleDerivatives:
         recursion itself unless the coherency term vanishes identically (B = 0, not learned).
         """
         names = set(self.model.variables) if self.active is None else set(self.active)
-        if self.active is not None and (self.model.parameters.coherency != 0.0
-                                        or "coherency" in names):
+        if self.active is not None and (
+            self.model.parameters.coherency != 0.0 or "coherency" in names
+        ):
             names.add("cbar")
-        return [(name, i) for name, v in self.model.variables.items() if name in names
-                for i in range(len(v))]
+        return [
+            (name, i)
+            for name, v in self.model.variables.items()
+            if name in names
+            for i in range(len(v))
+        ]
 
     # -- helpers shared by the recursions -----------------------------------------------------
     def _new_sensitivities(self, N: int):
@@ -349,10 +375,12 @@ class ParticleDerivatives:
             g_m.zeroEntries()
         return scal, g_m, np.zeros(N + 1)
 
-    def _add_step_scalars(self, keys, values, n: int, scal: dict, mu_e_sens: np.ndarray,
-                          cbar_index: int | None) -> float:
+    def _add_step_scalars(
+        self, keys, values, n: int, scal: dict, mu_e_sens: np.ndarray, cbar_index: int | None
+    ) -> float:
         """Add one step's local scalar sensitivities (in the order of ``keys``): mu_e per step,
-        cbar not at all (it enters the recursion instead). Returns the global cbar component."""
+        cbar not at all (it enters the recursion instead). Returns the global cbar component.
+        """
         for (name, i), v in zip(keys, values):
             if name == "mu_e":
                 mu_e_sens[n] += v
@@ -370,7 +398,7 @@ class ParticleDerivatives:
         self.model.comm.Allreduce(flat, total, op=MPI.SUM)
         out, pos = {}, 0
         for k in names:
-            out[k] = total[pos:pos + len(scal[k])]
+            out[k] = total[pos : pos + len(scal[k])]
             pos += len(scal[k])
         if g_m is not None:
             g_m.ghostUpdate(PETSc.InsertMode.ADD, PETSc.ScatterMode.REVERSE)
@@ -389,10 +417,10 @@ class ParticleDerivatives:
         local = float(np.dot(dcbar.array, arr[: dcbar.getLocalSize()]))
         return self.model.comm.allreduce(local, op=MPI.SUM)
 
-    def _rhs(self, carry: np.ndarray, source: Callable, n: int, s: float,
-             extra=None) -> PETSc.Vec:
+    def _rhs(self, carry: np.ndarray, source: Callable, n: int, s: float, extra=None) -> PETSc.Vec:
         """``self.b`` = carried terms + ``source(n)`` (+ the assembled ``extra`` form), summed
-        over ghosts, plus ``s`` times d cbar/du (the coherency mean's dependence)."""
+        over ghosts, plus ``s`` times d cbar/du (the coherency mean's dependence).
+        """
         b = self.b
         with b.localForm() as loc:
             loc.array[:] = carry
@@ -404,8 +432,9 @@ class ParticleDerivatives:
         return b
 
     # -- first-order adjoint ------------------------------------------------------------------
-    def adjoint(self, traj: Trajectory, source: Callable[[int, np.ndarray], None], *,
-                store: bool = False) -> tuple[Sensitivities, list | None]:
+    def adjoint(
+        self, traj: Trajectory, source: Callable[[int, np.ndarray], None], *, store: bool = False
+    ) -> tuple[Sensitivities, list | None]:
         """Run the adjoint backwards.
 
         Args:
@@ -419,10 +448,12 @@ class ParticleDerivatives:
         """
         return self.adjoint_many(traj, [source], store=store)[0]
 
-    def adjoint_many(self, traj: Trajectory, sources: list, *,
-                     store: bool = False) -> list[tuple[Sensitivities, list | None]]:
+    def adjoint_many(
+        self, traj: Trajectory, sources: list, *, store: bool = False
+    ) -> list[tuple[Sensitivities, list | None]]:
         """:meth:`adjoint` for several functionals at once: one J factorisation per step serves
-        every source's transposed solve. Returns one (sensitivities, lambdas) per source."""
+        every source's transposed solve. Returns one (sensitivities, lambdas) per source.
+        """
         model = self.model
         N = traj.n_steps
         self._cache_for(traj)
@@ -430,8 +461,9 @@ class ParticleDerivatives:
         keys = self._scalar_keys()
         i_cbar = self._cbar_index(keys)
         dFl = self._scalar_form("dFl", keys, lambda var: _diff_form(self.F_lam, var))
-        rhs_old = self._form("rhs_old", lambda: ufl.derivative(
-            self.F_lam, model.u_old, ufl.TestFunction(model.W)))
+        rhs_old = self._form(
+            "rhs_old", lambda: ufl.derivative(self.F_lam, model.u_old, ufl.TestFunction(model.W))
+        )
         dFl_dm = self._form("dFl_dm", lambda: ufl.derivative(self.F_lam, model.m, self.v_test))
         acc = [self._new_sensitivities(N) for _ in range(K)]
         lambdas = [[None] * (N + 1) if store else None for _ in range(K)]
@@ -449,8 +481,9 @@ class ParticleDerivatives:
                 if store:
                     lambdas[k][n] = self.lam.x.array.copy()
                 scal, g_m, mu_e_sens = acc[k]
-                s_next[k] = self._add_step_scalars(keys, self._scalars_local(dFl), n, scal,
-                                                   mu_e_sens, i_cbar)
+                s_next[k] = self._add_step_scalars(
+                    keys, self._scalars_local(dFl), n, scal, mu_e_sens, i_cbar
+                )
                 if g_m is not None:
                     dolfinx.fem.petsc.assemble_vector(g_m, dFl_dm)
                 with b.localForm() as loc:
@@ -519,8 +552,14 @@ class ParticleDerivatives:
             self.dm.x.array[:] = 0.0
 
     # -- second-order adjoint -----------------------------------------------------------------
-    def second_order(self, traj: Trajectory, direction: Direction, lambdas: list,
-                     tangents: list, source2: Callable[[int, np.ndarray], None]) -> Sensitivities:
+    def second_order(
+        self,
+        traj: Trajectory,
+        direction: Direction,
+        lambdas: list,
+        tangents: list,
+        source2: Callable[[int, np.ndarray], None],
+    ) -> Sensitivities:
         """Full Hessian action of the functional whose first adjoint gave ``lambdas``.
 
         Args:
@@ -539,17 +578,21 @@ class ParticleDerivatives:
         keys = self._scalar_keys()
         i_cbar = self._cbar_index(keys)
         Wt = ufl.TestFunction(model.W)
-        soa_self = self._form("soa_self", lambda: self._directional(
-            ufl.derivative(self.F_lam, model.u, Wt)))
-        soa_old = self._form("soa_old", lambda: self._directional(
-            ufl.derivative(self.F_lam, model.u_old, Wt)))
+        soa_self = self._form(
+            "soa_self", lambda: self._directional(ufl.derivative(self.F_lam, model.u, Wt))
+        )
+        soa_old = self._form(
+            "soa_old", lambda: self._directional(ufl.derivative(self.F_lam, model.u_old, Wt))
+        )
         rhs_old = self._form("rhs_old", lambda: ufl.derivative(self.F_lam, model.u_old, Wt))
         dFl = self._scalar_form("dFl", keys, lambda var: _diff_form(self.F_lam, var))
-        soa_dvar = self._scalar_form("soa_dvar", keys, lambda var: self._directional(
-            _diff_form(self.F_lam, var)))
+        soa_dvar = self._scalar_form(
+            "soa_dvar", keys, lambda var: self._directional(_diff_form(self.F_lam, var))
+        )
         dFl_dm = self._form("dFl_dm", lambda: ufl.derivative(self.F_lam, model.m, self.v_test))
-        soa_dm = self._form("soa_dm", lambda: self._directional(
-            ufl.derivative(self.F_lam, model.m, self.v_test)))
+        soa_dm = self._form(
+            "soa_dm", lambda: self._directional(ufl.derivative(self.F_lam, model.m, self.v_test))
+        )
         self._set_direction(direction)
         ds = [self._mean_c_of(t) for t in tangents]  # d s_n: mean of the tangent c
         dmu_e = direction.mu_e if direction.mu_e is not None else np.zeros(N + 1)
@@ -574,16 +617,18 @@ class ParticleDerivatives:
             self._solve(True, b, lamhat)
             # Hessian action: D(lambda_n . dF_n/dtheta) + lamhat_n . dF_n/dtheta; the cbar parts
             # of both enter the recursion of step n-1 (with the carried vector terms).
-            s_coef = self._add_step_scalars(keys, self._scalars_local(soa_dvar), n, scal,
-                                            mu_e_sens, i_cbar)
+            s_coef = self._add_step_scalars(
+                keys, self._scalars_local(soa_dvar), n, scal, mu_e_sens, i_cbar
+            )
             if g_m is not None:
                 dolfinx.fem.petsc.assemble_vector(g_m, soa_dm)
             with b.localForm() as loc:
                 loc.set(0.0)
             dolfinx.fem.petsc.assemble_vector(b, soa_old)
             self.lam.x.array[:] = lamhat.x.array
-            s_coef += self._add_step_scalars(keys, self._scalars_local(dFl), n, scal,
-                                             mu_e_sens, i_cbar)
+            s_coef += self._add_step_scalars(
+                keys, self._scalars_local(dFl), n, scal, mu_e_sens, i_cbar
+            )
             if g_m is not None:
                 dolfinx.fem.petsc.assemble_vector(g_m, dFl_dm)
             dolfinx.fem.petsc.assemble_vector(b, rhs_old)

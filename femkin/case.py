@@ -131,9 +131,13 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "newton_max_it": Key("int", 25, AT_LEAST_ONE, "Newton iterations per step"),
         "dc_max": Key("float", 0.02, POSITIVE, "largest change of c per step (accuracy)"),
         "storage": Key("str", "memory", _one_of("memory", "disk"), "where step states are kept"),
-        "factor_cache_mb": Key("float", 1024.0, NON_NEGATIVE,
-                               "memory per process for the Jacobian factorisations kept for "
-                               "derivative solves (0: refactorise every time)"),
+        "factor_cache_mb": Key(
+            "float",
+            1024.0,
+            NON_NEGATIVE,
+            "memory per process for the Jacobian factorisations kept for "
+            "derivative solves (0: refactorise every time)",
+        ),
         "petsc_options": PETSC_TABLE,
     },
     "simulate": {
@@ -143,9 +147,13 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "mesh_size": Key("float?", None, POSITIVE, "data-generation element size, pixels"),
         "m_std": Key("float?", None, NON_NEGATIVE, "std of a random smooth m (no k_map)"),
         "m_length": Key("float?", None, POSITIVE, "correlation length of that m, um"),
-        "m_field": Key("str", "fourier", _one_of("fourier", "prior"),
-                       "that m: a smooth Fourier-feature field, or a sample of the BiLaplacian "
-                       "prior with that std and length (a twin whose truth follows the prior)"),
+        "m_field": Key(
+            "str",
+            "fourier",
+            _one_of("fourier", "prior"),
+            "that m: a smooth Fourier-feature field, or a sample of the BiLaplacian "
+            "prior with that std and length (a twin whose truth follows the prior)",
+        ),
         "outputs": Key(
             "list[str]", ["npz", "xdmf", "png"], _one_of("npz", "xdmf", "vtx", "png"), "outputs"
         ),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import tempfile
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import basix.ufl
 import numpy as np
@@ -50,20 +50,29 @@ class ModelParameters:
     alpha: float = 0.5
 
     @classmethod
-    def from_case(cls, model: dict) -> "ModelParameters":
+    def from_case(cls, model: dict) -> ModelParameters:
         """Build from a case file's ``[model]`` section."""
-        return cls(mu_h=tuple(model["mu_h"]), j0=tuple(model["j0"]),
-                   j0_prefactor=tuple(model["j0_prefactor"]), k0=float(model["k0"]),
-                   kappa=float(model["kappa"]), coherency=float(model["coherency"]),
-                   alpha=float(model["alpha"]))
+        return cls(
+            mu_h=tuple(model["mu_h"]),
+            j0=tuple(model["j0"]),
+            j0_prefactor=tuple(model["j0_prefactor"]),
+            k0=float(model["k0"]),
+            kappa=float(model["kappa"]),
+            coherency=float(model["coherency"]),
+            alpha=float(model["alpha"]),
+        )
 
     def block_values(self) -> dict[str, np.ndarray]:
         """Values per learnable scalar block (``k0`` as ln k0)."""
-        return {"mu_h": np.array(self.mu_h, float), "j0": np.array(self.j0, float),
-                "k0": np.array([np.log(self.k0)]), "kappa": np.array([self.kappa]),
-                "coherency": np.array([self.coherency])}
+        return {
+            "mu_h": np.array(self.mu_h, float),
+            "j0": np.array(self.j0, float),
+            "k0": np.array([np.log(self.k0)]),
+            "kappa": np.array([self.kappa]),
+            "coherency": np.array([self.coherency]),
+        }
 
-    def with_blocks(self, values: dict[str, np.ndarray]) -> "ModelParameters":
+    def with_blocks(self, values: dict[str, np.ndarray]) -> ModelParameters:
         """A copy with some blocks replaced (``k0`` given as ln k0)."""
         new = dataclasses.replace(self)
         for name, v in values.items():
@@ -95,7 +104,7 @@ class SolverOptions:
     petsc_options: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def from_case(cls, solver: dict) -> "SolverOptions":
+    def from_case(cls, solver: dict) -> SolverOptions:
         return cls(**{f.name: solver[f.name] for f in dataclasses.fields(cls) if f.name in solver})
 
 
@@ -117,7 +126,9 @@ class Trajectory:
         self.newton_iterations: list[int] = []
         self._storage = storage
         self._states: list[np.ndarray] = []
-        self._dir = tempfile.TemporaryDirectory(prefix="femkin-traj-") if storage == "disk" else None
+        self._dir = (
+            tempfile.TemporaryDirectory(prefix="femkin-traj-") if storage == "disk" else None
+        )
 
     def append(self, t: float, mu_e: float, cbar: float, state: np.ndarray) -> None:
         self.times.append(float(t))
@@ -154,8 +165,15 @@ class ParticleModel:
         options_prefix: PETSc options prefix of the SNES.
     """
 
-    def __init__(self, mesh, parameters: ModelParameters, *, solver: SolverOptions | None = None,
-                 quadrature_degree: int = 4, options_prefix: str = "femkin_forward_"):
+    def __init__(
+        self,
+        mesh,
+        parameters: ModelParameters,
+        *,
+        solver: SolverOptions | None = None,
+        quadrature_degree: int = 4,
+        options_prefix: str = "femkin_forward_",
+    ):
         if not options_prefix:
             raise ValueError("options_prefix must not be empty")
         self.mesh = mesh
@@ -199,10 +217,26 @@ class ParticleModel:
         self.dt = const(1.0)
         var = self.variables
         self.coeffs = acr.ACRCoefficients(
-            a=var["mu_h"], b=var["j0"], p=self.p, q=self.q, ln_k0=var["k0"][0], m=self.m,
-            kappa=var["kappa"][0], coherency=var["coherency"][0], alpha=self.alpha)
-        self.F_ufl = acr.residual(ufl.split(self.u), ufl.split(self.u_old), ufl.split(self.test),
-                                  self.dt, var["mu_e"][0], var["cbar"][0], self.coeffs, self.dx)
+            a=var["mu_h"],
+            b=var["j0"],
+            p=self.p,
+            q=self.q,
+            ln_k0=var["k0"][0],
+            m=self.m,
+            kappa=var["kappa"][0],
+            coherency=var["coherency"][0],
+            alpha=self.alpha,
+        )
+        self.F_ufl = acr.residual(
+            ufl.split(self.u),
+            ufl.split(self.u_old),
+            ufl.split(self.test),
+            self.dt,
+            var["mu_e"][0],
+            var["cbar"][0],
+            self.coeffs,
+            self.dx,
+        )
         self.J_ufl = ufl.derivative(self.F_ufl, self.u, self.trial)
         self.F = dolfinx.fem.form(self.F_ufl)
         self.J = dolfinx.fem.form(self.J_ufl)
@@ -210,11 +244,13 @@ class ParticleModel:
 
         one = const(1.0)
         self.area = self.comm.allreduce(
-            dolfinx.fem.assemble_scalar(dolfinx.fem.form(one * ufl.dx(domain=mesh))), op=MPI.SUM)
+            dolfinx.fem.assemble_scalar(dolfinx.fem.form(one * ufl.dx(domain=mesh))), op=MPI.SUM
+        )
         self._mean_c_form = dolfinx.fem.form(ufl.split(self.u)[0] / self.area * self.dx)
         # d cbar / d u_old as a vector over W: (1/|Omega|) int phi_c.
         self.dcbar_du = dolfinx.fem.petsc.assemble_vector(
-            dolfinx.fem.form(ufl.split(self.test)[0] / self.area * self.dx))
+            dolfinx.fem.form(ufl.split(self.test)[0] / self.area * self.dx)
+        )
         self.dcbar_du.ghostUpdate(PETSc.InsertMode.ADD, PETSc.ScatterMode.REVERSE)
         self.dcbar_du.ghostUpdate(PETSc.InsertMode.INSERT, PETSc.ScatterMode.FORWARD)
         self._setup_snes(options_prefix)
@@ -223,8 +259,10 @@ class ParticleModel:
     def set_parameters(self, parameters: ModelParameters) -> None:
         """Copy global parameter values into the constants."""
         if len(parameters.mu_h) != self.n_a or len(parameters.j0) != self.n_b:
-            raise ValueError(f"expected {self.n_a} mu_h and {self.n_b} j0 coefficients, found "
-                             f"{len(parameters.mu_h)} and {len(parameters.j0)}")
+            raise ValueError(
+                f"expected {self.n_a} mu_h and {self.n_b} j0 coefficients, found "
+                f"{len(parameters.mu_h)} and {len(parameters.j0)}"
+            )
         self.parameters = dataclasses.replace(parameters)
         for name, values in parameters.block_values().items():
             for c, v in zip(self.constants[name], values):
@@ -245,19 +283,29 @@ class ParticleModel:
         self.x = dolfinx.fem.petsc.create_vector(self.W)
         snes = PETSc.SNES().create(self.comm)
         snes.setOptionsPrefix(prefix)
-        snes.setFunction(dolfinx.fem.petsc.assemble_residual, self.b,
-                         kargs={"u": self.u, "residual": self.F, "jacobian": self.J, "bcs": []})
-        snes.setJacobian(dolfinx.fem.petsc.assemble_jacobian, self.A, None,
-                         kargs={"u": self.u, "jacobian": self.J, "preconditioner": None,
-                                "bcs": []})
+        snes.setFunction(
+            dolfinx.fem.petsc.assemble_residual,
+            self.b,
+            kargs={"u": self.u, "residual": self.F, "jacobian": self.J, "bcs": []},
+        )
+        snes.setJacobian(
+            dolfinx.fem.petsc.assemble_jacobian,
+            self.A,
+            None,
+            kargs={"u": self.u, "jacobian": self.J, "preconditioner": None, "bcs": []},
+        )
         o = self.solver_options
         opts = PETSc.Options()
         # Plain Newton: its Jacobian keeps one sparsity pattern, so MUMPS reuses its analysis
         # (vinewtonrsls re-analyses a submatrix every iteration, 1.7-1.9x slower). A step that
         # leaves (0, 1) gives NaN, Newton fails and the step is halved.
-        defaults = {"snes_type": "newtonls", "snes_linesearch_type": "basic",
-                    "ksp_type": "preonly", "pc_type": "lu",
-                    "pc_factor_mat_solver_type": "mumps"}
+        defaults = {
+            "snes_type": "newtonls",
+            "snes_linesearch_type": "basic",
+            "ksp_type": "preonly",
+            "pc_type": "lu",
+            "pc_factor_mat_solver_type": "mumps",
+        }
         for k, v in {**defaults, **o.petsc_options}.items():
             if not opts.hasName(prefix + k):
                 opts[prefix + k] = v
@@ -279,8 +327,9 @@ class ParticleModel:
         self.snes = snes
         # A KSP for linear solves with J or J^T (adjoint, tangent), same options as Newton.
         self.ksp = PETSc.KSP().create(self.comm)
-        self.ksp.setOptionsPrefix(prefix.replace("forward", "adjoint") if "forward" in prefix
-                                  else prefix + "adjoint_")
+        self.ksp.setOptionsPrefix(
+            prefix.replace("forward", "adjoint") if "forward" in prefix else prefix + "adjoint_"
+        )
         for k in ("ksp_type", "pc_type", "pc_factor_mat_solver_type"):
             key = self.ksp.getOptionsPrefix() + k
             if not opts.hasName(key):
@@ -314,10 +363,16 @@ class ParticleModel:
         return self.comm.allreduce(dolfinx.fem.assemble_scalar(self._mean_c_form), op=MPI.SUM)
 
     # -- time stepping ----------------------------------------------------------------------
-    def solve(self, frame_times: Sequence[float], driving: Callable[[float], float],
-              c0: np.ndarray, *, schedule: Sequence[float] | None = None,
-              storage: str | None = None,
-              on_frame: Callable[[int], None] | None = None) -> Trajectory:
+    def solve(
+        self,
+        frame_times: Sequence[float],
+        driving: Callable[[float], float],
+        c0: np.ndarray,
+        *,
+        schedule: Sequence[float] | None = None,
+        storage: str | None = None,
+        on_frame: Callable[[int], None] | None = None,
+    ) -> Trajectory:
         """Integrate from ``c0`` at ``frame_times[0]`` through all frame times.
 
         Args:
@@ -374,7 +429,8 @@ class ParticleModel:
                     raise ConvergenceError(
                         f"Newton did not converge at t = {t:.6g} s with step {step:.3g} s "
                         f"(SNES reason {reason}, {its} iterations); the step floor is "
-                        f"dt_min = {o.dt_min:g} s")
+                        f"dt_min = {o.dt_min:g} s"
+                    )
                 dt = step / 2
                 continue
             t = t_new
@@ -389,8 +445,9 @@ class ParticleModel:
                     on_frame(frame_i)
                 frame_i += 1
             # Accuracy control: aim at a change of c of at most dc_max per step.
-            dc = np.max(np.abs(self.u.x.array[self.c_dofs] - self.u_old.x.array[self.c_dofs]),
-                        initial=0.0)
+            dc = np.max(
+                np.abs(self.u.x.array[self.c_dofs] - self.u_old.x.array[self.c_dofs]), initial=0.0
+            )
             dc = self.comm.allreduce(float(dc), op=MPI.MAX)
             growth = 1.5 if its <= 4 else 1.0
             dt = step * float(np.clip(o.dc_max / max(dc, 1e-300), 0.5, growth))
@@ -398,7 +455,7 @@ class ParticleModel:
 
     # -- helpers --------------------------------------------------------------------------
     def c_values(self, u_array: np.ndarray) -> np.ndarray:
-        """c on the P1 space V (owned + ghosts) from a W local array."""
+        """C on the P1 space V (owned + ghosts) from a W local array."""
         return u_array[self.c_dofs]
 
     def interface_width(self) -> float:

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 import scipy.sparse as sp
 
-from femkin._fem import MPI, dolfinx
+from femkin._fem import dolfinx
 
 
 class Observation(NamedTuple):

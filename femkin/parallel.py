@@ -9,7 +9,8 @@ and the number of ranks, never on timing, so every run with the same ranks is id
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 from mpi4py import MPI
@@ -59,8 +60,9 @@ def distribute(comm: MPI.Comm, weights: Sequence[float]) -> Distribution:
         raise ValueError("distribute() needs at least one particle")
     n_groups = min(n_items, comm.size)
     group = comm.rank * n_groups // comm.size
-    group_root = tuple(min(r for r in range(comm.size) if r * n_groups // comm.size == g)
-                       for g in range(n_groups))
+    group_root = tuple(
+        min(r for r in range(comm.size) if r * n_groups // comm.size == g) for g in range(n_groups)
+    )
     subcomm = comm.Split(color=group, key=comm.rank)
     owner = tuple(assign_groups(weights, n_groups))
     mine = tuple(i for i in range(n_items) if owner[i] == group)

@@ -22,7 +22,8 @@ scalars and the P1 mass matrix on fields.
 from __future__ import annotations
 
 import zlib
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -146,8 +147,9 @@ class _FieldData:
 
     def wrap(self, array: np.ndarray) -> PETSc.Vec:
         """A Vec on the sub-communicator sharing memory with ``array`` (the block's slice)."""
-        return PETSc.Vec().createWithArray(array, size=(self.n_local, self.n_global),
-                                           comm=self.comm)
+        return PETSc.Vec().createWithArray(
+            array, size=(self.n_local, self.n_global), comm=self.comm
+        )
 
     def destroy(self):
         for obj in (self.mass, self.mass_solver, self.work_in, self.work_out):
@@ -168,16 +170,22 @@ class ParameterSpace:
         InputError: duplicate block keys or negative sizes (checked on every rank).
     """
 
-    def __init__(self, comm: MPI.Comm, scalar_blocks: Sequence[ScalarBlock] = (),
-                 field_blocks: Sequence[FieldBlock] = (),
-                 particle_scalar_blocks: Sequence[ParticleScalarBlock] = ()):
+    def __init__(
+        self,
+        comm: MPI.Comm,
+        scalar_blocks: Sequence[ScalarBlock] = (),
+        field_blocks: Sequence[FieldBlock] = (),
+        particle_scalar_blocks: Sequence[ParticleScalarBlock] = (),
+    ):
         self.comm = comm
         self.scalar_blocks = tuple(scalar_blocks)
         self.field_blocks = tuple(field_blocks)
         self.particle_scalar_blocks = tuple(particle_scalar_blocks)
-        keys = ([(b.name, None) for b in self.scalar_blocks]
-                + [(b.name, b.label) for b in self.field_blocks]
-                + [(b.name, b.label) for b in self.particle_scalar_blocks])
+        keys = (
+            [(b.name, None) for b in self.scalar_blocks]
+            + [(b.name, b.label) for b in self.field_blocks]
+            + [(b.name, b.label) for b in self.particle_scalar_blocks]
+        )
         if len(set(keys)) != len(keys):
             dup = sorted({block_key_str(*k) for k in keys if keys.count(k) > 1})
             raise InputError("<parameters>", "blocks", "unique block keys", f"duplicates {dup}")
@@ -186,8 +194,7 @@ class ParameterSpace:
                 raise InputError("<parameters>", b.name, "a size >= 0", b.size)
         for b in self.particle_scalar_blocks:
             if not 0 <= b.root < comm.size:
-                raise InputError("<parameters>", b.name, f"a root rank in [0, {comm.size})",
-                                 b.root)
+                raise InputError("<parameters>", b.name, f"a root rank in [0, {comm.size})", b.root)
         self.keys = keys
         rank = comm.rank
         offset = 0
@@ -237,15 +244,19 @@ class ParameterSpace:
         try:
             return self._fields[(name, label)]
         except KeyError:
-            raise KeyError(f"no field block {block_key_str(name, label)!r}; "
-                           f"blocks are {[block_key_str(*k) for k in self.keys]}") from None
+            raise KeyError(
+                f"no field block {block_key_str(name, label)!r}; "
+                f"blocks are {[block_key_str(*k) for k in self.keys]}"
+            ) from None
 
     def _scalar(self, name: str, label: int | None) -> tuple[int, slice | None]:
         try:
             return self._scalars[(name, label)]
         except KeyError:
-            raise KeyError(f"no scalar block {block_key_str(name, label)!r}; "
-                           f"blocks are {[block_key_str(*k) for k in self.keys]}") from None
+            raise KeyError(
+                f"no scalar block {block_key_str(name, label)!r}; "
+                f"blocks are {[block_key_str(*k) for k in self.keys]}"
+            ) from None
 
     def get_scalars(self, x: PETSc.Vec, name: str, label: int | None = None) -> np.ndarray:
         """The values of a scalar block, on every rank (collective on ``comm``)."""
@@ -259,8 +270,12 @@ class ParameterSpace:
         if sl is not None:
             values = np.asarray(values, dtype=float).ravel()
             if values.size != sl.stop - sl.start:
-                raise InputError("<parameters>", block_key_str(name, label),
-                                 f"{sl.stop - sl.start} values", values.size)
+                raise InputError(
+                    "<parameters>",
+                    block_key_str(name, label),
+                    f"{sl.stop - sl.start} values",
+                    values.size,
+                )
             x.getArray()[sl] = values
 
     def scalar_view(self, x: PETSc.Vec, name: str, label: int | None = None) -> np.ndarray | None:
@@ -268,20 +283,19 @@ class ParameterSpace:
         _, sl = self._scalar(name, label)
         return None if sl is None else x.getArray()[sl]
 
-    def field_view(self, x: PETSc.Vec, name: str, label: int,
-                   readonly: bool = False) -> np.ndarray:
+    def field_view(self, x: PETSc.Vec, name: str, label: int, readonly: bool = False) -> np.ndarray:
         """View of the owned dofs of a field block in ``x`` (holding ranks only).
 
         Use ``readonly=True`` for vectors that PETSc has locked (TAO's iterate in callbacks).
         """
         data = self._field(name, label)
         if data is None:
-            raise ValueError(f"rank {self.comm.rank} does not hold field "
-                             f"{block_key_str(name, label)!r}")
+            raise ValueError(
+                f"rank {self.comm.rank} does not hold field {block_key_str(name, label)!r}"
+            )
         return x.getArray(readonly=readonly)[data.slice]
 
-    def field_vec(self, x: PETSc.Vec, name: str, label: int,
-                  readonly: bool = False) -> PETSc.Vec:
+    def field_vec(self, x: PETSc.Vec, name: str, label: int, readonly: bool = False) -> PETSc.Vec:
         """A Vec on the particle's sub-communicator holding the block of ``x``.
 
         It shares memory with ``x`` (writes go through), or, with ``readonly=True``, holds a
@@ -303,7 +317,8 @@ class ParameterSpace:
 
     def add_from_function(self, x: PETSc.Vec, name: str, label: int, f) -> None:
         """Add the owned values of ``f`` to a field block (ghost contributions of a dual vector
-        must already be accumulated, e.g. by ``scatter_reverse``)."""
+        must already be accumulated, e.g. by ``scatter_reverse``).
+        """
         data = self._field(name, label)
         x.getArray()[data.slice] += f.x.array[: data.n_local]
 
@@ -322,8 +337,10 @@ class ParameterSpace:
                         data.work_out.set(np.nan)
                         y.getArray()[data.slice] = np.nan
                         continue
-                    raise RuntimeError("mass-matrix CG did not converge: reason "
-                                       f"{data.mass_solver.getConvergedReason()}")
+                    raise RuntimeError(
+                        "mass-matrix CG did not converge: reason "
+                        f"{data.mass_solver.getConvergedReason()}"
+                    )
             else:
                 data.mass.mult(data.work_in, data.work_out)
             y.getArray()[data.slice] = data.work_out.getArray(readonly=True)
@@ -385,8 +402,9 @@ class ParameterSpace:
                 a[sl] = hashed_normal(seed, name, label, idx)
         for (name, label), data in self._fields.items():
             if data is not None:
-                a[data.slice] = hashed_normal(seed, name, label,
-                                              rounded_coordinates(data.coordinates))
+                a[data.slice] = hashed_normal(
+                    seed, name, label, rounded_coordinates(data.coordinates)
+                )
         return x
 
     def to_global_dict(self, x: PETSc.Vec) -> dict[str, np.ndarray] | None:
@@ -421,8 +439,9 @@ class ParameterSpace:
                 out[block_key_str(pb.name, pb.label)] = values
         return out if self.comm.rank == 0 else None
 
-    def from_global_dict(self, d: dict[str, np.ndarray] | None, x: PETSc.Vec,
-                         source: str = "<parameters>") -> None:
+    def from_global_dict(
+        self, d: dict[str, np.ndarray] | None, x: PETSc.Vec, source: str = "<parameters>"
+    ) -> None:
         """Load blocks gathered by :meth:`to_global_dict` (on any number of ranks) into ``x``.
 
         Only rank 0's ``d`` is used. Collective on ``comm``.
@@ -451,7 +470,7 @@ class ParameterSpace:
         missing = False
         for fb in self.field_blocks:
             key = block_key_str(fb.name, fb.label)
-            payload = ((d[key + "/coordinates"], d[key]) if self.comm.rank == 0 else None)
+            payload = (d[key + "/coordinates"], d[key]) if self.comm.rank == 0 else None
             coords, values = self.comm.bcast(payload, root=0)
             data = self._fields[(fb.name, fb.label)]
             if data is None:
@@ -465,8 +484,12 @@ class ParameterSpace:
                 continue
             a[data.slice] = np.asarray(values)[idx]
         if self.comm.allreduce(missing, op=MPI.LOR):
-            raise InputError(source, "fields", "dof coordinates matching the mesh",
-                             "coordinates not found (a different mesh?)")
+            raise InputError(
+                source,
+                "fields",
+                "dof coordinates matching the mesh",
+                "coordinates not found (a different mesh?)",
+            )
 
     def _check_global_dict(self, d, source) -> tuple[str, str, object] | None:
         if d is None:

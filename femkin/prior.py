@@ -14,7 +14,7 @@ Vectors of coefficients are primal; ``precision_mult`` and ``gradient`` return d
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -56,8 +56,15 @@ class BiLaplacianPrior:
         InputError: non-positive std or length.
     """
 
-    def __init__(self, V, std: float, length: float, mean: np.ndarray | None = None,
-                 robin: bool = True, options_prefix: str = "femkin_prior_"):
+    def __init__(
+        self,
+        V,
+        std: float,
+        length: float,
+        mean: np.ndarray | None = None,
+        robin: bool = True,
+        options_prefix: str = "femkin_prior_",
+    ):
         if not (np.isfinite(std) and std > 0):
             raise InputError("<case>", "prior std", "a positive number", std)
         if not (np.isfinite(length) and length > 0):
@@ -146,8 +153,9 @@ class BiLaplacianPrior:
         self._solve(self.Asolver, self._w1, out)
         out.axpy(1.0, self.mean)
 
-    def pointwise_variance(self, method: str = "exact", n_samples: int = 200,
-                           seed: int = 0) -> np.ndarray:
+    def pointwise_variance(
+        self, method: str = "exact", n_samples: int = 200, seed: int = 0
+    ) -> np.ndarray:
         """The diagonal of ``Gamma`` on the owned dofs.
 
         Args:
@@ -188,8 +196,16 @@ class BiLaplacianPrior:
 
     def destroy(self) -> None:
         """Free the PETSc objects."""
-        for obj in (self.A, self.M, self.Asolver, self.Msolver, self.sqrt_ML, self.mean,
-                    self._w1, self._w2):
+        for obj in (
+            self.A,
+            self.M,
+            self.Asolver,
+            self.Msolver,
+            self.sqrt_ML,
+            self.mean,
+            self._w1,
+            self._w2,
+        ):
             obj.destroy()
 
 
@@ -246,14 +262,19 @@ class Prior:
         keys = set(space.keys)
         given = set(priors)
         if keys != given:
-            raise InputError("<prior>", "blocks", f"priors for {sorted(map(str, keys))}",
-                             f"priors for {sorted(map(str, given))}")
+            raise InputError(
+                "<prior>",
+                "blocks",
+                f"priors for {sorted(map(str, keys))}",
+                f"priors for {sorted(map(str, given))}",
+            )
         for key in space._scalars:
             p = priors[key]
             size = space._sizes[key]
             if not isinstance(p, GaussianScalarPrior) or p.size != size:
-                raise InputError("<prior>", block_key_str(*key),
-                                 f"a GaussianScalarPrior of size {size}", p)
+                raise InputError(
+                    "<prior>", block_key_str(*key), f"a GaussianScalarPrior of size {size}", p
+                )
         for key, data in space._fields.items():
             p = priors[key]
             if data is not None and not isinstance(p, BiLaplacianPrior):

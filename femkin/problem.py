@@ -15,7 +15,7 @@ global gradient is reduced over all ranks; the answer does not depend on the par
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import scipy.ndimage as ndi
@@ -27,7 +27,7 @@ from femkin.errors import CaseError, ConvergenceError, InputError
 from femkin.forward import ModelParameters, ParticleModel, SolverOptions
 from femkin.io.video import Video
 from femkin.observation import Observation, build_observation
-from femkin.parallel import Distribution, distribute
+from femkin.parallel import Distribution
 from femkin.parameters import FieldBlock, ParameterSpace, ParticleScalarBlock, ScalarBlock
 
 GLOBAL_BLOCKS = ("mu_h", "j0", "k0", "kappa", "coherency")
@@ -36,8 +36,9 @@ ALL_BLOCKS = GLOBAL_BLOCKS + PARTICLE_FIELD_BLOCKS + ("mu_e",)
 C_CLIP = 1e-3
 
 
-def image_at(image: np.ndarray, inside: np.ndarray, points: np.ndarray,
-             pixel_size: float) -> np.ndarray:
+def image_at(
+    image: np.ndarray, inside: np.ndarray, points: np.ndarray, pixel_size: float
+) -> np.ndarray:
     """Bilinear interpolation of a pixel image at points (um), NaN-aware.
 
     Pixels that are NaN or outside ``inside`` take the value of the nearest valid pixel first,
@@ -69,11 +70,14 @@ def smoothed(V, values: np.ndarray, length: float, prefix: str = "femkin_smoothi
     f = dolfinx.fem.Function(V)
     f.x.array[:] = values
     u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
-    ell2 = dolfinx.fem.Constant(V.mesh, PETSc.ScalarType(length ** 2))
+    ell2 = dolfinx.fem.Constant(V.mesh, PETSc.ScalarType(length**2))
     a = u * v * ufl.dx + ell2 * ufl.inner(ufl.grad(u), ufl.grad(v)) * ufl.dx
     problem = dolfinx.fem.petsc.LinearProblem(
-        a, f * v * ufl.dx, petsc_options_prefix=prefix,
-        petsc_options={"ksp_type": "cg", "pc_type": "jacobi", "ksp_rtol": 1e-12})
+        a,
+        f * v * ufl.dx,
+        petsc_options_prefix=prefix,
+        petsc_options={"ksp_type": "cg", "pc_type": "jacobi", "ksp_rtol": 1e-12},
+    )
     out = problem.solve()
     return out.x.array.copy()
 
@@ -89,8 +93,16 @@ class ParticleData:
 class Particle:
     """Everything about one particle on its sub-communicator."""
 
-    def __init__(self, label: int, mesh, video: Video, parameters: ModelParameters,
-                 solver: SolverOptions, sigma, initial_smoothing: float):
+    def __init__(
+        self,
+        label: int,
+        mesh,
+        video: Video,
+        parameters: ModelParameters,
+        solver: SolverOptions,
+        sigma,
+        initial_smoothing: float,
+    ):
         self.label = label
         self.model = ParticleModel(mesh, parameters, solver=solver)
         self.derivs = ParticleDerivatives(self.model)
@@ -99,11 +111,14 @@ class Particle:
         self.obs_V: Observation = build_observation(self.model.V, video.mask, label, ps)
         T = video.c.shape[0]
         d = np.stack([video.c[f].ravel()[self.obs.pixels] for f in range(T)])
-        s = np.broadcast_to(np.asarray(sigma, dtype=float), video.c.shape) \
-            if np.ndim(sigma) else np.full(video.c.shape, float(sigma))
+        s = (
+            np.broadcast_to(np.asarray(sigma, dtype=float), video.c.shape)
+            if np.ndim(sigma)
+            else np.full(video.c.shape, float(sigma))
+        )
         s = np.stack([s[f].ravel()[self.obs.pixels] for f in range(T)])
         observed = np.isfinite(d)
-        self.data = ParticleData(np.where(observed, d, 0.0), np.where(observed, 1.0 / s ** 2, 0.0))
+        self.data = ParticleData(np.where(observed, d, 0.0), np.where(observed, 1.0 / s**2, 0.0))
         self.n_observed = self.model.comm.allreduce(int(observed[1:].sum()), op=MPI.SUM)
         coords = self.model.V.tabulate_dof_coordinates()
         raw = image_at(video.c[0], video.mask == label, coords, ps)
@@ -147,13 +162,24 @@ class InverseProblem:
     #: Memory (MiB per particle) for the tangent states of one batch of Hessian actions.
     BATCH_MB = 512.0
 
-    def __init__(self, comm, video: Video, meshes: dict, distribution: Distribution,
-                 parameters: ModelParameters, learn: Sequence[str], solver: SolverOptions,
-                 sigma, driving: dict[int, Driving], initial_smoothing: float = 0.05):
+    def __init__(
+        self,
+        comm,
+        video: Video,
+        meshes: dict,
+        distribution: Distribution,
+        parameters: ModelParameters,
+        learn: Sequence[str],
+        solver: SolverOptions,
+        sigma,
+        driving: dict[int, Driving],
+        initial_smoothing: float = 0.05,
+    ):
         unknown = [b for b in learn if b not in ALL_BLOCKS]
         if unknown:
-            raise CaseError("<case>", "inversion.learn", f"blocks among {list(ALL_BLOCKS)}",
-                            unknown)
+            raise CaseError(
+                "<case>", "inversion.learn", f"blocks among {list(ALL_BLOCKS)}", unknown
+            )
         self.comm = comm
         self.video = video
         self.labels = [int(lb) for lb in video.labels]
@@ -165,11 +191,13 @@ class InverseProblem:
         self.particles: dict[int, Particle] = {}
         for i in distribution.mine:
             label = self.labels[i]
-            self.particles[label] = Particle(label, meshes[label], video, parameters, solver,
-                                             sigma, initial_smoothing)
+            self.particles[label] = Particle(
+                label, meshes[label], video, parameters, solver, sigma, initial_smoothing
+            )
             # Only the learned blocks' sensitivities are assembled at every step.
-            self.particles[label].derivs.active = {b for b in learn if b in GLOBAL_BLOCKS
-                                                   or b in ("mu_e", "m")}
+            self.particles[label].derivs.active = {
+                b for b in learn if b in GLOBAL_BLOCKS or b in ("mu_e", "m")
+            }
         sizes = parameters.block_values()
         scalar_blocks = [ScalarBlock(b, len(sizes[b])) for b in GLOBAL_BLOCKS if b in self.learn]
         field_blocks = []
@@ -185,8 +213,8 @@ class InverseProblem:
                 pblocks.append(ParticleScalarBlock("mu_e", label, len(driving[label].values), root))
         self.space = ParameterSpace(comm, scalar_blocks, field_blocks, pblocks)
         self.n_observed = comm.allreduce(
-            sum(p.n_observed for p in self.particles.values()
-                if p.model.comm.rank == 0), op=MPI.SUM)
+            sum(p.n_observed for p in self.particles.values() if p.model.comm.rank == 0), op=MPI.SUM
+        )
         self.counters = {"forward": 0, "gradient": 0, "hessian": 0}
         self._x_last = None
         # Adaptive steps make J(x) piecewise smooth (a different step sequence per x), which
@@ -204,8 +232,9 @@ class InverseProblem:
                 self.space.set_scalars(x, b, values[b])
         for label, p in self.particles.items():
             if "initial" in self.learn:
-                self.space.field_view(x, "initial", label)[:] = \
-                    p.c0_data[: len(self.space.field_view(x, "initial", label))]
+                self.space.field_view(x, "initial", label)[:] = p.c0_data[
+                    : len(self.space.field_view(x, "initial", label))
+                ]
             if "mu_e" in self.learn:
                 self.space.set_scalars(x, "mu_e", self.driving[label].values, label)
         return x
@@ -247,8 +276,9 @@ class InverseProblem:
             p.derivs.clear_cache()  # the kept factorisations belong to the old trajectory
             try:
                 try:
-                    p.trajectory = p.model.solve(self.video.t, self.driving[label], c0,
-                                                 schedule=p.schedule)
+                    p.trajectory = p.model.solve(
+                        self.video.t, self.driving[label], c0, schedule=p.schedule
+                    )
                 except ConvergenceError:
                     if p.schedule is None:
                         raise
@@ -278,6 +308,7 @@ class InverseProblem:
             if f is not None:
                 r = p.obs.apply(p.trajectory.state(n)) - p.data.d[f]
                 out += p.obs.matrix.T @ (p.data.weight[f] * r)
+
         return source
 
     def gradient(self, x: PETSc.Vec, g: PETSc.Vec) -> float:
@@ -285,8 +316,9 @@ class InverseProblem:
         value = self.misfit(x)
         sens = {}
         for label, p in self.particles.items():
-            sens[label], p.lambdas = p.derivs.adjoint(p.trajectory, self._misfit_source(p),
-                                                      store=True)
+            sens[label], p.lambdas = p.derivs.adjoint(
+                p.trajectory, self._misfit_source(p), store=True
+            )
         self._pack(sens, g)
         self.counters["gradient"] += 1
         return value
@@ -314,8 +346,10 @@ class InverseProblem:
                 for n, t in enumerate(p.trajectory.times):
                     idx, w = drv.weights(t)
                     dmu[n] = float(np.dot(w, knots[label][idx]))
-            full = {k: scalars.get(k, np.zeros(len(vals))) for k, vals in
-                    self.parameters.block_values().items()}
+            full = {
+                k: scalars.get(k, np.zeros(len(vals)))
+                for k, vals in self.parameters.block_values().items()
+            }
             out[label] = Direction(full, m=dm, mu_e=dmu, c0=dc0)
         return out
 
@@ -330,10 +364,12 @@ class InverseProblem:
             f = frames.get(n)
             if f is not None:
                 arr += p.obs.matrix.T @ (p.data.weight[f] * p.obs.apply(tang[n]))
+
         return source2
 
-    def hessian_mult_batch(self, vs: Sequence[PETSc.Vec], outs: Sequence[PETSc.Vec], *,
-                           gauss_newton: bool = True) -> None:
+    def hessian_mult_batch(
+        self, vs: Sequence[PETSc.Vec], outs: Sequence[PETSc.Vec], *, gauss_newton: bool = True
+    ) -> None:
         """Hessian actions on several vectors at the last gradient point (collective).
 
         Gauss-Newton actions of all vectors run through each particle's steps together (one
@@ -352,17 +388,19 @@ class InverseProblem:
                 size = int(max(1, self.BATCH_MB * 2**20 // max(state_bytes, 1.0)))
                 size = p.model.comm.allreduce(size, op=MPI.MIN)
                 for k0 in range(0, len(dirs), size):
-                    chunk = dirs[k0:k0 + size]
+                    chunk = dirs[k0 : k0 + size]
                     tangs = p.derivs.tangent_many(p.trajectory, chunk)
                     results = p.derivs.adjoint_many(
-                        p.trajectory, [self._gn_source(p, t) for t in tangs])
+                        p.trajectory, [self._gn_source(p, t) for t in tangs]
+                    )
                     for k, (s_k, _) in enumerate(results, start=k0):
                         sens[k][label] = s_k
             else:
                 for k, d in enumerate(dirs):
                     tang = p.derivs.tangent(p.trajectory, d)
                     sens[k][label] = p.derivs.second_order(
-                        p.trajectory, d, p.lambdas, tang, self._gn_source(p, tang))
+                        p.trajectory, d, p.lambdas, tang, self._gn_source(p, tang)
+                    )
         for s_k, out in zip(sens, outs):
             self._pack(s_k, out)
         self.counters["hessian"] += len(vs)
@@ -399,8 +437,11 @@ class InverseProblem:
 
     def schedules(self) -> dict[str, list[float]]:
         """The frozen step times of every particle, on every rank (collective)."""
-        local = {str(lb): p.schedule for lb, p in self.particles.items()
-                 if p.schedule is not None and p.model.comm.rank == 0}
+        local = {
+            str(lb): p.schedule
+            for lb, p in self.particles.items()
+            if p.schedule is not None and p.model.comm.rank == 0
+        }
         merged: dict[str, list[float]] = {}
         for part in self.comm.allgather(local):
             merged.update(part)
@@ -424,8 +465,11 @@ class InverseProblem:
         local_pix, local_vals = [], []
         for p in self.particles.values():
             local_pix.append(p.obs.pixels)
-            local_vals.append(np.stack([p.obs.apply(p.trajectory.state(n))
-                                        for n in p.trajectory.frame_steps], axis=1))
+            local_vals.append(
+                np.stack(
+                    [p.obs.apply(p.trajectory.state(n)) for n in p.trajectory.frame_steps], axis=1
+                )
+            )
         pix = np.concatenate(local_pix) if local_pix else np.zeros(0, int)
         vals = np.concatenate(local_vals) if local_vals else np.zeros((0, T))
         gathered = self.comm.gather((pix, vals), root=0)
@@ -436,10 +480,12 @@ class InverseProblem:
             out[:, pp] = vv.T
         return out.reshape(T, H, W)
 
-    def field_on_pixels(self, name: str, x: PETSc.Vec | None = None,
-                        arrays: dict[int, np.ndarray] | None = None) -> np.ndarray | None:
+    def field_on_pixels(
+        self, name: str, x: PETSc.Vec | None = None, arrays: dict[int, np.ndarray] | None = None
+    ) -> np.ndarray | None:
         """A per-particle P1 field (block ``name`` of x, or given V arrays) on the pixel grid,
-        NaN outside the particles; on rank 0."""
+        NaN outside the particles; on rank 0.
+        """
         H, W = self.video.mask.shape
         local = []
         for label, p in self.particles.items():
@@ -470,8 +516,13 @@ def driving_from(video: Video, case_driving: dict, labels: Sequence[int]) -> dic
     elif video.mu_e is not None:
         base = Driving(video.t, video.mu_e)
     else:
-        raise InputError(video.source, "mu_e", "a mu_e (or voltage) series in the video, or "
-                         "[driving] t and mu_e knots in the case file", "neither")
+        raise InputError(
+            video.source,
+            "mu_e",
+            "a mu_e (or voltage) series in the video, or "
+            "[driving] t and mu_e knots in the case file",
+            "neither",
+        )
     if case_driving.get("mode", "data") == "fitted":
         return {lb: Driving(video.t, [base(t) for t in video.t]) for lb in labels}
     return {lb: Driving(base.t, base.values) for lb in labels}
@@ -483,5 +534,9 @@ def resolve_sigma(video: Video, case_data: dict, source: str):
         return float(case_data["sigma"])
     if video.sigma is not None:
         return video.sigma
-    raise InputError(source, "sigma", "a noise std in the video ('sigma') or [data] sigma in "
-                     "the case file", "neither")
+    raise InputError(
+        source,
+        "sigma",
+        "a noise std in the video ('sigma') or [data] sigma in the case file",
+        "neither",
+    )

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 __all__ = ["Progress", "format_seconds"]
 
@@ -59,10 +60,20 @@ class Progress:
         min_interval: terminal mode redraws at most this often (seconds), except at the end.
     """
 
-    def __init__(self, label: str, total: int | None = None, *, comm=None, quiet: bool = False,
-                 stream: TextIO | None = None, tty: bool | None = None,
-                 clock: Callable[[], float] = time.monotonic, steps: int = 10,
-                 width: int = 24, min_interval: float = 0.2):
+    def __init__(
+        self,
+        label: str,
+        total: int | None = None,
+        *,
+        comm=None,
+        quiet: bool = False,
+        stream: TextIO | None = None,
+        tty: bool | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        steps: int = 10,
+        width: int = 24,
+        min_interval: float = 0.2,
+    ):
         if total is not None and total < 0:
             raise ValueError(f"total must be >= 0 or None, found {total}")
         self.label = label
@@ -81,7 +92,7 @@ class Progress:
         self.start = clock()
         self._last_draw = -float("inf")
         self._printed_count = 0  # count shown by the last line (plain mode)
-        self._next_power = 1     # unknown total: next count to print in plain mode
+        self._next_power = 1  # unknown total: next count to print in plain mode
         self._closed = False
 
     # -- numbers ---------------------------------------------------------------------------
@@ -151,7 +162,8 @@ class Progress:
 
     def close(self) -> None:
         """Finish: a terminal line gets its final state and a newline; a plain log gets a last
-        line if the final count was not shown yet (a phase that stopped early). Idempotent."""
+        line if the final count was not shown yet (a phase that stopped early). Idempotent.
+        """
         if self._closed:
             return
         self._closed = True
@@ -167,7 +179,7 @@ class Progress:
         self.stream.write(text)
         self.stream.flush()
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -60,9 +60,13 @@ def open_study(path, comm=MPI.COMM_WORLD, *, simulated: bool | None = None) -> S
             video_path = case.dir / "simulated" / "video.npz"
             truth = case.dir / "simulated" / "truth.npz"
             if not video_path.exists():
-                raise InputError(video_path, None, "the simulated video of this twin "
-                                 "experiment (run 'femkin simulate CASE' first)",
-                                 "no such file")
+                raise InputError(
+                    video_path,
+                    None,
+                    "the simulated video of this twin "
+                    "experiment (run 'femkin simulate CASE' first)",
+                    "no such file",
+                )
         else:
             video_path = case.resolve(case.data["video"])
             truth = case.resolve(case.data["truth"]) if case.data.get("truth") else None
@@ -89,22 +93,30 @@ def build_meshes(comm, study: Study, labels, *, size: float | None = None, quiet
     if size is not None:
         opts["size"] = size
     meshes = {}
-    bar = Progress(f"mesh: {len(dist.mine)} particle(s)", len(dist.mine), comm=comm,
-                   quiet=quiet)
+    bar = Progress(f"mesh: {len(dist.mine)} particle(s)", len(dist.mine), comm=comm, quiet=quiet)
     for i in dist.mine:
         label = int(labels[i])
-        pm = mesh_particle(video.mask, label, video.pixel_size, dist.subcomm, **opts,
-                           cache_dir=study.case.dir / "meshes", source=str(study.video_path))
+        pm = mesh_particle(
+            video.mask,
+            label,
+            video.pixel_size,
+            dist.subcomm,
+            **opts,
+            cache_dir=study.case.dir / "meshes",
+            source=str(study.video_path),
+        )
         meshes[label] = pm.mesh
         bar.update()
     bar.close()
     return dist, meshes
 
 
-def build_problem(study: Study, comm=MPI.COMM_WORLD, *, learn=None,
-                  quiet: bool = True) -> InverseProblem:
+def build_problem(
+    study: Study, comm=MPI.COMM_WORLD, *, learn=None, quiet: bool = True
+) -> InverseProblem:
     """The inverse problem of a case (meshes cached, particles distributed; ``quiet=False``
-    shows a progress bar while meshing)."""
+    shows a progress bar while meshing).
+    """
     case, video = study.case, study.video
     labels = [int(lb) for lb in video.labels]
 
@@ -122,8 +134,18 @@ def build_problem(study: Study, comm=MPI.COMM_WORLD, *, learn=None,
         learn = [b for b in learn if b != "mu_e"]
     if case.driving["mode"] == "fitted" and "mu_e" not in learn:
         learn = list(learn) + ["mu_e"]
-    problem = InverseProblem(comm, video, meshes, dist, params, learn, solver, sigma, driving,
-                             initial_smoothing=case.model["initial_smoothing"])
+    problem = InverseProblem(
+        comm,
+        video,
+        meshes,
+        dist,
+        params,
+        learn,
+        solver,
+        sigma,
+        driving,
+        initial_smoothing=case.model["initial_smoothing"],
+    )
     _warn_resolution(problem, comm)
     return problem
 
@@ -134,8 +156,10 @@ def _warn_resolution(problem: InverseProblem, comm) -> None:
         width = p.model.interface_width()
         h = p.model.h_max()
         if np.isfinite(width) and h > width and p.model.comm.rank == 0:
-            msgs.append(f"particle {label}: the mesh (h = {h:.3g} um) does not resolve the "
-                        f"interface width sqrt(kappa/a_1) = {width:.3g} um")
+            msgs.append(
+                f"particle {label}: the mesh (h = {h:.3g} um) does not resolve the "
+                f"interface width sqrt(kappa/a_1) = {width:.3g} um"
+            )
     for m in sum(comm.allgather(msgs), []):
         if comm.rank == 0:
             print(f"femkin: warning: {m}", flush=True)

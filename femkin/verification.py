@@ -15,7 +15,8 @@ do not depend on the number of ranks.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -65,8 +66,15 @@ def block_direction(problem, block: str, seed: int) -> PETSc.Vec:
     return d
 
 
-def taylor_test(problem, x: PETSc.Vec, block: str, *, steps: Sequence[float], seed: int = 1,
-                hessian: bool = True) -> TaylorResult:
+def taylor_test(
+    problem,
+    x: PETSc.Vec,
+    block: str,
+    *,
+    steps: Sequence[float],
+    seed: int = 1,
+    hessian: bool = True,
+) -> TaylorResult:
     """Taylor test of the misfit gradient (and full Hessian) of ``problem`` in one block."""
     d = block_direction(problem, block, seed)
     g = x.duplicate()
@@ -88,8 +96,15 @@ def taylor_test(problem, x: PETSc.Vec, block: str, *, steps: Sequence[float], se
         r2.append(abs(Jh - J0 - h * gd - 0.5 * h * h * dHd))
     problem.misfit(x)  # restore the state at x
     floor = NOISE * abs(J0)
-    return TaylorResult(block, list(steps), r1, r2, _rates(r1, floor),
-                        _rates(r2, floor) if hessian else float("nan"), floor)
+    return TaylorResult(
+        block,
+        list(steps),
+        r1,
+        r2,
+        _rates(r1, floor),
+        _rates(r2, floor) if hessian else float("nan"),
+        floor,
+    )
 
 
 def hessian_symmetry(problem, x: PETSc.Vec, *, seed: int = 2, gauss_newton: bool = False) -> float:

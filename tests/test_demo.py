@@ -33,8 +33,9 @@ def demo_run(tmp_path_factory) -> Path:
     case.mkdir()
     shutil.copy2(DEMO / "case.toml", case / "case.toml")
     shutil.copytree(DEMO / "data", case / "data")
-    proc = subprocess.run([str(FEMKIN), "run", str(case), "--quiet"], capture_output=True,
-                          text=True, check=False)
+    proc = subprocess.run(
+        [str(FEMKIN), "run", str(case), "--quiet"], capture_output=True, text=True, check=False
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return case
 
@@ -72,8 +73,12 @@ def test_demo_taylor_rates(demo_run):
     """``femkin verify`` on the demo: gradient rate >= 1.9, full-Hessian rate >= 2.9 in every
     learned block, symmetric Hessian (measured 2.00 / 2.98-3.00 / 1e-15, serially and on 2
     ranks, about 35 s)."""
-    proc = subprocess.run([str(FEMKIN), "verify", str(demo_run), "--json"], capture_output=True,
-                          text=True, check=False)
+    proc = subprocess.run(
+        [str(FEMKIN), "verify", str(demo_run), "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rates = json.loads(proc.stdout.strip().splitlines()[-1])
     for block in ("mu_h", "j0", "k0", "m"):

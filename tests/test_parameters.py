@@ -5,11 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from femkin._fem import MPI, PETSc, dolfinx
+from femkin._fem import MPI, dolfinx
 from femkin.errors import InputError
 from femkin.parallel import distribute
-from femkin.parameters import (FieldBlock, ParameterSpace, ParticleScalarBlock, ScalarBlock,
-                               hashed_normal)
+from femkin.parameters import (
+    FieldBlock,
+    ParameterSpace,
+    ParticleScalarBlock,
+    ScalarBlock,
+    hashed_normal,
+)
 
 # Particle label -> cells per side of its unit-square mesh.
 PARTICLES = {3: 6, 7: 4}
@@ -28,8 +33,9 @@ def make_space(comm, particles=PARTICLES):
             V = dolfinx.fem.functionspace(mesh, ("Lagrange", 1))
         fields.append(FieldBlock("m", label, V))
         pscalars.append(ParticleScalarBlock("mu_e", label, 3, dist.group_root[dist.owner[i]]))
-    space = ParameterSpace(comm, [ScalarBlock("mu_h", 4), ScalarBlock("ln_k0", 1)], fields,
-                           pscalars)
+    space = ParameterSpace(
+        comm, [ScalarBlock("mu_h", 4), ScalarBlock("ln_k0", 1)], fields, pscalars
+    )
     return space, dist
 
 
@@ -91,6 +97,7 @@ def test_to_function(comm):
         # Ghost values are the same hash of their coordinates.
         coords = V.tabulate_dof_coordinates()
         from femkin.parameters import rounded_coordinates
+
         expected = hashed_normal(5, "m", label, rounded_coordinates(coords))
         assert np.allclose(f.x.array, expected)
         y = space.create_vector()
@@ -114,8 +121,11 @@ def test_random_normal_partition_independent(comm, particles):
     if comm.rank == 0:
         failures = [] if set(d) == set(ref) else [f"keys {set(d) ^ set(ref)}"]
         for key in set(d) & set(ref):
-            same = (np.allclose(d[key], ref[key], rtol=0, atol=1e-12)
-                    if key.endswith("coordinates") else np.array_equal(d[key], ref[key]))
+            same = (
+                np.allclose(d[key], ref[key], rtol=0, atol=1e-12)
+                if key.endswith("coordinates")
+                else np.array_equal(d[key], ref[key])
+            )
             if not same:
                 failures.append(key)
         values = np.concatenate([d[k] for k in d if not k.endswith("coordinates")])

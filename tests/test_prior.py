@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.special
 
-from femkin._fem import MPI, PETSc, dolfinx
+from femkin._fem import MPI, dolfinx
 from femkin.errors import InputError
 from femkin.parameters import FieldBlock, ParameterSpace, ParticleScalarBlock, ScalarBlock
 from femkin.prior import BiLaplacianPrior, GaussianScalarPrior, Prior, bilaplacian_coefficients
@@ -138,11 +138,17 @@ def test_invalid_inputs():
 
 def composite(comm):
     V = square_space(comm, 12)
-    space = ParameterSpace(comm, [ScalarBlock("mu_h", 3)], [FieldBlock("m", 1, V)],
-                           [ParticleScalarBlock("mu_e", 1, 2, 0)])
-    priors = {("mu_h", None): GaussianScalarPrior([1.0, -2.0, 0.5], [2.0, 1.0, 0.5]),
-              ("m", 1): BiLaplacianPrior(V, STD, LENGTH),
-              ("mu_e", 1): GaussianScalarPrior([0.0, 0.0], 0.1)}
+    space = ParameterSpace(
+        comm,
+        [ScalarBlock("mu_h", 3)],
+        [FieldBlock("m", 1, V)],
+        [ParticleScalarBlock("mu_e", 1, 2, 0)],
+    )
+    priors = {
+        ("mu_h", None): GaussianScalarPrior([1.0, -2.0, 0.5], [2.0, 1.0, 0.5]),
+        ("m", 1): BiLaplacianPrior(V, STD, LENGTH),
+        ("mu_e", 1): GaussianScalarPrior([0.0, 0.0], 0.1),
+    }
     return space, Prior(space, priors)
 
 

@@ -88,7 +88,7 @@ def test_eta_arithmetic_with_injected_clock():
     clock.now += 3.0
     bar.update(3)
     assert bar.elapsed() == pytest.approx(3.0)
-    assert bar.eta() == pytest.approx(7.0)   # 1 s per item, 7 items left
+    assert bar.eta() == pytest.approx(7.0)  # 1 s per item, 7 items left
     clock.now += 9.0
     bar.update(1)
     assert bar.eta() == pytest.approx(18.0)  # 12 s / 4 items * 6 left

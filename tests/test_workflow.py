@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
+from workflow_case import write_case
 
 from femkin._fem import MPI
 from femkin.cli import main
-from workflow_case import write_case
 
 
 @pytest.mark.mpi
@@ -89,7 +89,8 @@ def test_simulate_same_on_any_number_of_ranks(mpi_tmp_path):
         b = np.load(single / "simulated" / "truth.npz")["c"]
         finite = np.isfinite(a)
         ok = bool(np.array_equal(finite, np.isfinite(b))) and np.allclose(
-            a[finite], b[finite], rtol=1e-8, atol=1e-10)
+            a[finite], b[finite], rtol=1e-8, atol=1e-10
+        )
         detail = float(np.nanmax(np.abs(a - b)))
     ok = comm.bcast(ok)
     assert ok, comm.bcast(detail)
@@ -121,8 +122,9 @@ def test_trajectory_on_disk_equals_memory():
     from femkin.forward import ModelParameters, ParticleModel, SolverOptions
 
     mesh = dolfinx.mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
-    model = ParticleModel(mesh, ModelParameters(mu_h=(3.0,), j0=(), k0=2e-3),
-                          solver=SolverOptions(dc_max=0.05))
+    model = ParticleModel(
+        mesh, ModelParameters(mu_h=(3.0,), j0=(), k0=2e-3), solver=SolverOptions(dc_max=0.05)
+    )
     c0 = np.full(model.V.dofmap.index_map.size_local + model.V.dofmap.index_map.num_ghosts, 0.2)
     frames, drive = [0.0, 100.0, 200.0], Driving([0.0, 200.0], [1.0, 2.0])
     mem = model.solve(frames, drive, c0, storage="memory")

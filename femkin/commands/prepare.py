@@ -26,31 +26,65 @@ def register(subparsers) -> None:
         "(paths relative to the case directory); command-line values override it.",
     )
     parser.add_argument("stacks", nargs="*", type=Path, help="raw stacks, one per frame")
-    parser.add_argument("--references", type=Path, default=None,
-                        help="CSV with columns energy, LiFePO4, FePO4")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="video to write (.npz, .h5 or .tif folder); default data/video.npz")
-    parser.add_argument("--i0-region", type=int, nargs=4, default=None,
-                        metavar=("ROW0", "ROW1", "COL0", "COL1"),
-                        help="particle-free region for I0 (raw pixels, half-open); automatic "
-                        "by default")
-    parser.add_argument("--threshold", type=float, default=None,
-                        help="Fe optical density threshold for the masks (default: Otsu)")
-    parser.add_argument("--min-size", type=int, default=None,
-                        help="smallest particle kept, in pixels (default 20)")
-    parser.add_argument("--times", type=float, nargs="+", default=None,
-                        help="frame times in seconds (default: from the file headers)")
-    parser.add_argument("--bootstrap", type=int, default=100,
-                        help="bootstrap resamples of the energies for sigma (default 100)")
-    parser.add_argument("--case", type=Path, default=None,
-                        help="case directory or case.toml whose [prepare] section to use")
+    parser.add_argument(
+        "--references", type=Path, default=None, help="CSV with columns energy, LiFePO4, FePO4"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="video to write (.npz, .h5 or .tif folder); default data/video.npz",
+    )
+    parser.add_argument(
+        "--i0-region",
+        type=int,
+        nargs=4,
+        default=None,
+        metavar=("ROW0", "ROW1", "COL0", "COL1"),
+        help="particle-free region for I0 (raw pixels, half-open); automatic by default",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="Fe optical density threshold for the masks (default: Otsu)",
+    )
+    parser.add_argument(
+        "--min-size", type=int, default=None, help="smallest particle kept, in pixels (default 20)"
+    )
+    parser.add_argument(
+        "--times",
+        type=float,
+        nargs="+",
+        default=None,
+        help="frame times in seconds (default: from the file headers)",
+    )
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=100,
+        help="bootstrap resamples of the energies for sigma (default 100)",
+    )
+    parser.add_argument(
+        "--case",
+        type=Path,
+        default=None,
+        help="case directory or case.toml whose [prepare] section to use",
+    )
     parser.set_defaults(func=run)
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     """Merge the case file's ``[prepare]`` section with the command line (which wins)."""
-    out: dict[str, Any] = {"stacks": [], "references": None, "out": Path("data/video.npz"),
-                           "i0_region": None, "threshold": None, "min_size": 20, "times": None}
+    out: dict[str, Any] = {
+        "stacks": [],
+        "references": None,
+        "out": Path("data/video.npz"),
+        "i0_region": None,
+        "threshold": None,
+        "min_size": 20,
+        "times": None,
+    }
     source = "command line"
     if args.case is not None:
         from femkin.case import load_case
@@ -84,25 +118,42 @@ def _work(args: argparse.Namespace) -> str:
     cfg = settings(args)
     stacks = [read_stack(p) for p in cfg["stacks"]]
     refs = read_references(cfg["references"])
-    result = prepare(stacks, refs, i0_region=cfg["i0_region"], threshold=cfg["threshold"],
-                     min_size=int(cfg["min_size"]), times=cfg["times"], n_boot=args.bootstrap)
+    result = prepare(
+        stacks,
+        refs,
+        i0_region=cfg["i0_region"],
+        threshold=cfg["threshold"],
+        min_size=int(cfg["min_size"]),
+        times=cfg["times"],
+        n_boot=args.bootstrap,
+    )
     out = Path(cfg["out"])
-    video = Video(c=result.c, mask=result.mask, t=result.t, pixel_size=result.pixel_size,
-                  sigma=result.sigma, source="; ".join(str(p) for p in cfg["stacks"]))
+    video = Video(
+        c=result.c,
+        mask=result.mask,
+        t=result.t,
+        pixel_size=result.pixel_size,
+        sigma=result.sigma,
+        source="; ".join(str(p) for p in cfg["stacks"]),
+    )
     validate_video(video, out)
     write_video(out, video)
     png = out.parent / f"{out.stem}_summary.png"
     write_summary(png, result)
     drift = max(float(abs(s).max()) for s in result.shifts)
-    lines = [f"{len(stacks)} frame(s), {result.mask.max()} particle(s), "
-             f"{int((result.mask > 0).sum())} pixels, pixel {result.pixel_size:g} um",
-             f"largest drift corrected: {drift:.2f} px; Fe OD thresholds "
-             + ", ".join(f"{v:.3g}" for v in result.thresholds)]
+    lines = [
+        f"{len(stacks)} frame(s), {result.mask.max()} particle(s), "
+        f"{int((result.mask > 0).sum())} pixels, pixel {result.pixel_size:g} um",
+        f"largest drift corrected: {drift:.2f} px; Fe OD thresholds "
+        + ", ".join(f"{v:.3g}" for v in result.thresholds),
+    ]
     for k in range(result.c.shape[0]):
         import numpy as np
 
-        lines.append(f"t = {result.t[k]:g} s: mean c {np.nanmean(result.c[k]):.3f}, "
-                     f"median sigma {np.nanmedian(result.sigma[k]):.3f}")
+        lines.append(
+            f"t = {result.t[k]:g} s: mean c {np.nanmean(result.c[k]):.3f}, "
+            f"median sigma {np.nanmedian(result.sigma[k]):.3f}"
+        )
     lines.append(f"wrote {out} and {png}")
     return "\n".join(lines)
 

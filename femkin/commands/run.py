@@ -8,12 +8,15 @@ from pathlib import Path
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "run", help="the whole study: mesh, (simulate), invert, uq, report",
+        "run",
+        help="the whole study: mesh, (simulate), invert, uq, report",
         description="Run a case end to end. A case with a [simulate] section is a twin "
-        "experiment: its data are simulated first (if CASE/simulated/video.npz is missing).")
+        "experiment: its data are simulated first (if CASE/simulated/video.npz is missing).",
+    )
     parser.add_argument("case", type=Path, help="case directory (or its case.toml)")
-    parser.add_argument("--resume", action="store_true", help="continue the fit from its "
-                        "checkpoint")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the fit from its checkpoint"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.set_defaults(func=run)
 
@@ -35,12 +38,15 @@ def run(args: argparse.Namespace) -> int:
     from femkin.commands.uq import uq_at
     from femkin.study import open_study
 
-    uq_at(open_study(args.case, comm), problem, prior, result.x, result.history,
-          quiet=args.quiet)
+    uq_at(open_study(args.case, comm), problem, prior, result.x, result.history, quiet=args.quiet)
     if comm.rank == 0 and not args.quiet:
         import json
+
         summary = json.loads((case.dir / "results" / "summary.json").read_text())
-        print(f"misfit RMS {summary['misfit_rms']:.4f}; "
-              + ", ".join(f"{k} {v:.3g}" for k, v in summary.get("truth_comparison", {}).items())
-              + f"; report: {case.dir / 'results' / 'report.md'}", flush=True)
+        print(
+            f"misfit RMS {summary['misfit_rms']:.4f}; "
+            + ", ".join(f"{k} {v:.3g}" for k, v in summary.get("truth_comparison", {}).items())
+            + f"; report: {case.dir / 'results' / 'report.md'}",
+            flush=True,
+        )
     return 0

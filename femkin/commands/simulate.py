@@ -16,9 +16,11 @@ from pathlib import Path
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "simulate", help="simulate a case's particles (synthetic data for twin experiments)",
+        "simulate",
+        help="simulate a case's particles (synthetic data for twin experiments)",
         description="Simulate every particle of the case's video with the [model] parameters "
-        "and write CASE/simulated/{video.npz,truth.npz}, XDMF and PNG frames.")
+        "and write CASE/simulated/{video.npz,truth.npz}, XDMF and PNG frames.",
+    )
     parser.add_argument("case", type=Path, help="case directory (or its case.toml)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.set_defaults(func=run)
@@ -48,8 +50,9 @@ def prior_m(V, std: float, length: float, seed: int, label: int):
     prior = BiLaplacianPrior(V, std, length, options_prefix="femkin_truth_prior_")
     n_own = V.dofmap.index_map.size_local
     white = prior.create_vector()
-    white.getArray()[:] = hashed_normal(seed, "m_truth", label,
-                                        rounded_coordinates(V.tabulate_dof_coordinates()[:n_own]))
+    white.getArray()[:] = hashed_normal(
+        seed, "m_truth", label, rounded_coordinates(V.tabulate_dof_coordinates()[:n_own])
+    )
     out = prior.create_vector()
     prior.sample(white, out)
     f = dolfinx.fem.Function(V)
@@ -65,9 +68,9 @@ def simulate(case_path, comm=None, *, quiet: bool = False) -> Path:
     """Run the simulation of a case; returns the path of the simulated video."""
     import numpy as np
 
-    from femkin._fem import MPI, dolfinx
+    from femkin._fem import MPI
     from femkin.errors import InputError
-    from femkin.forward import ModelParameters, SolverOptions, ParticleModel
+    from femkin.forward import ModelParameters, ParticleModel, SolverOptions
     from femkin.io.video import Video, write_video
     from femkin.observation import build_observation
     from femkin.problem import C_CLIP, driving_from, image_at, smoothed
@@ -91,17 +94,21 @@ def simulate(case_path, comm=None, *, quiet: bool = False) -> Path:
             except Exception as err:  # noqa: BLE001 - any unreadable file is a user error
                 raise InputError(path, "k_map", "a readable .npy array", repr(err)) from None
             if k_map.shape != video.mask.shape:
-                raise InputError(path, "k_map", f"shape {video.mask.shape} (the mask's)",
-                                 k_map.shape)
+                raise InputError(
+                    path, "k_map", f"shape {video.mask.shape} (the mask's)", k_map.shape
+                )
             inside = video.mask > 0
             if not np.all(np.isfinite(k_map[inside]) & (k_map[inside] > 0)):
-                raise InputError(path, "k_map", "finite k > 0 on every particle pixel",
-                                 "non-positive or NaN values")
+                raise InputError(
+                    path,
+                    "k_map",
+                    "finite k > 0 on every particle pixel",
+                    "non-positive or NaN values",
+                )
         return k_map, driving_from(video, case.driving, labels)
 
     k_map, driving = collective(comm, checks)
-    dist, meshes = build_meshes(comm, study, labels, size=sim.get("mesh_size"),
-                                quiet=quiet)
+    dist, meshes = build_meshes(comm, study, labels, size=sim.get("mesh_size"), quiet=quiet)
     solver = SolverOptions.from_case(case.solver)
     T, H, W = video.c.shape
     out_dir = case.dir / "simulated"
@@ -110,8 +117,12 @@ def simulate(case_path, comm=None, *, quiet: bool = False) -> Path:
     comm.barrier()
     local = []
     # Rank 0 shows its own group's particles (the distribution balances pixels over groups).
-    bar = Progress(f"simulate: frames of {len(dist.mine)} particle(s)",
-                   (T - 1) * len(dist.mine), comm=comm, quiet=quiet)
+    bar = Progress(
+        f"simulate: frames of {len(dist.mine)} particle(s)",
+        (T - 1) * len(dist.mine),
+        comm=comm,
+        quiet=quiet,
+    )
     for i in dist.mine:
         label = labels[i]
         model = ParticleModel(meshes[label], params, solver=solver)
@@ -126,8 +137,11 @@ def simulate(case_path, comm=None, *, quiet: bool = False) -> Path:
         else:
             m = np.zeros(len(coords))
         model.set_m(m)
-        c0 = smoothed(model.V, image_at(video.c[0], inside, coords, video.pixel_size),
-                      case.model["initial_smoothing"])
+        c0 = smoothed(
+            model.V,
+            image_at(video.c[0], inside, coords, video.pixel_size),
+            case.model["initial_smoothing"],
+        )
         c0 = np.clip(c0, C_CLIP, 1 - C_CLIP)
         traj = model.solve(video.t, driving[label], c0, on_frame=lambda _: bar.update())
         obs = build_observation(model.W.sub(0), video.mask, label, video.pixel_size)
@@ -138,8 +152,11 @@ def simulate(case_path, comm=None, *, quiet: bool = False) -> Path:
             _write_xdmf(model, traj, out_dir / f"particle_{label}.xdmf")
         if not quiet and model.comm.rank == 0:
             bar.clear()
-            print(f"particle {label}: {traj.n_steps} steps, "
-                  f"{int(np.sum(traj.newton_iterations))} Newton iterations", flush=True)
+            print(
+                f"particle {label}: {traj.n_steps} steps, "
+                f"{int(np.sum(traj.newton_iterations))} Newton iterations",
+                flush=True,
+            )
     bar.close()
     gathered = comm.gather(local, root=0)
     video_out = out_dir / "video.npz"
@@ -158,13 +175,32 @@ def simulate(case_path, comm=None, *, quiet: bool = False) -> Path:
                 rng = np.random.default_rng([int(sim.get("seed", 0)), f])
                 noisy[f] += noise * rng.standard_normal((H, W))
         mu_e = np.array([driving[labels[0]](t) for t in video.t])
-        write_video(video_out, Video(noisy, video.mask, video.t, video.pixel_size, mu_e=mu_e,
-                                     sigma=noise if noise > 0 else None))
+        write_video(
+            video_out,
+            Video(
+                noisy,
+                video.mask,
+                video.t,
+                video.pixel_size,
+                mu_e=mu_e,
+                sigma=noise if noise > 0 else None,
+            ),
+        )
         m_pix = m_pix.reshape(H, W)
-        np.savez(out_dir / "truth.npz", c=c, m=m_pix, k=params.k0 * np.exp(m_pix),
-                 mu_h=np.array(params.mu_h), j0=np.array(params.j0),
-                 j0_prefactor=np.array(params.j0_prefactor), k0=params.k0, kappa=params.kappa,
-                 coherency=params.coherency, alpha=params.alpha, noise=noise)
+        np.savez(
+            out_dir / "truth.npz",
+            c=c,
+            m=m_pix,
+            k=params.k0 * np.exp(m_pix),
+            mu_h=np.array(params.mu_h),
+            j0=np.array(params.j0),
+            j0_prefactor=np.array(params.j0_prefactor),
+            k0=params.k0,
+            kappa=params.kappa,
+            coherency=params.coherency,
+            alpha=params.alpha,
+            noise=noise,
+        )
         if "png" in sim.get("outputs", ["png"]):
             _plot_frames(noisy, c, video.t, out_dir / "frames.png")
         if not quiet:

@@ -27,10 +27,12 @@ import numpy as np
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "uq", help="posterior uncertainty at the MAP point (Laplace approximation)",
+        "uq",
+        help="posterior uncertainty at the MAP point (Laplace approximation)",
         description="After 'femkin invert': eigenpairs of the prior-preconditioned Hessian, "
         "posterior std and correlations of the coefficients, std of ln k, 95% bands of "
-        "mu_h, j0 and c(t); writes CASE/results/uq.json and updates the report.")
+        "mu_h, j0 and c(t); writes CASE/results/uq.json and updates the report.",
+    )
     parser.add_argument("case", type=Path, help="case directory (or its case.toml)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.set_defaults(func=run)
@@ -58,8 +60,12 @@ def uq(case_path, *, quiet: bool = False, comm=None) -> dict | None:
 
     def check():
         if not ckpt.exists():
-            raise InputError(ckpt, None, "the MAP checkpoint of an inversion (run 'femkin "
-                             "invert CASE' first)", "no such file")
+            raise InputError(
+                ckpt,
+                None,
+                "the MAP checkpoint of an inversion (run 'femkin invert CASE' first)",
+                "no such file",
+            )
 
     collective(comm, check)
     problem = build_problem(study, comm, quiet=quiet)
@@ -71,12 +77,21 @@ def uq(case_path, *, quiet: bool = False, comm=None) -> dict | None:
     if state:
         problem.set_schedules(state.get("schedules", {}))
     setup = time.perf_counter() - t0
-    return uq_at(study, problem, prior, x, history or [], quiet=quiet,
-                 extra_timings={"setup": setup})
+    return uq_at(
+        study, problem, prior, x, history or [], quiet=quiet, extra_timings={"setup": setup}
+    )
 
 
-def uq_at(study, problem, prior, x, history: list, *, quiet: bool = False,
-          extra_timings: dict | None = None) -> dict | None:
+def uq_at(
+    study,
+    problem,
+    prior,
+    x,
+    history: list,
+    *,
+    quiet: bool = False,
+    extra_timings: dict | None = None,
+) -> dict | None:
     """The UQ step on a built problem at its MAP point ``x`` (also used by ``femkin run``).
 
     Returns:
@@ -98,9 +113,11 @@ def uq_at(study, problem, prior, x, history: list, *, quiet: bool = False,
         payload = result.to_json(study.case.uq)
         write_uq_results(study, problem, params, result, payload, history)
         if not quiet:
-            print(f"uq: rank {payload['rank']}, {payload['hessian_actions']} Hessian actions, "
-                  f"{timings['total']:.1f} s; results in {study.case.dir / 'results'}",
-                  flush=True)
+            print(
+                f"uq: rank {payload['rank']}, {payload['hessian_actions']} Hessian actions, "
+                f"{timings['total']:.1f} s; results in {study.case.dir / 'results'}",
+                flush=True,
+            )
     comm.barrier()  # every rank returns once the result files exist
     return payload
 
@@ -131,8 +148,17 @@ def write_uq_results(study, problem, params, result, payload: dict, history: lis
         path = out / f"k_{lb}.npy"
         if path.exists():
             k_maps[lb] = np.load(path)
-    names = res.figures(out, params, truth, result.fitted, video.c, video.t, k_maps, history,
-                        band={"mu_h": bands["mu_h"][1:], "j0": bands["j0"][1:]})
+    names = res.figures(
+        out,
+        params,
+        truth,
+        result.fitted,
+        video.c,
+        video.t,
+        k_maps,
+        history,
+        band={"mu_h": bands["mu_h"][1:], "j0": bands["j0"][1:]},
+    )
     names += _uq_figures(out, result, payload)
     summary_path = out / "summary.json"
     if summary_path.exists():
@@ -150,13 +176,13 @@ def _uq_figures(out: Path, result, payload: dict) -> list[str]:
     labels = list(result.ln_k_std)
     if labels:
         # top: posterior std of ln k; bottom: over the prior std (the data's effect alone)
-        fig, axes = plt.subplots(2, len(labels), figsize=(4.2 * len(labels), 7.0),
-                                 squeeze=False)
+        fig, axes = plt.subplots(2, len(labels), figsize=(4.2 * len(labels), 7.0), squeeze=False)
         for col, lb in enumerate(labels):
             std, prior_std = result.ln_k_std[lb], result.ln_k_prior_std[lb]
             for ax, image, title in (
-                    (axes[0, col], std, f"posterior std of ln k, particle {lb}"),
-                    (axes[1, col], std / prior_std, f"posterior / prior std, particle {lb}")):
+                (axes[0, col], std, f"posterior std of ln k, particle {lb}"),
+                (axes[1, col], std / prior_std, f"posterior / prior std, particle {lb}"),
+            ):
                 im = ax.imshow(image, cmap="viridis")
                 ax.set_title(title, fontsize=9)
                 fig.colorbar(im, ax=ax)
@@ -182,14 +208,15 @@ def _uq_figures(out: Path, result, payload: dict) -> list[str]:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         t = np.asarray(c_t["t"])
         for lb, entry in c_t["particles"].items():
-            line, = ax.plot(t, entry["map"], label=f"particle {lb} (MAP)")
+            (line,) = ax.plot(t, entry["map"], label=f"particle {lb} (MAP)")
             if "lo" in entry:
                 ax.fill_between(t, entry["lo"], entry["hi"], color=line.get_color(), alpha=0.3)
             ax.plot(t, entry["observed"], "x", color=line.get_color())
         ax.set_xlabel("t (s)")
         ax.set_ylabel("particle-average c")
-        ax.set_title(f"95% band from {c_t['samples'] - c_t['failed']} posterior samples",
-                     fontsize=9)
+        ax.set_title(
+            f"95% band from {c_t['samples'] - c_t['failed']} posterior samples", fontsize=9
+        )
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / "uq_c_t.png", dpi=110)

@@ -18,14 +18,19 @@ TAYLOR_NEWTON_ATOL = 1e-15
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "verify", help="Taylor tests of gradients and Hessians for each parameter block",
+        "verify",
+        help="Taylor tests of gradients and Hessians for each parameter block",
         description="Check the adjoint gradient (rate 2) and the full Hessian (rate 3) of the "
         "misfit with Taylor tests along random directions in each parameter block, and the "
-        "symmetry <H u, v> = <u, H v>.")
+        "symmetry <H u, v> = <u, H v>.",
+    )
     parser.add_argument("case", type=Path, help="case directory (or its case.toml)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--blocks", nargs="+", help="blocks to check (default: [verify] "
-                        "blocks, else [inversion] learn)")
+    parser.add_argument(
+        "--blocks",
+        nargs="+",
+        help="blocks to check (default: [verify] blocks, else [inversion] learn)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -62,8 +67,10 @@ def run(args: argparse.Namespace) -> int:
             for h, a, b in zip(res.steps, res.gradient_remainders, res.hessian_remainders):
                 mark = "  (below the noise of J: not used)" if min(a, b) <= res.floor else ""
                 print(f"  {h:10.3e} {a:20.6e} {b:20.6e}{mark}")
-            print(f"  rates: gradient {res.gradient_rate:.3f}, Hessian {res.hessian_rate:.3f}",
-                  flush=True)
+            print(
+                f"  rates: gradient {res.gradient_rate:.3f}, Hessian {res.hessian_rate:.3f}",
+                flush=True,
+            )
     out["symmetry"] = hessian_symmetry(problem, x)
     if comm.rank == 0:
         if args.json:

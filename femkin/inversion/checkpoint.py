@@ -44,12 +44,12 @@ def write_checkpoint(path, space: ParameterSpace, x: PETSc.Vec, state: dict) -> 
             error = f"{type(exc).__name__}: {exc}"
     error = space.comm.bcast(error, root=0)
     if error is not None:
-        raise InputError(path, None, "a writable checkpoint with a JSON-serialisable state",
-                         error)
+        raise InputError(path, None, "a writable checkpoint with a JSON-serialisable state", error)
 
 
-def read_checkpoint(path, space: ParameterSpace, x: PETSc.Vec,
-                    case_hash: str | None = None) -> dict | None:
+def read_checkpoint(
+    path, space: ParameterSpace, x: PETSc.Vec, case_hash: str | None = None
+) -> dict | None:
     """Load a checkpoint into ``x`` (any number of ranks) and return its state.
 
     Returns ``None`` (on every rank) when ``path`` does not exist.
@@ -69,15 +69,25 @@ def read_checkpoint(path, space: ParameterSpace, x: PETSc.Vec,
                     blocks = {k: data[k] for k in data.files if k != _STATE}
                 found = state.get("case_hash")
                 if case_hash is not None and found != case_hash:
-                    result = ("error", ("case_hash", f"a checkpoint of the current case settings "
-                                         f"(hash {case_hash})", f"one written with other "
-                                         f"settings (hash {found}); remove it or run "
-                                         "without --resume"), None)
+                    result = (
+                        "error",
+                        (
+                            "case_hash",
+                            f"a checkpoint of the current case settings (hash {case_hash})",
+                            f"one written with other "
+                            f"settings (hash {found}); remove it or run "
+                            "without --resume",
+                        ),
+                        None,
+                    )
                 else:
                     result = ("ok", state, blocks)
             except (OSError, ValueError, KeyError) as exc:
-                result = ("error", (None, "a femkin checkpoint (.npz)",
-                                    f"{type(exc).__name__}: {exc}"), None)
+                result = (
+                    "error",
+                    (None, "a femkin checkpoint (.npz)", f"{type(exc).__name__}: {exc}"),
+                    None,
+                )
     kind, info = space.comm.bcast(result[:2] if result else None, root=0)
     if kind == "absent":
         return None

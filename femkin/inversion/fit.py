@@ -13,7 +13,8 @@ TAO's options prefix is ``femkin_``: ``-femkin_tao_type blmvm``, ``-femkin_tao_m
 from __future__ import annotations
 
 import time
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -29,18 +30,22 @@ FAILED_OBJECTIVE = 1e30
 def build_prior(problem, prior_case: dict, x0: PETSc.Vec) -> Prior:
     """The Gaussian prior of a problem's parameter space, centred on ``x0`` (m: on 0)."""
     space = problem.space
-    coefficient_std = {"mu_h": prior_case["coefficient_std"], "j0": prior_case["coefficient_std"],
-                       "k0": prior_case["coefficient_std"],
-                       "kappa": 0.01 * prior_case["coefficient_std"],
-                       "coherency": prior_case["coefficient_std"]}
+    coefficient_std = {
+        "mu_h": prior_case["coefficient_std"],
+        "j0": prior_case["coefficient_std"],
+        "k0": prior_case["coefficient_std"],
+        "kappa": 0.01 * prior_case["coefficient_std"],
+        "coherency": prior_case["coefficient_std"],
+    }
     priors = {}
     for b in space.scalar_blocks:
         mean = space.get_scalars(x0, b.name)
         priors[(b.name, None)] = GaussianScalarPrior(mean, np.full(b.size, coefficient_std[b.name]))
     for b in space.particle_scalar_blocks:
         mean = space.get_scalars(x0, b.name, b.label)
-        priors[(b.name, b.label)] = GaussianScalarPrior(mean,
-                                                        np.full(b.size, prior_case["mu_e_std"]))
+        priors[(b.name, b.label)] = GaussianScalarPrior(
+            mean, np.full(b.size, prior_case["mu_e_std"])
+        )
     for b in space.field_blocks:
         if b.V is None:
             priors[(b.name, b.label)] = None
@@ -48,12 +53,17 @@ def build_prior(problem, prior_case: dict, x0: PETSc.Vec) -> Prior:
         prefix = f"femkin_prior_{b.name}_{b.label}_"
         if b.name == "m":
             priors[(b.name, b.label)] = BiLaplacianPrior(
-                b.V, prior_case["m_std"], prior_case["m_length"], options_prefix=prefix)
+                b.V, prior_case["m_std"], prior_case["m_length"], options_prefix=prefix
+            )
         else:
             mean = space.field_view(x0, b.name, b.label, readonly=True).copy()
             priors[(b.name, b.label)] = BiLaplacianPrior(
-                b.V, prior_case["initial_std"], prior_case["m_length"], mean=mean,
-                options_prefix=prefix)
+                b.V,
+                prior_case["initial_std"],
+                prior_case["m_length"],
+                mean=mean,
+                options_prefix=prefix,
+            )
     return Prior(space, priors)
 
 
@@ -121,11 +131,21 @@ class MapResult(NamedTuple):
     history: list
 
 
-def solve_map(problem, prior: Prior, x0: PETSc.Vec, *, tao_type: str = "bnls",
-              max_iterations: int = 100, gatol: float = 1e-6, grtol: float = 1e-8,
-              gauss_newton: bool = True, petsc_options: dict | None = None,
-              monitor: Callable | None = None, start_iteration: int = 0,
-              history: list | None = None) -> MapResult:
+def solve_map(
+    problem,
+    prior: Prior,
+    x0: PETSc.Vec,
+    *,
+    tao_type: str = "bnls",
+    max_iterations: int = 100,
+    gatol: float = 1e-6,
+    grtol: float = 1e-8,
+    gauss_newton: bool = True,
+    petsc_options: dict | None = None,
+    monitor: Callable | None = None,
+    start_iteration: int = 0,
+    history: list | None = None,
+) -> MapResult:
     """Minimise misfit + prior from x0; ``history`` and ``start_iteration`` continue a run.
 
     Args:
@@ -138,17 +158,37 @@ def solve_map(problem, prior: Prior, x0: PETSc.Vec, *, tao_type: str = "bnls",
     t0 = time.perf_counter() - (history[-1]["time"] if history else 0.0)
 
     def on_iteration(it, x, f, gnorm):
-        rec = {"iteration": it + start_iteration, "objective": f, "misfit": rf.last_misfit,
-               "misfit_rms": float(np.sqrt(2 * rf.last_misfit / max(problem.n_observed, 1))),
-               "gradient_norm": gnorm, "time": time.perf_counter() - t0}
+        rec = {
+            "iteration": it + start_iteration,
+            "objective": f,
+            "misfit": rf.last_misfit,
+            "misfit_rms": float(np.sqrt(2 * rf.last_misfit / max(problem.n_observed, 1))),
+            "gradient_norm": gnorm,
+            "time": time.perf_counter() - t0,
+        }
         history.append(rec)
         if monitor is not None:
             monitor(rec, x)
 
-    result = minimize(rf, x0, prior=prior, tao_type=tao_type,
-                      max_iterations=max(max_iterations - start_iteration, 0), gatol=gatol,
-                      grtol=grtol, options_prefix="femkin_", petsc_options=petsc_options,
-                      monitor=on_iteration, raise_on_failure=False)
+    result = minimize(
+        rf,
+        x0,
+        prior=prior,
+        tao_type=tao_type,
+        max_iterations=max(max_iterations - start_iteration, 0),
+        gatol=gatol,
+        grtol=grtol,
+        options_prefix="femkin_",
+        petsc_options=petsc_options,
+        monitor=on_iteration,
+        raise_on_failure=False,
+    )
     value = rf.value(result.x)
-    return MapResult(result.x, float(value), float(rf.last_misfit),
-                     result.iterations + start_iteration, result.reason, history)
+    return MapResult(
+        result.x,
+        float(value),
+        float(rf.last_misfit),
+        result.iterations + start_iteration,
+        result.reason,
+        history,
+    )

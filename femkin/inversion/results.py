@@ -28,26 +28,43 @@ def atomic_write(path: Path, writer) -> None:
 def curves(params) -> dict[str, np.ndarray]:
     """mu_h(c) and j0(c) on :data:`C_GRID`."""
     p, q = params.j0_prefactor
-    return {"c": C_GRID, "mu_h": mu_h(C_GRID, params.mu_h, np.log),
-            "j0": np.exp(ln_j0(C_GRID, params.j0, p, q, np.log))}
+    return {
+        "c": C_GRID,
+        "mu_h": mu_h(C_GRID, params.mu_h, np.log),
+        "j0": np.exp(ln_j0(C_GRID, params.j0, p, q, np.log)),
+    }
 
 
 def write_csv(path: Path, columns: dict[str, np.ndarray]) -> None:
     names = list(columns)
     data = np.column_stack([columns[n] for n in names])
-    atomic_write(path, lambda tmp: np.savetxt(tmp, data, delimiter=",", header=",".join(names),
-                                              comments="", fmt="%.10g"))
+    atomic_write(
+        path,
+        lambda tmp: np.savetxt(
+            tmp, data, delimiter=",", header=",".join(names), comments="", fmt="%.10g"
+        ),
+    )
 
 
 def write_json(path: Path, obj) -> None:
     def w(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
+
     atomic_write(path, w)
 
 
-def figures(out: Path, params, truth: dict | None, fitted: np.ndarray, observed: np.ndarray,
-            t: np.ndarray, k_maps: dict, history: list, band: dict | None = None) -> list[str]:
+def figures(
+    out: Path,
+    params,
+    truth: dict | None,
+    fitted: np.ndarray,
+    observed: np.ndarray,
+    t: np.ndarray,
+    k_maps: dict,
+    history: list,
+    band: dict | None = None,
+) -> list[str]:
     """Draw the result figures; returns their file names."""
     import matplotlib
 
@@ -63,8 +80,12 @@ def figures(out: Path, params, truth: dict | None, fitted: np.ndarray, observed:
             ax.fill_between(cv["c"], band[key][0], band[key][1], alpha=0.3, label="95% band")
         if truth is not None:
             from femkin.forward import ModelParameters
-            tp = ModelParameters(mu_h=tuple(truth["mu_h"]), j0=tuple(truth["j0"]),
-                                 j0_prefactor=tuple(truth["j0_prefactor"]))
+
+            tp = ModelParameters(
+                mu_h=tuple(truth["mu_h"]),
+                j0=tuple(truth["j0"]),
+                j0_prefactor=tuple(truth["j0_prefactor"]),
+            )
             ax.plot(cv["c"], curves(tp)[key], "k--", label="truth")
         ax.set_xlabel("c")
         ax.set_ylabel(label)
@@ -114,11 +135,16 @@ def figures(out: Path, params, truth: dict | None, fitted: np.ndarray, observed:
 
 
 def write_report(out: Path, summary: dict, figure_names: list[str], uq: dict | None = None):
-    lines = ["# femkin results", "",
-             f"- misfit RMS: {summary['misfit_rms']:.4f} (Li fraction)",
-             f"- iterations: {summary['iterations']} ({summary['tao_reason']})",
-             f"- wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in summary["wall_time"].items()),
-             "", "## Learned coefficients", ""]
+    lines = [
+        "# femkin results",
+        "",
+        f"- misfit RMS: {summary['misfit_rms']:.4f} (Li fraction)",
+        f"- iterations: {summary['iterations']} ({summary['tao_reason']})",
+        "- wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in summary["wall_time"].items()),
+        "",
+        "## Learned coefficients",
+        "",
+    ]
     for k, v in summary["coefficients"].items():
         lines.append(f"- {k}: {v}")
     if "truth_comparison" in summary:
@@ -131,7 +157,9 @@ def write_report(out: Path, summary: dict, figure_names: list[str], uq: dict | N
     if uq:
         lines += ["", "## Uncertainty", "", f"- Hessian rank: {uq['rank']}"]
         for k, v in uq["coefficients"].items():
-            lines.append(f"- {k}: mean {np.round(v['mean'], 4).tolist()}, "
-                         f"std {np.round(v['std'], 4).tolist()}")
+            lines.append(
+                f"- {k}: mean {np.round(v['mean'], 4).tolist()}, "
+                f"std {np.round(v['std'], 4).tolist()}"
+            )
     lines += [""] + [f"![{n}]({n})" for n in figure_names]
     atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))

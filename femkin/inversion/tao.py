@@ -20,7 +20,8 @@ data-informed directions, not on the mesh.
 from __future__ import annotations
 
 import time
-from typing import Callable, NamedTuple, Protocol
+from collections.abc import Callable
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -31,8 +32,11 @@ from femkin.parameters import ParameterSpace
 NEWTON_TYPES = ("nls", "bnls", "ntr", "bntr", "ntl", "bntl")
 LMVM_TYPES = ("lmvm", "blmvm")
 
-_REASONS = {int(getattr(PETSc.TAO.ConvergedReason, n)): n
-            for n in dir(PETSc.TAO.ConvergedReason) if n.isupper()}
+_REASONS = {
+    int(getattr(PETSc.TAO.ConvergedReason, n)): n
+    for n in dir(PETSc.TAO.ConvergedReason)
+    if n.isupper()
+}
 
 
 def reason_name(reason: int) -> str:
@@ -139,8 +143,14 @@ class _ReducedCovariancePC:
     the diagonal of the scalar prior variances (identity on fields), which is still SPD.
     """
 
-    def __init__(self, space: ParameterSpace, prior: CovariancePrior,
-                 iterate: _HessianContext, lower: PETSc.Vec | None, upper: PETSc.Vec | None):
+    def __init__(
+        self,
+        space: ParameterSpace,
+        prior: CovariancePrior,
+        iterate: _HessianContext,
+        lower: PETSc.Vec | None,
+        upper: PETSc.Vec | None,
+    ):
         self.space, self.prior, self.iterate = space, prior, iterate
         self.lower, self.upper = lower, upper
         self.fallbacks = 0
@@ -176,15 +186,25 @@ def _set_python_pc(ksp: PETSc.KSP, context) -> None:
     pc.setPythonContext(context)
 
 
-def minimize(rf: ReducedFunctional, x0: PETSc.Vec, *, prior: CovariancePrior | None = None,
-             tao_type: str = "bnls", max_iterations: int = 100, gatol: float = 1e-6,
-             grtol: float = 1e-8, gttol: float = 0.0,
-             bounds: tuple[PETSc.Vec | None, PETSc.Vec | None] | None = None,
-             options_prefix: str = "femkin_tao_", petsc_options: dict | None = None,
-             monitor: Callable[[int, PETSc.Vec, float, float], None] | None = None,
-             checkpoint: Callable[[int, PETSc.Vec, float, float], None] | None = None,
-             raise_on_failure: bool = True, ksp_rtol: float = 0.05,
-             ksp_max_it: int = 20) -> TaoResult:
+def minimize(
+    rf: ReducedFunctional,
+    x0: PETSc.Vec,
+    *,
+    prior: CovariancePrior | None = None,
+    tao_type: str = "bnls",
+    max_iterations: int = 100,
+    gatol: float = 1e-6,
+    grtol: float = 1e-8,
+    gttol: float = 0.0,
+    bounds: tuple[PETSc.Vec | None, PETSc.Vec | None] | None = None,
+    options_prefix: str = "femkin_tao_",
+    petsc_options: dict | None = None,
+    monitor: Callable[[int, PETSc.Vec, float, float], None] | None = None,
+    checkpoint: Callable[[int, PETSc.Vec, float, float], None] | None = None,
+    raise_on_failure: bool = True,
+    ksp_rtol: float = 0.05,
+    ksp_max_it: int = 20,
+) -> TaoResult:
     """Minimise ``rf`` from ``x0`` with TAO.
 
     Args:
@@ -220,8 +240,9 @@ def minimize(rf: ReducedFunctional, x0: PETSc.Vec, *, prior: CovariancePrior | N
     space = rf.space
     comm = space.comm
     if not options_prefix:
-        raise InputError("<tao>", "options_prefix", "a non-empty PETSc options prefix",
-                         repr(options_prefix))
+        raise InputError(
+            "<tao>", "options_prefix", "a non-empty PETSc options prefix", repr(options_prefix)
+        )
     lower, upper = bounds if bounds is not None else (None, None)
     x = x0.copy()
     if lower is not None or upper is not None:
@@ -231,8 +252,9 @@ def minimize(rf: ReducedFunctional, x0: PETSc.Vec, *, prior: CovariancePrior | N
             lo.set(PETSc.NINFINITY)
         if upper is None:
             hi.set(PETSc.INFINITY)
-        crossed = comm.allreduce(int(np.sum(lo.getArray(readonly=True)
-                                            > hi.getArray(readonly=True))))
+        crossed = comm.allreduce(
+            int(np.sum(lo.getArray(readonly=True) > hi.getArray(readonly=True)))
+        )
         if crossed:
             raise InputError("<tao>", "bounds", "lower <= upper", f"{crossed} crossed entries")
         x.pointwiseMax(x, lo)
@@ -280,8 +302,14 @@ def minimize(rf: ReducedFunctional, x0: PETSc.Vec, *, prior: CovariancePrior | N
 
     def on_iteration(tao):
         its, f, gnorm, _, _, _ = tao.getSolutionStatus()
-        history.append({"iteration": int(its), "value": float(f), "gradient_norm": float(gnorm),
-                        "time": time.perf_counter() - start})
+        history.append(
+            {
+                "iteration": int(its),
+                "value": float(f),
+                "gradient_norm": float(gnorm),
+                "time": time.perf_counter() - start,
+            }
+        )
         xk = tao.getSolution()
         if monitor is not None:
             monitor(int(its), xk, float(f), float(gnorm))
@@ -294,10 +322,12 @@ def minimize(rf: ReducedFunctional, x0: PETSc.Vec, *, prior: CovariancePrior | N
     precision = None
     if prior is not None and actual_type in NEWTON_TYPES:
         if not opts.hasName(options_prefix + "pc_type"):
-            _set_python_pc(tao.getKSP(), _ReducedCovariancePC(space, prior, hessian_ctx,
-                                                               lo, hi))
-    elif prior is not None and actual_type in LMVM_TYPES and not (
-            actual_type == "blmvm" and lo is not None):
+            _set_python_pc(tao.getKSP(), _ReducedCovariancePC(space, prior, hessian_ctx, lo, hi))
+    elif (
+        prior is not None
+        and actual_type in LMVM_TYPES
+        and not (actual_type == "blmvm" and lo is not None)
+    ):
         # BLMVM projects its step onto the feasible set; with a non-diagonal H0 the projected
         # step is no longer a descent direction once bounds are active (line-search failures
         # in the tests), so bounded BLMVM keeps TAO's default diagonal H0.
@@ -311,9 +341,10 @@ def minimize(rf: ReducedFunctional, x0: PETSc.Vec, *, prior: CovariancePrior | N
         try:
             tao.solve(x)
         except PETSc.Error as error:  # e.g. TAO refuses a NaN/Inf objective or gradient
-            raise ConvergenceError(f"TAO {actual_type} failed: DIVERGED (PETSc error "
-                                   f"{error.ierr}: NaN/Inf objective or solver failure)"
-                                   ) from error
+            raise ConvergenceError(
+                f"TAO {actual_type} failed: DIVERGED (PETSc error "
+                f"{error.ierr}: NaN/Inf objective or solver failure)"
+            ) from error
         reason = tao.getConvergedReason()
         name = reason_name(reason)
         iterations = tao.getIterationNumber()
@@ -325,6 +356,8 @@ def minimize(rf: ReducedFunctional, x0: PETSc.Vec, *, prior: CovariancePrior | N
         if obj is not None:
             obj.destroy()
     if raise_on_failure and reason < 0 and reason != PETSc.TAO.ConvergedReason.DIVERGED_MAXITS:
-        raise ConvergenceError(f"TAO {actual_type} failed after {iterations} iterations: "
-                               f"{name} (objective {value:.6g})")
+        raise ConvergenceError(
+            f"TAO {actual_type} failed after {iterations} iterations: "
+            f"{name} (objective {value:.6g})"
+        )
     return TaoResult(x, float(value), int(iterations), name, history)

@@ -18,7 +18,8 @@ wrapped constants so that ``ufl.diff`` gives parameter derivatives).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import ufl
 

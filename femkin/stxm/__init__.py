@@ -12,5 +12,12 @@ from femkin.stxm.pipeline import Prepared, prepare, write_summary
 from femkin.stxm.stack import Stack, read_stack
 from femkin.stxm.unmix import References, read_references
 
-__all__ = ["Prepared", "References", "Stack", "prepare", "read_references", "read_stack",
-           "write_summary"]
+__all__ = [
+    "Prepared",
+    "References",
+    "Stack",
+    "prepare",
+    "read_references",
+    "read_stack",
+    "write_summary",
+]

@@ -40,8 +40,12 @@ class _Parser:
         while pos < len(text):
             m = _TOKEN.match(text, pos)
             if m is None or m.end() == pos:
-                raise InputError(path, None, "STXM_Control header syntax",
-                                 f"unexpected text at character {pos}: {text[pos:pos + 20]!r}")
+                raise InputError(
+                    path,
+                    None,
+                    "STXM_Control header syntax",
+                    f"unexpected text at character {pos}: {text[pos : pos + 20]!r}",
+                )
             pos = m.end()
             if m.group(1) is not None:
                 self.tokens.append(("str", m.group(1)[1:-1]))
@@ -59,8 +63,9 @@ class _Parser:
         if tok is None:
             raise InputError(self.path, None, f"'{punct or 'a value'}'", "end of file (truncated?)")
         if punct is not None and tok != ("punct", punct):
-            raise InputError(self.path, None, f"'{punct}' in header",
-                             f"{tok[1]!r} (token {self.i})")
+            raise InputError(
+                self.path, None, f"'{punct}' in header", f"{tok[1]!r} (token {self.i})"
+            )
         self.i += 1
         return tok
 
@@ -70,8 +75,12 @@ class _Parser:
             tok = self.peek()
             if tok is None:
                 if closing is not None:
-                    raise InputError(self.path, where or None, f"closing '{closing}'",
-                                     "end of file (truncated header)")
+                    raise InputError(
+                        self.path,
+                        where or None,
+                        f"closing '{closing}'",
+                        "end of file (truncated header)",
+                    )
                 return out
             if tok == ("punct", closing):
                 self.i += 1
@@ -108,8 +117,12 @@ class _Parser:
             self.take(")")
             count, rest = items[0], items[1:]
             if not isinstance(count, int) or count != len(rest):
-                raise InputError(self.path, where, f"a list starting with its length ({len(rest)})",
-                                 f"length {count!r}")
+                raise InputError(
+                    self.path,
+                    where,
+                    f"a list starting with its length ({len(rest)})",
+                    f"length {count!r}",
+                )
             return rest
         raise InputError(self.path, where, "a value", repr(tok))
 
@@ -134,8 +147,9 @@ def parse_time(text: str) -> datetime.datetime | None:
     if not m or m.group(2)[:3].lower() not in _MONTHS:
         return None
     month = _MONTHS.index(m.group(2)[:3].lower()) + 1
-    return datetime.datetime(int(m.group(1)), month, int(m.group(3)),
-                             int(m.group(4)), int(m.group(5)), int(m.group(6)))
+    return datetime.datetime(
+        int(m.group(1)), month, int(m.group(3)), int(m.group(4)), int(m.group(5)), int(m.group(6))
+    )
 
 
 def _get(d: dict, path: pathlib.Path, *keys: str | int) -> Any:
@@ -187,8 +201,12 @@ def read_hdr_stack(path: str | pathlib.Path, *, channel: int | str = 0) -> Stack
     sd = _get(hdr, path, "ScanDefinition")
     scan_type = str(sd.get("Type", ""))
     if "image" not in scan_type.lower():
-        raise InputError(path, "ScanDefinition.Type", "an image scan ('Image Scan', "
-                         "'NEXAFS Image Scan')", repr(scan_type))
+        raise InputError(
+            path,
+            "ScanDefinition.Type",
+            "an image scan ('Image Scan', 'NEXAFS Image Scan')",
+            repr(scan_type),
+        )
     regions = _get(hdr, path, "ScanDefinition", "Regions")
     if len(regions) != 1:
         raise InputError(path, "ScanDefinition.Regions", "1 spatial region", len(regions))
@@ -211,8 +229,11 @@ def read_hdr_stack(path: str | pathlib.Path, *, channel: int | str = 0) -> Stack
     shape = (y.size, x.size)
     single = _xim_name(base, channel, None)
     announced = sorted(int(m.group(1)) for k in hdr if (m := re.fullmatch(r"Image(\d+)_0", k)))
-    image_times = {i: parse_time(str(hdr[f"Image{i:03d}_0"].get("Time", ""))) for i in announced
-                   if isinstance(hdr.get(f"Image{i:03d}_0"), dict)}
+    image_times = {
+        i: parse_time(str(hdr[f"Image{i:03d}_0"].get("Time", "")))
+        for i in announced
+        if isinstance(hdr.get(f"Image{i:03d}_0"), dict)
+    }
     image_energies = {i: hdr[f"Image{i:03d}_0"].get("Energy") for i in image_times}
     if energies.size == 1 and single.is_file():
         images = [_read_xim(single, shape)]
@@ -225,28 +246,41 @@ def read_hdr_stack(path: str | pathlib.Path, *, channel: int | str = 0) -> Stack
             raise InputError(path, "images", f"{files[0].name} (or {single.name})", "no .xim file")
         if any(present[n:]):
             gap = files[n].name
-            raise InputError(path, "images", "contiguous .xim files",
-                             f"{gap} missing in the middle")
+            raise InputError(
+                path, "images", "contiguous .xim files", f"{gap} missing in the middle"
+            )
         extra = _xim_name(base, channel, energies.size)
         if extra.is_file():
-            raise InputError(path, "ScanDefinition.StackAxis.Points",
-                             f"{energies.size} energies (the number of images)",
-                             f"an extra image {extra.name}")
+            raise InputError(
+                path,
+                "ScanDefinition.StackAxis.Points",
+                f"{energies.size} energies (the number of images)",
+                f"an extra image {extra.name}",
+            )
         if n < energies.size:
             claimed = [i for i in announced if i >= n]
             if claimed:
-                raise InputError(path, f"Image{claimed[0]:03d}_0",
-                                 f"its image {files[claimed[0]].name}", "the file is missing")
-            warnings.warn(f"{path}: aborted stack, {n} of {energies.size} images present; "
-                          f"energies truncated to {energies[:n].min():g}-{energies[:n].max():g} eV",
-                          stacklevel=2)
+                raise InputError(
+                    path,
+                    f"Image{claimed[0]:03d}_0",
+                    f"its image {files[claimed[0]].name}",
+                    "the file is missing",
+                )
+            warnings.warn(
+                f"{path}: aborted stack, {n} of {energies.size} images present; "
+                f"energies truncated to {energies[:n].min():g}-{energies[:n].max():g} eV",
+                stacklevel=2,
+            )
             energies = energies[:n]
             files = files[:n]
         images = [_read_xim(f, shape) for f in files]
     for i, e_img in image_energies.items():
         if i < energies.size and isinstance(e_img, (int, float)) and abs(e_img - energies[i]) > 0.5:
-            warnings.warn(f"{path}: Image{i:03d}_0 says Energy = {e_img}, the StackAxis says "
-                          f"{energies[i]}; using the StackAxis", stacklevel=2)
+            warnings.warn(
+                f"{path}: Image{i:03d}_0 says Energy = {e_img}, the StackAxis says "
+                f"{energies[i]}; using the StackAxis",
+                stacklevel=2,
+            )
     dwell_ms = float(sd.get("Dwell", np.nan))
     stamp = parse_time(str(hdr.get("Time", "")))
     metadata = {
@@ -258,18 +292,27 @@ def read_hdr_stack(path: str | pathlib.Path, *, channel: int | str = 0) -> Stack
         "image_times": [image_times.get(i) for i in range(energies.size)],
         "label": sd.get("Label"),
     }
-    return checked_stack(Stack(
-        energies=energies, x=x, y=y, counts=np.stack(images).astype(np.float64),
-        dwell=np.full(energies.size, dwell_ms * 1e-3), timestamp=stamp, metadata=metadata,
-        source=str(path)))
+    return checked_stack(
+        Stack(
+            energies=energies,
+            x=x,
+            y=y,
+            counts=np.stack(images).astype(np.float64),
+            dwell=np.full(energies.size, dwell_ms * 1e-3),
+            timestamp=stamp,
+            metadata=metadata,
+            source=str(path),
+        )
+    )
 
 
 def _fmt_list(values: np.ndarray, fmt: str = "{:.4f}") -> str:
     return "(" + ", ".join([str(len(values))] + [fmt.format(v) for v in values]) + ")"
 
 
-def write_hdr_stack(path: str | pathlib.Path, stack: Stack, *, n_images: int | None = None,
-                    announce: bool = True) -> list[pathlib.Path]:
+def write_hdr_stack(
+    path: str | pathlib.Path, stack: Stack, *, n_images: int | None = None, announce: bool = True
+) -> list[pathlib.Path]:
     """Write a stack as an STXM_Control ``.hdr`` with one ``.xim`` per energy (CRLF endings).
 
     Args:
@@ -317,9 +360,11 @@ def write_hdr_stack(path: str | pathlib.Path, stack: Stack, *, n_images: int | N
     ]
     if announce:
         for k in range(n_images):
-            lines.append(f"Image{k:03d}_0 = {{StorageRingCurrent = 500.00; "
-                         f"Energy = {stack.energies[k]:.2f}; "
-                         f'Time = "{stamp.year} {stamp:%b} {stamp.day} {stamp:%H:%M:%S}";}};')
+            lines.append(
+                f"Image{k:03d}_0 = {{StorageRingCurrent = 500.00; "
+                f"Energy = {stack.energies[k]:.2f}; "
+                f'Time = "{stamp.year} {stamp:%b} {stamp.day} {stamp:%H:%M:%S}";}};'
+            )
     path.write_bytes(("\r\n".join(lines) + "\r\n").encode("latin-1"))
     written = [path]
     base = path.with_suffix("")

@@ -1,5 +1,6 @@
 """Particle masks: Otsu threshold of the Fe optical density, holes filled, small particles
-dropped, and labels kept stable over the frames of a video (matched by overlap)."""
+dropped, and labels kept stable over the frames of a video (matched by overlap).
+"""
 
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ def particle_labels(fe: np.ndarray, threshold: float, min_size: int) -> np.ndarr
     return inverse.reshape(labels.shape).astype(np.int64)
 
 
-def matched_labels(labels: np.ndarray, reference: np.ndarray, next_id: int
-                   ) -> tuple[np.ndarray, int]:
+def matched_labels(
+    labels: np.ndarray, reference: np.ndarray, next_id: int
+) -> tuple[np.ndarray, int]:
     """Relabel ``labels`` so each particle takes the ``reference`` label it overlaps most.
 
     Particles that overlap nothing (or a reference label already taken by a larger overlap)
@@ -66,15 +68,17 @@ def stable_labels(fe: np.ndarray, thresholds: np.ndarray, min_size: int) -> np.n
     frames = [particle_labels(fe[0], thresholds[0], min_size)]
     next_id = int(frames[0].max()) + 1
     for t in range(1, fe.shape[0]):
-        lab, next_id = matched_labels(particle_labels(fe[t], thresholds[t], min_size),
-                                      frames[-1], next_id)
+        lab, next_id = matched_labels(
+            particle_labels(fe[t], thresholds[t], min_size), frames[-1], next_id
+        )
         frames.append(lab)
     return np.stack(frames)
 
 
 def video_mask(labels: np.ndarray, observed: np.ndarray, min_size: int) -> np.ndarray:
     """One mask for the whole video: pixels inside a particle in most frames that observe
-    them, labelled with the stable label they carry most often, renumbered 1..N."""
+    them, labelled with the stable label they carry most often, renumbered 1..N.
+    """
     inside = np.sum((labels > 0) & observed, axis=0)
     seen = np.maximum(np.sum(observed, axis=0), 1)
     binary = ndimage.binary_fill_holes(inside * 2 > seen)

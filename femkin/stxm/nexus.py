@@ -28,8 +28,16 @@ from femkin.stxm.stack import Stack, checked_stack
 
 LAYOUTS = ("nxstxm-1.3", "als-pystxmcontrol", "nxstxm-axis")
 _ENERGY = ("energy", "photon_energy")
-_UNITS = {"um": 1.0, "µm": 1.0, "\u03bcm": 1.0, "micron": 1.0, "microns": 1.0, "mm": 1e3,
-          "nm": 1e-3, "m": 1e6}
+_UNITS = {
+    "um": 1.0,
+    "µm": 1.0,
+    "\u03bcm": 1.0,
+    "micron": 1.0,
+    "microns": 1.0,
+    "mm": 1e3,
+    "nm": 1e-3,
+    "m": 1e6,
+}
 
 
 def _text(value: Any) -> str:
@@ -50,8 +58,12 @@ def _names(value: Any) -> list[str]:
 
 
 def _entries(f: h5py.File) -> list[str]:
-    names = [k for k, g in f.items() if isinstance(g, h5py.Group)
-             and (_text(g.attrs.get("NX_class", b"")) == "NXentry" or k.startswith("entry"))]
+    names = [
+        k
+        for k, g in f.items()
+        if isinstance(g, h5py.Group)
+        and (_text(g.attrs.get("NX_class", b"")) == "NXentry" or k.startswith("entry"))
+    ]
     return sorted(names)
 
 
@@ -61,8 +73,11 @@ def _data_group(path: pathlib.Path, entry: h5py.Group) -> h5py.Group:
         if name in entry and isinstance(entry[name], h5py.Group) and "data" in entry[name]:
             candidates.append(entry[name])
     for name, g in sorted(entry.items()):
-        if (isinstance(g, h5py.Group) and _text(g.attrs.get("NX_class", b"")) == "NXdata"
-                and "data" in g):
+        if (
+            isinstance(g, h5py.Group)
+            and _text(g.attrs.get("NX_class", b"")) == "NXdata"
+            and "data" in g
+        ):
             candidates.append(g)
     if not candidates:
         raise InputError(path, entry.name, "an NXdata group with a 'data' field", "none")
@@ -117,8 +132,12 @@ def read_nexus(path: str | pathlib.Path, *, entry: str | None = None) -> Stack:
             raise InputError(path, "entry", f"one of {names}", repr(name))
         ent = f[name]
         group = _data_group(path, ent)
-        meta: dict[str, Any] = {"format": "nexus", "entry": name, "group": group.name,
-                                "entries": names}
+        meta: dict[str, Any] = {
+            "format": "nexus",
+            "entry": name,
+            "group": group.name,
+            "entries": names,
+        }
         data_ds = group["data"]
         try:
             data = np.asarray(data_ds[()], dtype=np.float64)
@@ -136,8 +155,7 @@ def read_nexus(path: str | pathlib.Path, *, entry: str | None = None) -> Stack:
                 idx = group.attrs.get(f"{ax}_indices", k)
                 idx = int(np.atleast_1d(idx)[0])
                 if not 0 <= idx < data.ndim:
-                    raise InputError(path, f"{group.name}@{ax}_indices",
-                                     f"0..{data.ndim - 1}", idx)
+                    raise InputError(path, f"{group.name}@{ax}_indices", f"0..{data.ndim - 1}", idx)
                 dims[idx] = ax
         elif any("axis" in ds.attrs for ds in group.values() if isinstance(ds, h5py.Dataset)):
             meta["layout"] = "nxstxm-axis"
@@ -150,47 +168,72 @@ def read_nexus(path: str | pathlib.Path, *, entry: str | None = None) -> Stack:
         else:
             meta["layout"] = "als-pystxmcontrol"
             default = ["energy", "sample_y", "sample_x"]
-            dims = list(default[-data.ndim:]) if data.ndim in (2, 3) else dims
+            dims = list(default[-data.ndim :]) if data.ndim in (2, 3) else dims
         unsupported = [d for d in dims if d not in (*_ENERGY, "sample_x", "sample_y")]
         if unsupported or "sample_x" not in dims or "sample_y" not in dims:
-            raise InputError(path, f"{group.name}/data axes",
-                             "an image or image stack (axes energy, sample_y, sample_x)",
-                             f"axes {dims} (scan type {meta.get('scan_type', '?')!r})")
+            raise InputError(
+                path,
+                f"{group.name}/data axes",
+                "an image or image stack (axes energy, sample_y, sample_x)",
+                f"axes {dims} (scan type {meta.get('scan_type', '?')!r})",
+            )
         x = _position_um(path, group["sample_x"], meta)
         y = _position_um(path, group["sample_y"], meta)
         ename = next((e for e in _ENERGY if e in group), None)
         if ename is not None:
             energies = np.asarray(group[ename][()], dtype=np.float64).reshape(-1)
         elif "instrument/monochromator/energy" in ent:
-            energies = np.asarray(ent["instrument/monochromator/energy"][()],
-                                  dtype=np.float64).reshape(-1)
+            energies = np.asarray(
+                ent["instrument/monochromator/energy"][()], dtype=np.float64
+            ).reshape(-1)
         else:
             raise InputError(path, f"{group.name}/energy", "photon energies", "missing")
         edim = next((k for k, d in enumerate(dims) if d in _ENERGY), None)
         if edim is None:
             data = data[np.newaxis]
             dims = ["energy", *dims]
-        order = [next(k for k, d in enumerate(dims) if d in _ENERGY),
-                 dims.index("sample_y"), dims.index("sample_x")]
+        order = [
+            next(k for k, d in enumerate(dims) if d in _ENERGY),
+            dims.index("sample_y"),
+            dims.index("sample_x"),
+        ]
         counts = np.transpose(data, order)
-        for field, axis, n in (("energy", energies, counts.shape[0]),
-                               ("sample_y", y, counts.shape[1]), ("sample_x", x, counts.shape[2])):
+        for field, axis, n in (
+            ("energy", energies, counts.shape[0]),
+            ("sample_y", y, counts.shape[1]),
+            ("sample_x", x, counts.shape[2]),
+        ):
             if axis.size != n:
-                raise InputError(path, f"{group.name}/{field}",
-                                 f"{n} values (data dimension of {field})", axis.size)
+                raise InputError(
+                    path,
+                    f"{group.name}/{field}",
+                    f"{n} values (data dimension of {field})",
+                    axis.size,
+                )
         if "count_time" in group:
             dwell = np.asarray(group["count_time"][()], dtype=np.float64).reshape(-1)
             if dwell.size == 1:
                 dwell = np.full(energies.size, dwell[0])
             elif dwell.size != energies.size:
-                raise InputError(path, f"{group.name}/count_time",
-                                 f"1 or {energies.size} values", dwell.size)
+                raise InputError(
+                    path, f"{group.name}/count_time", f"1 or {energies.size} values", dwell.size
+                )
         else:
             dwell = np.full(energies.size, np.nan)
         meta["definition"] = _text(ent["definition"][()]) if "definition" in ent else None
         stamp = _time(ent)
-    return checked_stack(Stack(energies=energies, x=x, y=y, counts=np.ascontiguousarray(counts),
-                               dwell=dwell, timestamp=stamp, metadata=meta, source=str(path)))
+    return checked_stack(
+        Stack(
+            energies=energies,
+            x=x,
+            y=y,
+            counts=np.ascontiguousarray(counts),
+            dwell=dwell,
+            timestamp=stamp,
+            metadata=meta,
+            source=str(path),
+        )
+    )
 
 
 def _str(s: str) -> np.bytes_:

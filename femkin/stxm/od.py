@@ -8,7 +8,8 @@ What is left, moved back to each energy's own drift, is the background; ``I0`` i
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage
@@ -49,9 +50,12 @@ def optical_density(stack: Stack, i0_region: Sequence[int] | None = None) -> Opt
     if i0_region is not None:
         r0, r1, c0, c1 = (int(v) for v in i0_region)
         if not (0 <= r0 < r1 <= h and 0 <= c0 < c1 <= w):
-            raise InputError(stack.source, "i0_region",
-                             f"[row0, row1, col0, col1] inside the {h}x{w} image with "
-                             "row0 < row1, col0 < col1", list(i0_region))
+            raise InputError(
+                stack.source,
+                "i0_region",
+                f"[row0, row1, col0, col1] inside the {h}x{w} image with row0 < row1, col0 < col1",
+                list(i0_region),
+            )
         background = np.zeros(counts.shape, dtype=bool)
         background[:, r0:r1, c0:c1] = True
     else:
@@ -61,14 +65,20 @@ def optical_density(stack: Stack, i0_region: Sequence[int] | None = None) -> Opt
         mean = np.nanmean(aligned, axis=0)
         particles = np.nan_to_num(mean, nan=np.inf) > otsu(mean)
         free = ~ndimage.binary_dilation(particles, iterations=2)
-        background = np.array([
-            ndimage.shift(free.astype(np.float64), s, order=0, mode="constant", cval=0.0) > 0.5
-            for s in shifts])
+        background = np.array(
+            [
+                ndimage.shift(free.astype(np.float64), s, order=0, mode="constant", cval=0.0) > 0.5
+                for s in shifts
+            ]
+        )
     n_bg = background.reshape(e, -1).sum(axis=1)
     if n_bg.min() < MIN_BACKGROUND:
-        raise InputError(stack.source, "i0_region",
-                         f"at least {MIN_BACKGROUND} particle-free pixels for I0 "
-                         "(give --i0-region)", f"{int(n_bg.min())}")
+        raise InputError(
+            stack.source,
+            "i0_region",
+            f"at least {MIN_BACKGROUND} particle-free pixels for I0 (give --i0-region)",
+            f"{int(n_bg.min())}",
+        )
     i0 = np.array([counts[k][background[k]].mean() for k in range(e)])
     if not np.all(i0 > 0):
         raise InputError(stack.source, "i0", "positive background intensity", i0)

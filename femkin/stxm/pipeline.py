@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import datetime
 import pathlib
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
 from femkin.errors import InputError
 from femkin.stxm.masks import otsu, stable_labels, video_mask
 from femkin.stxm.od import optical_density
-from femkin.stxm.register import (displacement, refined_displacement, register_stack,
-                                   shift_image)
+from femkin.stxm.register import displacement, refined_displacement, register_stack, shift_image
 from femkin.stxm.stack import Stack
 from femkin.stxm.unmix import References, unmix
-
 
 #: Smallest sigma reported: the bootstrap gives 0 where every resample clamps c to 0 or 1.
 SIGMA_FLOOR = 1e-3
@@ -82,18 +81,27 @@ def frame_times(stacks: Sequence[Stack], times: Sequence[float] | None) -> np.nd
         stamps: list[datetime.datetime] = []
         for s in stacks:
             if s.timestamp is None:
-                raise InputError(s.source, "timestamp", "a scan start time in the file (or "
-                                 "give --times)", "none")
+                raise InputError(
+                    s.source, "timestamp", "a scan start time in the file (or give --times)", "none"
+                )
             stamps.append(s.timestamp)
         try:
             t = np.array([(s - stamps[0]).total_seconds() for s in stamps])
         except TypeError:
-            raise InputError(stacks[0].source, "timestamp", "time stamps all with or all "
-                             "without a time zone (or give --times)", "a mixture") from None
+            raise InputError(
+                stacks[0].source,
+                "timestamp",
+                "time stamps all with or all without a time zone (or give --times)",
+                "a mixture",
+            ) from None
         where = "timestamp"
     if not np.all(np.isfinite(t)) or np.any(np.diff(t) <= 0):
-        raise InputError("stacks" if where == "timestamp" else "times", where,
-                         "strictly increasing frame times", t.tolist())
+        raise InputError(
+            "stacks" if where == "timestamp" else "times",
+            where,
+            "strictly increasing frame times",
+            t.tolist(),
+        )
     return t
 
 
@@ -102,21 +110,34 @@ def _check_grid(stacks: Sequence[Stack]) -> float:
     px = stacks[0].pixel_size
     for s in stacks:
         if s.counts.shape[1:] != (h, w):
-            raise InputError(s.source, "counts", f"{h}x{w} images like {stacks[0].source}",
-                             f"{s.counts.shape[1]}x{s.counts.shape[2]}")
+            raise InputError(
+                s.source,
+                "counts",
+                f"{h}x{w} images like {stacks[0].source}",
+                f"{s.counts.shape[1]}x{s.counts.shape[2]}",
+            )
         if s.counts.shape[0] < 2:
-            raise InputError(s.source, "energies", "at least 2 energies to unmix",
-                             s.counts.shape[0])
+            raise InputError(
+                s.source, "energies", "at least 2 energies to unmix", s.counts.shape[0]
+            )
         py = float(np.mean(np.abs(np.diff(s.y)))) if s.y.size > 1 else px
-        if not np.isfinite(s.pixel_size) or abs(s.pixel_size - px) > 0.01 * px \
-                or abs(py - px) > 0.01 * px:
-            raise InputError(s.source, "x, y", f"square pixels of {px:g} um like "
-                             f"{stacks[0].source}", f"{s.pixel_size:g} x {py:g} um")
+        if (
+            not np.isfinite(s.pixel_size)
+            or abs(s.pixel_size - px) > 0.01 * px
+            or abs(py - px) > 0.01 * px
+        ):
+            raise InputError(
+                s.source,
+                "x, y",
+                f"square pixels of {px:g} um like {stacks[0].source}",
+                f"{s.pixel_size:g} x {py:g} um",
+            )
     return px
 
 
-def anderson(g, x0: np.ndarray, *, iterations: int, depth: int = 4, tol: float = 2e-3
-             ) -> np.ndarray:
+def anderson(
+    g, x0: np.ndarray, *, iterations: int, depth: int = 4, tol: float = 2e-3
+) -> np.ndarray:
     """Anderson-accelerated fixed-point iteration ``x = g(x)`` (type II, least squares mixing).
 
     Stops when the update is below ``tol`` (max norm) or after ``iterations`` evaluations.
@@ -130,7 +151,7 @@ def anderson(g, x0: np.ndarray, *, iterations: int, depth: int = 4, tol: float =
             return gx
         xs.append(gx)
         fs.append(f)
-        xs, fs = xs[-(depth + 1):], fs[-(depth + 1):]
+        xs, fs = xs[-(depth + 1) :], fs[-(depth + 1) :]
         if len(fs) > 1:
             df = np.array([fs[i + 1] - fs[i] for i in range(len(fs) - 1)]).T
             dg = np.array([xs[i + 1] - xs[i] for i in range(len(xs) - 1)]).T
@@ -141,8 +162,9 @@ def anderson(g, x0: np.ndarray, *, iterations: int, depth: int = 4, tol: float =
     return x
 
 
-def align_energies(od: np.ndarray, design: np.ndarray, *, iterations: int = 12
-                   ) -> tuple[np.ndarray, int, np.ndarray]:
+def align_energies(
+    od: np.ndarray, design: np.ndarray, *, iterations: int = 12
+) -> tuple[np.ndarray, int, np.ndarray]:
     """Register the energies of one stack: phase correlation, then model-based refinement.
 
     Images at different energies have different contrast (the Li-rich and Li-poor regions swap
@@ -177,10 +199,17 @@ def align_energies(od: np.ndarray, design: np.ndarray, *, iterations: int = 12
     return shifts, ref, w[0] + w[1]
 
 
-def prepare(stacks: Sequence[Stack], references: References, *,
-            i0_region: Sequence[int] | None = None, threshold: float | None = None,
-            min_size: int = 20, times: Sequence[float] | None = None, n_boot: int = 100,
-            seed: int = 0) -> Prepared:
+def prepare(
+    stacks: Sequence[Stack],
+    references: References,
+    *,
+    i0_region: Sequence[int] | None = None,
+    threshold: float | None = None,
+    min_size: int = 20,
+    times: Sequence[float] | None = None,
+    n_boot: int = 100,
+    seed: int = 0,
+) -> Prepared:
     """Turn raw stacks (one per frame, in time order) into Li fraction maps and masks.
 
     Args:
@@ -215,8 +244,10 @@ def prepare(stacks: Sequence[Stack], references: References, *,
     stack_shifts = np.array([displacement(fes[0], f) for f in fes])
     stack_shifts[0] = 0.0
     shifts = [sh_e + d for sh_e, d in zip(inner, stack_shifts)]
-    aligned = [np.array([shift_image(im, -sh) for im, sh in zip(od, sh_e)])
-               for od, sh_e in zip(ods, shifts)]
+    aligned = [
+        np.array([shift_image(im, -sh) for im, sh in zip(od, sh_e)])
+        for od, sh_e in zip(ods, shifts)
+    ]
     results = [unmix(od, a, n_boot=n_boot, seed=seed) for od, a in zip(aligned, designs)]
     fe = np.array([r.weights[0] + r.weights[1] for r in results])
     thresholds = np.array([otsu(f) if threshold is None else float(threshold) for f in fe])
@@ -224,15 +255,30 @@ def prepare(stacks: Sequence[Stack], references: References, *,
     observed = np.isfinite(fe)
     mask = video_mask(labels, observed, min_size)
     if mask.max() == 0:
-        raise InputError(stacks[0].source, "mask", f"at least one particle of >= {min_size} "
-                         f"pixels above Fe OD {thresholds.min():.3g}", "none")
+        raise InputError(
+            stacks[0].source,
+            "mask",
+            f"at least one particle of >= {min_size} pixels above Fe OD {thresholds.min():.3g}",
+            "none",
+        )
     inside = mask > 0
     c = np.array([np.where(inside, r.c, np.nan) for r in results])
-    sigma = np.array([np.where(inside, np.maximum(r.sigma, SIGMA_FLOOR), np.nan)
-                      for r in results])
-    return Prepared(c=c, sigma=sigma, mask=mask, labels=labels, t=t, pixel_size=pixel_size,
-                    od=aligned, fe=fe, shifts=shifts, stack_shifts=stack_shifts,
-                    reference=(0, refs[0]), thresholds=thresholds, i0=i0s)
+    sigma = np.array([np.where(inside, np.maximum(r.sigma, SIGMA_FLOOR), np.nan) for r in results])
+    return Prepared(
+        c=c,
+        sigma=sigma,
+        mask=mask,
+        labels=labels,
+        t=t,
+        pixel_size=pixel_size,
+        od=aligned,
+        fe=fe,
+        shifts=shifts,
+        stack_shifts=stack_shifts,
+        reference=(0, refs[0]),
+        thresholds=thresholds,
+        i0=i0s,
+    )
 
 
 def write_summary(path: str | pathlib.Path, result: Prepared, *, max_frames: int = 4) -> None:
@@ -258,8 +304,13 @@ def write_summary(path: str | pathlib.Path, result: Prepared, *, max_frames: int
     ax.set_title(f"Fe OD, threshold {result.thresholds[0]:.3g}")
     fig.colorbar(im, ax=ax, shrink=0.8)
     ax = axes[0, 2]
-    ax.imshow(np.ma.masked_equal(result.mask, 0), cmap="tab10", interpolation="nearest",
-              vmin=0.5, vmax=10.5)
+    ax.imshow(
+        np.ma.masked_equal(result.mask, 0),
+        cmap="tab10",
+        interpolation="nearest",
+        vmin=0.5,
+        vmax=10.5,
+    )
     ax.set_title(f"mask ({result.mask.max()} particles)")
     for j, k in enumerate(frames):
         ax = axes[1, j]
@@ -275,8 +326,13 @@ def write_summary(path: str | pathlib.Path, result: Prepared, *, max_frames: int
     ax.set_ylabel("drift (px)")
     ax.legend(fontsize=6)
     ax = axes[2, 1]
-    ax.imshow(np.ma.masked_equal(result.labels[-1], 0), cmap="tab10", interpolation="nearest",
-              vmin=0.5, vmax=10.5)
+    ax.imshow(
+        np.ma.masked_equal(result.labels[-1], 0),
+        cmap="tab10",
+        interpolation="nearest",
+        vmin=0.5,
+        vmax=10.5,
+    )
     ax.set_title("labels, last frame")
     ax = axes[2, 2]
     im = ax.imshow(result.sigma[0], cmap="magma")

@@ -27,21 +27,25 @@ def _prepared(image: np.ndarray) -> np.ndarray:
     return img - fill
 
 
-def displacement(reference: np.ndarray, moving: np.ndarray, *, upsample: int = UPSAMPLE
-                 ) -> np.ndarray:
+def displacement(
+    reference: np.ndarray, moving: np.ndarray, *, upsample: int = UPSAMPLE
+) -> np.ndarray:
     """Return the sub-pixel displacement ``(dy, dx)`` of ``moving`` relative to ``reference``.
 
     NaN pixels (unobserved) are replaced by the image median before correlating.
     """
-    shift, _, _ = phase_cross_correlation(_prepared(reference), _prepared(moving),
-                                          upsample_factor=upsample, normalization=None)
+    shift, _, _ = phase_cross_correlation(
+        _prepared(reference), _prepared(moving), upsample_factor=upsample, normalization=None
+    )
     return refined_displacement(reference, moving, -np.asarray(shift, dtype=np.float64))
 
 
-def refined_displacement(reference: np.ndarray, moving: np.ndarray, start: np.ndarray, *,
-                         steps: int = NEWTON_STEPS) -> np.ndarray:
+def refined_displacement(
+    reference: np.ndarray, moving: np.ndarray, start: np.ndarray, *, steps: int = NEWTON_STEPS
+) -> np.ndarray:
     """Least-squares displacement near ``start``: Gauss-Newton on
-    ``moving(x) ~ a * reference(x - s) + b`` over the pixels finite in both images."""
+    ``moving(x) ~ a * reference(x - s) + b`` over the pixels finite in both images.
+    """
     s = np.asarray(start, dtype=np.float64).copy()
     for _ in range(steps):
         r0 = shift_image(reference, s)
@@ -72,8 +76,7 @@ def shift_image(image: np.ndarray, shift: np.ndarray) -> np.ndarray:
     return out
 
 
-def register_stack(images: np.ndarray, reference: int | None = None
-                   ) -> tuple[np.ndarray, int]:
+def register_stack(images: np.ndarray, reference: int | None = None) -> tuple[np.ndarray, int]:
     """Displacements of every image of ``images (N, H, W)`` relative to one reference image.
 
     Args:
@@ -87,6 +90,7 @@ def register_stack(images: np.ndarray, reference: int | None = None
     if reference is None:
         reference = int(np.argmax([np.nanstd(im) for im in images]))
     ref = images[reference]
-    shifts = np.array([displacement(ref, im) if k != reference else np.zeros(2)
-                       for k, im in enumerate(images)])
+    shifts = np.array(
+        [displacement(ref, im) if k != reference else np.zeros(2) for k, im in enumerate(images)]
+    )
     return shifts, reference

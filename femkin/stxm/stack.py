@@ -56,8 +56,11 @@ def checked_stack(stack: Stack) -> Stack:
         raise InputError(stack.source, "counts", "a 3-d (E, Y, X) array", f"{stack.counts.ndim}-d")
     if stack.counts.shape != (e, y, x):
         raise InputError(
-            stack.source, "counts", f"shape (E, Y, X) = {(e, y, x)} from the axes",
-            f"{stack.counts.shape}")
+            stack.source,
+            "counts",
+            f"shape (E, Y, X) = {(e, y, x)} from the axes",
+            f"{stack.counts.shape}",
+        )
     if stack.dwell.shape != (e,):
         raise InputError(stack.source, "dwell", f"{e} values (one per energy)", stack.dwell.size)
     for name, axis in (("energies", stack.energies), ("x", stack.x), ("y", stack.y)):
@@ -101,5 +104,8 @@ def read_stack(path: str | pathlib.Path, **kwargs: Any) -> Stack:
 
         return read_nexus(path, **kwargs)
     raise InputError(
-        path, None, "a .hdr (ALS), .stk (aXis2000) or NeXus NXstxm (.h5/.hdf5/.nxs) file",
-        f"suffix '{path.suffix}'")
+        path,
+        None,
+        "a .hdr (ALS), .stk (aXis2000) or NeXus NXstxm (.h5/.hdf5/.nxs) file",
+        f"suffix '{path.suffix}'",
+    )

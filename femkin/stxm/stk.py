@@ -26,8 +26,9 @@ def read_stk(path: str | pathlib.Path) -> Stack:
     path = pathlib.Path(path)
     raw = path.read_bytes()
     if len(raw) < 12:
-        raise InputError(path, "header", "12 bytes (nx, ny, ne as big-endian int32)",
-                         f"{len(raw)} bytes")
+        raise InputError(
+            path, "header", "12 bytes (nx, ny, ne as big-endian int32)", f"{len(raw)} bytes"
+        )
     nx, ny, ne = (int(v) for v in np.frombuffer(raw, ">i4", 3))
     for name, n in (("nx", nx), ("ny", ny), ("ne", ne)):
         if not 0 < n < _MAX_DIM:
@@ -35,15 +36,28 @@ def read_stk(path: str | pathlib.Path) -> Stack:
     n_axes = nx + ny + 2 * ne
     expected = 12 + 4 * (n_axes + nx * ny * ne)
     if len(raw) != expected:
-        raise InputError(path, "size", f"{expected} bytes for nx={nx}, ny={ny}, ne={ne}",
-                         f"{len(raw)} bytes" + (" (truncated)" if len(raw) < expected else ""))
+        raise InputError(
+            path,
+            "size",
+            f"{expected} bytes for nx={nx}, ny={ny}, ne={ne}",
+            f"{len(raw)} bytes" + (" (truncated)" if len(raw) < expected else ""),
+        )
     axes = np.frombuffer(raw, ">f4", n_axes, 12).astype(np.float64)
-    x, y = axes[:nx], axes[nx:nx + ny]
-    energies, dwell_ms = axes[nx + ny:nx + ny + ne], axes[nx + ny + ne:]
+    x, y = axes[:nx], axes[nx : nx + ny]
+    energies, dwell_ms = axes[nx + ny : nx + ny + ne], axes[nx + ny + ne :]
     counts = np.frombuffer(raw, ">f4", nx * ny * ne, 12 + 4 * n_axes).astype(np.float64)
-    return checked_stack(Stack(
-        energies=energies, x=x, y=y, counts=counts.reshape(ne, ny, nx), dwell=dwell_ms * 1e-3,
-        timestamp=None, metadata={"format": "axis2000-stk"}, source=str(path)))
+    return checked_stack(
+        Stack(
+            energies=energies,
+            x=x,
+            y=y,
+            counts=counts.reshape(ne, ny, nx),
+            dwell=dwell_ms * 1e-3,
+            timestamp=None,
+            metadata={"format": "axis2000-stk"},
+            source=str(path),
+        )
+    )
 
 
 def write_stk(path: str | pathlib.Path, stack: Stack) -> None:

@@ -27,16 +27,25 @@ def reference_spectra(energies: np.ndarray) -> np.ndarray:
     """
     e = np.asarray(energies, dtype=np.float64)
     step = 0.5 * (0.5 + np.arctan((e - 709.0) / 0.6) / np.pi)
-    lfp = 0.2 + step + 1.4 * np.exp(-0.5 * ((e - 708.0) / 0.7) ** 2) \
+    lfp = (
+        0.2
+        + step
+        + 1.4 * np.exp(-0.5 * ((e - 708.0) / 0.7) ** 2)
         + 0.3 * np.exp(-0.5 * ((e - 710.5) / 0.8) ** 2)
-    fp = 0.2 + step + 0.35 * np.exp(-0.5 * ((e - 708.0) / 0.7) ** 2) \
+    )
+    fp = (
+        0.2
+        + step
+        + 0.35 * np.exp(-0.5 * ((e - 708.0) / 0.7) ** 2)
         + 1.3 * np.exp(-0.5 * ((e - 710.2) / 0.7) ** 2)
+    )
     return np.stack([lfp, fp], axis=1)
 
 
 def scene(rows: np.ndarray, cols: np.ndarray, time: float) -> tuple[np.ndarray, np.ndarray]:
     """Thickness (OD per unit spectrum) and Li fraction at pixel coordinates, at ``time`` in
-    [0, 1]. Returns ``(thickness, c)`` broadcast over ``rows``, ``cols``."""
+    [0, 1]. Returns ``(thickness, c)`` broadcast over ``rows``, ``cols``.
+    """
     thick = np.zeros(np.broadcast(rows, cols).shape)
     for r0, c0, a, b in PARTICLES:
         rho = np.sqrt(((rows - r0) / a) ** 2 + ((cols - c0) / b) ** 2)
@@ -59,7 +68,8 @@ def true_mask(shape: tuple[int, int], shift: np.ndarray = np.zeros(2)) -> np.nda
 
 class Synthetic(NamedTuple):
     """Stacks and the truth: ``drift (T, E, 2)`` displacements in pixels, ``c (T, H, W)`` and
-    ``thickness (T, H, W)`` in the undrifted frame, the references and the frame times."""
+    ``thickness (T, H, W)`` in the undrifted frame, the references and the frame times.
+    """
 
     stacks: list[Stack]
     drift: np.ndarray
@@ -70,10 +80,17 @@ class Synthetic(NamedTuple):
     times: np.ndarray
 
 
-def make_synthetic(*, shape: tuple[int, int] = (48, 48), n_times: int = 3,
-                   energies: np.ndarray | None = None, i0: float = 4000.0,
-                   pixel_size: float = 0.05, max_drift: float = 1.5, time_drift: float = 3.0,
-                   seed: int = 0) -> Synthetic:
+def make_synthetic(
+    *,
+    shape: tuple[int, int] = (48, 48),
+    n_times: int = 3,
+    energies: np.ndarray | None = None,
+    i0: float = 4000.0,
+    pixel_size: float = 0.05,
+    max_drift: float = 1.5,
+    time_drift: float = 3.0,
+    seed: int = 0,
+) -> Synthetic:
     """Make ``n_times`` stacks of the synthetic scene.
 
     Args:
@@ -107,12 +124,18 @@ def make_synthetic(*, shape: tuple[int, int] = (48, 48), n_times: int = 3,
             th, c = scene(rows - drift[t, k, 0], cols - drift[t, k, 1], frac)
             od = th * (c * refs[k, 0] + (1 - c) * refs[k, 1])
             counts[k] = rng.poisson(i0_e[k] * np.exp(-od))
-        stacks.append(Stack(
-            energies=energies.copy(), x=np.arange(shape[1]) * pixel_size + 100.0,
-            y=np.arange(shape[0]) * pixel_size - 20.0, counts=counts,
-            dwell=np.full(energies.size, 1e-3),
-            timestamp=start + datetime.timedelta(seconds=float(times[t])),
-            metadata={"format": "synthetic"}, source=f"synthetic-{t}"))
+        stacks.append(
+            Stack(
+                energies=energies.copy(),
+                x=np.arange(shape[1]) * pixel_size + 100.0,
+                y=np.arange(shape[0]) * pixel_size - 20.0,
+                counts=counts,
+                dwell=np.full(energies.size, 1e-3),
+                timestamp=start + datetime.timedelta(seconds=float(times[t])),
+                metadata={"format": "synthetic"},
+                source=f"synthetic-{t}",
+            )
+        )
     return Synthetic(stacks, drift, np.array(c_true), np.array(t_true), energies, refs, times)
 
 

@@ -36,11 +36,16 @@ class References(NamedTuple):
         lo, hi = self.energy[0], self.energy[-1]
         tol = 1e-6 * max(1.0, abs(hi))
         if energies.min() < lo - tol or energies.max() > hi + tol:
-            raise InputError(self.source, "energy",
-                             f"references covering {energies.min():g}-{energies.max():g} eV "
-                             f"(the energies of {source})", f"{lo:g}-{hi:g} eV")
-        return np.stack([np.interp(energies, self.energy, self.spectra[:, k]) for k in (0, 1)],
-                        axis=1)
+            raise InputError(
+                self.source,
+                "energy",
+                f"references covering {energies.min():g}-{energies.max():g} eV "
+                f"(the energies of {source})",
+                f"{lo:g}-{hi:g} eV",
+            )
+        return np.stack(
+            [np.interp(energies, self.energy, self.spectra[:, k]) for k in (0, 1)], axis=1
+        )
 
 
 def read_references(path: str | pathlib.Path) -> References:
@@ -53,8 +58,9 @@ def read_references(path: str | pathlib.Path) -> References:
     path = pathlib.Path(path)
     if not path.is_file():
         raise InputError(path, None, "a references CSV (energy, LiFePO4, FePO4)", "no such file")
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and not ln.lstrip()
-             .startswith("#")]
+    lines = [
+        ln for ln in path.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")
+    ]
     if len(lines) < 3:
         raise InputError(path, None, "a header and at least 2 rows", f"{len(lines)} lines")
     header = [h.strip() for h in lines[0].split(",")]
@@ -62,8 +68,12 @@ def read_references(path: str | pathlib.Path) -> References:
     cols = []
     for name in COLUMNS:
         if name.lower() not in lower:
-            raise InputError(path, name, f"a column '{name}'",
-                             f"columns {header}{close_match_hint(name, header)}")
+            raise InputError(
+                path,
+                name,
+                f"a column '{name}'",
+                f"columns {header}{close_match_hint(name, header)}",
+            )
         cols.append(lower.index(name.lower()))
     rows = []
     for i, line in enumerate(lines[1:], start=2):
@@ -134,8 +144,12 @@ def unmix(od: np.ndarray, design: np.ndarray, *, n_boot: int = 100, seed: int = 
     """
     e, h, w = od.shape
     if e < 2 or np.linalg.matrix_rank(design) < 2:
-        raise InputError("references", "spectra", "two linearly independent spectra at "
-                         f"the {e} stack energies", f"rank {np.linalg.matrix_rank(design)}")
+        raise InputError(
+            "references",
+            "spectra",
+            f"two linearly independent spectra at the {e} stack energies",
+            f"rank {np.linalg.matrix_rank(design)}",
+        )
     flat = od.reshape(e, -1)
     ok = np.all(np.isfinite(flat), axis=0)
     weights = np.full((2, h * w), np.nan)

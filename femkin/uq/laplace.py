@@ -14,12 +14,11 @@ on the parameters. All methods are collective on the vectors' communicator.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from femkin._fem import PETSc
-
 from femkin.uq.randomized import Apply, as_apply, gram
 
 __all__ = ["LowRankPosterior", "correlation", "credible_band"]
@@ -240,9 +239,7 @@ def credible_band(
     """
     mean_values = np.asarray(mean_values, dtype=float).ravel()
     if mean_values.size != len(jacobian_rows):
-        raise ValueError(
-            f"{mean_values.size} mean values but {len(jacobian_rows)} Jacobian rows"
-        )
+        raise ValueError(f"{mean_values.size} mean values but {len(jacobian_rows)} Jacobian rows")
     var = posterior.variance_of(jacobian_rows, prior_variances)
     std = np.sqrt(np.maximum(var, 0.0))
     return mean_values - z * std, mean_values + z * std

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from femkin._fem import MPI, PETSc, dolfinx
+from femkin._fem import PETSc, dolfinx
 from femkin.errors import ConvergenceError
 from femkin.physics.acr import legendre
 from femkin.progress import Progress
@@ -115,9 +115,11 @@ class UQResult:
         coefficients = {}
         i = 0
         for block, size in self.blocks:
-            coefficients[block] = {"mean": self.mean[i:i + size].tolist(),
-                                   "std": std[i:i + size].tolist(),
-                                   "prior_std": prior_std[i:i + size].tolist()}
+            coefficients[block] = {
+                "mean": self.mean[i : i + size].tolist(),
+                "std": std[i : i + size].tolist(),
+                "prior_std": prior_std[i : i + size].tolist(),
+            }
             i += size
         out = {
             "hessian": settings["hessian"],
@@ -126,12 +128,16 @@ class UQResult:
             "rank": int(self.posterior.rank),
             "coefficients": coefficients,
             "coefficient_names": list(self.names),
-            "correlation": _finite(correlation(self.covariance)).tolist()
-            if self.names else [],
-            "ln_k_std": {str(lb): {"mean": float(np.nanmean(s)), "max": float(np.nanmax(s)),
-                                   "min": float(np.nanmin(s)),
-                                   "prior_mean": float(np.nanmean(self.ln_k_prior_std[lb]))}
-                         for lb, s in self.ln_k_std.items()},
+            "correlation": _finite(correlation(self.covariance)).tolist() if self.names else [],
+            "ln_k_std": {
+                str(lb): {
+                    "mean": float(np.nanmean(s)),
+                    "max": float(np.nanmax(s)),
+                    "min": float(np.nanmin(s)),
+                    "prior_mean": float(np.nanmean(self.ln_k_prior_std[lb])),
+                }
+                for lb, s in self.ln_k_std.items()
+            },
             "prior_pointwise_variance": self.variance_method,
             "hessian_actions": int(self.hessian_actions),
             "wall_time": dict(self.wall_time),
@@ -153,14 +159,15 @@ def coefficient_layout(space) -> list[tuple[str, int]]:
 
 def coefficient_names(blocks: list[tuple[str, int]]) -> list[str]:
     """``["mu_h[1]", "mu_h[2]", "j0[1]", "k0", ...]``: one-size blocks keep their bare name."""
-    return [name if size == 1 else f"{name}[{n + 1}]" for name, size in blocks
-            for n in range(size)]
+    return [name if size == 1 else f"{name}[{n + 1}]" for name, size in blocks for n in range(size)]
 
 
 def scalar_prior_variances(prior, space) -> np.ndarray:
     """Prior variances of the global coefficients, in storage order (every rank)."""
-    values = [np.asarray(prior.priors[(name, None)].std, dtype=float) ** 2
-              for name, _ in coefficient_layout(space)]
+    values = [
+        np.asarray(prior.priors[(name, None)].std, dtype=float) ** 2
+        for name, _ in coefficient_layout(space)
+    ]
     return np.concatenate(values) if values else np.zeros(0)
 
 
@@ -177,15 +184,16 @@ def _unit_functionals(space) -> list[PETSc.Vec]:
     return out
 
 
-def bilaplacian_pointwise_variance(bl, *, samples: int = 400, seed: int = 0,
-                                   exact_limit: int = EXACT_VARIANCE_LIMIT) -> tuple[np.ndarray, str]:
+def bilaplacian_pointwise_variance(
+    bl, *, samples: int = 400, seed: int = 0, exact_limit: int = EXACT_VARIANCE_LIMIT
+) -> tuple[np.ndarray, str]:
     """The diagonal of a :class:`femkin.prior.BiLaplacianPrior` covariance on its owned dofs:
     exact (one pair of solves per global dof) up to ``exact_limit`` dofs, else the randomized
-    estimate from ``samples`` coordinate-seeded samples (relative error ~ sqrt(2/samples))."""
+    estimate from ``samples`` coordinate-seeded samples (relative error ~ sqrt(2/samples)).
+    """
     if bl.n_global <= exact_limit:
         return bl.pointwise_variance("exact"), "exact"
-    return bl.pointwise_variance("randomized", n_samples=samples, seed=seed), \
-        f"sampled({samples})"
+    return bl.pointwise_variance("randomized", n_samples=samples, seed=seed), f"sampled({samples})"
 
 
 def prior_sample(prior, space, seed: int) -> PETSc.Vec:
@@ -212,8 +220,14 @@ def _curves_jacobian(blocks, name: str, c: np.ndarray) -> np.ndarray:
     return jac
 
 
-def credible_bands(problem, x: PETSc.Vec, blocks, covariance: np.ndarray,
-                   c: np.ndarray | None = None, z: float = Z95) -> dict[str, Any]:
+def credible_bands(
+    problem,
+    x: PETSc.Vec,
+    blocks,
+    covariance: np.ndarray,
+    c: np.ndarray | None = None,
+    z: float = Z95,
+) -> dict[str, Any]:
     """95% bands of ``mu_h(c)`` and ``j0(c)`` (the latter from the band of ln j0).
 
     Both curves are linear in the global coefficients, so ``Var g(c_j) = J_j C J_j^T`` with
@@ -249,8 +263,17 @@ def _particle_averages(problem, fitted: np.ndarray | None) -> dict[int, np.ndarr
     return {lb: np.nanmean(fitted[:, mask == lb], axis=1) for lb in problem.labels}
 
 
-def _ln_k_maps(problem, prior, posterior: LowRankPosterior, prior_var: np.ndarray,
-               covariance: np.ndarray, blocks, *, samples: int, seed: int):
+def _ln_k_maps(
+    problem,
+    prior,
+    posterior: LowRankPosterior,
+    prior_var: np.ndarray,
+    covariance: np.ndarray,
+    blocks,
+    *,
+    samples: int,
+    seed: int,
+):
     """Posterior and prior std of ln k = ln k0 + m on the pixels, per particle (rank 0).
 
     ``Var(ln k0 + m_i) = Var(ln k0) + Var(m_i) + 2 Cov(ln k0, m_i)`` with each term taken from
@@ -270,8 +293,9 @@ def _ln_k_maps(problem, prior, posterior: LowRankPosterior, prior_var: np.ndarra
     for (name, label), data in space._fields.items():
         if name != "m" or data is None:
             continue
-        diag, method = bilaplacian_pointwise_variance(prior.priors[(name, label)],
-                                                      samples=samples, seed=seed)
+        diag, method = bilaplacian_pointwise_variance(
+            prior.priors[(name, label)], samples=samples, seed=seed
+        )
         prior_diag.getArray()[data.slice] = diag
         methods.add(method)
     methods = sorted(set().union(*problem.comm.allgather(methods)))
@@ -312,8 +336,9 @@ def _ln_k_maps(problem, prior, posterior: LowRankPosterior, prior_var: np.ndarra
     return post_maps, prior_maps, ",".join(methods) or "none"
 
 
-def analyse(problem, prior, x: PETSc.Vec, settings: dict, *, variance_samples: int = 400,
-            log=None) -> UQResult:
+def analyse(
+    problem, prior, x: PETSc.Vec, settings: dict, *, variance_samples: int = 400, log=None
+) -> UQResult:
     """The Laplace approximation at the MAP point ``x`` (see the module docstring).
 
     Args:
@@ -359,21 +384,29 @@ def analyse(problem, prior, x: PETSc.Vec, settings: dict, *, variance_samples: i
         bar.update(len(vs))
 
     max_rank = min(int(settings["max_rank"]), space.global_size)
-    pairs = adaptive_rank(apply_H, prior.precision_mult, prior.covariance_mult,
-                          lambda i: space.random_normal(seed + i),
-                          threshold=float(settings["threshold"]), max_rank=max_rank,
-                          oversampling=int(settings["oversampling"]),
-                          start=min(10, max_rank), apply_H_batch=apply_H_batch)
+    pairs = adaptive_rank(
+        apply_H,
+        prior.precision_mult,
+        prior.covariance_mult,
+        lambda i: space.random_normal(seed + i),
+        threshold=float(settings["threshold"]),
+        max_rank=max_rank,
+        oversampling=int(settings["oversampling"]),
+        start=min(10, max_rank),
+        apply_H_batch=apply_H_batch,
+    )
     bar.close()
     hessian_actions = problem.counters["hessian"] - h_before
     timings["eigensolver"] = time.perf_counter() - t0
     lam = np.asarray(pairs.eigenvalues)
     keep = [i for i, v in enumerate(lam) if v > -1.0 + 1e-8]
-    say(f"eigenvalues ({hessian_actions} Hessian actions): "
-        + " ".join(f"{v:.3g}" for v in lam))
-    posterior = LowRankPosterior(lam[keep], [pairs.eigenvectors[i] for i in keep],
-                                 prior.covariance_mult,
-                                 apply_prior_precision=prior.precision_mult)
+    say(f"eigenvalues ({hessian_actions} Hessian actions): " + " ".join(f"{v:.3g}" for v in lam))
+    posterior = LowRankPosterior(
+        lam[keep],
+        [pairs.eigenvectors[i] for i in keep],
+        prior.covariance_mult,
+        apply_prior_precision=prior.precision_mult,
+    )
 
     t0 = time.perf_counter()
     blocks = coefficient_layout(space)
@@ -384,23 +417,47 @@ def analyse(problem, prior, x: PETSc.Vec, settings: dict, *, variance_samples: i
     covariance = posterior.covariance_matrix(functionals)
     for f in functionals:
         f.destroy()
-    mean = np.concatenate([space.get_scalars(x, b) for b, _ in blocks]) if blocks \
-        else np.zeros(0)
+    mean = np.concatenate([space.get_scalars(x, b) for b, _ in blocks]) if blocks else np.zeros(0)
     bands = credible_bands(problem, x, blocks, covariance)
-    ln_k_std, ln_k_prior_std, method = _ln_k_maps(problem, prior, posterior, prior_var, covariance, blocks,
-                                                  samples=variance_samples, seed=seed)
+    ln_k_std, ln_k_prior_std, method = _ln_k_maps(
+        problem,
+        prior,
+        posterior,
+        prior_var,
+        covariance,
+        blocks,
+        samples=variance_samples,
+        seed=seed,
+    )
     timings["posterior"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    c_t = _sample_band(problem, prior, posterior, x, fitted, int(settings["samples"]), seed, say,
-                       quiet=log is None)
+    c_t = _sample_band(
+        problem, prior, posterior, x, fitted, int(settings["samples"]), seed, say, quiet=log is None
+    )
     timings["samples"] = time.perf_counter() - t0
-    return UQResult(posterior, lam, names, blocks, mean, covariance, prior_var, ln_k_std,
-                    ln_k_prior_std, bands, c_t, fitted, method, hessian_actions, timings)
+    return UQResult(
+        posterior,
+        lam,
+        names,
+        blocks,
+        mean,
+        covariance,
+        prior_var,
+        ln_k_std,
+        ln_k_prior_std,
+        bands,
+        c_t,
+        fitted,
+        method,
+        hessian_actions,
+        timings,
+    )
 
 
-def _sample_band(problem, prior, posterior, x, fitted, n_samples: int, seed: int, say, *,
-                 quiet: bool = True):
+def _sample_band(
+    problem, prior, posterior, x, fitted, n_samples: int, seed: int, say, *, quiet: bool = True
+):
     """Posterior samples through the forward model: 95% band of particle-average c(t)."""
     if n_samples <= 0:
         return None
@@ -445,5 +502,9 @@ def _sample_band(problem, prior, posterior, x, fitted, n_samples: int, seed: int
             entry["hi"] = np.percentile(stack, 97.5, axis=0).tolist()
             entry["std"] = stack.std(axis=0, ddof=1 if len(stack) > 1 else 0).tolist()
         particles[str(lb)] = entry
-    return {"t": np.asarray(problem.video.t, dtype=float).tolist(), "samples": n_samples,
-            "failed": failed, "particles": particles}
+    return {
+        "t": np.asarray(problem.video.t, dtype=float).tolist(),
+        "samples": n_samples,
+        "failed": failed,
+        "particles": particles,
+    }

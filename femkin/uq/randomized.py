@@ -24,7 +24,8 @@ redundantly on every rank from allreduced Gram matrices, so all ranks agree bit 
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -188,9 +189,7 @@ def b_orthonormalize(
     return q, bq
 
 
-def _rayleigh_ritz(
-    q: list[PETSc.Vec], hq: list[PETSc.Vec], k: int
-) -> Eigenpairs:
+def _rayleigh_ritz(q: list[PETSc.Vec], hq: list[PETSc.Vec], k: int) -> Eigenpairs:
     t = gram(q, hq)
     t = 0.5 * (t + t.T)
     d, w = np.linalg.eigh(t)

@@ -11,12 +11,11 @@ communicator.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from femkin._fem import PETSc
-
 from femkin.uq.randomized import Eigenpairs, as_apply, gram
 
 try:  # pragma: no cover - import order of the wheel

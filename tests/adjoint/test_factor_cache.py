@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_taylor import BLOCKS, PARAMS, Problem, _direction
 
 from femkin._fem import MPI
-from test_taylor import BLOCKS, PARAMS, Problem, _direction
 
 pytestmark = pytest.mark.mpi
 

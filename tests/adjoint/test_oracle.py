@@ -30,11 +30,13 @@ from femkin.forward import ParticleModel, SolverOptions  # noqa: E402
 
 def test_gradient_matches_dolfinx_adjoint():
     comm = MPI.COMM_WORLD
-    mesh = dolfinx.mesh.create_rectangle(comm, [[0.0, 0.0], [0.4, 0.4]], [8, 8],
-                                         dolfinx.mesh.CellType.triangle)
+    mesh = dolfinx.mesh.create_rectangle(
+        comm, [[0.0, 0.0], [0.4, 0.4]], [8, 8], dolfinx.mesh.CellType.triangle
+    )
     solver = SolverOptions(newton_rtol=1e-13, newton_atol=1e-14)
-    model = ParticleModel(mesh, PARAMETERS, solver=solver, quadrature_degree=4,
-                          options_prefix="oracle_forward_")
+    model = ParticleModel(
+        mesh, PARAMETERS, solver=solver, quadrature_degree=4, options_prefix="oracle_forward_"
+    )
     c0, m = initial_fields(model.V)
     model.set_m(m)
     frames = [0.0, 100.0, 200.0]

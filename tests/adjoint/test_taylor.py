@@ -19,8 +19,14 @@ from femkin.observation import build_observation
 
 pytestmark = pytest.mark.mpi
 
-PARAMS = ModelParameters(mu_h=(3.2, 0.0, 0.6), j0=(-0.6, 0.3), j0_prefactor=(0.5, 0.5),
-                         k0=1.5e-3, kappa=0.01, coherency=0.5)
+PARAMS = ModelParameters(
+    mu_h=(3.2, 0.0, 0.6),
+    j0=(-0.6, 0.3),
+    j0_prefactor=(0.5, 0.5),
+    k0=1.5e-3,
+    kappa=0.01,
+    coherency=0.5,
+)
 SIGMA = 0.05
 FRAMES = np.linspace(0.0, 240.0, 5)
 KNOTS = Driving(FRAMES, 0.3 + 0.4 * np.arange(5))
@@ -33,8 +39,9 @@ class Problem:
 
     def __init__(self, comm):
         self.comm = comm
-        mesh = dolfinx.mesh.create_rectangle(comm, [[0.0, 0.0], [0.6, 0.6]], [8, 8],
-                                             dolfinx.mesh.CellType.triangle)
+        mesh = dolfinx.mesh.create_rectangle(
+            comm, [[0.0, 0.0], [0.6, 0.6]], [8, 8], dolfinx.mesh.CellType.triangle
+        )
         self.model = ParticleModel(mesh, PARAMS, options_prefix="femkin_test_taylor_")
         self.der = ParticleDerivatives(self.model)
         self.obs = build_observation(self.model.W.sub(0), np.ones((12, 12), dtype=int), 1, 0.05)
@@ -65,10 +72,16 @@ class Problem:
         model = self.model
         model.set_parameters(PARAMS.with_blocks({k: theta[k] for k in SCALARS}))
         model.set_m(theta["m"])
-        traj = model.solve(FRAMES, Driving(FRAMES, theta["mu_e"]), theta["initial"],
-                           schedule=self.schedule)
-        local = sum(0.5 * np.sum((self.obs.apply(traj.state(n)) - self.data[i]) ** 2)
-                    for i, n in enumerate(traj.frame_steps)) / SIGMA**2
+        traj = model.solve(
+            FRAMES, Driving(FRAMES, theta["mu_e"]), theta["initial"], schedule=self.schedule
+        )
+        local = (
+            sum(
+                0.5 * np.sum((self.obs.apply(traj.state(n)) - self.data[i]) ** 2)
+                for i, n in enumerate(traj.frame_steps)
+            )
+            / SIGMA**2
+        )
         return self.comm.allreduce(local, op=MPI.SUM), traj
 
     def source(self, n: int, out: np.ndarray) -> None:
@@ -80,6 +93,7 @@ class Problem:
         def source(n: int, out: np.ndarray) -> None:
             if n in self.frame_of:
                 self.obs.apply_transpose(self.obs.apply(tangents[n]) / SIGMA**2, out)
+
         return source
 
     def per_step(self, knot_values: np.ndarray) -> np.ndarray:
@@ -90,9 +104,12 @@ class Problem:
         return out
 
     def direction(self, d: dict) -> Direction:
-        return Direction({k: d[k] for k in SCALARS if k in d}, m=d.get("m"),
-                         mu_e=self.per_step(d["mu_e"]) if "mu_e" in d else None,
-                         c0=d.get("initial"))
+        return Direction(
+            {k: d[k] for k in SCALARS if k in d},
+            m=d.get("m"),
+            mu_e=self.per_step(d["mu_e"]) if "mu_e" in d else None,
+            c0=d.get("initial"),
+        )
 
     def pair(self, sens, d: dict) -> float:
         """<sensitivities, direction> with mu_e chained to the knots."""
@@ -124,11 +141,16 @@ class Problem:
 def _direction(problem: Problem, blocks, seed: float = 0.0) -> dict:
     """A direction in the named blocks, a deterministic function of coordinates and seed."""
     x, y = problem.x[:, 0], problem.x[:, 1]
-    full = {"mu_h": np.array([0.3, -0.2, 0.1]), "j0": np.array([0.2, 0.1]),
-            "k0": np.array([0.3]), "kappa": np.array([0.004]), "coherency": np.array([0.3]),
-            "m": 0.5 * np.sin(3 * x + seed) * np.cos(2 * y),
-            "mu_e": 0.3 * np.cos(np.arange(KNOTS.values.size) + seed),
-            "initial": 0.05 * np.cos(5 * x - seed) * np.sin(3 * y + 1.0)}
+    full = {
+        "mu_h": np.array([0.3, -0.2, 0.1]),
+        "j0": np.array([0.2, 0.1]),
+        "k0": np.array([0.3]),
+        "kappa": np.array([0.004]),
+        "coherency": np.array([0.3]),
+        "m": 0.5 * np.sin(3 * x + seed) * np.cos(2 * y),
+        "mu_e": 0.3 * np.cos(np.arange(KNOTS.values.size) + seed),
+        "initial": 0.05 * np.cos(5 * x - seed) * np.sin(3 * y + 1.0),
+    }
     out = {k: full[k] for k in blocks}
     if seed:
         for k in SCALARS:
@@ -193,8 +215,7 @@ def test_derivatives_independent_of_rank_count(problem):
     d = _direction(problem, BLOCKS, seed=0.7)
     d_ref = _direction(ref, BLOCKS, seed=0.7)
     assert abs(problem.J0 - ref.J0) <= 1e-10 * abs(ref.J0)
-    for sens, sens_ref in ((problem.grad, ref.grad),
-                           (problem.hessian(d), ref.hessian(d_ref))):
+    for sens, sens_ref in ((problem.grad, ref.grad), (problem.hessian(d), ref.hessian(d_ref))):
         for k in SCALARS:
             err = np.max(np.abs(sens.scalars[k] - sens_ref.scalars[k]))
             assert err <= 1e-8 * np.max(np.abs(sens_ref.scalars[k])), (k, err)
@@ -203,4 +224,5 @@ def test_derivatives_independent_of_rank_count(problem):
         err = np.max(np.abs(gm - gm_ref)) / np.max(np.abs(gm_ref))
         assert err <= 1e-8, f"m-gradient differs by {err:.3g} (relative)"
         assert abs(problem.pair(sens, d) - ref.pair(sens_ref, d_ref)) <= 1e-8 * abs(
-            ref.pair(sens_ref, d_ref))
+            ref.pair(sens_ref, d_ref)
+        )

@@ -14,6 +14,7 @@ from .toy import ToyProblem
 def make_space(comm):
     return ToyProblem(comm, 6).space, None
 
+
 STATE = {"iteration": 7, "history": [3.0, 2.0, 1.5], "tao": {"type": "bnls"}, "case_hash": "ab"}
 
 

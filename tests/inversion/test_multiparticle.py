@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from workflow_case import write_case
 
 from femkin._fem import MPI
 from femkin.cli import main
 from femkin.commands.invert import invert
 from femkin.io.video import Video, read_video, write_video
 from femkin.physics.acr import legendre_sum
-from workflow_case import write_case
 
 
 def _coefficients(case: Path) -> np.ndarray:
@@ -44,8 +44,7 @@ def _simulated_case_and_copies(root: Path, labels: int, comm) -> tuple[Path, Pat
     comm.barrier()
     assert main(["simulate", str(case), "--quiet"]) == 0
     copy = root / f"serial_rank{comm.rank}"
-    shutil.copytree(case, copy, ignore=shutil.ignore_patterns("meshes", "results",
-                                                              "checkpoints"))
+    shutil.copytree(case, copy, ignore=shutil.ignore_patterns("meshes", "results", "checkpoints"))
     comm.barrier()
     return case, copy
 
@@ -70,12 +69,14 @@ def test_answer_does_not_depend_on_ranks(mpi_tmp_path, labels):
 
     _, ref_result, _, _ = invert(copy, quiet=True, comm=MPI.COMM_SELF)
     serial = _coefficients(copy)
-    ref_first = np.array([ref_result.history[0]["objective"],
-                          ref_result.history[0]["gradient_norm"]])
+    ref_first = np.array(
+        [ref_result.history[0]["objective"], ref_result.history[0]["gradient_norm"]]
+    )
     # The objective and the prior-weighted gradient norm at the initial point: the evaluation
     # itself is partition independent to roundoff (measured <= 6e-16 on 2 ranks).
-    first_rel = comm.allreduce(float(np.max(np.abs(first - ref_first) / np.abs(ref_first))),
-                               op=MPI.MAX)
+    first_rel = comm.allreduce(
+        float(np.max(np.abs(first - ref_first) / np.abs(ref_first))), op=MPI.MAX
+    )
     assert first_rel < 1e-12, (first, ref_first)
     # The fit moved away from the initial guesses, so agreement is not trivial.
     initial = np.array([2.5, 0.0, 0.0, np.log(1.0e-3)])
@@ -116,8 +117,10 @@ def _data_case(root: Path, source: Path, video: Video, keep: int | None) -> Path
     if keep is not None:
         c[:, mask != keep] = np.nan
         mask = np.where(mask == keep, 1, 0)
-    write_video(root / "data" / "video.npz", Video(c, mask, video.t, video.pixel_size,
-                                                   mu_e=video.mu_e, sigma=video.sigma))
+    write_video(
+        root / "data" / "video.npz",
+        Video(c, mask, video.t, video.pixel_size, mu_e=video.mu_e, sigma=video.sigma),
+    )
     shutil.copy(source / "simulated" / "truth.npz", root / "data" / "truth.npz")
     lines, skip = [], False
     for line in (source / "case.toml").read_text().splitlines():
@@ -125,8 +128,9 @@ def _data_case(root: Path, source: Path, video: Video, keep: int | None) -> Path
             skip = line.startswith("[simulate")
         if not skip:
             lines.append(line)
-    text = "\n".join(lines).replace('video = "data/video.npz"',
-                                    'video = "data/video.npz"\ntruth = "data/truth.npz"')
+    text = "\n".join(lines).replace(
+        'video = "data/video.npz"', 'video = "data/video.npz"\ntruth = "data/truth.npz"'
+    )
     (root / "case.toml").write_text(text + "\n")
     return root
 
@@ -141,11 +145,14 @@ def test_two_particles_recover_mu_h_better_than_either_alone(tmp_path):
     c0[video.mask == 2] += 0.35
     c = video.c.copy()
     c[0] = c0
-    write_video(source / "data" / "video.npz", Video(c, video.mask, video.t, video.pixel_size,
-                                                     mu_e=video.mu_e))
+    write_video(
+        source / "data" / "video.npz",
+        Video(c, video.mask, video.t, video.pixel_size, mu_e=video.mu_e),
+    )
     text = (source / "case.toml").read_text()
     text = text.replace("m_std = 0.4\n", "m_std = 0.0\n").replace(
-        'learn = ["mu_h", "j0", "k0", "m"]', 'learn = ["mu_h", "j0", "k0"]')
+        'learn = ["mu_h", "j0", "k0", "m"]', 'learn = ["mu_h", "j0", "k0"]'
+    )
     assert f"[simulate.model]\nmu_h = {list(TRUE_MU_H)}" in text
     (source / "case.toml").write_text(text)
     assert main(["simulate", str(source), "--quiet"]) == 0

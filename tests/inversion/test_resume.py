@@ -11,9 +11,9 @@ import time
 
 import numpy as np
 import pytest
+from workflow_case import write_case
 
 from femkin._fem import MPI
-from workflow_case import write_case
 
 CLI = "from femkin.cli import main; import sys; sys.exit(main(sys.argv[1:]))"
 
@@ -61,8 +61,7 @@ def test_kill_and_resume_reaches_same_answer(tmp_path):
     assert not (b / "results" / "summary.json").exists()
     with np.load(ckpt) as z:  # the checkpoint is whole: atomically replaced
         assert "__state__" in z.files and len(z.files) > 1
-    subprocess.run([sys.executable, "-c", CLI, "invert", str(b), "--resume", "--quiet"],
-                   check=True)
+    subprocess.run([sys.executable, "-c", CLI, "invert", str(b), "--resume", "--quiet"], check=True)
     got, summary = _coefficients(b)
     assert summary["tao_reason"].startswith("CONVERGED")
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)

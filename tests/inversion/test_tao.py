@@ -45,9 +45,17 @@ def relative_error(d, ref) -> float:
 def test_converges_to_exact_map(comm, tao_type):
     p = problem(comm, 12)
     history = []
-    result = minimize(p, p.space.create_vector(), prior=p.prior, tao_type=tao_type, gatol=0.0,
-                      grtol=0.0, gttol=1e-9, max_iterations=200,
-                      monitor=lambda it, x, f, g: history.append((it, f, g)))
+    result = minimize(
+        p,
+        p.space.create_vector(),
+        prior=p.prior,
+        tao_type=tao_type,
+        gatol=0.0,
+        grtol=0.0,
+        gttol=1e-9,
+        max_iterations=200,
+        monitor=lambda it, x, f, g: history.append((it, f, g)),
+    )
     assert result.reason.startswith("CONVERGED")
     d, ref = p.space.to_global_dict(result.x), serial_map(12)
     err = relative_error(d, ref) if comm.rank == 0 else None
@@ -70,8 +78,15 @@ def test_bounds_hold(tao_type):
     x0.set(2.0)  # infeasible: projected to the bound
     unconstrained = minimize(p, x0, prior=p.prior, tao_type=tao_type, gttol=1e-7)
     assert unconstrained.x.max()[1] > 0.6
-    result = minimize(p, x0, prior=p.prior, tao_type=tao_type, gttol=1e-7,
-                      bounds=(None, upper), max_iterations=150)
+    result = minimize(
+        p,
+        x0,
+        prior=p.prior,
+        tao_type=tao_type,
+        gttol=1e-7,
+        bounds=(None, upper),
+        max_iterations=150,
+    )
     assert result.x.max()[1] <= 0.5 + 1e-12
     assert result.x.max()[1] == pytest.approx(0.5)  # the bound is active
     assert result.value > unconstrained.value
@@ -87,18 +102,43 @@ def test_mesh_independent_iterations(tao_type):
     its = []
     for n in (16, 32):
         p = ToyProblem(MPI.COMM_SELF, n)
-        its.append(minimize(p, p.space.create_vector(), prior=p.prior, tao_type=tao_type,
-                            gatol=0.0, grtol=0.0, gttol=1e-8, max_iterations=300).iterations)
+        its.append(
+            minimize(
+                p,
+                p.space.create_vector(),
+                prior=p.prior,
+                tao_type=tao_type,
+                gatol=0.0,
+                grtol=0.0,
+                gttol=1e-8,
+                max_iterations=300,
+            ).iterations
+        )
     assert abs(its[1] - its[0]) <= 2, its
 
 
 def test_lmvm_without_prior_is_slow():
     """The H0 = prior precision matters: plain LMVM needs many more iterations."""
     p = problem(MPI.COMM_WORLD, 12)
-    with_prior = minimize(p, p.space.create_vector(), prior=p.prior, tao_type="lmvm",
-                          gatol=0.0, grtol=0.0, gttol=1e-8, max_iterations=300)
-    plain = minimize(p, p.space.create_vector(), tao_type="lmvm", gatol=0.0, grtol=0.0,
-                     gttol=1e-8, max_iterations=60)
+    with_prior = minimize(
+        p,
+        p.space.create_vector(),
+        prior=p.prior,
+        tao_type="lmvm",
+        gatol=0.0,
+        grtol=0.0,
+        gttol=1e-8,
+        max_iterations=300,
+    )
+    plain = minimize(
+        p,
+        p.space.create_vector(),
+        tao_type="lmvm",
+        gatol=0.0,
+        grtol=0.0,
+        gttol=1e-8,
+        max_iterations=60,
+    )
     assert plain.reason == "DIVERGED_MAXITS"  # reported, not raised
     assert plain.iterations == 60 > 2 * with_prior.iterations
 
@@ -106,8 +146,14 @@ def test_lmvm_without_prior_is_slow():
 def test_options_and_errors():
     p = problem(MPI.COMM_WORLD, 12)
     # petsc_options under the prefix select the type (over the argument).
-    r = minimize(p, p.space.create_vector(), prior=p.prior, tao_type="bnls",
-                 petsc_options={"tao_type": "lmvm", "tao_max_it": 3}, gttol=1e-12)
+    r = minimize(
+        p,
+        p.space.create_vector(),
+        prior=p.prior,
+        tao_type="bnls",
+        petsc_options={"tao_type": "lmvm", "tao_max_it": 3},
+        gttol=1e-12,
+    )
     assert r.iterations == 3 and r.reason == "DIVERGED_MAXITS"
     assert not PETSc.Options().hasName("femkin_tao_tao_type")  # removed afterwards
     with pytest.raises(InputError, match="options_prefix"):

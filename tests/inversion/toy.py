@@ -24,9 +24,13 @@ class ToyProblem:
         mesh = dolfinx.mesh.create_unit_square(comm, n, n)
         self.V = V = dolfinx.fem.functionspace(mesh, ("Lagrange", 1))
         self.space = ParameterSpace(comm, [ScalarBlock("c", 2)], [FieldBlock("m", 1, V)])
-        self.prior = Prior(self.space, {
-            ("c", None): GaussianScalarPrior([0.0, 0.0], 1.0),
-            ("m", 1): BiLaplacianPrior(V, prior_std, prior_length)})
+        self.prior = Prior(
+            self.space,
+            {
+                ("c", None): GaussianScalarPrior([0.0, 0.0], 1.0),
+                ("m", 1): BiLaplacianPrior(V, prior_std, prior_length),
+            },
+        )
         u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
         self.M = dolfinx.fem.petsc.assemble_matrix(dolfinx.fem.form(u * v * ufl.dx))
         self.M.assemble()

@@ -21,18 +21,25 @@ from femkin.forward import ModelParameters, ParticleModel, SolverOptions
 from femkin.observation import build_observation
 from femkin.physics import acr
 
-PARAMS = ModelParameters(mu_h=(3.2, -0.4, 0.6), j0=(-0.6, 0.3), j0_prefactor=(0.5, 0.5),
-                         k0=2e-2, kappa=0.01, coherency=0.3, alpha=0.4)
+PARAMS = ModelParameters(
+    mu_h=(3.2, -0.4, 0.6),
+    j0=(-0.6, 0.3),
+    j0_prefactor=(0.5, 0.5),
+    k0=2e-2,
+    kappa=0.01,
+    coherency=0.3,
+    alpha=0.4,
+)
 
 
 def _unit_square(comm, n: int, length: float = 1.0):
-    return dolfinx.mesh.create_rectangle(comm, [[0.0, 0.0], [length, length]], [n, n],
-                                         dolfinx.mesh.CellType.triangle)
+    return dolfinx.mesh.create_rectangle(
+        comm, [[0.0, 0.0], [length, length]], [n, n], dolfinx.mesh.CellType.triangle
+    )
 
 
 def _uniform(model: ParticleModel, value: float) -> np.ndarray:
-    return np.full(model.V.dofmap.index_map.size_local + model.V.dofmap.index_map.num_ghosts,
-                   value)
+    return np.full(model.V.dofmap.index_map.size_local + model.V.dofmap.index_map.num_ghosts, value)
 
 
 def _mu_h(c: float, p: ModelParameters) -> float:
@@ -53,12 +60,22 @@ def test_uniform_state_follows_the_ode(comm):
     mu0 = _mu_h(c0, PARAMS)
     # A ramp that drives lithiation faster, then slower: c moves from 0.25 to ~0.5.
     driving = Driving([0.0, 20.0, 60.0], [mu0 + 0.2, mu0 + 0.8, mu0 + 0.4])
-    model = ParticleModel(_unit_square(comm, 4), PARAMS,
-                          solver=SolverOptions(dt_initial=0.05, dt_max=0.15, dc_max=5e-3))
+    model = ParticleModel(
+        _unit_square(comm, 4),
+        PARAMS,
+        solver=SolverOptions(dt_initial=0.05, dt_max=0.15, dc_max=5e-3),
+    )
     traj = model.solve(frames, driving, _uniform(model, c0))
     mean = np.array([model.mean_c(traj.state(n)) for n in traj.frame_steps])
-    sol = solve_ivp(lambda t, c: [_ode_rate(c[0], driving(t), PARAMS)], (frames[0], frames[-1]),
-                    [c0], t_eval=frames, rtol=1e-10, atol=1e-12, method="Radau")
+    sol = solve_ivp(
+        lambda t, c: [_ode_rate(c[0], driving(t), PARAMS)],
+        (frames[0], frames[-1]),
+        [c0],
+        t_eval=frames,
+        rtol=1e-10,
+        atol=1e-12,
+        method="Radau",
+    )
     assert sol.success
     assert mean[-1] - c0 > 0.2, f"the drive should move c appreciably, moved {mean[-1] - c0:.3g}"
     err = np.max(np.abs(mean - sol.y[0]))
@@ -73,13 +90,16 @@ def test_uniform_state_follows_the_ode(comm):
 def test_equilibrium_state_stays_put(comm):
     """A uniform c0 with mu_e = mu_h(c0) does not move over many steps."""
     c0 = 0.37
-    model = ParticleModel(_unit_square(comm, 6), PARAMS,
-                          solver=SolverOptions(dt_initial=0.5, dt_max=0.5))
+    model = ParticleModel(
+        _unit_square(comm, 6), PARAMS, solver=SolverOptions(dt_initial=0.5, dt_max=0.5)
+    )
     driving = Driving([0.0], [_mu_h(c0, PARAMS)])
     traj = model.solve(np.linspace(0.0, 50.0, 6), driving, _uniform(model, c0))
     assert traj.n_steps >= 100
-    dev = max(float(np.max(np.abs(model.c_values(traj.state(n)) - c0), initial=0.0))
-              for n in range(traj.n_steps + 1))
+    dev = max(
+        float(np.max(np.abs(model.c_values(traj.state(n)) - c0), initial=0.0))
+        for n in range(traj.n_steps + 1)
+    )
     dev = comm.allreduce(dev, op=MPI.MAX)
     assert dev < 1e-8, f"max |c - c0| = {dev:.3g} after {traj.n_steps} steps"
 
@@ -88,8 +108,9 @@ def test_equilibrium_state_stays_put(comm):
 def test_frame_times_are_hit_exactly(comm):
     """Adaptive steps land exactly on every (irregular) frame time, also when replayed."""
     frames = np.array([0.0, 0.7, 1.3, 5.1, 5.15, 11.0 / 3.0 + 6.0])
-    model = ParticleModel(_unit_square(comm, 4), PARAMS,
-                          solver=SolverOptions(dt_initial=0.3, dc_max=0.01))
+    model = ParticleModel(
+        _unit_square(comm, 4), PARAMS, solver=SolverOptions(dt_initial=0.3, dc_max=0.01)
+    )
     xV = model.V.tabulate_dof_coordinates()
     c0 = 0.3 + 0.1 * np.cos(np.pi * xV[:, 0]) * np.cos(np.pi * xV[:, 1])
     driving = Driving([0.0, 10.0], [-1.0, -3.0])
@@ -108,9 +129,12 @@ def test_frame_times_are_hit_exactly(comm):
 def test_newton_failure_at_the_step_floor_raises(comm):
     """A violent drive with the step floor above the first step raises ConvergenceError."""
     p = ModelParameters(mu_h=(3.2,), j0=(), k0=1e4, kappa=0.01)
-    model = ParticleModel(_unit_square(comm, 4), p,
-                          solver=SolverOptions(dt_initial=10.0, dt_min=100.0, newton_max_it=3),
-                          options_prefix="femkin_test_fail_")
+    model = ParticleModel(
+        _unit_square(comm, 4),
+        p,
+        solver=SolverOptions(dt_initial=10.0, dt_min=100.0, newton_max_it=3),
+        options_prefix="femkin_test_fail_",
+    )
     driving = Driving([0.0], [60.0])
     with pytest.raises(ConvergenceError) as info:
         model.solve([0.0, 100.0], driving, _uniform(model, 0.05))
@@ -122,8 +146,12 @@ def test_newton_failure_at_the_step_floor_raises(comm):
 
 def _gathered_observations(comm, n_cells: int, frames, driving):
     mesh = _unit_square(comm, n_cells, length=0.6)
-    model = ParticleModel(mesh, PARAMS, solver=SolverOptions(dc_max=0.01),
-                          options_prefix=f"femkin_test_ranks{comm.size}_")
+    model = ParticleModel(
+        mesh,
+        PARAMS,
+        solver=SolverOptions(dc_max=0.01),
+        options_prefix=f"femkin_test_ranks{comm.size}_",
+    )
     xV = model.V.tabulate_dof_coordinates()
     c0 = 0.2 + 0.1 * np.sin(7 * xV[:, 0]) * np.cos(5 * xV[:, 1])
     model.set_m(0.3 * np.cos(4 * xV[:, 0] + 2 * xV[:, 1]))

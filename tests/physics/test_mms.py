@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import math
 
+import basix.ufl  # noqa: E402  (after femkin._fem)
 import numpy as np
 import pytest
 
 from femkin._fem import MPI, dolfinx, ufl  # dolfinx_solver first
 from femkin.physics import acr
-
-import basix.ufl  # noqa: E402  (after femkin._fem)
 
 QUADRATURE = {"quadrature_degree": 6}
 ERROR_QUADRATURE = {"quadrature_degree": 10}
@@ -63,8 +62,11 @@ def _exact(x, t):
 
     c stays in [0.25, 0.75] for all t and has zero normal derivative on the unit square.
     """
-    c = 0.45 + 0.1 * ufl.sin(2.0 * t) + 0.2 * ufl.cos(math.pi * x[0]) * ufl.cos(
-        math.pi * x[1]) * ufl.cos(1.5 * t)
+    c = (
+        0.45
+        + 0.1 * ufl.sin(2.0 * t)
+        + 0.2 * ufl.cos(math.pi * x[0]) * ufl.cos(math.pi * x[1]) * ufl.cos(1.5 * t)
+    )
     mu = 0.3 + 0.4 * ufl.sin(math.pi * x[0]) * ufl.cos(0.5 * math.pi * x[1]) * (1.0 + 0.5 * t)
     return c, mu
 
@@ -82,17 +84,28 @@ def _coefficients(mesh) -> acr.ACRCoefficients:
         return dolfinx.fem.Constant(mesh, dolfinx.default_scalar_type(value))
 
     return acr.ACRCoefficients(
-        a=[const(a) for a in A_COEFFS], b=[const(b) for b in B_COEFFS], p=P_EXP, q=Q_EXP,
-        ln_k0=const(LN_K0), m=0.2 * ufl.sin(math.pi * x[0]) * x[1], kappa=const(KAPPA),
-        coherency=const(COHERENCY), alpha=ALPHA)
+        a=[const(a) for a in A_COEFFS],
+        b=[const(b) for b in B_COEFFS],
+        p=P_EXP,
+        q=Q_EXP,
+        ln_k0=const(LN_K0),
+        m=0.2 * ufl.sin(math.pi * x[0]) * x[1],
+        kappa=const(KAPPA),
+        coherency=const(COHERENCY),
+        alpha=ALPHA,
+    )
 
 
 def _sources(x, t, dcdt, cbar_exact, coeffs: acr.ACRCoefficients):
     """Manufactured sources (f_c, f_mu) at time t, with dc/dt given as a UFL expression."""
     c, mu = _exact(x, t)
     f_c = dcdt - acr.reaction_rate(c, mu, _mu_e(t), coeffs)
-    f_mu = (mu - acr.mu_h(c, coeffs.a) + coeffs.kappa * ufl.div(ufl.grad(c))
-            - coeffs.coherency * (c - cbar_exact))
+    f_mu = (
+        mu
+        - acr.mu_h(c, coeffs.a)
+        + coeffs.kappa * ufl.div(ufl.grad(c))
+        - coeffs.coherency * (c - cbar_exact)
+    )
     return f_c, f_mu
 
 
@@ -123,7 +136,8 @@ class _Setup:
 
     def problem(self, F, prefix: str):
         return dolfinx.fem.petsc.NonlinearProblem(
-            F, self.u, petsc_options_prefix=prefix, petsc_options=PETSC_OPTIONS)
+            F, self.u, petsc_options_prefix=prefix, petsc_options=PETSC_OPTIONS
+        )
 
     def solve(self, problem) -> None:
         problem.solve()
@@ -176,8 +190,9 @@ def _temporal_error(comm, n: int, n_steps: int, t_end: float) -> float:
     dcdt = ufl.diff(_exact(s.x, t_var)[0], t_var)
     f_c, f_mu = _sources(s.x, t_new, dcdt, cbar_exact, s.coeffs)
     v, w = s.tests
-    F = acr.residual(ufl.split(s.u), ufl.split(c_old), s.tests, dt_c, _mu_e(t_new), cbar,
-                     s.coeffs, s.dx)
+    F = acr.residual(
+        ufl.split(s.u), ufl.split(c_old), s.tests, dt_c, _mu_e(t_new), cbar, s.coeffs, s.dx
+    )
     F = F - f_c * v * s.dx - f_mu * w * s.dx
     problem = s.problem(F, f"femkin_mms_time{n}x{n_steps}_")
     s.set_exact(0.0)

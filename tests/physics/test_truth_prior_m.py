@@ -18,8 +18,9 @@ pytestmark = pytest.mark.mpi
 
 
 def _space(comm):
-    mesh = dolfinx.mesh.create_rectangle(comm, [[0.0, 0.0], [1.0, 1.0]], [16, 16],
-                                         dolfinx.mesh.CellType.triangle)
+    mesh = dolfinx.mesh.create_rectangle(
+        comm, [[0.0, 0.0], [1.0, 1.0]], [16, 16], dolfinx.mesh.CellType.triangle
+    )
     return dolfinx.fem.functionspace(mesh, ("Lagrange", 1))
 
 

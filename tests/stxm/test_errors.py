@@ -16,8 +16,9 @@ from femkin.stxm.synthetic import make_synthetic, reference_spectra, write_refer
 
 @pytest.fixture(scope="module")
 def stack():
-    return make_synthetic(shape=(24, 24), n_times=1, energies=np.linspace(705, 713, 5),
-                          seed=1).stacks[0]
+    return make_synthetic(
+        shape=(24, 24), n_times=1, energies=np.linspace(705, 713, 5), seed=1
+    ).stacks[0]
 
 
 def test_aborted_hdr_stack_is_truncated(tmp_path, stack):
@@ -130,8 +131,9 @@ def test_inconsistent_stacks_and_times(tmp_path, stack):
     path = tmp_path / "refs.csv"
     write_references_csv(path, e, reference_spectra(e))
     refs = read_references(path)
-    small = stack._replace(counts=stack.counts[:, :20, :20], x=stack.x[:20], y=stack.y[:20],
-                           source="small")
+    small = stack._replace(
+        counts=stack.counts[:, :20, :20], x=stack.x[:20], y=stack.y[:20], source="small"
+    )
     with pytest.raises(InputError, match="24x24 images.*found 20x20"):
         prepare([stack, small], refs, times=[0, 1])
     with pytest.raises(InputError, match="2 values \\(one per stack\\)"):

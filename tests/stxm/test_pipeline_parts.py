@@ -39,8 +39,9 @@ def test_displacement_subpixel():
     true = np.array([1.37, -2.61])
 
     def blob(dr, dc):
-        return np.exp(-((rows - 18 - dr) ** 2 + (cols - 21 - dc) ** 2) / 18.0) \
-            + 0.5 * np.exp(-((rows - 27 - dr) ** 2 + (cols - 12 - dc) ** 2) / 8.0)
+        return np.exp(-((rows - 18 - dr) ** 2 + (cols - 21 - dc) ** 2) / 18.0) + 0.5 * np.exp(
+            -((rows - 27 - dr) ** 2 + (cols - 12 - dc) ** 2) / 8.0
+        )
 
     rng = np.random.default_rng(2)
     moving = blob(*true) + rng.normal(0, 0.01, (40, 40))
@@ -59,8 +60,16 @@ def test_optical_density_region_and_auto():
     od_true = np.zeros((2, 20, 20))
     od_true[:, 5:12, 6:14] = [[[0.5]], [[1.1]]]
     counts = i0[:, None, None] * np.exp(-od_true)
-    stack = Stack(np.array([700.0, 710.0]), np.arange(20.0), np.arange(20.0), counts,
-                  np.ones(2), None, {}, "test")
+    stack = Stack(
+        np.array([700.0, 710.0]),
+        np.arange(20.0),
+        np.arange(20.0),
+        counts,
+        np.ones(2),
+        None,
+        {},
+        "test",
+    )
     dens = optical_density(stack, [15, 20, 0, 20])
     np.testing.assert_allclose(dens.i0, i0)
     np.testing.assert_allclose(dens.od, od_true, atol=1e-12)

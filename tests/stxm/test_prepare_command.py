@@ -28,9 +28,21 @@ def raw(tmp_path_factory):
 def test_prepare_cli_writes_video_and_png(raw, tmp_path, capsys):
     folder, syn = raw
     out = tmp_path / "case" / "data" / "video.npz"
-    rc = main(["prepare", str(folder / "s0.h5"), str(folder / "s1.h5"),
-               "--references", str(folder / "refs.csv"), "--out", str(out),
-               "--min-size", "10", "--bootstrap", "20"])
+    rc = main(
+        [
+            "prepare",
+            str(folder / "s0.h5"),
+            str(folder / "s1.h5"),
+            "--references",
+            str(folder / "refs.csv"),
+            "--out",
+            str(out),
+            "--min-size",
+            "10",
+            "--bootstrap",
+            "20",
+        ]
+    )
     assert rc == 0
     assert "2 frame(s), 2 particle(s)" in capsys.readouterr().out
     video = read_video(out)
@@ -56,7 +68,8 @@ def test_prepare_from_case_with_overrides(raw, tmp_path, capsys):
         "[prepare]\n"
         f'stacks = ["{folder / "s0.stk"}", "{folder / "s1.stk"}"]\n'
         f'references = "{folder / "refs.csv"}"\n'
-        'out = "data/video.h5"\ntimes = [0.0, 30.0]\nmin_size = 10\nthreshold = 0.3\n')
+        'out = "data/video.h5"\ntimes = [0.0, 30.0]\nmin_size = 10\nthreshold = 0.3\n'
+    )
     assert main(["prepare", "--case", str(case), "--times", "0", "45", "--bootstrap", "10"]) == 0
     video = read_video(case / "data" / "video.h5")
     np.testing.assert_allclose(video.t, [0.0, 45.0])  # the command line wins
@@ -66,8 +79,16 @@ def test_prepare_from_case_with_overrides(raw, tmp_path, capsys):
 
 def test_prepare_cli_user_errors(raw, tmp_path, capsys):
     folder, _ = raw
-    rc = main(["prepare", str(folder / "s0.stk"), "--references", str(folder / "refs.csv"),
-               "--out", str(tmp_path / "v.npz")])
+    rc = main(
+        [
+            "prepare",
+            str(folder / "s0.stk"),
+            "--references",
+            str(folder / "refs.csv"),
+            "--out",
+            str(tmp_path / "v.npz"),
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert "timestamp" in err and "--times" in err and err.count("\n") == 1

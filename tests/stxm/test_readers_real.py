@@ -87,8 +87,13 @@ def test_pollux_stack_and_image(stxm_samples):
     assert (img.counts.min(), img.counts.max()) == (22, 4724)
 
 
-@pytest.mark.parametrize("name, axes", [("Sample_Line_2021-03-16_096.hdf5", "line_position"),
-                                        ("Focus_2021-03-16_051.hdf5", "zone_plate")])
+@pytest.mark.parametrize(
+    "name, axes",
+    [
+        ("Sample_Line_2021-03-16_096.hdf5", "line_position"),
+        ("Focus_2021-03-16_051.hdf5", "zone_plate"),
+    ],
+)
 def test_pollux_line_and_focus_rejected(stxm_samples, name, axes):
     with pytest.raises(InputError, match=axes):
         read_stack(stxm_samples / "nexusformat-exampledata-SLS" / name)

@@ -19,8 +19,13 @@ from femkin.stxm import prepare, read_references, read_stack
 from femkin.stxm.als import write_hdr_stack
 from femkin.stxm.nexus import LAYOUTS, write_nexus
 from femkin.stxm.stk import write_stk
-from femkin.stxm.synthetic import (make_synthetic, reference_spectra, scene, true_mask,
-                                   write_references_csv)
+from femkin.stxm.synthetic import (
+    make_synthetic,
+    reference_spectra,
+    scene,
+    true_mask,
+    write_references_csv,
+)
 
 RMS_C = 0.04  # observed 0.024-0.027; the noise (RMS bootstrap sigma) is about 0.022
 DRIFT_TOL = 0.2  # pixels, the requirement
@@ -97,8 +102,9 @@ def test_prepare_recovers_truth(tmp_path, synthetic, refs, fmt):
     truth = true_mask(r.mask.shape, ref)
     assert r.mask.max() == 2
     wrong = (truth > 0) != inside
-    dist = np.maximum(ndimage.distance_transform_edt(truth > 0),
-                      ndimage.distance_transform_edt(truth == 0))
+    dist = np.maximum(
+        ndimage.distance_transform_edt(truth > 0), ndimage.distance_transform_edt(truth == 0)
+    )
     assert wrong.sum() < 0.15 * (truth > 0).sum()
     assert dist[wrong].max(initial=0) <= 1.0
     # labels stable over time and consistent with the truth's particles
@@ -119,8 +125,11 @@ def test_three_frames_large_drift(refs):
 
 
 def test_header_times_feed_t(tmp_path, synthetic, refs):
-    stacks = [s._replace(timestamp=datetime.datetime(2024, 1, 1, 0, 0, 0)
-                         + datetime.timedelta(seconds=17.5 * k))
-              for k, s in enumerate(synthetic.stacks)]
+    stacks = [
+        s._replace(
+            timestamp=datetime.datetime(2024, 1, 1, 0, 0, 0) + datetime.timedelta(seconds=17.5 * k)
+        )
+        for k, s in enumerate(synthetic.stacks)
+    ]
     r = prepare(stacks, refs, n_boot=0)
     np.testing.assert_allclose(r.t, [0.0, 17.5])

@@ -118,7 +118,7 @@ def test_field_part_of_the_variance_stays_at_the_prior_without_data(blind_case):
     k0_var = uq["coefficients"]["k0"]["std"][0] ** 2
     k0_prior_var = uq["coefficients"]["k0"]["prior_std"][0] ** 2
     # Var(m_i) + 2 Cov(ln k0, m_i) over the prior Var(m_i) (the prior has no cross term)
-    field_part = (std ** 2 - k0_var) / (prior ** 2 - k0_prior_var)
+    field_part = (std**2 - k0_var) / (prior**2 - k0_prior_var)
     f_hidden, f_observed = float(field_part[hidden].mean()), float(field_part[observed].mean())
     # measured 0.84 and -0.03: without data m keeps most of its prior variance; with data
     # ln k = ln k0 + m is pinned down and Cov(ln k0, m_i) ~ -Var(m_i) cancels it

@@ -120,7 +120,7 @@ def test_curve_bands_are_the_linear_propagation_of_the_coefficients(inverted_cas
         x = 1 - 2 * c
         # ln j0 = b_1 P_1(1 - 2c) vanishes at c = 1/2: no uncertainty there
         assert np.all((hi - lo)[np.abs(x) > 1e-9] > 0)
-        jac = np.column_stack([x, 0.5 * (3 * x ** 2 - 1)])[:, : len(rows)]
+        jac = np.column_stack([x, 0.5 * (3 * x**2 - 1)])[:, : len(rows)]
         sub = cov[np.ix_(rows, rows)]
         half = 1.959963984540054 * np.sqrt(np.einsum("ji,ik,jk->j", jac, sub, jac))
         if name == "mu_h":
@@ -165,13 +165,11 @@ def test_eigenvalues_do_not_depend_on_the_partition(inverted_case):
         x = problem.initial_vector()
         prior = build_prior(problem, study.case.inversion["prior"], x)
         _, case_hash = checkpoint_settings(study, problem)
-        state = read_checkpoint(_checkpoint_path(study.case), problem.space, x,
-                                case_hash=case_hash)
+        state = read_checkpoint(_checkpoint_path(study.case), problem.space, x, case_hash=case_hash)
         problem.set_schedules(state.get("schedules", {}))
         result = analyse(problem, prior, x, {**study.case.uq, "samples": 0})
         lam_self = result.eigenvalues
-        ok = lam_self.size == lam_world.size and np.allclose(lam_self, lam_world, rtol=1e-6,
-                                                             atol=0)
+        ok = lam_self.size == lam_world.size and np.allclose(lam_self, lam_world, rtol=1e-6, atol=0)
         detail = (lam_self.tolist(), lam_world.tolist())
     else:
         ok, detail = True, None

@@ -156,7 +156,13 @@ def test_adaptive_rank_grows_until_threshold(comm):
 def test_adaptive_rank_stops_at_max_rank(comm):
     p = make_problem(comm, **SPECTRUM)
     lam, vs = adaptive_rank(
-        p.apply_H, p.apply_B, p.apply_Binv, p.make_probe, threshold=0.0, start=2, max_rank=6,
+        p.apply_H,
+        p.apply_B,
+        p.apply_Binv,
+        p.make_probe,
+        threshold=0.0,
+        start=2,
+        max_rank=6,
         oversampling=5,
     )
     assert len(lam) == len(vs) == 6

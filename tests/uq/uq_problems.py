@@ -113,8 +113,9 @@ def make_problem(
     def prior_sample(i):
         # Gamma_prior = A^{-1} M_L A^{-1}: x = A^{-1} M_L^{1/2} z, z white on the canonical order.
         z = template.duplicate()
-        z.array[:] = np.sqrt(ml_owned) * (
-            np.random.default_rng([seed, 11, i]).standard_normal(n_global)[canon]
+        z.array[:] = (
+            np.sqrt(ml_owned)
+            * (np.random.default_rng([seed, 11, i]).standard_normal(n_global)[canon])
         )
         x = template.duplicate()
         solve_A(z, x)
@@ -142,8 +143,19 @@ def make_problem(
         apply_B(e, be)
         dense_B[:, j] = gather(be)
     return Problem(
-        comm, template, apply_H, apply_B, apply_Binv, prior_sample, make_probe, gather, scatter,
-        0.5 * (dense_H + dense_H.T), 0.5 * (dense_B + dense_B.T), n_obs, (msh, V, A, ksp),
+        comm,
+        template,
+        apply_H,
+        apply_B,
+        apply_Binv,
+        prior_sample,
+        make_probe,
+        gather,
+        scatter,
+        0.5 * (dense_H + dense_H.T),
+        0.5 * (dense_B + dense_B.T),
+        n_obs,
+        (msh, V, A, ksp),
     )
 
 
@@ -169,8 +181,9 @@ def simulated_twin(prefix: str, max_iterations: int, extra_toml: str):
     import pathlib
     import tempfile
 
-    from femkin.cli import main
     from workflow_case import write_case
+
+    from femkin.cli import main
 
     comm = MPI.COMM_WORLD
     root = tempfile.mkdtemp(prefix=prefix) if comm.rank == 0 else None
