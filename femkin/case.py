@@ -110,6 +110,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "smoothing": Key("float", 0.5, NON_NEGATIVE, "contour smoothing length, pixels"),
         "simplify": Key("float", 0.25, NON_NEGATIVE, "polygon simplification tolerance, pixels"),
         "min_hole_area": Key("float", 4.0, NON_NEGATIVE, "smaller holes are filled, pixels^2"),
+        "max_cells": Key(
+            "int", 1_000_000, AT_LEAST_ONE, "refuse a mesh estimated above this many cells/particle"
+        ),
     },
     "model": {
         "kappa": Key("float", 0.02, NON_NEGATIVE, "gradient energy coefficient, kT um^2"),

@@ -14,6 +14,15 @@ its centre at ``x = (j + 0.5) * pixel_size``, ``y = (i + 0.5) * pixel_size``):
    mesh over the communicator.
 
 Meshes are cached as ``cache_dir/particle_<label>_<hash>.msh``, the hash covering every input.
+
+Before gmsh runs, the number of triangles is estimated from the particle's area and the element
+size (:func:`estimated_cells`, about ``2.31 area / size^2`` for Frontal-Delaunay triangles);
+above ``max_cells`` (``[mesh] max_cells``, default :data:`MAX_CELLS`) the mesh is refused
+with the smallest element size that fits, instead of meshing for minutes. gmsh writes nothing
+outside the cache folder: its scratch files go to ``cache_dir/.femkin/`` and the FLTK preference
+file it writes on start-up goes to a scratch ``HOME`` there (FLTK also writes
+``/etc/fltk/fltk.org/fltk.prefs`` when the process may write ``/etc``, i.e. as root; that path is
+compiled into the gmsh wheel).
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -29,7 +38,12 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from femkin.errors import InputError
+from femkin.outputs import PRIVATE, scratch_dir
 
+#: Default limit of the estimated triangles per particle (``[mesh] max_cells``).
+MAX_CELLS = 1_000_000
+#: Triangles per (element size)^2 of area: Frontal-Delaunay gives near-equilateral triangles.
+CELLS_PER_AREA = 4.0 / np.sqrt(3.0)
 #: Bump when the polygon or gmsh recipe changes: invalidates every cached mesh.
 MESH_VERSION = 1
 _RESAMPLE = 0.25  # arc-length spacing (pixels) of the smoothed contour
@@ -243,6 +257,12 @@ def mesh_hash(
     return digest.hexdigest()[:16]
 
 
+def estimated_cells(mask: np.ndarray, label: int, size: float) -> int:
+    """The number of triangles gmsh makes for a particle at element size ``size`` (pixels)."""
+    area = float(np.count_nonzero(np.asarray(mask) == label))
+    return int(np.ceil(CELLS_PER_AREA * area / size**2))
+
+
 def mesh_particle(
     mask: np.ndarray,
     label: int,
@@ -255,6 +275,7 @@ def mesh_particle(
     min_hole_area: float = 4.0,
     cache_dir: str | os.PathLike | None = None,
     source: str = "mask",
+    max_cells: int = MAX_CELLS,
 ) -> ParticleMesh:
     """Mesh one particle of a label mask with triangles on ``comm``.
 
@@ -267,55 +288,110 @@ def mesh_particle(
         smoothing, simplify, min_hole_area: See :func:`particle_polygons`.
         cache_dir: Folder of cached ``.msh`` files (reused when present), or None.
         source: Named in error messages.
+        max_cells: Refuse a mesh of more (estimated) triangles than this.
 
     Raises:
-        InputError: an empty label, a non-positive size, or a particle gmsh cannot mesh
-            (raised on every rank).
+        InputError: an empty label, a non-positive size, a mesh above ``max_cells``, an
+            unwritable cache folder, or a particle gmsh cannot mesh (raised on every rank).
     """
     _indicator(mask, label, source)  # every rank validates before any collective call
     if not (np.isfinite(size) and size > 0):
         raise InputError(source, "mesh.size", "a positive element size in pixels", size)
     if not (np.isfinite(pixel_size) and pixel_size > 0):
         raise InputError(source, "pixel_size", "a positive size in micrometres", pixel_size)
+    cells = estimated_cells(mask, label, size)
+    if cells > max_cells:
+        smallest = size * np.sqrt(cells / max_cells)
+        raise InputError(
+            source,
+            "mesh.size",
+            f"an element size giving at most max_cells = {max_cells} triangles for particle "
+            f"{label} (size >= {smallest:.3g} pixels, or raise [mesh] max_cells)",
+            f"size {size:g} pixels: about {cells} triangles",
+        )
     options = dict(smoothing=smoothing, simplify=simplify, min_hole_area=min_hole_area)
     key = mesh_hash(mask, label, pixel_size, size, **options)
     cache = Path(cache_dir) if cache_dir is not None else None
     target = cache / f"particle_{int(label)}_{key}.msh" if cache is not None else None
 
-    error, msh, scratch = None, None, None
+    error, msh, scratch, home = None, None, None, None
     if comm.rank == 0:
         try:
+            writable = cache is not None and (
+                os.access(cache, os.W_OK) if cache.exists() else _creatable(cache)
+            )
             if target is not None and target.is_file():
                 msh = target
+                home = cache / PRIVATE / f"home-{os.getpid()}" if writable else None
             else:
+                _remove_stale(cache)
+                scratch = scratch_dir(cache)  # cache None: the system temporary directory
+                home = scratch.__enter__()
                 rings = particle_polygons(mask, label, pixel_size, **options, source=source)
-                scratch = Path(tempfile.mkdtemp(prefix="femkin-mesh-"))
-                msh = scratch / "particle.msh"
-                _gmsh_write(rings, int(label), size * pixel_size, msh)
+                msh = home / "particle.msh"
+                try:
+                    _gmsh_write(rings, int(label), size * pixel_size, msh, home=home)
+                except OSError:
+                    raise
+                except Exception as err:  # gmsh raises plain Exceptions
+                    raise InputError(
+                        source, "mask", f"a particle {label} that gmsh can mesh", f"gmsh: {err}"
+                    ) from None
                 if target is not None:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = target.with_suffix(f".tmp{os.getpid()}")
-                    shutil.copyfile(msh, tmp)
-                    os.replace(tmp, target)
-                    msh = target
+                    msh = _store(msh, target)
         except InputError as err:
             error = (err.file, err.field, err.expected, err.found)
-        except Exception as err:  # gmsh raises plain Exceptions
-            error = (source, "mask", f"a particle {label} that gmsh can mesh", f"gmsh: {err}")
+        except OSError as err:
+            where = err.filename or cache
+            error = (str(where), None, "a writable mesh folder", f"{err.strerror or err}")
     error = comm.bcast(error, root=0)
     try:
         if error is not None:
             raise InputError(*error)
-        mesh = read_msh(msh, comm)
+        mesh = read_msh(msh, comm, home=home)
     finally:
         if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+            scratch.__exit__(None, None, None)
     area = comm.allreduce(_local_area(mesh))
     return ParticleMesh(mesh, int(label), float(pixel_size), area, target)
 
 
-def read_msh(path: str | os.PathLike | None, comm) -> Any:
+def _store(msh: Path, target: Path) -> Path:
+    """Copy a new mesh into the cache atomically."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(f".tmp{os.getpid()}")
+    shutil.copyfile(msh, tmp)
+    os.replace(tmp, target)
+    return target
+
+
+#: Scratch folders of killed runs older than this (seconds) are removed.
+_STALE = 600.0
+
+
+def _creatable(folder: Path) -> bool:
+    parent = folder.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    return os.access(parent, os.W_OK)
+
+
+def _remove_stale(cache: Path | None) -> None:
+    """Remove scratch folders that killed runs left in ``cache/.femkin``."""
+    if cache is None:
+        return
+    for old in list((cache / PRIVATE).glob("scratch-*")) + list((cache / PRIVATE).glob("home-*")):
+        try:
+            if time.time() - old.stat().st_mtime > _STALE:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def read_msh(path: str | os.PathLike | None, comm, *, home: Path | None = None) -> Any:
     """Read a 2-D gmsh ``.msh`` file (needed on rank 0 only) into a DOLFINx mesh on ``comm``.
+
+    ``home``: where gmsh's FLTK may write its preference file meanwhile (see :func:`_gmsh_start`).
 
     Raises:
         InputError: on every rank, when rank 0 cannot read the file.
@@ -333,7 +409,7 @@ def read_msh(path: str | os.PathLike | None, comm) -> Any:
         try:
             if path is None or not Path(path).is_file():
                 raise FileNotFoundError("no such file")
-            _gmsh_start()
+            _gmsh_start(home=home)
             gmsh.model.add("femkin_read")
             gmsh.merge(str(path))
             if not gmsh.model.getPhysicalGroups(2):
@@ -360,12 +436,30 @@ def read_msh(path: str | os.PathLike | None, comm) -> Any:
 _GMSH_OWNED = False
 
 
-def _gmsh_start() -> None:
+def _gmsh_start(home: Path | None = None) -> None:
+    """Initialise gmsh (no config files, no popups) with ``HOME`` at ``home`` meanwhile.
+
+    gmsh's FLTK writes ``$HOME/.fltk/fltk.org/fltk.prefs`` on start-up; pointing ``HOME`` at
+    a scratch folder of the case keeps the user's home untouched.
+    """
     global _GMSH_OWNED
     import gmsh
 
     if not gmsh.isInitialized():
-        gmsh.initialize(["-nopopup"], readConfigFiles=False, interruptible=False)
+        saved = os.environ.get("HOME")
+        created = home is not None and not Path(home).exists()
+        if home is not None:
+            Path(home).mkdir(parents=True, exist_ok=True)
+            os.environ["HOME"] = str(home)
+        try:
+            gmsh.initialize(["-nopopup"], readConfigFiles=False, interruptible=False)
+        finally:
+            if home is not None:
+                if saved is None:
+                    os.environ.pop("HOME", None)
+                else:
+                    os.environ["HOME"] = saved
+                shutil.rmtree(Path(home) if created else Path(home) / ".fltk", ignore_errors=True)
         _GMSH_OWNED = True
     gmsh.option.setNumber("General.Terminal", 0)
 
@@ -379,11 +473,13 @@ def _gmsh_stop() -> None:
         _GMSH_OWNED = False
 
 
-def _gmsh_write(rings: list[np.ndarray], label: int, h: float, path: Path) -> None:
+def _gmsh_write(
+    rings: list[np.ndarray], label: int, h: float, path: Path, *, home: Path | None = None
+) -> None:
     """Mesh the polygon (outer ring + holes, um) with gmsh; write a .msh file."""
     import gmsh
 
-    _gmsh_start()
+    _gmsh_start(home=home)
     try:
         gmsh.model.add(f"femkin_particle_{label}")
         geo = gmsh.model.geo

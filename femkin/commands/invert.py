@@ -61,13 +61,16 @@ def invert(case_path, *, resume: bool = False, quiet: bool = False, comm=None):
     from femkin._fem import MPI
     from femkin.inversion.checkpoint import read_checkpoint, write_checkpoint
     from femkin.inversion.fit import build_prior, solve_map
-    from femkin.study import build_problem, open_study
+    from femkin.outputs import ResultSet, shared_run_id
+    from femkin.study import build_problem, open_study, require_writable
 
     comm = comm or MPI.COMM_WORLD
     timings = {}
     t0 = time.perf_counter()
     study = open_study(case_path, comm)
     case = study.case
+    require_writable(comm, study, "meshes", "checkpoints", "results", ".femkin")
+    run_id = shared_run_id(comm)
     problem = build_problem(study, comm, quiet=quiet)
     timings["setup"] = time.perf_counter() - t0
     x0 = problem.initial_vector()
@@ -80,6 +83,7 @@ def invert(case_path, *, resume: bool = False, quiet: bool = False, comm=None):
     if resume:
         state = read_checkpoint(ckpt, problem.space, x_start, case_hash=case_hash)
         if state is not None:
+            run_id = state.get("run_id", run_id)  # a resumed fit is the same run
             history = state["history"]
             problem.set_schedules(state.get("schedules", {}))
             if comm.rank == 0 and not quiet:
@@ -107,6 +111,7 @@ def invert(case_path, *, resume: bool = False, quiet: bool = False, comm=None):
                     "history": history,
                     "settings": settings,
                     "schedules": problem.schedules(),
+                    "run_id": run_id,
                 },
             )
 
@@ -146,23 +151,26 @@ def invert(case_path, *, resume: bool = False, quiet: bool = False, comm=None):
             "settings": settings,
             "done": True,
             "schedules": problem.schedules(),
+            "run_id": run_id,
         },
     )
     timings["fit"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     problem.misfit(result.x)
-    write_results(study, problem, result, timings, prior)
-    comm.barrier()  # every rank returns once the result files exist
+    # One consistent set: results/ is replaced only once every file is written.
+    with ResultSet(case.dir, comm, verb="invert", run_id=run_id):
+        write_results(study, problem, result, timings, prior)
     timings["results"] = time.perf_counter() - t2
     return problem, result, timings, prior
 
 
 def write_results(study, problem, result, timings, prior) -> dict | None:
     from femkin.inversion import results as res
+    from femkin.outputs import results_dir
 
     case, video = study.case, study.video
     comm = problem.comm
-    out = case.dir / "results"
+    out = results_dir(case.dir)
     fitted = problem.fitted_video()
     params = problem.parameters_at(result.x)
     k_maps = {}

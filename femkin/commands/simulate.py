@@ -75,10 +75,11 @@ def simulate(case_path, comm=None, *, quiet: bool = False) -> Path:
     from femkin.observation import build_observation
     from femkin.problem import C_CLIP, driving_from, image_at, smoothed
     from femkin.progress import Progress
-    from femkin.study import build_meshes, collective, open_study
+    from femkin.study import build_meshes, collective, open_study, require_writable
 
     comm = comm or MPI.COMM_WORLD
     study = open_study(case_path, comm, simulated=False)
+    require_writable(comm, study, "meshes", "simulated")
     case, video = study.case, study.video
     sim = case.simulate or {}
     labels = [int(lb) for lb in video.labels]

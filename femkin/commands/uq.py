@@ -35,28 +35,36 @@ def register(subparsers) -> None:
     )
     parser.add_argument("case", type=Path, help="case directory (or its case.toml)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument(
+        "--allow-unfinished",
+        action="store_true",
+        help="run at the last iterate of a fit that did not finish (recorded in uq.json)",
+    )
     parser.set_defaults(func=run)
 
 
-def uq(case_path, *, quiet: bool = False, comm=None) -> dict | None:
+def uq(case_path, *, quiet: bool = False, comm=None, allow_unfinished: bool = False) -> dict | None:
     """Run the UQ step of an inverted case; returns the ``uq.json`` content on rank 0.
 
     Raises:
-        InputError: when the case has no MAP checkpoint (run ``femkin invert`` first) or the
-            checkpoint belongs to other inversion settings.
+        InputError: when the case has no MAP checkpoint (run ``femkin invert`` first), the
+            checkpoint belongs to other inversion settings, the fit did not finish (unless
+            ``allow_unfinished``) or ``results/`` holds another fit run's files.
     """
     from femkin._fem import MPI
     from femkin.commands.invert import _checkpoint_path, checkpoint_settings
     from femkin.errors import InputError
     from femkin.inversion.checkpoint import read_checkpoint
     from femkin.inversion.fit import build_prior
-    from femkin.study import build_problem, collective, open_study
+    from femkin.outputs import fit_record
+    from femkin.study import build_problem, collective, open_study, require_writable
 
     comm = comm or MPI.COMM_WORLD
     t0 = time.perf_counter()
     study = open_study(case_path, comm)
     case = study.case
     ckpt = _checkpoint_path(case)
+    require_writable(comm, study, "meshes", "results", ".femkin")
 
     def check():
         if not ckpt.exists():
@@ -73,12 +81,32 @@ def uq(case_path, *, quiet: bool = False, comm=None) -> dict | None:
     prior = build_prior(problem, case.inversion["prior"], x)
     _, case_hash = checkpoint_settings(study, problem)
     state = read_checkpoint(ckpt, problem.space, x, case_hash=case_hash)
+    fit = collective(comm, fit_record, state, case.dir, ckpt, allow_unfinished=allow_unfinished)
+    if comm.rank == 0 and not fit["finished"]:
+        print(
+            f"femkin: warning: the fit did not finish (iteration {fit['iterations']}); the "
+            "Laplace approximation is taken at its last iterate (--allow-unfinished)",
+            flush=True,
+        )
+    elif comm.rank == 0 and not fit["converged"]:
+        print(
+            f"femkin: warning: the fit stopped with {fit['stop_reason']} without converging; "
+            "the Laplace approximation is taken at a point that is not the MAP point",
+            flush=True,
+        )
     history = state["history"] if state else []
     if state:
         problem.set_schedules(state.get("schedules", {}))
     setup = time.perf_counter() - t0
     return uq_at(
-        study, problem, prior, x, history or [], quiet=quiet, extra_timings={"setup": setup}
+        study,
+        problem,
+        prior,
+        x,
+        history or [],
+        quiet=quiet,
+        extra_timings={"setup": setup},
+        fit=fit,
     )
 
 
@@ -91,12 +119,17 @@ def uq_at(
     *,
     quiet: bool = False,
     extra_timings: dict | None = None,
+    fit: dict | None = None,
 ) -> dict | None:
     """The UQ step on a built problem at its MAP point ``x`` (also used by ``femkin run``).
+
+    ``fit``: the fit's record (:func:`femkin.outputs.fit_record`), written into ``uq.json``;
+    the files are added to the fit's result set and replace ``results/`` together.
 
     Returns:
         The ``uq.json`` content on rank 0, ``None`` elsewhere.
     """
+    from femkin.outputs import ResultSet, read_run_record, shared_run_id
     from femkin.uq.laplace_study import analyse
 
     comm = problem.comm
@@ -109,16 +142,29 @@ def uq_at(
     timings["total"] = time.perf_counter() - t0 + timings.get("setup", 0.0)
     result.wall_time = timings
     payload = None
+    if fit is None:  # called right after the fit (femkin run): the result set's own fit
+        runs = comm.bcast(read_run_record(study.case.dir) if comm.rank == 0 else None, root=0)
+        fit = {"run_id": runs.get("invert", {}).get("run_id"), "finished": True}
+    run_id = shared_run_id(comm)
+    with ResultSet(
+        study.case.dir,
+        comm,
+        verb="uq",
+        run_id=run_id,
+        keep_existing=True,
+        record={"fit_run_id": fit.get("run_id")},
+    ):
+        if comm.rank == 0:
+            payload = result.to_json(study.case.uq)
+            payload["fit"] = fit
+            write_uq_results(study, problem, params, result, payload, history)
     if comm.rank == 0:
-        payload = result.to_json(study.case.uq)
-        write_uq_results(study, problem, params, result, payload, history)
         if not quiet:
             print(
                 f"uq: rank {payload['rank']}, {payload['hessian_actions']} Hessian actions, "
                 f"{timings['total']:.1f} s; results in {study.case.dir / 'results'}",
                 flush=True,
             )
-    comm.barrier()  # every rank returns once the result files exist
     return payload
 
 
@@ -127,9 +173,10 @@ def write_uq_results(study, problem, params, result, payload: dict, history: lis
     import json
 
     from femkin.inversion import results as res
+    from femkin.outputs import results_dir
 
     case, video = study.case, study.video
-    out = case.dir / "results"
+    out = results_dir(case.dir)
     out.mkdir(parents=True, exist_ok=True)
     res.write_json(out / "uq.json", payload)
     bands = result.bands
@@ -230,5 +277,5 @@ def run(args: argparse.Namespace) -> int:
     from femkin.commands.invert import _petsc_argv
 
     _petsc_argv(args)
-    uq(args.case, quiet=args.quiet, comm=MPI.COMM_WORLD)
+    uq(args.case, quiet=args.quiet, comm=MPI.COMM_WORLD, allow_unfinished=args.allow_unfinished)
     return 0

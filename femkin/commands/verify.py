@@ -36,11 +36,12 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from femkin._fem import MPI
-    from femkin.study import build_problem, open_study
+    from femkin.study import build_problem, open_study, require_writable
     from femkin.verification import hessian_symmetry, taylor_test
 
     comm = MPI.COMM_WORLD
     study = open_study(args.case, comm)
+    require_writable(comm, study, "meshes")
     case = study.case
     blocks = args.blocks or case.verify["blocks"] or case.inversion["learn"]
     learn = list(dict.fromkeys(list(case.inversion["learn"]) + list(blocks)))
