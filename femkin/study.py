@@ -14,10 +14,10 @@ import numpy as np
 from femkin._fem import MPI
 from femkin.case import Case, load_case
 from femkin.errors import FemkinError, InputError, os_error_message
-from femkin.outputs import check_writable
 from femkin.forward import ModelParameters, SolverOptions
 from femkin.io.video import Video, read_video
 from femkin.meshing import mesh_particle
+from femkin.outputs import check_writable
 from femkin.parallel import distribute
 from femkin.problem import InverseProblem, driving_from, resolve_sigma
 from femkin.progress import Progress
