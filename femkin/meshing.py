@@ -451,9 +451,11 @@ def _gmsh_start(home: Path | None = None) -> None:
         if home is not None:
             Path(home).mkdir(parents=True, exist_ok=True)
             os.environ["HOME"] = str(home)
+        handlers = _signal_handlers()
         try:
             gmsh.initialize(["-nopopup"], readConfigFiles=False, interruptible=False)
         finally:
+            _restore_signal_handlers(handlers)  # gmsh resets SIGTERM to its default
             if home is not None:
                 if saved is None:
                     os.environ.pop("HOME", None)
@@ -462,6 +464,23 @@ def _gmsh_start(home: Path | None = None) -> None:
                 shutil.rmtree(Path(home) if created else Path(home) / ".fltk", ignore_errors=True)
         _GMSH_OWNED = True
     gmsh.option.setNumber("General.Terminal", 0)
+
+
+def _signal_handlers() -> dict:
+    import signal
+
+    return {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signal_handlers(handlers: dict) -> None:
+    import signal
+
+    for signum, handler in handlers.items():
+        if handler is not None:
+            try:
+                signal.signal(signum, handler)
+            except ValueError:  # not the main thread
+                pass
 
 
 def _gmsh_stop() -> None:

@@ -114,7 +114,9 @@ def check_initial_frame(video: Video, source) -> None:
         )
 
 
-def check_fit_data(video: Video, sigma, source, *, include_first: bool = False) -> list[str]:
+def check_fit_data(
+    video: Video, sigma, source, *, include_first: bool = False, require_data: bool = True
+) -> list[str]:
     """Data checks of a fit that validation of the video alone cannot make.
 
     - data to fit: some observed pixel after the first frame (frame 0 is the initial state);
@@ -127,14 +129,14 @@ def check_fit_data(video: Video, sigma, source, *, include_first: bool = False) 
         Warning messages (the caller prints them once).
 
     Raises:
-        InputError: nothing to fit, or a sigma that is NaN, infinite or non-positive where c
-            is observed.
+        InputError: nothing to fit (with ``require_data``), or a sigma that is NaN, infinite or
+            non-positive where c is observed.
     """
     c = video.c
     inside = video.mask > 0
     observed = np.isfinite(c) & inside[None]
     first = 0 if include_first else 1
-    if c.shape[0] <= first or not observed[first:].any():
+    if require_data and (c.shape[0] <= first or not observed[first:].any()):
         raise InputError(
             source,
             "c",
@@ -216,10 +218,17 @@ def build_meshes(comm, study: Study, labels, *, size: float | None = None, quiet
 
 
 def build_problem(
-    study: Study, comm=MPI.COMM_WORLD, *, learn=None, quiet: bool = True
+    study: Study,
+    comm=MPI.COMM_WORLD,
+    *,
+    learn=None,
+    quiet: bool = True,
+    require_data: bool = False,
 ) -> InverseProblem:
-    """The inverse problem of a case (meshes cached, particles distributed; ``quiet=False``
-    shows a progress bar while meshing).
+    """The inverse problem of a case (meshes cached, particles distributed).
+
+    ``quiet=False`` shows a progress bar while meshing; ``require_data=True`` (the verbs that
+    fit) refuses a video with nothing observed after the first frame (:func:`check_fit_data`).
     """
     case, video = study.case, study.video
     labels = [int(lb) for lb in video.labels]

@@ -71,7 +71,7 @@ def invert(case_path, *, resume: bool = False, quiet: bool = False, comm=None):
     case = study.case
     require_writable(comm, study, "meshes", "checkpoints", "results", ".femkin")
     run_id = shared_run_id(comm)
-    problem = build_problem(study, comm, quiet=quiet)
+    problem = build_problem(study, comm, quiet=quiet, require_data=True)
     timings["setup"] = time.perf_counter() - t0
     x0 = problem.initial_vector()
     prior = build_prior(problem, case.inversion["prior"], x0)

@@ -76,7 +76,7 @@ def uq(case_path, *, quiet: bool = False, comm=None, allow_unfinished: bool = Fa
             )
 
     collective(comm, check)
-    problem = build_problem(study, comm, quiet=quiet)
+    problem = build_problem(study, comm, quiet=quiet, require_data=True)
     x = problem.initial_vector()
     prior = build_prior(problem, case.inversion["prior"], x)
     _, case_hash = checkpoint_settings(study, problem)

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     case = study.case
     blocks = args.blocks or case.verify["blocks"] or case.inversion["learn"]
     learn = list(dict.fromkeys(list(case.inversion["learn"]) + list(blocks)))
-    problem = build_problem(study, comm, learn=learn)
+    problem = build_problem(study, comm, learn=learn, require_data=True)
     # J is only as accurate as the Newton solves: with the case's tolerances (1e-10) the
     # third-order remainder of the smallest steps reaches that noise. Tighter here; SNES's
     # step-length test still ends Newton where the residual stagnates at roundoff.

@@ -82,7 +82,7 @@ def read_checkpoint(
                     )
                 else:
                     result = ("ok", state, blocks)
-            except (OSError, ValueError, KeyError) as exc:
+            except Exception as exc:  # noqa: BLE001 - zipfile, pickle, JSON: all unreadable
                 result = (
                     "error",
                     (None, "a femkin checkpoint (.npz)", f"{type(exc).__name__}: {exc}"),
