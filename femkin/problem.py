@@ -18,68 +18,21 @@ import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
-import scipy.ndimage as ndi
 
-from femkin._fem import MPI, PETSc, dolfinx, ufl
+from femkin._fem import MPI, PETSc, dolfinx
 from femkin.adjoint import Direction, ParticleDerivatives, Sensitivities
 from femkin.driving import Driving
-from femkin.errors import CaseError, ConvergenceError, InputError
+from femkin.errors import CaseError, ConvergenceError
 from femkin.forward import ModelParameters, ParticleModel, SolverOptions
 from femkin.io.video import Video
 from femkin.observation import Observation, build_observation
 from femkin.parallel import Distribution
 from femkin.parameters import FieldBlock, ParameterSpace, ParticleScalarBlock, ScalarBlock
+from femkin.projection import initial_state
 
 GLOBAL_BLOCKS = ("mu_h", "j0", "k0", "kappa", "coherency")
 PARTICLE_FIELD_BLOCKS = ("m", "initial")
 ALL_BLOCKS = GLOBAL_BLOCKS + PARTICLE_FIELD_BLOCKS + ("mu_e",)
-C_CLIP = 1e-3
-
-
-def image_at(
-    image: np.ndarray, inside: np.ndarray, points: np.ndarray, pixel_size: float
-) -> np.ndarray:
-    """Bilinear interpolation of a pixel image at points (um), NaN-aware.
-
-    Pixels that are NaN or outside ``inside`` take the value of the nearest valid pixel first,
-    so values near the particle boundary are not polluted by the background.
-    """
-    valid = inside & np.isfinite(image)
-    if not valid.any():
-        raise ValueError("no valid pixel to interpolate from")
-    _, (ri, ci) = ndi.distance_transform_edt(~valid, return_indices=True)
-    filled = image[ri, ci]
-    rows = points[:, 1] / pixel_size - 0.5
-    cols = points[:, 0] / pixel_size - 0.5
-    return ndi.map_coordinates(filled, [rows, cols], order=1, mode="nearest")
-
-
-def smoothed(V, values: np.ndarray, length: float, prefix: str = "femkin_smoothing_") -> np.ndarray:
-    """Helmholtz smoothing: solve (c, v) + length^2 (grad c, grad v) = (f, v) on V.
-
-    Args:
-        V: a P1 space.
-        values: f as owned + ghost values.
-        length: smoothing length (um); 0 returns the values unchanged.
-
-    Returns:
-        The smoothed field, owned + ghost values.
-    """
-    if length <= 0:
-        return values.copy()
-    f = dolfinx.fem.Function(V)
-    f.x.array[:] = values
-    u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
-    ell2 = dolfinx.fem.Constant(V.mesh, PETSc.ScalarType(length**2))
-    a = u * v * ufl.dx + ell2 * ufl.inner(ufl.grad(u), ufl.grad(v)) * ufl.dx
-    problem = dolfinx.fem.petsc.LinearProblem(
-        a,
-        f * v * ufl.dx,
-        petsc_options_prefix=prefix,
-        petsc_options={"ksp_type": "cg", "pc_type": "jacobi", "ksp_rtol": 1e-12},
-    )
-    out = problem.solve()
-    return out.x.array.copy()
 
 
 @dataclasses.dataclass
@@ -120,9 +73,9 @@ class Particle:
         observed = np.isfinite(d)
         self.data = ParticleData(np.where(observed, d, 0.0), np.where(observed, 1.0 / s**2, 0.0))
         self.n_observed = self.model.comm.allreduce(int(observed[1:].sum()), op=MPI.SUM)
-        coords = self.model.V.tabulate_dof_coordinates()
-        raw = image_at(video.c[0], video.mask == label, coords, ps)
-        self.c0_data = np.clip(smoothed(self.model.V, raw, initial_smoothing), C_CLIP, 1 - C_CLIP)
+        self.c0_data = initial_state(
+            self.model.V, video.c[0], video.mask == label, ps, initial_smoothing
+        )
         self.trajectory = None
         self.lambdas = None
         self.schedule = None
@@ -453,6 +406,14 @@ class InverseProblem:
             if str(label) in schedules:
                 p.schedule = list(schedules[str(label)])
 
+    def set_newton_tolerances(self, rtol: float, atol: float) -> None:
+        """Tighten the Newton tolerances of every particle's forward steps.
+
+        For derivative checks: J is only as accurate as the Newton solves.
+        """
+        for p in self.particles.values():
+            p.model.set_newton_tolerances(rtol, atol)
+
     def freeze_schedule(self) -> None:
         """Replay the current step sequence in later forward runs (for derivative checks)."""
         for p in self.particles.values():
@@ -504,39 +465,3 @@ class InverseProblem:
             for pix, vals in part:
                 out[pix] = vals
         return out.reshape(H, W)
-
-
-def driving_from(video: Video, case_driving: dict, labels: Sequence[int]) -> dict[int, Driving]:
-    """Initial mu_e(t) per particle: the case's knots if given, else the video's mu_e.
-
-    Knots are moved to the frame times when mu_e is fitted (``mode = "fitted"``).
-    """
-    if case_driving.get("t") is not None:
-        base = Driving(case_driving["t"], case_driving["mu_e"])
-    elif video.mu_e is not None:
-        base = Driving(video.t, video.mu_e)
-    else:
-        raise InputError(
-            video.source,
-            "mu_e",
-            "a mu_e (or voltage) series in the video, or "
-            "[driving] t and mu_e knots in the case file",
-            "neither",
-        )
-    if case_driving.get("mode", "data") == "fitted":
-        return {lb: Driving(video.t, [base(t) for t in video.t]) for lb in labels}
-    return {lb: Driving(base.t, base.values) for lb in labels}
-
-
-def resolve_sigma(video: Video, case_data: dict, source: str):
-    """Noise std: the case's [data] sigma, else the video's sigma."""
-    if case_data.get("sigma") is not None:
-        return float(case_data["sigma"])
-    if video.sigma is not None:
-        return video.sigma
-    raise InputError(
-        source,
-        "sigma",
-        "a noise std in the video ('sigma') or [data] sigma in the case file",
-        "neither",
-    )

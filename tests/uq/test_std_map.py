@@ -135,7 +135,7 @@ def test_std_map_matches_the_dense_posterior(blind_case):
     below the threshold 0.1 (and stops at ``max_rank``); measured: std within 0.7% at every
     pixel, 0.2% on average.
     """
-    from femkin.commands.invert import _checkpoint_path, checkpoint_settings
+    from femkin.study import checkpoint_path, checkpoint_settings
     from femkin.inversion.checkpoint import read_checkpoint
     from femkin.inversion.fit import build_prior
     from femkin.study import build_problem, open_study
@@ -147,7 +147,7 @@ def test_std_map_matches_the_dense_posterior(blind_case):
     x = problem.initial_vector()
     prior = build_prior(problem, study.case.inversion["prior"], x)
     _, case_hash = checkpoint_settings(study, problem)
-    state = read_checkpoint(_checkpoint_path(study.case), space, x, case_hash=case_hash)
+    state = read_checkpoint(checkpoint_path(study.case), space, x, case_hash=case_hash)
     problem.set_schedules(state.get("schedules", {}))
     g = space.create_vector()
     problem.gradient(x, g)  # the linearisation point of the Hessian actions
