@@ -21,7 +21,7 @@ import numpy as np
 from femkin._fem import MPI, PETSc, dolfinx
 from femkin.adjoint import Direction, ParticleDerivatives, Sensitivities
 from femkin.driving import Driving
-from femkin.errors import CaseError, ConvergenceError
+from femkin.errors import ConvergenceError, InputError
 from femkin.forward import ModelParameters, ParticleModel, SolverOptions
 from femkin.io.video import Video
 from femkin.misfit import PixelMisfit
@@ -106,8 +106,8 @@ class InverseProblem:
     ):
         unknown = [b for b in learn if b not in ALL_BLOCKS]
         if unknown:
-            raise CaseError(
-                "<case>", "inversion.learn", f"blocks among {list(ALL_BLOCKS)}", unknown
+            raise InputError(
+                "<inverse problem>", "learn", f"blocks among {list(ALL_BLOCKS)}", unknown
             )
         self.comm = comm
         self.video = video

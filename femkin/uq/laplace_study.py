@@ -178,7 +178,7 @@ def _unit_functionals(space) -> list[PETSc.Vec]:
     """Unit vectors of every global coefficient (the entry lives on rank 0)."""
     out = []
     for name, size in coefficient_layout(space):
-        _, sl = space._scalars[(name, None)]
+        sl = space.local_slice(name)
         for n in range(size):
             e = space.create_vector()
             if sl is not None:
@@ -292,13 +292,13 @@ def _ln_k_maps(
         k0_v = np.array([space.get_scalars(v, "k0")[0] for v in posterior.eigenvectors])
     prior_diag = space.create_vector()
     methods = set()
-    for (name, label), data in space._fields.items():
-        if name != "m" or data is None:
+    for name, label in space.field_keys:
+        if name != "m" or not space.holds(name, label):
             continue
         diag, method = bilaplacian_pointwise_variance(
             prior.priors[(name, label)], samples=samples, seed=seed
         )
-        prior_diag.getArray()[data.slice] = diag
+        prior_diag.getArray()[space.local_slice(name, label)] = diag
         methods.add(method)
     methods = sorted(set().union(*problem.comm.allgather(methods)))
     post_diag = posterior.pointwise_variance(prior_diag)
@@ -312,7 +312,7 @@ def _ln_k_maps(
         V = p.model.V
         n_owned = V.dofmap.index_map.size_local
         if has_m:
-            sl = space._fields[("m", label)].slice
+            sl = space.local_slice("m", label)
             var_m = post_diag.getArray(readonly=True)[sl]
             cov = cross.getArray(readonly=True)[sl]
             pri_m = prior_diag.getArray(readonly=True)[sl]

@@ -162,8 +162,8 @@ def test_std_map_matches_the_dense_posterior(blind_case):
         prior.precision_mult(e, y)
         R[:, i] = y.getArray(readonly=True)
     C = np.linalg.inv(0.5 * (H + H.T) + 0.5 * (R + R.T))
-    m = space._fields[("m", 1)].slice
-    k0 = space._scalars[("k0", None)][1].start
+    m = space.local_slice("m", 1)
+    k0 = space.local_slice("k0").start
     var = np.diag(C)[m] + C[k0, k0] + 2.0 * C[k0, m]
     assert np.all(var > 0)
     dense = problem.field_on_pixels("m", arrays={1: np.sqrt(var)})
