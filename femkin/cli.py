@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     errors = world.Dup() if world.size > 1 else None
     _install_signal_handlers()
     try:
+        set_petsc_options(extra)
         rc = args.func(args)
     except SystemExit:
         raise
@@ -131,6 +132,28 @@ def _all_failed(errors, wait: float) -> bool:
             return True
         time.sleep(0.01)
     return bool(request.Test())
+
+
+def set_petsc_options(argv: list[str]) -> None:
+    """Put command-line PETSc options into the PETSc options database.
+
+    ``-femkin_tao_monitor``, ``-femkin_tao_type bnls``: every solver's ``setFromOptions``
+    reads them there.
+    """
+    if not argv:
+        return
+    from femkin._fem import PETSc
+
+    opts = PETSc.Options()
+    i = 0
+    while i < len(argv):
+        key = argv[i].lstrip("-")
+        if i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            opts[key] = argv[i + 1]
+            i += 2
+        else:
+            opts[key] = ""
+            i += 1
 
 
 def _is_petsc_value(arg: str, extra: list[str]) -> bool:

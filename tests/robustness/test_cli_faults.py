@@ -346,7 +346,7 @@ def test_disk_full_during_the_fit_names_the_disk(case, ranks):
 def test_disk_full_while_writing_results_keeps_the_old_set(case, ranks):
     _edit_toml(case, "max_iterations = 2", "max_iterations = 1")
     before = snapshot(case / "results")
-    inject = ["0", "femkin.inversion.results:write_json", "ENOSPC"]
+    inject = ["0", "femkin.report:write_json", "ENOSPC"]
     res = run(femkin_command(["invert", case, "--quiet"], ranks=ranks, inject=inject))
     assert_fails(res, 2, "No space left on device")
     assert snapshot(case / "results") == before
@@ -369,7 +369,7 @@ def test_small_disk_found_before_the_fit(case):
     "rank, target, code, needle",
     [
         ("1", "femkin.problem:InverseProblem.misfit", 1, "internal error: IndexError"),
-        ("0", "femkin.inversion.results:figures", 1, "internal error: IndexError"),
+        ("0", "femkin.report:figures", 1, "internal error: IndexError"),
         ("1", "femkin.parameters:ParameterSpace.from_global_dict", 1, "IndexError"),
     ],
     ids=["forward-rank1", "figures-rank0", "checkpoint-read-rank1"],
@@ -384,7 +384,7 @@ def test_fault_on_one_rank_ends_the_job(case, rank, target, code, needle):
 
 
 def test_internal_error_debug_shows_traceback(case):
-    inject = ["0", "femkin.inversion.results:figures", "IndexError"]
+    inject = ["0", "femkin.report:figures", "IndexError"]
     res = run(femkin_command(["--debug", "invert", case, "--quiet"], inject=inject))
     assert res.code == 1
     assert "Traceback" in res.err and "injected fault" in res.err
