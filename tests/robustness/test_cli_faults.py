@@ -102,7 +102,26 @@ def run(cmd, *, cwd=None, env=None, timeout=TIMEOUT, signal_after=None) -> Outco
             pytest.fail(f"hung: {' '.join(map(str, cmd))}\n{out.read()}\n{err.read()}")
         out.seek(0)
         err.seek(0)
-        return Outcome(proc.returncode, out.read(), err.read(), time.monotonic() - t0)
+        res = Outcome(proc.returncode, out.read(), err.read(), time.monotonic() - t0)
+    _log(cmd, res)
+    return res
+
+
+def _log(cmd, res: Outcome) -> None:
+    """With FEMKIN_ROBUST_LOG=file, append each outcome as a JSON line (for the issue's table)."""
+    path = os.environ.get("FEMKIN_ROBUST_LOG")
+    if not path:
+        return
+    lines = [ln for ln in res.lines("femkin: ") if not ln.startswith("femkin: warning")]
+    record = {
+        "test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0],
+        "command": " ".join(str(c) for c in cmd[-4:]),
+        "code": res.code,
+        "line": lines[0] if lines else "",
+        "wall_s": round(res.wall, 1),
+    }
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def assert_fails(res: Outcome, code: int, *needles: str) -> str:
