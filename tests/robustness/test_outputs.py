@@ -178,3 +178,20 @@ def test_cell_estimate_close_to_gmsh_and_limit(tmp_path):
     with pytest.raises(InputError, match=r"max_cells = 100 triangles for particle 1 \(size >= "):
         mesh_particle(mask, 1, 0.05, COMM, size=0.5, max_cells=100)
     assert list((tmp_path / "meshes").glob(".femkin/*")) == []
+
+
+@pytest.mark.mpi
+def test_result_set_collective(mpi_tmp_path):
+    """Every rank writes its part into the staged set; all parts appear together."""
+    comm = MPI.COMM_WORLD
+    check_writable(comm, mpi_tmp_path / "results")
+    run_id = comm.bcast("r-mpi" if comm.rank == 0 else None, root=0)
+    with ResultSet(mpi_tmp_path, comm, verb="invert", run_id=run_id):
+        staged = results_dir(mpi_tmp_path)
+        _write(staged, f"part_{comm.rank}.txt", str(comm.rank))
+        comm.barrier()
+        assert not (mpi_tmp_path / "results" / f"part_{comm.rank}.txt").exists()
+    names = sorted(os.listdir(mpi_tmp_path / "results"))
+    assert names == sorted([f"part_{r}.txt" for r in range(comm.size)] + ["run.json"])
+    assert read_run_record(mpi_tmp_path)["invert"]["run_id"] == "r-mpi"
+    comm.barrier()
