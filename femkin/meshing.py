@@ -275,6 +275,32 @@ def estimated_cells(mask: np.ndarray, label: int, size: float) -> int:
     return int(np.ceil(CELLS_PER_AREA * area / size**2 + CELLS_PER_EDGE * edges / size))
 
 
+def check_cell_count(
+    mask: np.ndarray,
+    label: int,
+    size: float,
+    max_cells: int = MAX_CELLS,
+    source: str = "mask",
+    field: str = "mesh.size",
+) -> int:
+    """The estimated triangles of a particle; refuses more than ``max_cells``.
+
+    Raises:
+        InputError: naming ``field`` of ``source``, the estimate and the smallest size that fits.
+    """
+    cells = estimated_cells(mask, label, size)
+    if cells > max_cells:
+        smallest = size * np.sqrt(cells / max_cells)
+        raise InputError(
+            source,
+            field,
+            f"an element size giving at most max_cells = {max_cells} triangles for particle "
+            f"{label} (size >= {smallest:.3g} pixels, or raise [mesh] max_cells)",
+            f"size {size:g} pixels: about {cells} triangles",
+        )
+    return cells
+
+
 def mesh_particle(
     mask: np.ndarray,
     label: int,
@@ -311,16 +337,7 @@ def mesh_particle(
         raise InputError(source, "mesh.size", "a positive element size in pixels", size)
     if not (np.isfinite(pixel_size) and pixel_size > 0):
         raise InputError(source, "pixel_size", "a positive size in micrometres", pixel_size)
-    cells = estimated_cells(mask, label, size)
-    if cells > max_cells:
-        smallest = size * np.sqrt(cells / max_cells)
-        raise InputError(
-            source,
-            "mesh.size",
-            f"an element size giving at most max_cells = {max_cells} triangles for particle "
-            f"{label} (size >= {smallest:.3g} pixels, or raise [mesh] max_cells)",
-            f"size {size:g} pixels: about {cells} triangles",
-        )
+    check_cell_count(mask, label, size, max_cells, source)
     options = dict(smoothing=smoothing, simplify=simplify, min_hole_area=min_hole_area)
     key = mesh_hash(mask, label, pixel_size, size, **options)
     cache = Path(cache_dir) if cache_dir is not None else None

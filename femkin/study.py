@@ -24,7 +24,7 @@ from femkin.driving import Driving
 from femkin.errors import FemkinError, InputError, os_error_message
 from femkin.forward import ModelParameters, SolverOptions
 from femkin.io.video import Video, read_video
-from femkin.meshing import mesh_particle
+from femkin.meshing import check_cell_count, mesh_particle
 from femkin.outputs import check_writable
 from femkin.parallel import distribute
 from femkin.problem import InverseProblem
@@ -288,6 +288,15 @@ def build_meshes(comm, study: Study, labels, *, size: float | None = None, quiet
     opts = dict(study.case.mesh)
     if size is not None:
         opts["size"] = size
+    for lb in labels:  # before any meshing: the case file's key is the one to change
+        check_cell_count(
+            video.mask,
+            int(lb),
+            opts["size"],
+            opts["max_cells"],
+            str(study.case.file),
+            "mesh.size" if size is None else "simulate.mesh_size",
+        )
     meshes = {}
     bar = Progress(f"mesh: {len(dist.mine)} particle(s)", len(dist.mine), comm=comm, quiet=quiet)
     for i in dist.mine:

@@ -245,7 +245,7 @@ BAD_INPUTS = [
         sigma=lambda f: np.float64(0.05)),
      ["invert"], 2, ["1 frame(s)", "nothing to fit"]),
     ("tiny-elements", lambda c: _edit_toml(c, "size = 1.5", "size = 0.002"),
-     ["invert"], 2, ["mesh.size", "max_cells"]),
+     ["invert"], 2, ["case.toml", "mesh.size", "max_cells"]),
     ("nan-in-checkpoint", _nan_checkpoint,
      ["invert", "--resume"], 2, ["state.npz", "'mu_h'", "finite values"]),
     ("corrupt-checkpoint", lambda c: _corrupt(c / "checkpoints" / "state.npz"),
