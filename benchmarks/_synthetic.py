@@ -113,7 +113,8 @@ def write_synthetic_case(
         n_frames: frames over 0..400 s (frame 0 is the given initial state).
         max_iterations: TAO iterations of the fit.
         learn: the ``[inversion] learn`` blocks.
-        mesh_size: fitting mesh element size (pixels); ``sim_mesh_size`` for the simulation.
+        mesh_size: fitting mesh element size (pixels).
+        sim_mesh_size: simulation mesh element size (pixels).
         seed: seed of the particle shapes.
 
     Returns:

@@ -1,13 +1,13 @@
 """Forward cost of the ACR model: time per step, DOF-steps per second, where the time goes.
 
-Cases: the demo particle (element size 1 pixel), the same particle refined ~4x in cell count
-(size 0.5) and a ~30k-DOF mesh (size 0.32; issue #2 target >= 2e5 DOF-steps/s per core). For
-each case the femkin forward (``ParticleModel.solve``, adaptive steps, its default
-``vinewtonrsls`` SNES) and, as the baseline, a plain
-``dolfinx.fem.petsc.NonlinearProblem`` loop on the same compiled-from-the-same-UFL forms over
-the same step times (plain ``newtonls``: bounds are not needed on this trajectory). PETSc's event log splits SNES time into residual assembly, Jacobian
-assembly and linear solves (LU factorisation + triangular solves). Each timed run follows a
-warm-up run (JIT compilation excluded). Prints one JSON object on stdout.
+Cases: the demo particle (element size 1 pixel), the same particle refined ~4x in cell count (size
+0.5) and a ~30k-DOF mesh (size 0.32; issue #2 target >= 2e5 DOF-steps/s per core). For each case the
+femkin forward (``ParticleModel.solve``, adaptive steps, its default ``vinewtonrsls`` SNES) and, as
+the baseline, a plain ``dolfinx.fem.petsc.NonlinearProblem`` loop on the same
+compiled-from-the-same-UFL forms over the same step times (plain ``newtonls``: bounds are not needed
+on this trajectory). PETSc's event log splits SNES time into residual assembly, Jacobian assembly
+and linear solves (LU factorisation + triangular solves). Each timed run follows a warm-up run (JIT
+compilation excluded). Prints one JSON object on stdout.
 
 Run: ``.venv/bin/python benchmarks/bench_forward.py`` (about 2-3 minutes on one idle core).
 """

@@ -97,7 +97,7 @@ def main(argv=None) -> int:
         "coefficients_max_rel_diff": max(
             abs(a - b) / max(abs(b), 1e-12)
             for k in ("mu_h", "j0")
-            for a, b in zip(two["coefficients"][k], one["coefficients"][k])
+            for a, b in zip(two["coefficients"][k], one["coefficients"][k], strict=True)
         ),
         "cpu_count": os.cpu_count(),
         "runs": {"1": one, "2": two},

@@ -212,10 +212,10 @@ def main() -> None:
                 "coefficients": good[0]["names"],
                 "coverage": float(covered.mean()),
                 "coverage_per_coefficient": dict(
-                    zip(good[0]["names"], covered.mean(axis=0).tolist())
+                    zip(good[0]["names"], covered.mean(axis=0).tolist(), strict=True)
                 ),
                 "z_rms_per_coefficient": dict(
-                    zip(good[0]["names"], np.sqrt(np.mean(z**2, axis=0)).tolist())
+                    zip(good[0]["names"], np.sqrt(np.mean(z**2, axis=0)).tolist(), strict=True)
                 ),
                 "target": "0.85 <= coverage <= 1.0",
                 "data_effect_mean": {

@@ -105,6 +105,7 @@ class SolverOptions:
 
     @classmethod
     def from_case(cls, solver: dict) -> SolverOptions:
+        """The options named in a case's ``[solver]`` table (other keys are ignored)."""
         return cls(**{f.name: solver[f.name] for f in dataclasses.fields(cls) if f.name in solver})
 
 
@@ -131,6 +132,7 @@ class Trajectory:
         )
 
     def append(self, t: float, mu_e: float, cbar: float, state: np.ndarray) -> None:
+        """Record time ``t`` (s): mu_e, mean Li fraction and the state (owned + ghost values)."""
         self.times.append(float(t))
         self.mu_e.append(float(mu_e))
         self.cbar.append(float(cbar))
@@ -148,9 +150,11 @@ class Trajectory:
 
     @property
     def n_steps(self) -> int:
+        """The number of time steps (stored states minus the initial one)."""
         return len(self.times) - 1
 
     def dt(self, n: int) -> float:
+        """The length (s) of step ``n`` (from state n-1 to n)."""
         return self.times[n] - self.times[n - 1]
 
 
@@ -265,7 +269,7 @@ class ParticleModel:
             )
         self.parameters = dataclasses.replace(parameters)
         for name, values in parameters.block_values().items():
-            for c, v in zip(self.constants[name], values):
+            for c, v in zip(self.constants[name], values, strict=True):
                 c.value = v
         self.p.value, self.q.value = parameters.j0_prefactor
         self.alpha.value = parameters.alpha

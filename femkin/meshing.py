@@ -264,7 +264,9 @@ def mesh_particle(
         pixel_size: Pixel size in micrometres.
         comm: MPI communicator of the mesh.
         size: Target element size, pixels.
-        smoothing, simplify, min_hole_area: See :func:`particle_polygons`.
+        smoothing: Boundary smoothing, see :func:`particle_polygons`.
+        simplify: Boundary simplification tolerance, see :func:`particle_polygons`.
+        min_hole_area: Smallest hole kept, see :func:`particle_polygons`.
         cache_dir: Folder of cached ``.msh`` files (reused when present), or None.
         source: Named in error messages.
 

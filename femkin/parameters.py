@@ -76,7 +76,7 @@ BlockKey = tuple[str, "int | None"]
 
 
 def block_key_str(name: str, label: int | None) -> str:
-    """The string key of a block in global dictionaries and checkpoints: ``name`` or ``name/label``."""
+    """The key of a block in global dictionaries and checkpoints: ``name`` or ``name/label``."""
     return name if label is None else f"{name}/{label}"
 
 
@@ -325,7 +325,7 @@ class ParameterSpace:
     # -- inner product ------------------------------------------------------------------------
     def _apply_blockwise(self, x: PETSc.Vec, y: PETSc.Vec, inverse: bool) -> None:
         y.getArray()[:] = x.getArray(readonly=True)
-        for (name, label), data in self._fields.items():
+        for (_name, _label), data in self._fields.items():
             if data is None:
                 continue
             xa = x.getArray(readonly=True)[data.slice]

@@ -224,21 +224,27 @@ class GaussianScalarPrior:
 
     @property
     def size(self) -> int:
+        """The number of coefficients."""
         return self.mean.size
 
     def cost(self, x: np.ndarray) -> float:
+        """``0.5 * sum(((x - mean) / std)^2)``."""
         return 0.5 * float(np.sum(((x - self.mean) / self.std) ** 2))
 
     def gradient(self, x: np.ndarray) -> np.ndarray:
+        """``(x - mean) / std^2``."""
         return (x - self.mean) / self.std**2
 
     def precision_mult(self, v: np.ndarray) -> np.ndarray:
+        """``v / std^2``."""
         return v / self.std**2
 
     def covariance_mult(self, r: np.ndarray) -> np.ndarray:
+        """``r * std^2``."""
         return r * self.std**2
 
     def sample(self, white: np.ndarray) -> np.ndarray:
+        """A prior sample from standard-normal ``white``: ``mean + std * white``."""
         return self.mean + self.std * white
 
 

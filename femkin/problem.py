@@ -61,6 +61,7 @@ def smoothed(V, values: np.ndarray, length: float, prefix: str = "femkin_smoothi
         V: a P1 space.
         values: f as owned + ghost values.
         length: smoothing length (um); 0 returns the values unchanged.
+        prefix: PETSc options prefix of the linear solve.
 
     Returns:
         The smoothed field, owned + ghost values.
@@ -138,6 +139,7 @@ class Particle:
         return total
 
     def frame_of_step(self, traj, include_first: bool) -> dict[int, int]:
+        """{step: frame} of the frames the misfit sees (frame 0 only if ``include_first``)."""
         return {n: f for f, n in enumerate(traj.frame_steps) if f > 0 or include_first}
 
 
@@ -401,7 +403,7 @@ class InverseProblem:
                     sens[k][label] = p.derivs.second_order(
                         p.trajectory, d, p.lambdas, tang, self._gn_source(p, tang)
                     )
-        for s_k, out in zip(sens, outs):
+        for s_k, out in zip(sens, outs, strict=True):
             self._pack(s_k, out)
         self.counters["hessian"] += len(vs)
 

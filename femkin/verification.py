@@ -54,10 +54,10 @@ def block_direction(problem, block: str, seed: int) -> PETSc.Vec:
     space = problem.space
     d = space.random_normal(seed)
     keep = np.zeros(space.local_size, dtype=bool)
-    for (name, label), (root, sl) in space._scalars.items():
+    for (name, _label), (_root, sl) in space._scalars.items():
         if name == block and sl is not None:
             keep[sl] = True
-    for (name, label), data in space._fields.items():
+    for (name, _label), data in space._fields.items():
         if name == block and data is not None:
             keep[data.slice] = True
     arr = d.getArray()
@@ -115,10 +115,10 @@ def hessian_symmetry(problem, x: PETSc.Vec, *, seed: int = 2, gauss_newton: bool
     v = problem.space.random_normal(seed + 1)
     for vec in (u, v):
         for name, scale in DIRECTION_SCALE.items():
-            for (bname, label), data in problem.space._fields.items():
+            for (bname, _label), data in problem.space._fields.items():
                 if bname == name and data is not None:
                     vec.getArray()[data.slice] *= scale
-            for (bname, label), (root, sl) in problem.space._scalars.items():
+            for (bname, _label), (_root, sl) in problem.space._scalars.items():
                 if bname == name and sl is not None:
                     vec.getArray()[sl] *= scale
     Hu, Hv = x.duplicate(), x.duplicate()

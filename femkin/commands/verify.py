@@ -64,7 +64,9 @@ def run(args: argparse.Namespace) -> int:
         if comm.rank == 0 and not args.json:
             print(f"block {block}")
             print(f"  {'h':>10} {'|J(x+hd)-J-hg.d|':>20} {'... - h^2/2 d.H.d':>20}")
-            for h, a, b in zip(res.steps, res.gradient_remainders, res.hessian_remainders):
+            for h, a, b in zip(
+                res.steps, res.gradient_remainders, res.hessian_remainders, strict=True
+            ):
                 mark = "  (below the noise of J: not used)" if min(a, b) <= res.floor else ""
                 print(f"  {h:10.3e} {a:20.6e} {b:20.6e}{mark}")
             print(

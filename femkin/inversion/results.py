@@ -36,6 +36,7 @@ def curves(params) -> dict[str, np.ndarray]:
 
 
 def write_csv(path: Path, columns: dict[str, np.ndarray]) -> None:
+    """Write equal-length columns as a CSV with a header line, atomically."""
     names = list(columns)
     data = np.column_stack([columns[n] for n in names])
     atomic_write(
@@ -47,6 +48,8 @@ def write_csv(path: Path, columns: dict[str, np.ndarray]) -> None:
 
 
 def write_json(path: Path, obj) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+
     def w(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
@@ -135,6 +138,7 @@ def figures(
 
 
 def write_report(out: Path, summary: dict, figure_names: list[str], uq: dict | None = None):
+    """Write ``report.md`` in ``out``: fit summary, figures and (if given) the UQ summary."""
     lines = [
         "# femkin results",
         "",

@@ -64,9 +64,11 @@ class ReducedFunctional(Protocol):
 class CovariancePrior(Protocol):
     """The part of :class:`femkin.prior.Prior` that preconditions TAO."""
 
-    def precision_mult(self, v: PETSc.Vec, out: PETSc.Vec) -> None: ...
+    def precision_mult(self, v: PETSc.Vec, out: PETSc.Vec) -> None:
+        """``out = Gamma_prior^{-1} v`` (the prior precision; dual output)."""
 
-    def covariance_mult(self, r: PETSc.Vec, out: PETSc.Vec) -> None: ...
+    def covariance_mult(self, r: PETSc.Vec, out: PETSc.Vec) -> None:
+        """``out = Gamma_prior r`` (the prior covariance applied to a dual vector)."""
 
 
 class TaoResult(NamedTuple):
@@ -215,8 +217,9 @@ def minimize(
         tao_type: any TAO type (``bnls``, ``bntr``, ``nls``, ``ntr``, ``lmvm``, ``blmvm``, ...);
             the options database (``-femkin_tao_type``) overrides it.
         max_iterations: iteration cap; reaching it is reported as ``DIVERGED_MAXITS``, not raised.
-        gatol, grtol, gttol: TAO's absolute, relative-to-``|f|`` and relative-to-initial gradient
-            tolerances, with the gradient norm in the parameter inner product.
+        gatol: TAO's absolute gradient tolerance (gradient norm in the parameter inner product).
+        grtol: TAO's gradient tolerance relative to ``|f|``.
+        gttol: TAO's gradient tolerance relative to the initial gradient norm.
         bounds: ``(lower, upper)``, either may be ``None`` (unbounded); only bound-constrained
             types (b*) honour them.
         options_prefix: PETSc options prefix (non-empty).
@@ -224,9 +227,10 @@ def minimize(
             removed again afterwards.
         monitor: called as ``monitor(iteration, x, value, gradient_norm)`` every iteration.
         checkpoint: called like ``monitor``, after it (write a checkpoint there).
-        ksp_rtol, ksp_max_it: inexact Newton: the Newton-Krylov types' CG stops at this relative
-            residual or iteration count (each iteration is one Hessian action); PETSc options
-            (``-femkin_tao_bnk_ksp_max_it`` ...) override them.
+        ksp_rtol: inexact Newton: the Newton-Krylov types' CG stops at this relative residual;
+            PETSc options (``-femkin_tao_bnk_ksp_rtol`` ...) override it.
+        ksp_max_it: ... or at this iteration count (each iteration is one Hessian action);
+            ``-femkin_tao_bnk_ksp_max_it`` overrides it.
         raise_on_failure: raise on a DIVERGED reason; else return the last iterate with it
             (a line-search failure close to the optimum is often the attainable accuracy).
 

@@ -302,7 +302,7 @@ def _ln_k_maps(
     post_diag = posterior.pointwise_variance(prior_diag)
     # Cov(ln k0, m_i) = -sum_j d_j v_j[k0] v_j[i]: the prior has no cross covariance.
     cross = space.create_vector()
-    for d, kv, v in zip(posterior.d, k0_v, posterior.eigenvectors):
+    for d, kv, v in zip(posterior.d, k0_v, posterior.eigenvectors, strict=True):
         cross.axpy(-float(d * kv), v)
     post_arrays, prior_arrays = {}, {}
     has_m = "m" in problem.learn
