@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -116,8 +116,8 @@ class ParticleDerivatives:
         self._scalar_vecs: dict = {}
         # Factorised Jacobians of the current trajectory, by step (see _use_step).
         self._cache: dict[int, PETSc.KSP] = {}
-        self._cache_of = None
-        self._cache_key = None
+        self._cache_of: weakref.ref[Trajectory] | None = None
+        self._cache_key: tuple | None = None
         self._cache_bytes = 0.0
         self._factor_bytes: float | None = None
         self._ksp = model.ksp
@@ -367,7 +367,7 @@ class ParticleDerivatives:
         ]
 
     # -- helpers shared by the recursions -----------------------------------------------------
-    def _new_sensitivities(self, N: int):
+    def _new_sensitivities(self, N: int) -> tuple[dict[str, np.ndarray], Any, np.ndarray]:
         """Zeroed accumulators: (scalars dict, m dual vector or None, mu_e array)."""
         scal = {name: np.zeros(len(v)) for name, v in self.model.variables.items()}
         g_m = None
@@ -467,7 +467,7 @@ class ParticleDerivatives:
         )
         dFl_dm = self._form("dFl_dm", lambda: ufl.derivative(self.F_lam, model.m, self.v_test))
         acc = [self._new_sensitivities(N) for _ in range(K)]
-        lambdas = [[None] * (N + 1) if store else None for _ in range(K)]
+        lambdas: list[Any] = [[None] * (N + 1) if store else None for _ in range(K)]
         # carry[k]: (dF_{n+1}/du_n)^T lambda_{n+1}, local with ghosts (before the reverse
         # scatter), assembled right after lambda_{n+1} is solved for; s_next[k] its cbar part.
         carry = [np.zeros(len(self.lam.x.array)) for _ in range(K)]

@@ -369,7 +369,7 @@ class ParticleModel:
     # -- time stepping ----------------------------------------------------------------------
     def solve(
         self,
-        frame_times: Sequence[float],
+        frame_times: Sequence[float] | np.ndarray,
         driving: Callable[[float], float],
         c0: np.ndarray,
         *,
@@ -395,7 +395,7 @@ class ParticleModel:
             ConvergenceError: Newton failed with the step at its floor.
         """
         o = self.solver_options
-        frame_times = np.asarray(frame_times, dtype=float)
+        frame_times = [float(t) for t in frame_times]
         traj = Trajectory(storage or o.storage)
         self.u.x.array[:] = 0.0
         nV = len(self.c_dofs)

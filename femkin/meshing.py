@@ -118,11 +118,11 @@ def particle_polygons(
     rings.sort(key=lambda r: -abs(_signed_area(r)))
     rings = [_oriented(r, ccw=(k == 0)) for k, r in enumerate(rings)]
     smoothed = [_smoothed(r, smoothing) for r in rings]
-    keep = [0] + [k for k in range(1, len(rings)) if abs(_signed_area(smoothed[k])) > 0.25]
-    out = _simplified([smoothed[k] for k in keep], simplify)
+    kept = [0] + [k for k in range(1, len(rings)) if abs(_signed_area(smoothed[k])) > 0.25]
+    out = _simplified([smoothed[k] for k in kept], simplify)
     # Smoothing and chords of convex stretches shrink a ring; an offset along the vertex normals
     # restores the area enclosed by the level set (which matches the pixel count).
-    corrected = [_area_restored(r, _signed_area(rings[k])) for r, k in zip(out, keep, strict=True)]
+    corrected = [_area_restored(r, _signed_area(rings[k])) for r, k in zip(out, kept, strict=True)]
     if not _intersecting(corrected):
         out = corrected
     return [r * pixel_size for r in out]
@@ -451,7 +451,9 @@ def plot_mesh(particle_mesh: ParticleMesh, mask: np.ndarray, path: str | os.Path
         extent=(0, cols * ps, rows * ps, 0),
         interpolation="nearest",
     )
-    ax.add_collection(PolyCollection(tri, facecolors="none", edgecolors="tab:blue", linewidths=0.4))
+    ax.add_collection(
+        PolyCollection(list(tri), facecolors="none", edgecolors="tab:blue", linewidths=0.4)
+    )
     lo, hi = tri.reshape(-1, 2).min(axis=0), tri.reshape(-1, 2).max(axis=0)
     pad = 2 * ps
     ax.set_xlim(lo[0] - pad, hi[0] + pad)

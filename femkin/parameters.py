@@ -189,7 +189,11 @@ class ParameterSpace:
         if len(set(keys)) != len(keys):
             dup = sorted({block_key_str(*k) for k in keys if keys.count(k) > 1})
             raise InputError("<parameters>", "blocks", "unique block keys", f"duplicates {dup}")
-        for b in (*self.scalar_blocks, *self.particle_scalar_blocks):
+        sized: list[ScalarBlock | ParticleScalarBlock] = [
+            *self.scalar_blocks,
+            *self.particle_scalar_blocks,
+        ]
+        for b in sized:
             if b.size < 0:
                 raise InputError("<parameters>", b.name, "a size >= 0", b.size)
         for b in self.particle_scalar_blocks:
@@ -221,7 +225,7 @@ class ParameterSpace:
                 self._scalars[(pb.name, pb.label)] = (pb.root, None)
         self.local_size = offset
         self.global_size = comm.allreduce(offset)
-        self._sizes = {(b.name, None): b.size for b in self.scalar_blocks}
+        self._sizes: dict[BlockKey, int] = {(b.name, None): b.size for b in self.scalar_blocks}
         self._sizes.update({(b.name, b.label): b.size for b in self.particle_scalar_blocks})
 
     # -- vectors ------------------------------------------------------------------------------
@@ -239,6 +243,14 @@ class ParameterSpace:
         """The function space of a field block (``None`` on ranks that do not hold it)."""
         data = self._field(name, label)
         return None if data is None else data.V
+
+    def _held_field(self, name: str, label: int) -> _FieldData:
+        data = self._field(name, label)
+        if data is None:
+            raise ValueError(
+                f"rank {self.comm.rank} does not hold field {block_key_str(name, label)!r}"
+            )
+        return data
 
     def _field(self, name: str, label: int) -> _FieldData | None:
         try:
@@ -288,11 +300,7 @@ class ParameterSpace:
 
         Use ``readonly=True`` for vectors that PETSc has locked (TAO's iterate in callbacks).
         """
-        data = self._field(name, label)
-        if data is None:
-            raise ValueError(
-                f"rank {self.comm.rank} does not hold field {block_key_str(name, label)!r}"
-            )
+        data = self._held_field(name, label)
         return x.getArray(readonly=readonly)[data.slice]
 
     def field_vec(self, x: PETSc.Vec, name: str, label: int, readonly: bool = False) -> PETSc.Vec:
@@ -302,24 +310,24 @@ class ParameterSpace:
         copy (works on locked vectors).
         """
         view = self.field_view(x, name, label, readonly=readonly)
-        return self._field(name, label).wrap(view.copy() if readonly else view)
+        return self._held_field(name, label).wrap(view.copy() if readonly else view)
 
     def to_function(self, x: PETSc.Vec, name: str, label: int, f) -> None:
         """Copy a field block into ``f`` and update its ghosts (collective on the sub-comm)."""
-        data = self._field(name, label)
+        data = self._held_field(name, label)
         f.x.array[: data.n_local] = x.getArray(readonly=True)[data.slice]
         f.x.scatter_forward()
 
     def from_function(self, x: PETSc.Vec, name: str, label: int, f) -> None:
         """Copy the owned values of ``f`` into a field block of ``x``."""
-        data = self._field(name, label)
+        data = self._held_field(name, label)
         x.getArray()[data.slice] = f.x.array[: data.n_local]
 
     def add_from_function(self, x: PETSc.Vec, name: str, label: int, f) -> None:
         """Add the owned values of ``f`` to a field block (ghost contributions of a dual vector
         must already be accumulated, e.g. by ``scatter_reverse``).
         """
-        data = self._field(name, label)
+        data = self._held_field(name, label)
         x.getArray()[data.slice] += f.x.array[: data.n_local]
 
     # -- inner product ------------------------------------------------------------------------
@@ -423,9 +431,9 @@ class ParameterSpace:
         for fb in self.field_blocks:
             data = self._fields[(fb.name, fb.label)]
             local = None if data is None else (data.coordinates.copy(), a[data.slice].copy())
-            parts = self.comm.gather(local, root=0)
-            if self.comm.rank == 0:
-                parts = [p for p in parts if p is not None]
+            gathered = self.comm.gather(local, root=0)
+            if gathered is not None:  # rank 0
+                parts = [p for p in gathered if p is not None]
                 coords = np.concatenate([p[0] for p in parts])
                 values = np.concatenate([p[1] for p in parts])
                 ic = rounded_coordinates(coords)
@@ -456,21 +464,22 @@ class ParameterSpace:
         error = self.comm.bcast(error, root=0)
         if error is not None:
             raise InputError(source, error[0], error[1], error[2])
+        given = d if d is not None else {}  # only rank 0's d is read (checked above)
         a = x.getArray()
         for b in self.scalar_blocks:
             sl = self._scalars[(b.name, None)][1]
             if sl is not None:
-                a[sl] = d[b.name]
+                a[sl] = given[b.name]
         for pb in self.particle_scalar_blocks:
             key = block_key_str(pb.name, pb.label)
-            values = self.comm.bcast(d[key] if self.comm.rank == 0 else None, root=0)
+            values = self.comm.bcast(given[key] if self.comm.rank == 0 else None, root=0)
             sl = self._scalars[(pb.name, pb.label)][1]
             if sl is not None:
                 a[sl] = values
         missing = False
         for fb in self.field_blocks:
             key = block_key_str(fb.name, fb.label)
-            payload = (d[key + "/coordinates"], d[key]) if self.comm.rank == 0 else None
+            payload = (given[key + "/coordinates"], given[key]) if self.comm.rank == 0 else None
             coords, values = self.comm.bcast(payload, root=0)
             data = self._fields[(fb.name, fb.label)]
             if data is None:
@@ -494,7 +503,11 @@ class ParameterSpace:
     def _check_global_dict(self, d, source) -> tuple[str, str, object] | None:
         if d is None:
             return ("blocks", "a dictionary of blocks", None)
-        for b in (*self.scalar_blocks, *self.particle_scalar_blocks):
+        sized: list[ScalarBlock | ParticleScalarBlock] = [
+            *self.scalar_blocks,
+            *self.particle_scalar_blocks,
+        ]
+        for b in sized:
             key = block_key_str(b.name, getattr(b, "label", None))
             if key not in d:
                 return (key, "a stored block", "nothing")

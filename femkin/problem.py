@@ -24,7 +24,7 @@ from femkin._fem import MPI, PETSc, dolfinx, ufl
 from femkin.adjoint import Direction, ParticleDerivatives, Sensitivities
 from femkin.driving import Driving
 from femkin.errors import CaseError, ConvergenceError, InputError
-from femkin.forward import ModelParameters, ParticleModel, SolverOptions
+from femkin.forward import ModelParameters, ParticleModel, SolverOptions, Trajectory
 from femkin.io.video import Video
 from femkin.observation import Observation, build_observation
 from femkin.parallel import Distribution
@@ -124,9 +124,20 @@ class Particle:
         coords = self.model.V.tabulate_dof_coordinates()
         raw = image_at(video.c[0], video.mask == label, coords, ps)
         self.c0_data = np.clip(smoothed(self.model.V, raw, initial_smoothing), C_CLIP, 1 - C_CLIP)
-        self.trajectory = None
-        self.lambdas = None
-        self.schedule = None
+        self._trajectory: Trajectory | None = None
+        self.lambdas: list | None = None
+        self.schedule: list[float] | None = None
+
+    @property
+    def trajectory(self) -> Trajectory:
+        """The forward trajectory at the current point (set by the last forward solve)."""
+        if self._trajectory is None:
+            raise RuntimeError(f"particle {self.label}: no forward solve at this point yet")
+        return self._trajectory
+
+    @trajectory.setter
+    def trajectory(self, traj: Trajectory | None) -> None:
+        self._trajectory = traj
 
     def misfit(self, traj, include_first: bool) -> float:
         """Local (this rank's pixels) misfit of a trajectory."""
@@ -398,13 +409,15 @@ class InverseProblem:
                     for k, (s_k, _) in enumerate(results, start=k0):
                         sens[k][label] = s_k
             else:
+                if p.lambdas is None:
+                    raise RuntimeError("a full Hessian action needs the gradient at x first")
                 for k, d in enumerate(dirs):
                     tang = p.derivs.tangent(p.trajectory, d)
                     sens[k][label] = p.derivs.second_order(
                         p.trajectory, d, p.lambdas, tang, self._gn_source(p, tang)
                     )
-        for s_k, out in zip(sens, outs, strict=True):
-            self._pack(s_k, out)
+        for sens_k, out in zip(sens, outs, strict=True):
+            self._pack(sens_k, out)
         self.counters["hessian"] += len(vs)
 
     def _pack(self, sens: dict[int, Sensitivities], g: PETSc.Vec) -> None:

@@ -41,11 +41,11 @@ def collective(comm, func, *args, **kwargs):
     except FemkinError as e:
         err = e
     errors = comm.allgather(None if err is None else (type(err), str(err)))
-    for e in errors:
-        if e is not None:
+    for found in errors:
+        if found is not None:
             if err is not None:
                 raise err
-            cls, msg = e
+            cls, msg = found
             raise FemkinError(msg)
     return result
 
@@ -58,7 +58,7 @@ def open_study(path, comm=MPI.COMM_WORLD, *, simulated: bool | None = None) -> S
         twin = case.simulate is not None if simulated is None else simulated
         if twin:
             video_path = case.dir / "simulated" / "video.npz"
-            truth = case.dir / "simulated" / "truth.npz"
+            truth: Path | None = case.dir / "simulated" / "truth.npz"
             if not video_path.exists():
                 raise InputError(
                     video_path,

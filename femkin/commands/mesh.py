@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
             print(
                 f"particle {label}: {pixels} pixels, {vertices} vertices, {cells} cells, "
                 f"area {pm.area:.4f} um^2 (pixels {pixels * video.pixel_size**2:.4f}), "
-                f"{pm.msh_file.name}",
+                f"{pm.msh_file.name if pm.msh_file else ''}",
                 flush=True,
             )
     return 0

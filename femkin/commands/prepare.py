@@ -163,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
     from femkin._fem import MPI
 
     comm = MPI.COMM_WORLD
-    report, failure = None, None
+    report = None
+    failure: tuple[type[FemkinError], tuple] | None = None
     if comm.rank == 0:
         try:
             report = _work(args)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+from typing import Any
 
 import numpy as np
 
@@ -36,7 +37,8 @@ def write_checkpoint(path, space: ParameterSpace, x: PETSc.Vec, state: dict) -> 
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
             with open(tmp, "wb") as f:
-                np.savez(f, **{_STATE: np.array(payload)}, **blocks)
+                arrays: dict[str, Any] = {_STATE: np.array(payload), **(blocks or {})}
+                np.savez(f, **arrays)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -58,7 +60,7 @@ def read_checkpoint(
         InputError: unreadable file, or its ``case_hash`` differs from ``case_hash``.
     """
     path = pathlib.Path(path)
-    result = None
+    result: tuple[str, Any, dict | None] | None = None
     if space.comm.rank == 0:
         if not path.exists():
             result = ("absent", None, None)
@@ -93,5 +95,5 @@ def read_checkpoint(
         return None
     if kind == "error":
         raise InputError(path, *info)
-    space.from_global_dict(result[2] if space.comm.rank == 0 else None, x, source=str(path))
+    space.from_global_dict(result[2] if result is not None else None, x, source=str(path))
     return info

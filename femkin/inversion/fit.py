@@ -37,7 +37,7 @@ def build_prior(problem, prior_case: dict, x0: PETSc.Vec) -> Prior:
         "kappa": 0.01 * prior_case["coefficient_std"],
         "coherency": prior_case["coefficient_std"],
     }
-    priors = {}
+    priors: dict[tuple[str, int | None], GaussianScalarPrior | BiLaplacianPrior | None] = {}
     for b in space.scalar_blocks:
         mean = space.get_scalars(x0, b.name)
         priors[(b.name, None)] = GaussianScalarPrior(mean, np.full(b.size, coefficient_std[b.name]))

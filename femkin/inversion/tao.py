@@ -161,6 +161,8 @@ class _ReducedCovariancePC:
         if x.getSize() == self.space.global_size:
             self.prior.covariance_mult(x, y)
             return
+        if self.iterate.x is None:
+            raise RuntimeError("the Newton PC was applied before TAO set a Hessian point")
         xk = self.iterate.x.getArray(readonly=True)
         tol = 1e-12 * (1.0 + np.abs(xk))
         inactive = np.ones(xk.size, dtype=bool)

@@ -50,7 +50,7 @@ def _text(value: Any) -> str:
 
 def _names(value: Any) -> list[str]:
     arr = np.atleast_1d(np.asarray(value))
-    out = []
+    out: list[str] = []
     for v in arr.reshape(-1):
         s = v.decode() if isinstance(v, bytes) else str(v)
         out.extend(p for p in s.split(":") if p)  # NeXus also allows "a:b:c"

@@ -243,10 +243,10 @@ def prepare(
         fes.append(fe_s)
     stack_shifts = np.array([displacement(fes[0], f) for f in fes])
     stack_shifts[0] = 0.0
-    shifts = [sh_e + d for sh_e, d in zip(inner, stack_shifts, strict=True)]
+    total_shifts = [sh_e + d for sh_e, d in zip(inner, stack_shifts, strict=True)]
     aligned = [
         np.array([shift_image(im, -sh) for im, sh in zip(od, sh_e, strict=True)])
-        for od, sh_e in zip(ods, shifts, strict=True)
+        for od, sh_e in zip(ods, total_shifts, strict=True)
     ]
     results = [
         unmix(od, a, n_boot=n_boot, seed=seed) for od, a in zip(aligned, designs, strict=True)
@@ -275,7 +275,7 @@ def prepare(
         pixel_size=pixel_size,
         od=aligned,
         fe=fe,
-        shifts=shifts,
+        shifts=total_shifts,
         stack_shifts=stack_shifts,
         reference=(0, refs[0]),
         thresholds=thresholds,

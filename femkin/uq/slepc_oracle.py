@@ -115,14 +115,14 @@ def slepc_generalized(
     if nconv < k:
         reason = eps.getConvergedReason()
         raise RuntimeError(f"SLEPc converged {nconv} of {k} eigenpairs (reason {reason})")
-    values, vectors = [], []
+    found, vectors = [], []
     for i in range(nconv):
         v = template.duplicate()
         lam = eps.getEigenpair(i, v)
-        values.append(lam.real)
+        found.append(lam.real)
         vectors.append(v)
-    order = np.argsort(values)[::-1][:k]
-    values = np.asarray(values)[order]
+    order = np.argsort(found)[::-1][:k]
+    values = np.asarray(found)[order]
     vectors = [vectors[i] for i in order]
     # Normalise in the B-inner product (SLEPc already does for GHEP; make it explicit).
     for v in vectors:
