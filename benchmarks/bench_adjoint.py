@@ -39,28 +39,24 @@ from __future__ import annotations
 import cProfile
 import io
 import json
-import os
 import pstats
 import subprocess
 import sys
 import time
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 from _common import (
     TapedProblem,
     gauss_newton_source,
     l2_data,
-    l2_misfit_source,  # noqa: E402
+    l2_misfit_source,
     make_problem,
     pixel_data,
     pixel_misfit_sources,
 )
 
-from femkin._fem import MPI, dolfinx  # noqa: E402
-from femkin.adjoint import Direction, ParticleDerivatives  # noqa: E402
+from femkin._fem import MPI, dolfinx
+from femkin.adjoint import Direction, ParticleDerivatives
 
 FRAMES = [0.0, 60.0, 120.0]
 TARGETS = {"gradient_over_forward": 0.4, "gauss_newton_over_forward": 0.8}

@@ -15,19 +15,14 @@ Run: ``.venv/bin/python benchmarks/bench_forward.py`` (about 2-3 minutes on one 
 from __future__ import annotations
 
 import json
-import os
 import platform
-import sys
 import time
 
 import numpy as np
+from _common import make_problem
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from _common import make_problem  # noqa: E402
-
-from femkin._fem import MPI, PETSc, dolfinx, ufl  # noqa: E402
-from femkin.forward import SolverOptions  # noqa: E402
+from femkin._fem import MPI, PETSc, dolfinx, ufl
+from femkin.forward import SolverOptions
 
 # Timed window: the first two frame intervals (~10 adaptive steps), so that the whole
 # benchmark stays within a few minutes; warm-up: a 1 s window (compiles every form).

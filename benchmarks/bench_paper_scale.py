@@ -44,9 +44,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--keep", type=pathlib.Path, help="work directory to keep")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(HERE))
-    from _synthetic import write_synthetic_case
     from bench_particles import run_worker
+    from twin_case import write_synthetic_case
 
     work = args.keep or pathlib.Path(tempfile.mkdtemp(prefix="femkin-bench-paper-"))
     case = work / "case"

@@ -91,7 +91,7 @@ def simulate(case_path, comm=None, *, quiet: bool = False) -> Path:
             path = case.resolve(sim["k_map"])
             try:
                 k_map = np.load(path)
-            except Exception as err:  # noqa: BLE001 - any unreadable file is a user error
+            except Exception as err:
                 raise InputError(path, "k_map", "a readable .npy array", repr(err)) from None
             if k_map.shape != video.mask.shape:
                 raise InputError(

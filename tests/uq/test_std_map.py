@@ -30,19 +30,15 @@ serially for all three tests); the parallel std map is covered by ``test_uq_comm
 from __future__ import annotations
 
 import json
-import pathlib
 import shutil
-import sys
 
 import numpy as np
 import pytest
+from uq_problems import simulated_twin
 
 from femkin._fem import MPI
 from femkin.cli import main
 from femkin.io.video import read_video, write_video
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from uq_problems import simulated_twin  # noqa: E402
 
 UQ_SECTION = """
 [uq]

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import json
-import pathlib
 import shutil
-import sys
 
 import numpy as np
 import pytest
+from uq_problems import simulated_twin
+from workflow_case import write_case
 
 from femkin._fem import MPI
 from femkin.cli import main
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from uq_problems import simulated_twin  # noqa: E402
-from workflow_case import write_case  # noqa: E402
 
 UQ_SECTION = """
 [uq]
