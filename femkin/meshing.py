@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from femkin.errors import InputError
+from femkin.mesh_import import particle_mesh_file, read_particle_mesh
 
 #: Bump when the polygon or gmsh recipe changes: invalidates every cached mesh.
 MESH_VERSION = 1
@@ -255,6 +256,9 @@ def mesh_particle(
     min_hole_area: float = 4.0,
     cache_dir: str | os.PathLike | None = None,
     source: str = "mask",
+    files: dict[int, str] | str | None = None,
+    file_unit: str = "um",
+    footprint_tolerance: float = 0.1,
 ) -> ParticleMesh:
     """Mesh one particle of a label mask with triangles on ``comm``.
 
@@ -269,12 +273,25 @@ def mesh_particle(
         min_hole_area: Smallest hole kept, see :func:`particle_polygons`.
         cache_dir: Folder of cached ``.msh`` files (reused when present), or None.
         source: Named in error messages.
+        files: The particles' own meshes (``[mesh] files``: label -> path, or a path pattern
+            with ``{label}``); when given, the particle's file is read and checked against its
+            pixels instead of meshing the mask (:mod:`femkin.mesh_import`).
+        file_unit: Unit of those files' coordinates, ``"um"`` or ``"pixel"``.
+        footprint_tolerance: Relative area and containment mismatch allowed for those files.
 
     Raises:
         InputError: an empty label, a non-positive size, or a particle gmsh cannot mesh
             (raised on every rank).
     """
     _indicator(mask, label, source)  # every rank validates before any collective call
+    if files is not None:
+        path = particle_mesh_file(files, label, source)
+        mesh = read_particle_mesh(
+            path, mask, label, pixel_size, comm, unit=file_unit, tolerance=footprint_tolerance
+        )
+        return ParticleMesh(
+            mesh, int(label), float(pixel_size), comm.allreduce(_local_area(mesh)), path
+        )
     if not (np.isfinite(size) and size > 0):
         raise InputError(source, "mesh.size", "a positive element size in pixels", size)
     if not (np.isfinite(pixel_size) and pixel_size > 0):

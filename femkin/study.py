@@ -94,20 +94,26 @@ def build_meshes(comm, study: Study, labels, *, size: float | None = None, quiet
         opts["size"] = size
     meshes = {}
     bar = Progress(f"mesh: {len(dist.mine)} particle(s)", len(dist.mine), comm=comm, quiet=quiet)
-    for i in dist.mine:
-        label = int(labels[i])
-        pm = mesh_particle(
-            video.mask,
-            label,
-            video.pixel_size,
-            dist.subcomm,
-            **opts,
-            cache_dir=study.case.dir / "meshes",
-            source=str(study.video_path),
-        )
-        meshes[label] = pm.mesh
-        bar.update()
-    bar.close()
+
+    def mesh_group():  # a group's error (bad mask, mesh file) reaches every rank of comm
+        for i in dist.mine:
+            label = int(labels[i])
+            pm = mesh_particle(
+                video.mask,
+                label,
+                video.pixel_size,
+                dist.subcomm,
+                **opts,
+                cache_dir=study.case.dir / "meshes",
+                source=str(study.video_path),
+            )
+            meshes[label] = pm.mesh
+            bar.update()
+
+    try:
+        collective(comm, mesh_group)
+    finally:
+        bar.close()
     return dist, meshes
 
 
