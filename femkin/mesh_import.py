@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from femkin.errors import InputError
+from femkin.errors import InputError, raise_on_every_rank, run_on_root
 
 #: Formats ``femkin mesh --export`` offers (file extensions meshio writes triangles to).
 EXPORT_FORMATS = ("vtu", "vtk", "xdmf", "msh", "med", "obj", "ply", "stl")
@@ -193,18 +193,15 @@ def read_particle_mesh(
 
     if unit not in FILE_UNITS:
         raise InputError("<case>", "mesh.file_unit", f"one of {FILE_UNITS}", repr(unit))
-    error, tri = None, None
-    if comm.rank == 0:
-        try:
-            tri = read_triangles(path, scale=pixel_size if unit == "pixel" else 1.0)
-            mismatch = footprint_mismatch(tri, mask, label, pixel_size, tolerance)
-            if mismatch is not None:
-                raise InputError(path, "mesh.files", *mismatch)
-        except InputError as err:
-            error = (err.file, err.field, err.expected, err.found)
-    error = comm.bcast(error, root=0)
-    if error is not None:
-        raise InputError(*error)
+
+    def checked() -> Triangles:
+        tri = read_triangles(path, scale=pixel_size if unit == "pixel" else 1.0)
+        mismatch = footprint_mismatch(tri, mask, label, pixel_size, tolerance)
+        if mismatch is not None:
+            raise InputError(path, "mesh.files", *mismatch)
+        return tri
+
+    tri = run_on_root(comm, checked)
     if tri is not None:
         cells, points = tri.cells, tri.points
     else:
@@ -258,8 +255,8 @@ def write_mesh(mesh, path: str | os.PathLike, *, label: int | None = None) -> Pa
             path.parent.mkdir(parents=True, exist_ok=True)
             meshio.write(path, meshio.Mesh(points, [("triangle", tri.cells)], cell_data=cell_data))
         except Exception as err:  # meshio raises WriteError, KeyError, ... by format
-            error = (path, None, "a mesh format meshio writes", f"{type(err).__name__}: {err}")
-    error = mesh.comm.bcast(error, root=0)
-    if error is not None:
-        raise InputError(*error)
+            error = InputError(
+                path, None, "a mesh format meshio writes", f"{type(err).__name__}: {err}"
+            )
+    raise_on_every_rank(mesh.comm, error)
     return path

@@ -28,7 +28,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from femkin.errors import InputError
+from femkin.errors import InputError, raise_on_every_rank
+from femkin.io.atomic import atomic_write
 from femkin.mesh_import import particle_mesh_file, read_particle_mesh
 
 #: Bump when the polygon or gmsh recipe changes: invalidates every cached mesh.
@@ -309,22 +310,21 @@ def mesh_particle(
             else:
                 rings = particle_polygons(mask, label, pixel_size, **options, source=source)
                 scratch = Path(tempfile.mkdtemp(prefix="femkin-mesh-"))
-                msh = scratch / "particle.msh"
-                _gmsh_write(rings, int(label), size * pixel_size, msh)
+                built = scratch / "particle.msh"
+                _gmsh_write(rings, int(label), size * pixel_size, built)
+                msh = built
                 if target is not None:
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = target.with_suffix(f".tmp{os.getpid()}")
-                    shutil.copyfile(msh, tmp)
-                    os.replace(tmp, target)
+                    atomic_write(target, lambda tmp: shutil.copyfile(built, tmp))
                     msh = target
         except InputError as err:
-            error = (err.file, err.field, err.expected, err.found)
+            error = err
         except Exception as err:  # gmsh raises plain Exceptions
-            error = (source, "mask", f"a particle {label} that gmsh can mesh", f"gmsh: {err}")
-    error = comm.bcast(error, root=0)
+            error = InputError(
+                source, "mask", f"a particle {label} that gmsh can mesh", f"gmsh: {err}"
+            )
     try:
-        if error is not None:
-            raise InputError(*error)
+        raise_on_every_rank(comm, error)
         mesh = read_msh(msh, comm)
     finally:
         if scratch is not None:
@@ -359,10 +359,10 @@ def read_msh(path: str | os.PathLike | None, comm) -> Any:
                 raise ValueError("no physical surface group")
         except Exception as err:
             _gmsh_stop()
-            error = (str(path), None, "a readable 2-D gmsh mesh", f"{type(err).__name__}: {err}")
-    error = comm.bcast(error, root=0)
-    if error is not None:
-        raise InputError(*error)
+            error = InputError(
+                path, None, "a readable 2-D gmsh mesh", f"{type(err).__name__}: {err}"
+            )
+    raise_on_every_rank(comm, error)
     if comm.rank == 0:
         import gmsh
 

@@ -27,8 +27,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from femkin._fem import MPI, PETSc, dolfinx, ufl
-from femkin.errors import InputError
+from femkin._fem import MPI, PETSc
+from femkin.errors import InputError, raise_on_every_rank
+from femkin.petsc_tools import mass_matrix, mass_solver, shell_mat, solved
 
 #: Coordinates are rounded to this resolution (um) to identify dofs across partitions.
 COORDINATE_RESOLUTION = 1e-9
@@ -135,14 +136,8 @@ class _FieldData:
         self.n_global = index_map.size_global
         self.slice = slice(start, start + self.n_local)
         self.coordinates = V.tabulate_dof_coordinates()[: self.n_local]
-        u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
-        self.mass = dolfinx.fem.petsc.assemble_matrix(dolfinx.fem.form(u * v * ufl.dx))
-        self.mass.assemble()
-        self.mass_solver = PETSc.KSP().create(self.comm)
-        self.mass_solver.setOperators(self.mass)
-        self.mass_solver.setType("cg")
-        self.mass_solver.getPC().setType("jacobi")
-        self.mass_solver.setTolerances(rtol=1e-14, atol=1e-300, max_it=1000)
+        self.mass = mass_matrix(V)
+        self.mass_solver = mass_solver(self.mass)
         self.work_in, self.work_out = self.mass.createVecs()
 
     def wrap(self, array: np.ndarray) -> PETSc.Vec:
@@ -339,8 +334,7 @@ class ParameterSpace:
             xa = x.getArray(readonly=True)[data.slice]
             data.work_in.getArray()[:] = xa
             if inverse:
-                data.mass_solver.solve(data.work_in, data.work_out)
-                if data.mass_solver.getConvergedReason() <= 0:
+                if not solved(data.mass_solver, data.work_in, data.work_out):
                     if not np.all(np.isfinite(xa)):  # let the caller see the NaN
                         data.work_out.set(np.nan)
                         y.getArray()[data.slice] = np.nan
@@ -361,23 +355,14 @@ class ParameterSpace:
         """``y = R^{-1} x`` (dual -> primal); Jacobi-preconditioned CG, rtol 1e-14, on fields."""
         self._apply_blockwise(x, y, inverse=True)
 
-    def _shell(self, mult) -> PETSc.Mat:
-        class _Ctx:
-            def mult(self, mat, x, y):
-                mult(x, y)
-
-        sizes = (self.local_size, self.global_size)
-        A = PETSc.Mat().createPython((sizes, sizes), context=_Ctx(), comm=self.comm)
-        A.setUp()
-        return A
-
     def riesz(self) -> PETSc.Mat:
         """The Riesz map as a shell Mat (symmetric positive definite)."""
-        return self._shell(self.riesz_mult)
+        return shell_mat((self.local_size, self.global_size), self.comm, apply=self.riesz_mult)
 
     def riesz_inverse(self) -> PETSc.Mat:
         """The inverse Riesz map as a shell Mat."""
-        return self._shell(self.riesz_inverse_mult)
+        sizes = (self.local_size, self.global_size)
+        return shell_mat(sizes, self.comm, apply=self.riesz_inverse_mult)
 
     def inner(self, x: PETSc.Vec, y: PETSc.Vec) -> float:
         """The parameter inner product ``x^T R y`` (collective)."""
@@ -459,11 +444,9 @@ class ParameterSpace:
                 is not found (on every rank together).
         """
         error = None
-        if self.comm.rank == 0:
-            error = self._check_global_dict(d, source)
-        error = self.comm.bcast(error, root=0)
-        if error is not None:
-            raise InputError(source, error[0], error[1], error[2])
+        if self.comm.rank == 0 and (found := self._check_global_dict(d, source)) is not None:
+            error = InputError(source, *found)
+        raise_on_every_rank(self.comm, error)
         given = d if d is not None else {}  # only rank 0's d is read (checked above)
         a = x.getArray()
         for b in self.scalar_blocks:

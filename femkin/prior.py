@@ -21,6 +21,7 @@ import numpy as np
 from femkin._fem import PETSc, dolfinx, ufl
 from femkin.errors import InputError
 from femkin.parameters import ParameterSpace, block_key_str, hashed_normal, rounded_coordinates
+from femkin.petsc_tools import mass_matrix, mass_solver, solved
 
 #: hIPPYlib's Robin coefficient divisor (Roininen et al. 2014), reduces boundary inflation.
 ROBIN_BETA = 1.42
@@ -79,8 +80,7 @@ class BiLaplacianPrior:
             a += self.gamma * np.sqrt(self.delta / self.gamma) / ROBIN_BETA * u * v * ufl.ds
         self.A = dolfinx.fem.petsc.assemble_matrix(dolfinx.fem.form(a))
         self.A.assemble()
-        self.M = dolfinx.fem.petsc.assemble_matrix(dolfinx.fem.form(u * v * ufl.dx))
-        self.M.assemble()
+        self.M = mass_matrix(V)
         self.n_local = V.dofmap.index_map.size_local
         self.n_global = V.dofmap.index_map.size_global
         self.Asolver = PETSc.KSP().create(self.comm)
@@ -90,11 +90,7 @@ class BiLaplacianPrior:
         self.Asolver.getPC().setType("lu")
         self.Asolver.getPC().setFactorSolverType("mumps")
         self.Asolver.setFromOptions()
-        self.Msolver = PETSc.KSP().create(self.comm)
-        self.Msolver.setOperators(self.M)
-        self.Msolver.setType("cg")
-        self.Msolver.getPC().setType("jacobi")
-        self.Msolver.setTolerances(rtol=1e-14, atol=1e-300, max_it=1000)
+        self.Msolver = mass_solver(self.M)
         ones, self.sqrt_ML = self.M.createVecs()
         ones.set(1.0)
         self.M.mult(ones, self.sqrt_ML)
@@ -107,8 +103,7 @@ class BiLaplacianPrior:
         self._w1, self._w2 = self.M.createVecs()
 
     def _solve(self, ksp: PETSc.KSP, b: PETSc.Vec, x: PETSc.Vec) -> None:
-        ksp.solve(b, x)
-        if ksp.getConvergedReason() <= 0:
+        if not solved(ksp, b, x):
             raise RuntimeError(f"prior solve failed: reason {ksp.getConvergedReason()}")
 
     def create_vector(self) -> PETSc.Vec:

@@ -7,22 +7,14 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from femkin.io.atomic import atomic_write
 from femkin.physics.acr import ln_j0, mu_h
 
 C_GRID = np.linspace(0.01, 0.99, 99)
-
-
-def atomic_write(path: Path, writer) -> None:
-    """Call ``writer(tmp_path)`` then rename onto ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    writer(tmp)
-    os.replace(tmp, path)
 
 
 def curves(params) -> dict[str, np.ndarray]:

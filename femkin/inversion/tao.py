@@ -28,6 +28,7 @@ import numpy as np
 from femkin._fem import PETSc
 from femkin.errors import ConvergenceError, InputError
 from femkin.parameters import ParameterSpace
+from femkin.petsc_tools import ApplyContext, shell_mat
 
 NEWTON_TYPES = ("nls", "bnls", "ntr", "bntr", "ntl", "bntl")
 LMVM_TYPES = ("lmvm", "blmvm")
@@ -115,24 +116,8 @@ class _HessianContext:
         self.shift_value += a
 
 
-class _ApplyContext:
-    """Python Mat/PC context applying a function ``f(x, y)``."""
-
-    def __init__(self, f: Callable[[PETSc.Vec, PETSc.Vec], None]):
-        self.f = f
-
-    def mult(self, mat, x, y):
-        self.f(x, y)
-
-    def apply(self, pc, x, y):
-        self.f(x, y)
-
-
 def _shell(space: ParameterSpace, context) -> PETSc.Mat:
-    sizes = (space.local_size, space.global_size)
-    A = PETSc.Mat().createPython((sizes, sizes), context=context, comm=space.comm)
-    A.setUp()
-    return A
+    return shell_mat((space.local_size, space.global_size), space.comm, context=context)
 
 
 class _ReducedCovariancePC:
@@ -337,12 +322,12 @@ def minimize(
         # BLMVM projects its step onto the feasible set; with a non-diagonal H0 the projected
         # step is no longer a descent direction once bounds are active (line-search failures
         # in the tests), so bounded BLMVM keeps TAO's default diagonal H0.
-        precision = _shell(space, _ApplyContext(prior.precision_mult))
+        precision = _shell(space, ApplyContext(prior.precision_mult))
         tao.setLMVMH0(precision)
         tao.setUp()
         h0_ksp = tao.getLMVMH0KSP()
         h0_ksp.setType(PETSc.KSP.Type.PREONLY)
-        _set_python_pc(h0_ksp, _ApplyContext(prior.covariance_mult))
+        _set_python_pc(h0_ksp, ApplyContext(prior.covariance_mult))
     try:
         try:
             tao.solve(x)
