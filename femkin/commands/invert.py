@@ -60,10 +60,8 @@ def invert(case_path, *, resume: bool = False, quiet: bool = False, comm=None):
             history = state["history"]
             problem.set_schedules(state.get("schedules", {}))
             if comm.rank == 0 and not quiet:
-                print(
-                    f"resuming from {ckpt} at iteration {len(history) and history[-1]['iteration']}",
-                    flush=True,
-                )
+                at = len(history) and history[-1]["iteration"]
+                print(f"resuming from {ckpt} at iteration {at}", flush=True)
     start_it = history[-1]["iteration"] if history else 0
 
     def monitor(rec, x):
