@@ -37,7 +37,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from femkin.errors import InputError
+from femkin.errors import InputError, raise_on_every_rank
+from femkin.io.atomic import atomic_write
+from femkin.mesh_import import particle_mesh_file, read_particle_mesh
 from femkin.outputs import PRIVATE, scratch_dir
 
 #: Default limit of the estimated triangles per particle (``[mesh] max_cells``).
@@ -134,11 +136,11 @@ def particle_polygons(
     rings.sort(key=lambda r: -abs(_signed_area(r)))
     rings = [_oriented(r, ccw=(k == 0)) for k, r in enumerate(rings)]
     smoothed = [_smoothed(r, smoothing) for r in rings]
-    keep = [0] + [k for k in range(1, len(rings)) if abs(_signed_area(smoothed[k])) > 0.25]
-    out = _simplified([smoothed[k] for k in keep], simplify)
+    kept = [0] + [k for k in range(1, len(rings)) if abs(_signed_area(smoothed[k])) > 0.25]
+    out = _simplified([smoothed[k] for k in kept], simplify)
     # Smoothing and chords of convex stretches shrink a ring; an offset along the vertex normals
     # restores the area enclosed by the level set (which matches the pixel count).
-    corrected = [_area_restored(r, _signed_area(rings[k])) for r, k in zip(out, keep, strict=True)]
+    corrected = [_area_restored(r, _signed_area(rings[k])) for r, k in zip(out, kept, strict=True)]
     if not _intersecting(corrected):
         out = corrected
     return [r * pixel_size for r in out]
@@ -313,6 +315,9 @@ def mesh_particle(
     min_hole_area: float = 4.0,
     cache_dir: str | os.PathLike | None = None,
     source: str = "mask",
+    files: dict[int, str] | str | None = None,
+    file_unit: str = "um",
+    footprint_tolerance: float = 0.1,
     max_cells: int = MAX_CELLS,
 ) -> ParticleMesh:
     """Mesh one particle of a label mask with triangles on ``comm``.
@@ -323,9 +328,16 @@ def mesh_particle(
         pixel_size: Pixel size in micrometres.
         comm: MPI communicator of the mesh.
         size: Target element size, pixels.
-        smoothing, simplify, min_hole_area: See :func:`particle_polygons`.
+        smoothing: Boundary smoothing, see :func:`particle_polygons`.
+        simplify: Boundary simplification tolerance, see :func:`particle_polygons`.
+        min_hole_area: Smallest hole kept, see :func:`particle_polygons`.
         cache_dir: Folder of cached ``.msh`` files (reused when present), or None.
         source: Named in error messages.
+        files: The particles' own meshes (``[mesh] files``: label -> path, or a path pattern
+            with ``{label}``); when given, the particle's file is read and checked against its
+            pixels instead of meshing the mask (:mod:`femkin.mesh_import`).
+        file_unit: Unit of those files' coordinates, ``"um"`` or ``"pixel"``.
+        footprint_tolerance: Relative area and containment mismatch allowed for those files.
         max_cells: Refuse a mesh of more (estimated) triangles than this.
 
     Raises:
@@ -333,6 +345,14 @@ def mesh_particle(
             unwritable cache folder, or a particle gmsh cannot mesh (raised on every rank).
     """
     _indicator(mask, label, source)  # every rank validates before any collective call
+    if files is not None:
+        path = particle_mesh_file(files, label, source)
+        mesh = read_particle_mesh(
+            path, mask, label, pixel_size, comm, unit=file_unit, tolerance=footprint_tolerance
+        )
+        return ParticleMesh(
+            mesh, int(label), float(pixel_size), comm.allreduce(_local_area(mesh)), path
+        )
     if not (np.isfinite(size) and size > 0):
         raise InputError(source, "mesh.size", "a positive element size in pixels", size)
     if not (np.isfinite(pixel_size) and pixel_size > 0):
@@ -369,14 +389,12 @@ def mesh_particle(
                 if target is not None:
                     msh = _store(msh, target)
         except InputError as err:
-            error = (err.file, err.field, err.expected, err.found)
+            error = err
         except OSError as err:
             where = err.filename or cache
-            error = (str(where), None, "a writable mesh folder", f"{err.strerror or err}")
-    error = comm.bcast(error, root=0)
+            error = InputError(str(where), None, "a writable mesh folder", f"{err.strerror or err}")
     try:
-        if error is not None:
-            raise InputError(*error)
+        raise_on_every_rank(comm, error)
         mesh = read_msh(msh, comm, home=home)
     finally:
         if scratch is not None:
@@ -388,9 +406,7 @@ def mesh_particle(
 def _store(msh: Path, target: Path) -> Path:
     """Copy a new mesh into the cache atomically."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(f".tmp{os.getpid()}")
-    shutil.copyfile(msh, tmp)
-    os.replace(tmp, target)
+    atomic_write(target, lambda tmp: shutil.copyfile(msh, tmp))
     return target
 
 
@@ -445,10 +461,10 @@ def read_msh(path: str | os.PathLike | None, comm, *, home: Path | None = None) 
                 raise ValueError("no physical surface group")
         except Exception as err:
             _gmsh_stop()
-            error = (str(path), None, "a readable 2-D gmsh mesh", f"{type(err).__name__}: {err}")
-    error = comm.bcast(error, root=0)
-    if error is not None:
-        raise InputError(*error)
+            error = InputError(
+                path, None, "a readable 2-D gmsh mesh", f"{type(err).__name__}: {err}"
+            )
+    raise_on_every_rank(comm, error)
     if comm.rank == 0:
         import gmsh
 
@@ -593,7 +609,9 @@ def plot_mesh(particle_mesh: ParticleMesh, mask: np.ndarray, path: str | os.Path
         extent=(0, cols * ps, rows * ps, 0),
         interpolation="nearest",
     )
-    ax.add_collection(PolyCollection(tri, facecolors="none", edgecolors="tab:blue", linewidths=0.4))
+    ax.add_collection(
+        PolyCollection(list(tri), facecolors="none", edgecolors="tab:blue", linewidths=0.4)
+    )
     lo, hi = tri.reshape(-1, 2).min(axis=0), tri.reshape(-1, 2).max(axis=0)
     pad = 2 * ps
     ax.set_xlim(lo[0] - pad, hi[0] + pad)

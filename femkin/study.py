@@ -134,11 +134,11 @@ def collective(comm, func, *args, **kwargs):
     except OSError as e:  # a file that cannot be read or written: the user's to fix
         err = FemkinError(os_error_message(e))
     errors = comm.allgather(None if err is None else (type(err), str(err)))
-    for e in errors:
-        if e is not None:
+    for found in errors:
+        if found is not None:
             if err is not None:
                 raise err
-            cls, msg = e
+            cls, msg = found
             raise FemkinError(msg)
     return result
 
@@ -151,7 +151,7 @@ def open_study(path, comm=MPI.COMM_WORLD, *, simulated: bool | None = None) -> S
         twin = case.simulate is not None if simulated is None else simulated
         if twin:
             video_path = case.dir / "simulated" / "video.npz"
-            truth = case.dir / "simulated" / "truth.npz"
+            truth: Path | None = case.dir / "simulated" / "truth.npz"
             if not video_path.exists():
                 raise InputError(
                     video_path,
@@ -288,7 +288,7 @@ def build_meshes(comm, study: Study, labels, *, size: float | None = None, quiet
     opts = dict(study.case.mesh)
     if size is not None:
         opts["size"] = size
-    for lb in labels:  # before any meshing: the case file's key is the one to change
+    for lb in labels if not opts.get("files") else ():  # own meshes: no size to check
         check_cell_count(
             video.mask,
             int(lb),
@@ -299,20 +299,26 @@ def build_meshes(comm, study: Study, labels, *, size: float | None = None, quiet
         )
     meshes = {}
     bar = Progress(f"mesh: {len(dist.mine)} particle(s)", len(dist.mine), comm=comm, quiet=quiet)
-    for i in dist.mine:
-        label = int(labels[i])
-        pm = mesh_particle(
-            video.mask,
-            label,
-            video.pixel_size,
-            dist.subcomm,
-            **opts,
-            cache_dir=study.case.dir / "meshes",
-            source=str(study.video_path),
-        )
-        meshes[label] = pm.mesh
-        bar.update()
-    bar.close()
+
+    def mesh_group():  # a group's error (bad mask, mesh file) reaches every rank of comm
+        for i in dist.mine:
+            label = int(labels[i])
+            pm = mesh_particle(
+                video.mask,
+                label,
+                video.pixel_size,
+                dist.subcomm,
+                **opts,
+                cache_dir=study.case.dir / "meshes",
+                source=str(study.video_path),
+            )
+            meshes[label] = pm.mesh
+            bar.update()
+
+    try:
+        collective(comm, mesh_group)
+    finally:
+        bar.close()
     return dist, meshes
 
 
