@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit:
         raise
     except BaseException as err:  # noqa: BLE001 - every failure ends with one line and a code
-        return _failed(err, world, errors, debug=args.debug)
+        rc = _failed(err, world, errors, debug=args.debug)  # returns when every rank failed
+    if errors is not None:
+        errors.Free()  # collective: every rank is here (or the job was aborted)
     return int(rc or 0)
 
 
