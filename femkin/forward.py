@@ -575,6 +575,7 @@ class ParticleModel:
                 else:
                     step = min(step, 0.5 * rem)  # two even steps rather than a sliver
                     t_new = t + step
+                step = t_new - t  # exactly the step the trajectory's times give
             h_prev = t - hist_t[-2] if len(hist) >= 2 else None
             a, g = acr.bdf2_weights(step, h_prev)
             self.set_weights(a)
