@@ -24,13 +24,13 @@ more in the direction of the tangent, which gives full Hessian actions.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
 
 from femkin._fem import MPI, PETSc, dolfinx, ufl
+from femkin.factor_cache import FactorCache
 from femkin.forward import ParticleModel, Trajectory
 
 
@@ -93,10 +93,6 @@ class ParticleDerivatives:
     """
 
     STEP_SCALARS = ("mu_e", "cbar")
-    #: MUMPS factorisations kept by all instances of this process (each holds an MPI
-    #: communicator, of which MPICH has 2048); on one rank PETSc's own LU is kept instead.
-    MUMPS_CACHE_LIMIT = 256
-    _mumps_cached = 0
 
     def __init__(self, model: ParticleModel):
         self.model = model
@@ -121,12 +117,8 @@ class ParticleDerivatives:
         self.x = dolfinx.fem.petsc.create_vector(W)
         self.bV = dolfinx.fem.petsc.create_vector(V)
         self._scalar_vecs: dict = {}
-        # Factorised Jacobians of the current trajectory, by step (see _use_step).
-        self._cache: dict[int, PETSc.KSP] = {}
-        self._cache_of = None
-        self._cache_key = None
-        self._cache_bytes = 0.0
-        self._factor_bytes: float | None = None
+        #: Factorised Jacobians of the current trajectory, by step (see _use_step).
+        self.factors = FactorCache(model)
         self._ksp = model.ksp
 
     # -- forms ----------------------------------------------------------------------------
@@ -238,113 +230,30 @@ class ParticleDerivatives:
         # Accounting only (no collective PETSc calls in a finaliser): the kept MUMPS
         # factorisations go with this object, so they no longer count against the limit.
         try:
-            ParticleDerivatives._mumps_cached -= sum(
-                ksp.getPC().getFactorSolverType() == "mumps" for ksp in self._cache.values()
-            )
+            self.factors.release_count()
         except Exception:  # pragma: no cover - interpreter shutdown
             pass
 
     def clear_cache(self) -> None:
         """Free the kept factorisations (done automatically when the trajectory changes)."""
-        for ksp in self._cache.values():
-            if ksp.getPC().getFactorSolverType() == "mumps":
-                ParticleDerivatives._mumps_cached -= 1
-            A = ksp.getOperators()[0]
-            ksp.destroy()
-            A.destroy()
-        self._cache = {}
-        self._cache_of = None
-        self._cache_key = None
-        self._cache_bytes = 0.0
-
-    def _fingerprint(self) -> tuple:
-        """The model's parameters (not the per-step constants): kept factorisations are valid
-        only for the trajectory and the parameters they were computed with.
-        """
-        m = self.model
-        consts = tuple(
-            float(c.value)
-            for name, v in m.constants.items()
-            if name not in self.STEP_SCALARS
-            for c in v
-        )
-        return consts, hash(m.m.x.array.tobytes())
-
-    def _cache_for(self, traj: Trajectory) -> None:
-        """Drop the kept factorisations unless they belong to ``traj`` and the current
-        parameters (called once per recursion, before its first :meth:`_use_step`).
-        """
-        key = self._fingerprint()
-        if self._cache_of is None or self._cache_of() is not traj or self._cache_key != key:
-            self.clear_cache()
-            self._cache_of = weakref.ref(traj)
-            self._cache_key = key
+        self.factors.clear()
 
     def _use_step(self, n: int, keep: bool = False) -> None:
         """Make the next solves use J at step n (the model must be at step n: set_step).
 
-        J_n depends only on the trajectory and the parameters, so one factorisation serves
-        every Hessian action at the same point (a Newton-CG inner loop, the eigensolver's
-        passes). Tangent runs (``keep``) factorise J_n afresh and keep it while the kept ones
-        fit in ``[solver] factor_cache_mb`` per process; the adjoint and second-order runs use
-        what is kept and otherwise refactorise the model's matrix (its symbolic analysis is
-        reused, which makes a lone gradient cheapest). :meth:`_cache_for` must have been
-        called for the trajectory.
+        Tangent runs (``keep``) factorise J_n afresh and keep it while the kept ones fit in
+        ``[solver] factor_cache_mb`` per process (:class:`~femkin.factor_cache.FactorCache`);
+        the adjoint and second-order runs use what is kept and otherwise refactorise the
+        model's matrix (its symbolic analysis is reused, which makes a lone gradient
+        cheapest). ``self.factors.bind`` must have been called for the trajectory.
         """
-        ksp = self._cache.get(n)
-        if ksp is not None:
-            self._ksp = ksp
-            return
-        if not keep:
+        ksp = self.factors.get(n)
+        if ksp is None and keep:
+            ksp = self.factors.factorise(n)
+        if ksp is None:
             self._assemble_jacobian()
-            return
-        m = self.model
-        budget = 2.0**20 * m.solver_options.factor_cache_mb
-        estimate = self._factor_bytes if self._factor_bytes is not None else 0.0
-        comm = m.comm
-        mumps = comm.size > 1
-        full = (
-            budget <= 0
-            or self._cache_bytes + estimate > budget
-            or (mumps and ParticleDerivatives._mumps_cached >= self.MUMPS_CACHE_LIMIT)
-        )
-        # Every rank of the particle decides alike (the factorisation is collective).
-        full = comm.allreduce(bool(full), op=MPI.LOR)
-        if full:
-            self._assemble_jacobian()
-            return
-        A = m.A.duplicate(copy=False)
-        dolfinx.fem.petsc.assemble_matrix(A, m.J)
-        A.assemble()
-        ksp = PETSc.KSP().create(comm)
-        ksp.setOperators(A)
-        ksp.setType("preonly")
-        pc = ksp.getPC()
-        pc.setType("lu")
-        if mumps:
-            pc.setFactorSolverType("mumps")
-            ParticleDerivatives._mumps_cached += 1
         else:
-            pc.setFactorSolverType("petsc")
-            pc.setFactorOrdering("nd")
-        ksp.setUp()
-        if self._factor_bytes is None:
-            self._factor_bytes = comm.allreduce(self._estimate_bytes(A, pc), op=MPI.MAX)
-        self._cache_bytes += self._factor_bytes
-        self._cache[n] = ksp
-        self._ksp = ksp
-
-    @staticmethod
-    def _estimate_bytes(A: PETSc.Mat, pc: PETSc.PC) -> float:
-        """Memory of a kept step: the matrix and its factors (8-byte values, 4-byte indices)."""
-        nnz = A.getInfo()["nz_used"]
-        try:
-            nnz_f = pc.getFactorMatrix().getInfo()["nz_used"]
-        except PETSc.Error:  # pragma: no cover - solver without MatGetInfo
-            nnz_f = 0.0
-        if nnz_f <= 0:
-            nnz_f = 20.0 * nnz  # a generous fill for 2-D P1 meshes
-        return 12.0 * (nnz + nnz_f)
+            self._ksp = ksp
 
     def _solve(self, transpose: bool, rhs: PETSc.Vec, out: dolfinx.fem.Function) -> None:
         """Solve J x = rhs or J^T x = rhs with the last assembled J; result into ``out``."""
@@ -475,7 +384,7 @@ class ParticleDerivatives:
         """
         model = self.model
         N = traj.n_steps
-        self._cache_for(traj)
+        self.factors.bind(traj)
         K = len(sources)
         keys = self._scalar_keys()
         i_cbar = self._cbar_index(keys)
@@ -553,7 +462,7 @@ class ParticleDerivatives:
     def tangent_many(self, traj: Trajectory, directions: list) -> list[list[np.ndarray]]:
         """:meth:`tangent` for several directions: one J factorisation per step for all."""
         N = traj.n_steps
-        self._cache_for(traj)
+        self.factors.bind(traj)
         rhs = self._form("tlm_rhs", self._tlm_rhs_ufl)
         outs = []
         for d in directions:
@@ -618,7 +527,7 @@ class ParticleDerivatives:
         """
         model = self.model
         N = traj.n_steps
-        self._cache_for(traj)
+        self.factors.bind(traj)
         keys = self._scalar_keys()
         i_cbar = self._cbar_index(keys)
         Wt = ufl.TestFunction(model.W)
