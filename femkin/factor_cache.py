@@ -78,8 +78,9 @@ class FactorCache:
         return consts, hash(m.m.x.array.tobytes())
 
     def bind(self, traj) -> None:
-        """Drop the kept factorisations unless they belong to ``traj`` and the current
-        parameters (call once per recursion, before its first :meth:`get`).
+        """Drop the kept factorisations unless they belong to ``traj`` and the parameters.
+
+        Call once per recursion over ``traj``, before its first :meth:`get`.
         """
         key = self.fingerprint()
         if self._of is None or self._of() is not traj or self._key != key:
@@ -109,9 +110,10 @@ class FactorCache:
 
     # -- keeping --------------------------------------------------------------------------
     def factorise(self, n: int) -> PETSc.KSP | None:
-        """Assemble J at the model's current step into a new matrix, factorise it and keep it
-        as step ``n``; None (nothing done) when the budget or the MUMPS limit is reached.
-        Collective: every rank of the particle decides alike.
+        """Factorise J at the model's current step into a new matrix and keep it as step n.
+
+        Returns the solver, or None (nothing done) when the budget or the MUMPS limit is
+        reached. Collective: every rank of the particle decides alike.
         """
         m = self.model
         budget = 2.0**20 * m.solver_options.factor_cache_mb

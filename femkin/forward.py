@@ -112,7 +112,7 @@ class SolverOptions:
     newton_max_it: int = 25
     dc_max: float = 0.02
     scheme: str = "bdf2"
-    time_tol: float = 1e-3
+    time_tol: float = 5e-4
     storage: str = "memory"
     factor_cache_mb: float = 1024.0
     petsc_options: dict = dataclasses.field(default_factory=dict)
@@ -646,7 +646,7 @@ class ParticleModel:
             return None
         ts = hist_t[-3:]
         out = np.zeros_like(hist[-1])
-        for i, (ti, ui) in enumerate(zip(ts, hist[-3:])):
+        for i, (ti, ui) in enumerate(zip(ts, hist[-3:], strict=True)):
             w = 1.0
             for j, tj in enumerate(ts):
                 if j != i:
