@@ -193,9 +193,7 @@ class ParticleDerivatives:
 
     # -- state bookkeeping --------------------------------------------------------------------
     def set_step(self, traj: Trajectory, n: int) -> None:
-        """Put the model at step n: u = u_n, u_old = u_{n-1} (u_old2 = u_{n-2}) and that
-        step's constants and weights.
-        """
+        """Put the model at step n: states u_n, u_{n-1} (and u_{n-2}), constants, weights."""
         m = self.model
         if traj.scheme != m.scheme:
             raise ValueError(f"a {traj.scheme!r} trajectory given to a {m.scheme!r} model")
@@ -476,7 +474,7 @@ class ParticleDerivatives:
             self.set_step(traj, n)
             self._use_step(n, keep=True)
             _, (g1, g2) = traj.weights(n)
-            for d, out in zip(directions, outs):
+            for d, out in zip(directions, outs, strict=True):
                 if len(directions) > 1:
                     self._set_direction(d)
                 self.du_old.x.array[:] = out[n - 1]

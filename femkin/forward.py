@@ -83,8 +83,7 @@ class ModelParameters:
 
 @dataclasses.dataclass
 class SolverOptions:
-    """Time stepping and Newton settings (the case file's ``[solver]`` section, read by
-    :func:`femkin.study.solver_options`).
+    """Time stepping and Newton settings (``[solver]``, see :func:`femkin.study.solver_options`).
 
     ``scheme`` is ``"bdf2"`` (steps from the local error estimate, ``time_tol`` in units of c)
     or ``"euler"`` (steps from the change of c, ``dc_max``).
@@ -131,6 +130,7 @@ class Trajectory:
         )
 
     def append(self, t: float, mu_e: float, cbar: float, state: np.ndarray) -> None:
+        """Keep a converged state with its time, mu_e and particle mean of c."""
         self.times.append(float(t))
         self.mu_e.append(float(mu_e))
         self.cbar.append(float(cbar))
@@ -148,9 +148,11 @@ class Trajectory:
 
     @property
     def n_steps(self) -> int:
+        """Number of steps (states minus one)."""
         return len(self.times) - 1
 
     def dt(self, n: int) -> float:
+        """Size of step n (s)."""
         return self.times[n] - self.times[n - 1]
 
     def weights(self, n: int) -> tuple[tuple[float, float, float], tuple[float, float]]:
@@ -379,7 +381,7 @@ class ParticleModel:
 
     def set_weights(self, weights: Sequence[float]) -> None:
         """Set the BDF weights (a0, a1, a2) of the next step (BDF2 scheme only)."""
-        for c, v in zip(self.bdf, weights):
+        for c, v in zip(self.bdf, weights, strict=True):
             c.value = v
 
     def newton_step(
