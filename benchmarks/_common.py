@@ -255,7 +255,7 @@ class TapedProblem:
             cb = dxa.assemble_scalar(ufl.split(self.u_old)[0] / model.area * dx)
             if multistep:
                 (a0, a1, a2), (g1, g2) = traj.weights(n)
-                for const, value in zip(weights, (a0, a1, a2)):
+                for const, value in zip(weights, (a0, a1, a2), strict=True):
                     dxa.assign(float(value), const)
                 if g2:
                     cb2 = dxa.assemble_scalar(ufl.split(self.u_old2)[0] / model.area * dx)
@@ -285,7 +285,7 @@ class TapedProblem:
         """The taped derivative: ({block: array}, m dual vector on V's owned dofs)."""
         g = self.rf.derivative()
         scal: dict[str, list] = {k: [] for k in self.blocks}
-        for (name, i), gi in zip(self.control_names[:-1], g[:-1]):
+        for (name, _i), gi in zip(self.control_names[:-1], g[:-1], strict=True):
             scal[name].append(float(np.asarray(gi.x.array).ravel()[0]) if gi.x.array.size else 0.0)
         n_own = self.m.function_space.dofmap.index_map.size_local
         return {k: np.array(v) for k, v in scal.items()}, g[-1].x.array[:n_own].copy()

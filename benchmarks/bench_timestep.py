@@ -25,23 +25,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
 
 import numpy as np
+from _common import demo_mask
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from _common import demo_mask  # noqa: E402
-
-from femkin._fem import MPI  # noqa: E402
-from femkin.adjoint import Direction, ParticleDerivatives  # noqa: E402
-from femkin.driving import Driving  # noqa: E402
-from femkin.forward import ModelParameters, ParticleModel, SolverOptions  # noqa: E402
-from femkin.meshing import mesh_particle  # noqa: E402
-from femkin.observation import build_observation  # noqa: E402
+from femkin._fem import MPI
+from femkin.adjoint import Direction, ParticleDerivatives
+from femkin.driving import Driving
+from femkin.forward import ModelParameters, ParticleModel, SolverOptions
+from femkin.meshing import mesh_particle
+from femkin.observation import build_observation
 
 TRUTH = ModelParameters(mu_h=(3.2, 0.0, 0.6), j0=(-0.6, 0.3), k0=1.5e-3, kappa=0.005)
 FRAMES = np.linspace(0.0, 3000.0, 25)

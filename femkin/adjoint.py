@@ -25,7 +25,7 @@ more in the direction of the tangent, which gives full Hessian actions.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -138,7 +138,7 @@ class ParticleDerivatives:
         if self.multistep:
             out += ufl.derivative(form, m.u_old2, self.du_old2)
         for name, variables in m.variables.items():
-            for var, dc in zip(variables, self.dconst[name]):
+            for var, dc in zip(variables, self.dconst[name], strict=True):
                 out += dc * _diff_form(form, var)
         return out
 
@@ -148,7 +148,7 @@ class ParticleDerivatives:
         if self.multistep:
             out += ufl.derivative(m.F_ufl, m.u_old2, self.du_old2)
         for name, variables in m.variables.items():
-            for var, dc in zip(variables, self.dconst[name]):
+            for var, dc in zip(variables, self.dconst[name], strict=True):
                 out += dc * _diff_form(m.F_ufl, var)
         return out
 
@@ -199,7 +199,7 @@ class ParticleDerivatives:
             raise ValueError(f"a {traj.scheme!r} trajectory given to a {m.scheme!r} model")
         m.u.x.array[:] = traj.state(n)
         m.u_old.x.array[:] = traj.state(n - 1)
-        if self.multistep:
+        if m.u_old2 is not None:
             m.u_old2.x.array[:] = traj.state(max(n - 2, 0))
             m.set_weights(traj.weights(n)[0])
         m.dt.value = traj.dt(n)
@@ -292,7 +292,7 @@ class ParticleDerivatives:
         ]
 
     # -- helpers shared by the recursions -----------------------------------------------------
-    def _new_sensitivities(self, N: int):
+    def _new_sensitivities(self, N: int) -> tuple[dict[str, np.ndarray], Any, np.ndarray]:
         """Zeroed accumulators: (scalars dict, m dual vector or None, mu_e array)."""
         scal = {name: np.zeros(len(v)) for name, v in self.model.variables.items()}
         g_m = None
@@ -307,7 +307,7 @@ class ParticleDerivatives:
         """Add one step's local scalar sensitivities (in the order of ``keys``): mu_e per step,
         cbar not at all (it enters the recursion instead). Returns the global cbar component.
         """
-        for (name, i), v in zip(keys, values):
+        for (name, i), v in zip(keys, values, strict=True):
             if name == "mu_e":
                 mu_e_sens[n] += v
             elif name != "cbar":
@@ -392,7 +392,7 @@ class ParticleDerivatives:
         )
         dFl_dm = self._form("dFl_dm", lambda: ufl.derivative(self.F_lam, model.m, self.v_test))
         acc = [self._new_sensitivities(N) for _ in range(K)]
-        lambdas = [[None] * (N + 1) if store else None for _ in range(K)]
+        lambdas: list[Any] = [[None] * (N + 1) if store else None for _ in range(K)]
         rhs_old2 = None
         if self.multistep:
             rhs_old2 = self._form(

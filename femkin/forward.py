@@ -130,7 +130,7 @@ class Trajectory:
         )
 
     def append(self, t: float, mu_e: float, cbar: float, state: np.ndarray) -> None:
-        """Keep a converged state with its time, mu_e and particle mean of c."""
+        """Record time ``t`` (s): mu_e, mean Li fraction and the state (owned + ghost values)."""
         self.times.append(float(t))
         self.mu_e.append(float(mu_e))
         self.cbar.append(float(cbar))
@@ -148,11 +148,11 @@ class Trajectory:
 
     @property
     def n_steps(self) -> int:
-        """Number of steps (states minus one)."""
+        """The number of time steps (stored states minus the initial one)."""
         return len(self.times) - 1
 
     def dt(self, n: int) -> float:
-        """Size of step n (s)."""
+        """The length (s) of step ``n`` (from state n-1 to n)."""
         return self.times[n] - self.times[n - 1]
 
     def weights(self, n: int) -> tuple[tuple[float, float, float], tuple[float, float]]:
@@ -301,7 +301,7 @@ class ParticleModel:
             )
         self.parameters = dataclasses.replace(parameters)
         for name, values in parameters.block_values().items():
-            for c, v in zip(self.constants[name], values):
+            for c, v in zip(self.constants[name], values, strict=True):
                 c.value = v
         self.p.value, self.q.value = parameters.j0_prefactor
         self.alpha.value = parameters.alpha
@@ -425,7 +425,7 @@ class ParticleModel:
     # -- time stepping ----------------------------------------------------------------------
     def solve(
         self,
-        frame_times: Sequence[float],
+        frame_times: Sequence[float] | np.ndarray,
         driving: Callable[[float], float],
         c0: np.ndarray,
         *,
@@ -451,7 +451,7 @@ class ParticleModel:
             ConvergenceError: Newton failed with the step at its floor.
         """
         o = self.solver_options
-        frame_times = np.asarray(frame_times, dtype=float)
+        frame_times = [float(t) for t in frame_times]
         traj = Trajectory(storage or o.storage, self.scheme)
         self.u.x.array[:] = 0.0
         nV = len(self.c_dofs)
@@ -532,6 +532,8 @@ class ParticleModel:
         comm = self.comm
         cd = self.c_dofs
         n_own = len(self.x.array)
+        u_old2 = self.u_old2
+        assert u_old2 is not None  # a BDF2 model
         t = float(frame_times[0])
         t_end = float(frame_times[-1])
         scale = max(1.0, abs(t_end))
@@ -571,7 +573,7 @@ class ParticleModel:
             a, g = acr.bdf2_weights(step, h_prev)
             self.set_weights(a)
             self.u_old.x.array[:] = hist[-1]
-            self.u_old2.x.array[:] = hist[-2] if len(hist) >= 2 else hist[-1]
+            u_old2.x.array[:] = hist[-2] if len(hist) >= 2 else hist[-1]
             cbar = g[0] * cbars[-1] + (g[1] * cbars[-2] if len(hist) >= 2 else 0.0)
             pred = self._extrapolated(hist, hist_t, t_new)
             guess = None
@@ -596,7 +598,7 @@ class ParticleModel:
                 continue
             if schedule is None:
                 c_new = self.u.x.array[cd]
-                if len(hist) == 1:
+                if len(hist) == 1 or pred is None:
                     err_local, order = 0.5 * np.abs(c_new - hist[0][cd]), 1
                 elif len(hist) == 2:
                     err_local, order = np.abs(c_new - pred[cd]), 2
