@@ -117,6 +117,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "files": Key("files?", None, None, "own meshes: {label = path} or a path with {label}"),
         "file_unit": Key("str", "um", _one_of("um", "pixel"), "unit of the files' coordinates"),
         "footprint_tolerance": Key("float", 0.1, OPEN_UNIT, "relative mismatch allowed"),
+        "max_cells": Key(
+            "int", 1_000_000, AT_LEAST_ONE, "refuse a mesh estimated above this many cells/particle"
+        ),
     },
     "model": {
         "kappa": Key("float", 0.02, NON_NEGATIVE, "gradient energy coefficient, kT um^2"),

@@ -400,7 +400,11 @@ class ParticleModel:
             self.x.array[:] = guess
         try:
             self.snes.solve(None, self.x)
-        except PETSc.Error:
+        except PETSc.Error as err:
+            if err.__cause__ is not None:
+                # a Python exception inside a callback (Ctrl-C, a full disk, a bug) is not a
+                # Newton failure: halving the step would hide it
+                raise err.__cause__ from None
             return False, self.snes.getIterationNumber(), -99
         reason = self.snes.getConvergedReason()
         its = self.snes.getIterationNumber()

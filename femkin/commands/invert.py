@@ -37,15 +37,24 @@ def invert(case_path, *, resume: bool = False, quiet: bool = False, comm=None):
     from femkin._fem import MPI
     from femkin.inversion.checkpoint import read_checkpoint, write_checkpoint
     from femkin.inversion.fit import build_prior, solve_map
+    from femkin.outputs import ResultSet, shared_run_id
     from femkin.report import write_fit_results
-    from femkin.study import build_problem, checkpoint_path, checkpoint_settings, open_study
+    from femkin.study import (
+        build_problem,
+        checkpoint_path,
+        checkpoint_settings,
+        open_study,
+        require_writable,
+    )
 
     comm = comm or MPI.COMM_WORLD
     timings = {}
     t0 = time.perf_counter()
     study = open_study(case_path, comm)
     case = study.case
-    problem = build_problem(study, comm, quiet=quiet)
+    require_writable(comm, study, "meshes", "checkpoints", "results", ".femkin")
+    run_id = shared_run_id(comm)
+    problem = build_problem(study, comm, quiet=quiet, require_data=True)
     timings["setup"] = time.perf_counter() - t0
     x0 = problem.initial_vector()
     prior = build_prior(problem, case.inversion["prior"], x0)
@@ -57,6 +66,7 @@ def invert(case_path, *, resume: bool = False, quiet: bool = False, comm=None):
     if resume:
         state = read_checkpoint(ckpt, problem.space, x_start, case_hash=case_hash)
         if state is not None:
+            run_id = state.get("run_id", run_id)  # a resumed fit is the same run
             history = state["history"]
             problem.set_schedules(state.get("schedules", {}))
             if comm.rank == 0 and not quiet:
@@ -82,6 +92,7 @@ def invert(case_path, *, resume: bool = False, quiet: bool = False, comm=None):
                     "history": history,
                     "settings": settings,
                     "schedules": problem.schedules(),
+                    "run_id": run_id,
                 },
             )
 
@@ -121,13 +132,15 @@ def invert(case_path, *, resume: bool = False, quiet: bool = False, comm=None):
             "settings": settings,
             "done": True,
             "schedules": problem.schedules(),
+            "run_id": run_id,
         },
     )
     timings["fit"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     problem.misfit(result.x)
-    write_fit_results(study, problem, result, timings)
-    comm.barrier()  # every rank returns once the result files exist
+    # One consistent set: results/ is replaced only once every file is written.
+    with ResultSet(case.dir, comm, verb="invert", run_id=run_id):
+        write_fit_results(study, problem, result, timings)
     timings["results"] = time.perf_counter() - t2
     return problem, result, timings, prior
 

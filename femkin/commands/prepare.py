@@ -75,7 +75,8 @@ def register(subparsers) -> None:
         "--bootstrap",
         type=int,
         default=100,
-        help="bootstrap resamples of the energies for sigma (default 100)",
+        help="bootstrap resamples of the energies for sigma (default 100; 0: no sigma, then "
+        "the case needs [data] sigma)",
     )
     parser.add_argument(
         "--case",
@@ -158,10 +159,12 @@ def _work(args: argparse.Namespace) -> str:
     for k in range(result.c.shape[0]):
         import numpy as np
 
-        lines.append(
-            f"t = {result.t[k]:g} s: mean c {np.nanmean(result.c[k]):.3f}, "
-            f"median sigma {np.nanmedian(result.sigma[k]):.3f}"
+        noise = (
+            "" if result.sigma is None else f", median sigma {np.nanmedian(result.sigma[k]):.3f}"
         )
+        lines.append(f"t = {result.t[k]:g} s: mean c {np.nanmean(result.c[k]):.3f}{noise}")
+    if result.sigma is None:
+        lines.append("no sigma written (--bootstrap 0): set [data] sigma in the case file")
     lines.append(f"wrote {out} and {png}")
     return "\n".join(lines)
 
