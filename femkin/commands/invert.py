@@ -1,9 +1,9 @@
 """``femkin invert CASE``: fit mu_h, j0, k0 and k(x) (the ``[inversion] learn`` blocks).
 
 Meshes (cached), fits with PETSc TAO (options prefix ``femkin_``: ``-femkin_tao_type``; PETSc
-options from the case's ``[inversion] petsc_options`` and the command line), checkpoints after every iteration
-(``CASE/checkpoints/state.npz``, written atomically; ``--resume`` continues from it) and writes
-``CASE/results/`` (:func:`femkin.report.write_fit_results`).
+options from the case's ``[inversion] petsc_options`` and the command line), checkpoints after
+every iteration (``CASE/checkpoints/state.npz``, written atomically; ``--resume`` continues
+from it) and writes ``CASE/results/`` (:func:`femkin.report.write_fit_results`).
 """
 
 from __future__ import annotations
@@ -37,24 +37,15 @@ def invert(case_path, *, resume: bool = False, quiet: bool = False, comm=None):
     from femkin._fem import MPI
     from femkin.inversion.checkpoint import read_checkpoint, write_checkpoint
     from femkin.inversion.fit import build_prior, solve_map
-    from femkin.outputs import ResultSet, shared_run_id
     from femkin.report import write_fit_results
-    from femkin.study import (
-        build_problem,
-        checkpoint_path,
-        checkpoint_settings,
-        open_study,
-        require_writable,
-    )
+    from femkin.study import build_problem, checkpoint_path, checkpoint_settings, open_study
 
     comm = comm or MPI.COMM_WORLD
     timings = {}
     t0 = time.perf_counter()
     study = open_study(case_path, comm)
     case = study.case
-    require_writable(comm, study, "meshes", "checkpoints", "results", ".femkin")
-    run_id = shared_run_id(comm)
-    problem = build_problem(study, comm, quiet=quiet, require_data=True)
+    problem = build_problem(study, comm, quiet=quiet)
     timings["setup"] = time.perf_counter() - t0
     x0 = problem.initial_vector()
     prior = build_prior(problem, case.inversion["prior"], x0)
@@ -66,7 +57,6 @@ def invert(case_path, *, resume: bool = False, quiet: bool = False, comm=None):
     if resume:
         state = read_checkpoint(ckpt, problem.space, x_start, case_hash=case_hash)
         if state is not None:
-            run_id = state.get("run_id", run_id)  # a resumed fit is the same run
             history = state["history"]
             problem.set_schedules(state.get("schedules", {}))
             if comm.rank == 0 and not quiet:
@@ -92,7 +82,6 @@ def invert(case_path, *, resume: bool = False, quiet: bool = False, comm=None):
                     "history": history,
                     "settings": settings,
                     "schedules": problem.schedules(),
-                    "run_id": run_id,
                 },
             )
 
@@ -132,15 +121,13 @@ def invert(case_path, *, resume: bool = False, quiet: bool = False, comm=None):
             "settings": settings,
             "done": True,
             "schedules": problem.schedules(),
-            "run_id": run_id,
         },
     )
     timings["fit"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     problem.misfit(result.x)
-    # One consistent set: results/ is replaced only once every file is written.
-    with ResultSet(case.dir, comm, verb="invert", run_id=run_id):
-        write_fit_results(study, problem, result, timings)
+    write_fit_results(study, problem, result, timings)
+    comm.barrier()  # every rank returns once the result files exist
     timings["results"] = time.perf_counter() - t2
     return problem, result, timings, prior
 
