@@ -13,7 +13,7 @@ import importlib
 import sys
 
 # Order is the order shown by ``femkin --help``.
-VERBS = ("prepare", "mesh", "simulate", "verify", "invert", "uq", "run")
+VERBS = ("init", "prepare", "mesh", "simulate", "verify", "invert", "uq", "run")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +56,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"femkin: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        from femkin.sysdeps import diagnose
+
+        problem = diagnose(err)  # a missing library or compiler, not a bug: one line
+        if problem is None or args.debug:
+            raise
+        print(f"femkin: error: {problem}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # pragma: no cover
         print("femkin: interrupted", file=sys.stderr)

@@ -32,6 +32,14 @@ class CaseError(InputError):
     """A bad case file: unknown key, wrong type, missing key."""
 
 
+class SystemDependencyError(FemkinError):
+    """A system library, the C compiler or a writable folder that femkin needs is missing.
+
+    The installation is at fault, not the data: the message names what is missing and how to
+    install it (see :mod:`femkin.sysdeps`).
+    """
+
+
 class ConvergenceError(FemkinError):
     """A solver (Newton, TAO, eigensolver) did not converge."""
 

@@ -28,7 +28,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from femkin.errors import InputError
+from femkin.errors import InputError, SystemDependencyError
+from femkin.sysdeps import diagnose
 
 #: Bump when the polygon or gmsh recipe changes: invalidates every cached mesh.
 MESH_VERSION = 1
@@ -301,11 +302,16 @@ def mesh_particle(
         except InputError as err:
             error = (err.file, err.field, err.expected, err.found)
         except Exception as err:  # gmsh raises plain Exceptions
-            error = (source, "mask", f"a particle {label} that gmsh can mesh", f"gmsh: {err}")
+            problem = diagnose(err)  # a missing system library is not the data's fault
+            error = (
+                (str(problem),)
+                if problem is not None
+                else (source, "mask", f"a particle {label} that gmsh can mesh", f"gmsh: {err}")
+            )
     error = comm.bcast(error, root=0)
     try:
         if error is not None:
-            raise InputError(*error)
+            raise InputError(*error) if len(error) == 4 else SystemDependencyError(*error)
         mesh = read_msh(msh, comm)
     finally:
         if scratch is not None:
@@ -328,9 +334,9 @@ def read_msh(path: str | os.PathLike | None, comm) -> Any:
 
     error = None
     if comm.rank == 0:
-        import gmsh
-
         try:
+            import gmsh
+
             if path is None or not Path(path).is_file():
                 raise FileNotFoundError("no such file")
             _gmsh_start()
@@ -339,11 +345,19 @@ def read_msh(path: str | os.PathLike | None, comm) -> Any:
             if not gmsh.model.getPhysicalGroups(2):
                 raise ValueError("no physical surface group")
         except Exception as err:
-            _gmsh_stop()
-            error = (str(path), None, "a readable 2-D gmsh mesh", f"{type(err).__name__}: {err}")
+            if (problem := diagnose(err)) is not None:
+                error = (str(problem),)
+            else:
+                _gmsh_stop()
+                error = (
+                    str(path),
+                    None,
+                    "a readable 2-D gmsh mesh",
+                    f"{type(err).__name__}: {err}",
+                )
     error = comm.bcast(error, root=0)
     if error is not None:
-        raise InputError(*error)
+        raise InputError(*error) if len(error) == 4 else SystemDependencyError(*error)
     if comm.rank == 0:
         import gmsh
 

@@ -10,6 +10,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from femkin.errors import CaseError, FemkinError, InputError
 
 
@@ -62,7 +64,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--bootstrap",
         type=int,
-        default=100,
+        default=None,
         help="bootstrap resamples of the energies for sigma (default 100)",
     )
     parser.add_argument(
@@ -84,6 +86,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "threshold": None,
         "min_size": 20,
         "times": None,
+        "bootstrap": 100,
     }
     source = "command line"
     if args.case is not None:
@@ -99,7 +102,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         out["out"] = case.resolve(sec.get("out") or "data/video.npz")
     if args.stacks:
         out["stacks"] = list(args.stacks)
-    for key in ("references", "out", "i0_region", "threshold", "min_size", "times"):
+    for key in ("references", "out", "i0_region", "threshold", "min_size", "times", "bootstrap"):
         value = getattr(args, key)
         if value is not None:
             out[key] = value
@@ -111,11 +114,33 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _work(args: argparse.Namespace) -> str:
+#: The settings that change what prepare makes from the same files (see femkin.stxm.provenance).
+RECORDED = ("i0_region", "threshold", "min_size", "times", "bootstrap")
+
+
+def _work(args: argparse.Namespace, *, if_stale: bool = False) -> tuple[str, bool]:
+    """Prepare (rank 0); with ``if_stale``, only when the video is not current.
+
+    Returns the report and whether a video was written.
+    """
     from femkin.io.video import Video, validate_video, write_video
     from femkin.stxm import prepare, read_references, read_stack, write_summary
+    from femkin.stxm.provenance import input_files, record_path, stale_reason, write_record
 
     cfg = settings(args)
+    out = Path(cfg["out"])
+    recorded = {k: cfg[k] for k in RECORDED}
+    files = input_files(cfg["stacks"], cfg["references"])
+    if if_stale:
+        reason = stale_reason(out, recorded, files)
+        if reason is None:
+            return (
+                f"prepare: {out} is current ({len(files)} input files and the [prepare] "
+                f"settings unchanged since {record_path(out).name}); skipped",
+                False,
+            )
+    else:
+        reason = "requested"
     stacks = [read_stack(p) for p in cfg["stacks"]]
     refs = read_references(cfg["references"])
     result = prepare(
@@ -125,9 +150,8 @@ def _work(args: argparse.Namespace) -> str:
         threshold=cfg["threshold"],
         min_size=int(cfg["min_size"]),
         times=cfg["times"],
-        n_boot=args.bootstrap,
+        n_boot=int(cfg["bootstrap"]),
     )
-    out = Path(cfg["out"])
     video = Video(
         c=result.c,
         mask=result.mask,
@@ -137,36 +161,34 @@ def _work(args: argparse.Namespace) -> str:
         source="; ".join(str(p) for p in cfg["stacks"]),
     )
     validate_video(video, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record_path(out).unlink(missing_ok=True)  # a video without its record is never current
     write_video(out, video)
     png = out.parent / f"{out.stem}_summary.png"
     write_summary(png, result)
+    write_record(out, recorded, files)
     drift = max(float(abs(s).max()) for s in result.shifts)
     lines = [
-        f"{len(stacks)} frame(s), {result.mask.max()} particle(s), "
+        f"prepare ({reason}): {len(stacks)} frame(s), {result.mask.max()} particle(s), "
         f"{int((result.mask > 0).sum())} pixels, pixel {result.pixel_size:g} um",
         f"largest drift corrected: {drift:.2f} px; Fe OD thresholds "
         + ", ".join(f"{v:.3g}" for v in result.thresholds),
     ]
     for k in range(result.c.shape[0]):
-        import numpy as np
-
         lines.append(
             f"t = {result.t[k]:g} s: mean c {np.nanmean(result.c[k]):.3f}, "
             f"median sigma {np.nanmedian(result.sigma[k]):.3f}"
         )
     lines.append(f"wrote {out} and {png}")
-    return "\n".join(lines)
+    return "\n".join(lines), True
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run ``prepare`` on rank 0; re-raise a user error on every rank."""
-    from femkin._fem import MPI
-
-    comm = MPI.COMM_WORLD
-    report, failure = None, None
+def _on_rank0(comm, work):
+    """Run ``work()`` on rank 0 only; a user error found there is raised on every rank."""
+    value, failure = None, None
     if comm.rank == 0:
         try:
-            report = _work(args)
+            value = work()
         except InputError as err:
             failure = (type(err), (err.file, err.field, err.expected, err.found))
         except FemkinError as err:
@@ -176,6 +198,38 @@ def run(args: argparse.Namespace) -> int:
     if failure is not None:
         cls, fields = failure
         raise cls(*fields)
+    return value
+
+
+def prepare_case(case: Path, comm, *, quiet: bool = False) -> bool:
+    """Make the case's ``[prepare]`` video unless it is current (for ``femkin run``).
+
+    Returns:
+        Whether the video was (re)made, on every rank.
+    """
+    args = argparse.Namespace(
+        case=Path(case),
+        stacks=[],
+        references=None,
+        out=None,
+        i0_region=None,
+        threshold=None,
+        min_size=None,
+        times=None,
+        bootstrap=None,
+    )
+    result = _on_rank0(comm, lambda: _work(args, if_stale=True))
+    if comm.rank == 0 and not quiet:
+        print(result[0], flush=True)
+    return bool(comm.bcast(result[1] if comm.rank == 0 else None, root=0))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``prepare`` on rank 0; re-raise a user error on every rank."""
+    from femkin._fem import MPI
+
+    comm = MPI.COMM_WORLD
+    report = _on_rank0(comm, lambda: _work(args))
     if comm.rank == 0:
-        print(report, flush=True)
+        print(report[0], flush=True)
     return 0
