@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> int:
+    """Run the case in a temporary copy; the forms land in the JIT cache."""
     with tempfile.TemporaryDirectory(prefix="femkin-precompile-") as tmp:
         case = Path(tmp) / "stacks"
         shutil.copytree(ROOT / "cases" / "stacks", case, ignore=shutil.ignore_patterns("data"))

@@ -302,7 +302,7 @@ def mesh_particle(
         except InputError as err:
             error = (err.file, err.field, err.expected, err.found)
         except Exception as err:  # gmsh raises plain Exceptions
-            problem = diagnose(err)  # a missing system library is not the data's fault
+            problem = diagnose(err, "gmsh")  # a missing system library is not the data's fault
             error = (
                 (str(problem),)
                 if problem is not None
@@ -345,7 +345,7 @@ def read_msh(path: str | os.PathLike | None, comm) -> Any:
             if not gmsh.model.getPhysicalGroups(2):
                 raise ValueError("no physical surface group")
         except Exception as err:
-            if (problem := diagnose(err)) is not None:
+            if (problem := diagnose(err, "gmsh")) is not None:
                 error = (str(problem),)
             else:
                 _gmsh_stop()

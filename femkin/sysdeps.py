@@ -114,8 +114,10 @@ def jit_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fenics"
 
 
-def diagnose(err: BaseException) -> SystemDependencyError | None:
+def diagnose(err: BaseException, who: str = "femkin") -> SystemDependencyError | None:
     """Say which system dependency ``err`` comes from, or None when it is not such an error.
+
+    ``who`` names the program that failed to load a library (``"gmsh"`` around gmsh calls).
 
     Recognised: a shared library that cannot be loaded; a JIT compilation failure from a missing
     C compiler, missing C or Python headers, or a JIT cache that cannot be written. Any other
@@ -124,7 +126,7 @@ def diagnose(err: BaseException) -> SystemDependencyError | None:
     if isinstance(err, SystemDependencyError):
         return err
     text = _text(err)
-    if (problem := missing_library(err)) is not None:
+    if (problem := missing_library(err, who)) is not None:
         return problem
     cache = jit_cache_dir()
     denied = any(
