@@ -33,13 +33,12 @@ def run(args: argparse.Namespace) -> int:
     """Prepare (when needed), mesh, (simulate), invert and sample the posterior of a case."""
     from femkin._fem import MPI
     from femkin.case import load_case
-    from femkin.commands.invert import _petsc_argv, invert
+    from femkin.commands.invert import invert
     from femkin.commands.prepare import prepare_case
     from femkin.commands.simulate import simulate
     from femkin.study import collective
 
     comm = MPI.COMM_WORLD
-    _petsc_argv(args)
     case = collective(comm, load_case, args.case)
     if case.prepare["stacks"]:
         _check_prepare_target(case)
