@@ -18,7 +18,7 @@ from femkin.cli import main
 from femkin.commands.prepare import prepare_case
 from femkin.io.video import Video, read_video, write_video
 from femkin.stxm.nexus import write_nexus
-from femkin.stxm.provenance import record_path
+from femkin.stxm.provenance import input_files, record_path, stale_reason, write_record
 from femkin.stxm.synthetic import make_synthetic, reference_spectra, write_references_csv
 
 STACKS_CASE = REPO / "cases" / "stacks"
@@ -68,18 +68,39 @@ def test_prepare_skipped_while_current(mpi_tmp_path, capsys):
         (case / "case.toml").write_text(text)
     comm.barrier()
     assert prepare_case(case, comm, quiet=True) is True
+    assert video.stat().st_mtime_ns != made
 
-    if comm.rank == 0:  # changed content of a stack makes it stale
-        syn = make_synthetic(shape=(40, 40), n_times=2, seed=5, max_drift=0.5, time_drift=1.0)
-        write_nexus(case / "raw" / "s1.h5", syn.stacks[1])
-    comm.barrier()
-    assert prepare_case(case, comm, quiet=True) is True
 
-    if comm.rank == 0:  # a video without its record is never current
-        record_path(video).unlink()
-    comm.barrier()
-    assert prepare_case(case, comm, quiet=True) is True
-    assert prepare_case(case, comm, quiet=True) is False
+def test_stale_reasons(tmp_path):
+    """Every way a prepared video goes stale, on stand-in files (no prepare run)."""
+    stacks = [tmp_path / "a.hdr", tmp_path / "b.h5"]
+    stacks[0].write_text("header")
+    (tmp_path / "a_a000.xim").write_text("1 2\n3 4\n")  # an ALS header's image
+    stacks[1].write_bytes(b"stack b")
+    refs = tmp_path / "refs.csv"
+    refs.write_text("energy,LiFePO4,FePO4\n")
+    out = tmp_path / "video.npz"
+    files = input_files(stacks, refs)
+    assert [f.name for f in files] == ["a.hdr", "a_a000.xim", "b.h5", "refs.csv"]
+    settings = {"min_size": 20, "threshold": None, "times": [0.0, 60.0]}
+    assert "does not exist" in stale_reason(out, settings, files)
+    out.write_bytes(b"video")
+    assert "record" in stale_reason(out, settings, files)
+    write_record(out, settings, files)
+    assert stale_reason(out, settings, files) is None
+    assert "min_size" in stale_reason(out, {**settings, "min_size": 21}, files)
+    assert "times" in stale_reason(out, {**settings, "times": [0.0, 30.0]}, files)
+    st = stacks[1].stat()
+    os.utime(stacks[1], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched, same bytes
+    assert stale_reason(out, settings, files) is None
+    (tmp_path / "a_a000.xim").write_text("1 2\n3 5\n")  # same size, new content
+    assert stale_reason(out, settings, files).endswith("a_a000.xim changed")
+    write_record(out, settings, files)
+    assert "list of input files" in stale_reason(out, settings, files[1:])
+    refs.unlink()
+    assert stale_reason(out, settings, files).endswith("refs.csv is missing")
+    record_path(out).write_text("{not json")
+    assert "unreadable" in stale_reason(out, settings, files)
 
 
 def test_run_rejects_prepare_out_other_than_data_video(tmp_path, capsys):
