@@ -139,7 +139,7 @@ def test_run_stacks_case_end_to_end(mpi_tmp_path, capsys):
     assert video.mask.max() == 2
     summary = json.loads((case / "results" / "summary.json").read_text())
     assert summary["iterations"] == 2
-    assert summary["misfit_rms"] < 0.2  # from RMS 0.24 at the initial guess
+    assert summary["misfit_rms"] < 0.2  # from about 0.32 at the initial guess (RMS/sigma 15)
     for name in ("report.md", "k_1.npy", "k_2.npy"):
         assert (case / "results" / name).exists(), name
     if comm.rank == 0:

@@ -1,5 +1,6 @@
-"""Generate the stacks case's raw beamline files (deterministic): ``raw/frame_<k>.h5`` and
-``raw/references.csv``.
+"""Generate the stacks case's raw beamline files (deterministic): stacks and references.
+
+``raw/frame_<k>.h5`` and ``raw/references.csv``.
 
 Four NeXus NXstxm stacks (one per frame, 60 s apart, 10 energies over 704-716 eV at the Fe L3
 edge, 48 x 48 pixels of 50 nm, 4000 incident counts per pixel with Poisson noise, up to 1 pixel
