@@ -24,8 +24,6 @@ from femkin._fem import MPI, PETSc, dolfinx, ufl
 from femkin.errors import ConvergenceError
 from femkin.physics import acr
 
-SCALAR_BLOCKS = ("mu_h", "j0", "k0", "kappa", "coherency")
-
 
 @dataclasses.dataclass
 class ModelParameters:

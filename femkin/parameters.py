@@ -3,7 +3,8 @@
 Blocks:
 
 - :class:`ScalarBlock`: global coefficients shared by all particles (``mu_h`` a_n, ``j0`` b_n,
-  ``ln_k0``, ``kappa``, ``coherency``); stored on rank 0 of the parent communicator.
+  ``k0`` as ln k0, ``kappa``, ``coherency``; names and coordinates in :mod:`femkin.blocks`);
+  stored on rank 0 of the parent communicator.
 - :class:`FieldBlock`: a P1 field of one particle (``m`` = ln(k/k0)); stored as the owned dofs
   of its function space, on the ranks of the particle's sub-communicator.
 - :class:`ParticleScalarBlock`: a scalar vector of one particle (``mu_e`` knots); stored on the

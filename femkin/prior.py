@@ -2,9 +2,10 @@
 
 - :class:`BiLaplacianPrior`: a Gaussian field on a P1 space with covariance
   ``Gamma = A^{-1} M A^{-1}``, ``A = delta M + gamma K (+ Robin boundary mass)``. In 2-D this is
-  the discretised Matern field with nu = 1: with ``kappa^2 = delta / gamma`` the continuous
-  marginal variance is ``1 / (4 pi gamma delta)`` and the correlation length (where the
-  correlation ``(kappa r) K_1(kappa r)`` is about 0.14) is ``sqrt(8 gamma / delta)``.
+  the discretised Matern field with nu = 1: with the inverse length ``s^2 = delta / gamma``
+  (not the glossary's kappa) the continuous marginal variance is ``1 / (4 pi gamma delta)``
+  and the correlation length (where the correlation ``(s r) K_1(s r)`` is about 0.14) is
+  ``sqrt(8 gamma / delta)``.
 - :class:`GaussianScalarPrior`: independent normals on a coefficient vector.
 - :class:`Prior`: the composite over a :class:`~femkin.parameters.ParameterSpace`.
 

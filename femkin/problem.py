@@ -20,6 +20,7 @@ import numpy as np
 
 from femkin._fem import MPI, PETSc, dolfinx
 from femkin.adjoint import Direction, ParticleDerivatives, Sensitivities
+from femkin.blocks import BLOCKS, GLOBAL_BLOCKS, PARTICLE_FIELD_BLOCKS
 from femkin.driving import Driving
 from femkin.errors import ConvergenceError, InputError
 from femkin.forward import ModelParameters, ParticleModel, SolverOptions
@@ -29,10 +30,6 @@ from femkin.observation import Observation, build_observation
 from femkin.parallel import Distribution
 from femkin.parameters import FieldBlock, ParameterSpace, ParticleScalarBlock, ScalarBlock
 from femkin.projection import initial_state
-
-GLOBAL_BLOCKS = ("mu_h", "j0", "k0", "kappa", "coherency")
-PARTICLE_FIELD_BLOCKS = ("m", "initial")
-ALL_BLOCKS = GLOBAL_BLOCKS + PARTICLE_FIELD_BLOCKS + ("mu_e",)
 
 
 class Particle:
@@ -80,7 +77,7 @@ class InverseProblem:
             ``distribution.subcomm``), see :func:`build_meshes`.
         distribution: where the particles live.
         parameters: initial (and, for unlearned blocks, fixed) model parameters.
-        learn: the blocks to fit (:data:`ALL_BLOCKS`).
+        learn: the blocks to fit (:data:`BLOCKS`).
         solver: time-stepping options.
         sigma: noise std (scalar or (T, H, W)).
         driving: ``{label: Driving}`` initial mu_e(t) per particle, knots at the frame times
@@ -104,17 +101,15 @@ class InverseProblem:
         driving: dict[int, Driving],
         initial_smoothing: float = 0.05,
     ):
-        unknown = [b for b in learn if b not in ALL_BLOCKS]
+        unknown = [b for b in learn if b not in BLOCKS]
         if unknown:
-            raise InputError(
-                "<inverse problem>", "learn", f"blocks among {list(ALL_BLOCKS)}", unknown
-            )
+            raise InputError("<inverse problem>", "learn", f"blocks among {list(BLOCKS)}", unknown)
         self.comm = comm
         self.video = video
         self.labels = [int(lb) for lb in video.labels]
         self.distribution = distribution
         self.parameters = parameters
-        self.learn = tuple(b for b in ALL_BLOCKS if b in learn)
+        self.learn = tuple(b for b in BLOCKS if b in learn)
         self.include_first = "initial" in self.learn
         self.driving = driving
         self.particles: dict[int, Particle] = {}
@@ -298,13 +293,13 @@ class InverseProblem:
                 state_bytes = 8.0 * len(p.model.u.x.array) * (p.trajectory.n_steps + 1)
                 size = int(max(1, self.BATCH_MB * 2**20 // max(state_bytes, 1.0)))
                 size = p.model.comm.allreduce(size, op=MPI.MIN)
-                for k0 in range(0, len(dirs), size):
-                    chunk = dirs[k0 : k0 + size]
+                for first in range(0, len(dirs), size):
+                    chunk = dirs[first : first + size]
                     tangs = p.derivs.tangent_many(p.trajectory, chunk)
                     results = p.derivs.adjoint_many(
                         p.trajectory, [p.misfit.gauss_newton_source(p.trajectory, t) for t in tangs]
                     )
-                    for k, (s_k, _) in enumerate(results, start=k0):
+                    for k, (s_k, _) in enumerate(results, start=first):
                         sens[k][label] = s_k
             else:
                 for k, d in enumerate(dirs):

@@ -449,8 +449,9 @@ def write_report(out: Path, summary: dict, figure_names: list[str], uq: dict | N
     if uq:
         lines += ["", "## Uncertainty", "", f"- Hessian rank: {uq['rank']}"]
         for k, v in uq["coefficients"].items():
+            name = "k0 (coordinate ln k0)" if k == "k0" else k
             lines.append(
-                f"- {k}: mean {np.round(v['mean'], 4).tolist()}, "
+                f"- {name}: mean {np.round(v['mean'], 4).tolist()}, "
                 f"std {np.round(v['std'], 4).tolist()}"
             )
     if summary.get("fields"):

@@ -33,9 +33,7 @@ def make_space(comm, particles=PARTICLES):
             V = dolfinx.fem.functionspace(mesh, ("Lagrange", 1))
         fields.append(FieldBlock("m", label, V))
         pscalars.append(ParticleScalarBlock("mu_e", label, 3, dist.group_root[dist.owner[i]]))
-    space = ParameterSpace(
-        comm, [ScalarBlock("mu_h", 4), ScalarBlock("ln_k0", 1)], fields, pscalars
-    )
+    space = ParameterSpace(comm, [ScalarBlock("mu_h", 4), ScalarBlock("k0", 1)], fields, pscalars)
     return space, dist
 
 
@@ -61,9 +59,9 @@ def test_layout_sizes(comm):
 def test_public_keys_slices_and_masks(comm):
     """The blocks' local slices tile this rank's array once; slices, masks and values agree."""
     space, dist = make_space(comm)
-    assert space.scalar_keys == (("mu_h", None), ("ln_k0", None), ("mu_e", 3), ("mu_e", 7))
+    assert space.scalar_keys == (("mu_h", None), ("k0", None), ("mu_e", 3), ("mu_e", 7))
     assert space.field_keys == (("m", 3), ("m", 7))
-    count = sum(space.block_mask(name).astype(int) for name in ("mu_h", "ln_k0", "m", "mu_e"))
+    count = sum(space.block_mask(name).astype(int) for name in ("mu_h", "k0", "m", "mu_e"))
     assert np.array_equal(count, np.ones(space.local_size, dtype=int))
     x = space.random_normal(5)
     for key in space.scalar_keys:

@@ -6,7 +6,7 @@ prior-preconditioned Hessian (``[uq] hessian``, ``max_rank``, ``threshold``, ``o
 and the low-rank posterior (:mod:`femkin.uq.laplace_study`), and writes into ``CASE/results/``:
 
 - ``uq.json``: ``eigenvalues``, ``rank``, ``coefficients`` (``{block: {"mean", "std",
-  "prior_std"}}``, ``k0`` as ln k0), ``coefficient_names`` and ``correlation`` (in the order of
+  "prior_std"}}``, ``k0`` in its coordinate ln k0, see :mod:`femkin.blocks`), ``coefficient_names`` and ``correlation`` (in the order of
   ``coefficients``), ``ln_k_std`` summaries, ``c_t`` (the 95% band of the particle-average c(t)
   from ``[uq] samples`` posterior samples), ``hessian_actions`` and ``wall_time``;
 - ``mu_h.csv`` and ``j0.csv`` with the 95% band columns ``lo`` and ``hi``;
