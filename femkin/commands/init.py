@@ -41,10 +41,10 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     """Write the case (rank 0); a user error is raised on every rank."""
     from femkin._fem import MPI
-    from femkin.commands.prepare import _on_rank0
+    from femkin.errors import run_on_root
 
     comm = MPI.COMM_WORLD
-    report = _on_rank0(comm, lambda: init_case(args))
+    report = run_on_root(comm, init_case, args)
     if comm.rank == 0:
         print(report, flush=True)
     return 0

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from femkin.case import SCHEMA
-from femkin.errors import CaseError, FemkinError, InputError
+from femkin.errors import CaseError, InputError, run_on_root
 
 #: The ``[prepare]`` keys of the case schema, where their defaults are declared.
 PREPARE = SCHEMA["prepare"]
@@ -190,24 +190,6 @@ def _work(args: argparse.Namespace, *, if_stale: bool = False) -> tuple[str, boo
     return "\n".join(lines), True
 
 
-def _on_rank0(comm, work):
-    """Run ``work()`` on rank 0 only; a user error found there is raised on every rank."""
-    value, failure = None, None
-    if comm.rank == 0:
-        try:
-            value = work()
-        except InputError as err:
-            failure = (type(err), (err.file, err.field, err.expected, err.found))
-        except FemkinError as err:
-            failure = (type(err), (str(err),))
-    if comm.size > 1:
-        failure = comm.bcast(failure, root=0)
-    if failure is not None:
-        cls, fields = failure
-        raise cls(*fields)
-    return value
-
-
 def prepare_case(case: Path, comm, *, quiet: bool = False) -> bool:
     """Make the case's ``[prepare]`` video unless it is current (for ``femkin run``).
 
@@ -225,7 +207,7 @@ def prepare_case(case: Path, comm, *, quiet: bool = False) -> bool:
         times=None,
         bootstrap=None,
     )
-    result = _on_rank0(comm, lambda: _work(args, if_stale=True))
+    result = run_on_root(comm, _work, args, if_stale=True)
     if comm.rank == 0 and not quiet:
         print(result[0], flush=True)
     return bool(comm.bcast(result[1] if comm.rank == 0 else None, root=0))
@@ -236,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
     from femkin._fem import MPI
 
     comm = MPI.COMM_WORLD
-    report = _on_rank0(comm, lambda: _work(args))
+    report = run_on_root(comm, _work, args)
     if comm.rank == 0:
         print(report[0], flush=True)
     return 0
