@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from femkin.errors import InputError, raise_on_every_rank
+from femkin.errors import FemkinError, InputError, raise_on_every_rank
 from femkin.io.atomic import atomic_write
 from femkin.mesh_import import particle_mesh_file, read_particle_mesh
 from femkin.sysdeps import diagnose
@@ -303,7 +303,8 @@ def mesh_particle(
     cache = Path(cache_dir) if cache_dir is not None else None
     target = cache / f"particle_{int(label)}_{key}.msh" if cache is not None else None
 
-    error, msh, scratch = None, None, None
+    error: FemkinError | None = None
+    msh, scratch = None, None
     if comm.rank == 0:
         try:
             if target is not None and target.is_file():
@@ -347,7 +348,7 @@ def read_msh(path: str | os.PathLike | None, comm) -> Any:
 
     # isort: on
 
-    error = None
+    error: FemkinError | None = None
     if comm.rank == 0:
         try:
             import gmsh

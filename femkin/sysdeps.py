@@ -58,10 +58,11 @@ _JIT_MARKERS = (
 
 def _chain(err: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        yield err
-        err = err.__cause__ or err.__context__
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
 
 
 def _text(err: BaseException) -> str:

@@ -99,11 +99,11 @@ def stale_reason(
             if old_settings.get(k) != new_settings.get(k)
         )
         return "its settings changed: " + ", ".join(changed)
-    files = [Path(p) for p in files]
-    names = [str(p.resolve()) for p in files]
+    paths = [Path(p) for p in files]
+    names = [str(p.resolve()) for p in paths]
     if sorted(names) != sorted(recorded):
         return "its list of input files changed"
-    for p, name in zip(files, names, strict=True):
+    for p, name in zip(paths, names, strict=True):
         if not p.is_file():
             return f"{p} is missing"
         old = recorded[name]
