@@ -1,9 +1,9 @@
 """``femkin invert CASE``: fit mu_h, j0, k0 and k(x) (the ``[inversion] learn`` blocks).
 
 Meshes (cached), fits with PETSc TAO (options prefix ``femkin_``: ``-femkin_tao_type``; PETSc
-options from the case's ``[inversion] petsc_options`` and the command line), checkpoints after every iteration
-(``CASE/checkpoints/state.npz``, written atomically; ``--resume`` continues from it) and writes
-``CASE/results/`` (:func:`femkin.report.write_fit_results`).
+options from the case's ``[inversion] petsc_options`` and the command line), checkpoints after
+every iteration (``CASE/checkpoints/state.npz``, written atomically; ``--resume`` continues
+from it) and writes ``CASE/results/`` (:func:`femkin.report.write_fit_results`).
 """
 
 from __future__ import annotations

@@ -77,7 +77,8 @@ def register(subparsers) -> None:
         "--bootstrap",
         type=int,
         default=None,
-        help=f"bootstrap resamples of the energies for sigma (default {_default('bootstrap')})",
+        help=f"bootstrap resamples of the energies for sigma (default {_default('bootstrap')}; "
+        "0: no sigma, then the case needs [data] sigma)",
     )
     parser.add_argument(
         "--case",
@@ -182,10 +183,12 @@ def _work(args: argparse.Namespace, *, if_stale: bool = False) -> tuple[str, boo
         + ", ".join(f"{v:.3g}" for v in result.thresholds),
     ]
     for k in range(result.c.shape[0]):
-        lines.append(
-            f"t = {result.t[k]:g} s: mean c {np.nanmean(result.c[k]):.3f}, "
-            f"median sigma {np.nanmedian(result.sigma[k]):.3f}"
+        noise = (
+            "" if result.sigma is None else f", median sigma {np.nanmedian(result.sigma[k]):.3f}"
         )
+        lines.append(f"t = {result.t[k]:g} s: mean c {np.nanmean(result.c[k]):.3f}{noise}")
+    if result.sigma is None:
+        lines.append("no sigma written (--bootstrap 0): set [data] sigma in the case file")
     lines.append(f"wrote {out} and {png}")
     return "\n".join(lines), True
 
