@@ -373,7 +373,7 @@ def mesh_particle(
             )
             if target is not None and target.is_file():
                 msh = target
-                home = cache / PRIVATE / f"home-{os.getpid()}" if writable else None
+                home = cache / PRIVATE / f"home-{os.getpid()}" if writable and cache else None
             else:
                 _remove_stale(cache)
                 scratch = scratch_dir(cache)  # cache None: the system temporary directory
