@@ -240,6 +240,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "i0_region": Key("list[int]?", None, _all(_length(4), NON_NEGATIVE), "row0,row1,col0,col1"),
         "threshold": Key("float?", None, None, "segmentation threshold"),
         "min_size": Key("int", 20, NON_NEGATIVE, "smallest particle, pixels"),
+        "bootstrap": Key("int", 100, NON_NEGATIVE, "bootstrap resamples of the energies for sigma"),
         "times": Key("list[float]?", None, _all(FINITE, _increasing), "frame times, s"),
     },
     "verify": {

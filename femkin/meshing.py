@@ -37,10 +37,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from femkin.errors import InputError, raise_on_every_rank
+from femkin.errors import FemkinError, InputError, raise_on_every_rank
 from femkin.io.atomic import atomic_write
 from femkin.mesh_import import particle_mesh_file, read_particle_mesh
 from femkin.outputs import PRIVATE, scratch_dir
+from femkin.sysdeps import diagnose
 
 #: Default limit of the estimated triangles per particle (``[mesh] max_cells``).
 MAX_CELLS = 1_000_000
@@ -141,7 +142,7 @@ def particle_polygons(
     # Smoothing and chords of convex stretches shrink a ring; an offset along the vertex normals
     # restores the area enclosed by the level set (which matches the pixel count).
     corrected = [_area_restored(r, _signed_area(rings[k])) for r, k in zip(out, kept, strict=True)]
-    if not _intersecting(corrected):
+    if not rings_intersect(corrected):
         out = corrected
     return [r * pixel_size for r in out]
 
@@ -207,14 +208,14 @@ def _simplified(rings: list[np.ndarray], tolerance: float) -> list[np.ndarray]:
             else:
                 r = ring
             out.append(r)
-        if all(len(r) >= 3 for r in out) and not _intersecting(out):
+        if all(len(r) >= 3 for r in out) and not rings_intersect(out):
             return out
         if tolerance < 1e-3:
             return rings
         tolerance /= 2
 
 
-def _intersecting(rings: list[np.ndarray]) -> bool:
+def rings_intersect(rings: list[np.ndarray]) -> bool:
     """True if any two non-adjacent edges of the rings cross or touch."""
     starts = np.vstack(rings)
     ends = np.vstack([np.roll(r, -1, axis=0) for r in rings])
@@ -363,7 +364,8 @@ def mesh_particle(
     cache = Path(cache_dir) if cache_dir is not None else None
     target = cache / f"particle_{int(label)}_{key}.msh" if cache is not None else None
 
-    error, msh, scratch, home = None, None, None, None
+    error: FemkinError | None = None
+    msh, scratch, home = None, None, None
     if comm.rank == 0:
         try:
             writable = cache is not None and (
@@ -371,7 +373,7 @@ def mesh_particle(
             )
             if target is not None and target.is_file():
                 msh = target
-                home = cache / PRIVATE / f"home-{os.getpid()}" if writable else None
+                home = cache / PRIVATE / f"home-{os.getpid()}" if writable and cache else None
             else:
                 _remove_stale(cache)
                 scratch = scratch_dir(cache)  # cache None: the system temporary directory
@@ -380,15 +382,18 @@ def mesh_particle(
                 msh = home / "particle.msh"
                 try:
                     _gmsh_write(rings, int(label), size * pixel_size, msh, home=home)
-                except OSError:
-                    raise
                 except Exception as err:  # gmsh raises plain Exceptions
+                    # a missing system library is neither the data's nor the folder's fault
+                    if (problem := diagnose(err, "gmsh")) is not None:
+                        raise problem from None
+                    if isinstance(err, OSError):
+                        raise
                     raise InputError(
                         source, "mask", f"a particle {label} that gmsh can mesh", f"gmsh: {err}"
                     ) from None
                 if target is not None:
                     msh = _store(msh, target)
-        except InputError as err:
+        except FemkinError as err:
             error = err
         except OSError as err:
             where = err.filename or cache
@@ -447,11 +452,11 @@ def read_msh(path: str | os.PathLike | None, comm, *, home: Path | None = None) 
 
     # isort: on
 
-    error = None
+    error: FemkinError | None = None
     if comm.rank == 0:
-        import gmsh
-
         try:
+            import gmsh
+
             if path is None or not Path(path).is_file():
                 raise FileNotFoundError("no such file")
             _gmsh_start(home=home)
@@ -460,10 +465,12 @@ def read_msh(path: str | os.PathLike | None, comm, *, home: Path | None = None) 
             if not gmsh.model.getPhysicalGroups(2):
                 raise ValueError("no physical surface group")
         except Exception as err:
-            _gmsh_stop()
-            error = InputError(
-                path, None, "a readable 2-D gmsh mesh", f"{type(err).__name__}: {err}"
-            )
+            error = diagnose(err, "gmsh")
+            if error is None:
+                _gmsh_stop()
+                error = InputError(
+                    path, None, "a readable 2-D gmsh mesh", f"{type(err).__name__}: {err}"
+                )
     raise_on_every_rank(comm, error)
     if comm.rank == 0:
         import gmsh
@@ -569,6 +576,11 @@ def _gmsh_write(
         if gmsh.isInitialized() and gmsh.model.getCurrent() == f"femkin_particle_{label}":
             gmsh.model.remove()
         _gmsh_stop()
+
+
+def mesh_area(mesh) -> float:
+    """The area of a mesh (um^2 for femkin's meshes), collective on ``mesh.comm``."""
+    return float(mesh.comm.allreduce(_local_area(mesh)))
 
 
 def _local_area(mesh) -> float:
