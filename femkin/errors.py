@@ -113,10 +113,11 @@ class Interrupted(KeyboardInterrupt):
 def causes(exc: BaseException) -> list[BaseException]:
     """``exc`` and its chain of causes (``__cause__``, else ``__context__``), outermost first."""
     chain, seen = [], set()
-    while exc is not None and id(exc) not in seen:
-        chain.append(exc)
-        seen.add(id(exc))
-        exc = exc.__cause__ if exc.__cause__ is not None else exc.__context__
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        chain.append(cur)
+        seen.add(id(cur))
+        cur = cur.__cause__ if cur.__cause__ is not None else cur.__context__
     return chain
 
 
@@ -163,7 +164,7 @@ def os_error_message(err: OSError) -> str:
         errno.EDQUOT: " (disk quota exceeded: free space and rerun; checkpoints are kept)",
         errno.EROFS: " (a read-only file system: copy the case to a writable place)",
         errno.EACCES: " (no permission: make the case directory writable)",
-    }.get(err.errno, "")
+    }.get(err.errno or 0, "")
     text = f"{reason}" + (f" [{code}]" if code else "") + hint
     return _one_line(f"{where}: {text}" if where else text)
 

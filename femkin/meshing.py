@@ -142,7 +142,7 @@ def particle_polygons(
     # Smoothing and chords of convex stretches shrink a ring; an offset along the vertex normals
     # restores the area enclosed by the level set (which matches the pixel count).
     corrected = [_area_restored(r, _signed_area(rings[k])) for r, k in zip(out, kept, strict=True)]
-    if not _intersecting(corrected):
+    if not rings_intersect(corrected):
         out = corrected
     return [r * pixel_size for r in out]
 
@@ -208,14 +208,14 @@ def _simplified(rings: list[np.ndarray], tolerance: float) -> list[np.ndarray]:
             else:
                 r = ring
             out.append(r)
-        if all(len(r) >= 3 for r in out) and not _intersecting(out):
+        if all(len(r) >= 3 for r in out) and not rings_intersect(out):
             return out
         if tolerance < 1e-3:
             return rings
         tolerance /= 2
 
 
-def _intersecting(rings: list[np.ndarray]) -> bool:
+def rings_intersect(rings: list[np.ndarray]) -> bool:
     """True if any two non-adjacent edges of the rings cross or touch."""
     starts = np.vstack(rings)
     ends = np.vstack([np.roll(r, -1, axis=0) for r in rings])
@@ -373,7 +373,7 @@ def mesh_particle(
             )
             if target is not None and target.is_file():
                 msh = target
-                home = cache / PRIVATE / f"home-{os.getpid()}" if writable else None
+                home = cache / PRIVATE / f"home-{os.getpid()}" if writable and cache else None
             else:
                 _remove_stale(cache)
                 scratch = scratch_dir(cache)  # cache None: the system temporary directory
@@ -576,6 +576,11 @@ def _gmsh_write(
         if gmsh.isInitialized() and gmsh.model.getCurrent() == f"femkin_particle_{label}":
             gmsh.model.remove()
         _gmsh_stop()
+
+
+def mesh_area(mesh) -> float:
+    """The area of a mesh (um^2 for femkin's meshes), collective on ``mesh.comm``."""
+    return float(mesh.comm.allreduce(_local_area(mesh)))
 
 
 def _local_area(mesh) -> float:

@@ -168,22 +168,25 @@ class ResultSet:
             if self.comm.rank == 0 and self.path is not None:
                 shutil.rmtree(self.path, ignore_errors=True)
             return
+        staged = self.path
+        if staged is None:  # __enter__ did not finish (the same on every rank)
+            return
         self.comm.barrier()  # every rank has written its part
 
         def work():
             try:
-                self._write_record()
-                _replace_folder(self.path, self.final)
+                self._write_record(staged)
+                _replace_folder(staged, self.final)
             except OSError as err:
-                shutil.rmtree(self.path, ignore_errors=True)
+                shutil.rmtree(staged, ignore_errors=True)
                 raise InputError(
                     self.final, None, f"a writable {self.final.name} folder", f"{err}"
                 ) from None
 
         _collective(self.comm, work)
 
-    def _write_record(self) -> None:
-        path = self.path / "run.json"
+    def _write_record(self, staged: Path) -> None:
+        path = staged / "run.json"
         runs = {}
         if path.exists():
             try:

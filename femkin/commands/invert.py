@@ -45,7 +45,7 @@ def invert(case_path, *, resume: bool = False, quiet: bool = False, comm=None):
     t0 = time.perf_counter()
     study = open_study(case_path, comm)
     case = study.case
-    problem = build_problem(study, comm, quiet=quiet)
+    problem = build_problem(study, comm, quiet=quiet, require_data=True)
     timings["setup"] = time.perf_counter() - t0
     x0 = problem.initial_vector()
     prior = build_prior(problem, case.inversion["prior"], x0)

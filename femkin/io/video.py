@@ -284,13 +284,13 @@ def validate_video(video: Video, source: str | os.PathLike | None = None) -> lis
         if np.any(finite <= 0):
             raise InputError(src, "sigma", "positive values", f"minimum {finite.min()}")
         if sigma.ndim:
-            blind = np.isfinite(c) & ~np.isfinite(sigma)
-            if blind.any():
+            unweighted = np.isfinite(c) & ~np.isfinite(sigma)
+            if unweighted.any():
                 raise InputError(
                     src,
                     "sigma",
                     "a finite sigma wherever c is observed",
-                    f"{int(blind.sum())} observed pixel(s) with NaN/inf sigma "
+                    f"{int(unweighted.sum())} observed pixel(s) with NaN/inf sigma "
                     f"(of {int(np.isfinite(c).sum())} observed)",
                 )
     observed = c[np.isfinite(c)]

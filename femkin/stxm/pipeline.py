@@ -350,7 +350,8 @@ def write_summary(path: str | pathlib.Path, result: Prepared, *, max_frames: int
     ax.set_title("labels, last frame")
     ax = axes[2, 2]
     no_sigma = result.sigma is None
-    im = ax.imshow(np.full_like(result.c[0], np.nan) if no_sigma else result.sigma[0], cmap="magma")
+    shown = np.full_like(result.c[0], np.nan) if result.sigma is None else result.sigma[0]
+    im = ax.imshow(shown, cmap="magma")
     ax.set_title("no sigma (--bootstrap 0)" if no_sigma else "sigma(c), frame 0")
     fig.colorbar(im, ax=ax, shrink=0.8)
     fig.tight_layout()
