@@ -7,7 +7,9 @@ resolves the scale degeneracy of k0 exp(m) and j0), a BiLaplacian prior on each 
 (pointwise std and correlation length from ``[inversion.prior]``), N(x0, mu_e_std^2) on mu_e
 knots, and a BiLaplacian prior around the projected first frame on learned initial states.
 
-TAO's options prefix is ``femkin_``: ``-femkin_tao_type blmvm``, ``-femkin_tao_monitor``.
+The optimiser is inexact Newton–CG (:mod:`femkin.inversion.newton`, ``[inversion] method =
+"newton"``) or PETSc TAO (``method = "tao"``; options prefix ``femkin_``:
+``-femkin_tao_type blmvm``, ``-femkin_tao_monitor``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from femkin._fem import PETSc
-from femkin.errors import ConvergenceError
+from femkin.errors import ConvergenceError, InputError
 from femkin.inversion.tao import minimize
 from femkin.prior import BiLaplacianPrior, GaussianScalarPrior, Prior
 
@@ -123,12 +125,37 @@ class MapFunctional:
 
 
 class MapResult(NamedTuple):
+    """The outcome of :func:`solve_map`.
+
+    Attributes:
+        x: the last accepted iterate.
+        value: misfit + prior cost at ``x``.
+        misfit: the misfit at ``x``.
+        iterations: optimiser iterations (over resumed segments).
+        reason: ``CONVERGED_*`` / ``DIVERGED_*`` (Newton–CG's or TAO's).
+        history: one record per iterate.
+        converged: whether ``reason`` is a convergence reason.
+        stop_reason: one sentence saying why the fit stopped.
+        stats: the numbers behind it: ``method``, ``decrement`` (nats), ``gradient_norm``,
+            ``relative_gradient``, ``hessian_actions``, ``gradient_evaluations``, ...
+    """
+
     x: PETSc.Vec
     value: float
     misfit: float
     iterations: int
     reason: str
     history: list
+    converged: bool = False
+    stop_reason: str = ""
+    stats: dict | None = None
+
+
+def _record_misfit(rf: MapFunctional, n_observed: int) -> dict:
+    return {
+        "misfit": float(rf.last_misfit),
+        "misfit_rms": float(np.sqrt(2 * rf.last_misfit / max(n_observed, 1))),
+    }
 
 
 def solve_map(
@@ -136,39 +163,98 @@ def solve_map(
     prior: Prior,
     x0: PETSc.Vec,
     *,
+    method: str = "newton",
     tao_type: str = "bnls",
-    max_iterations: int = 100,
-    gatol: float = 1e-6,
-    grtol: float = 1e-8,
+    max_iterations: int = 50,
+    decrement_tol: float = 1e-3,
+    gatol: float = 0.0,
+    grtol: float = 0.0,
+    gttol: float = 1e-8,
+    cg_max_iterations: int = 200,
     gauss_newton: bool = True,
     petsc_options: dict | None = None,
     monitor: Callable | None = None,
-    start_iteration: int = 0,
-    history: list | None = None,
+    state: dict | None = None,
 ) -> MapResult:
-    """Minimise misfit + prior from x0; ``history`` and ``start_iteration`` continue a run.
+    """Minimise misfit + prior from ``x0``; ``state`` (from ``monitor``) continues a run.
 
     Args:
+        method: ``"newton"`` (:func:`femkin.inversion.newton.newton_cg`, the default) or
+            ``"tao"`` (:func:`femkin.inversion.tao.minimize` with ``tao_type``; a resumed TAO
+            run restarts TAO at the saved iterate, so its later steps differ).
+        max_iterations, decrement_tol, gatol, gttol, cg_max_iterations: Newton–CG's budget and
+            tolerances (``grtol``, ``gatol``, ``gttol``: TAO's, for ``"tao"``).
         petsc_options: PETSc options without the leading ``femkin_`` (e.g. ``tao_monitor``).
-        monitor: ``monitor(record, x)`` after every iteration; the record has iteration,
-            objective, misfit, misfit_rms (in units of sigma), gradient_norm, time.
+        monitor: ``monitor(record, x, state)`` after every iterate; the record has iteration,
+            objective, misfit, misfit_rms (in units of sigma), gradient_norm, time; ``state``
+            is what ``solve_map(..., state=state)`` needs to continue (JSON-serialisable).
+        state: a saved ``state``; ``x0`` is then the iterate it was saved with.
     """
     rf = MapFunctional(problem, prior, gauss_newton=gauss_newton)
-    history = list(history or [])
-    t0 = time.perf_counter() - (history[-1]["time"] if history else 0.0)
+    if method == "newton":
+        from femkin.inversion.newton import REASON_TEXT, newton_cg
 
-    def on_iteration(it, x, f, gnorm):
-        rec = {
-            "iteration": it + start_iteration,
-            "objective": f,
-            "misfit": rf.last_misfit,
-            "misfit_rms": float(np.sqrt(2 * rf.last_misfit / max(problem.n_observed, 1))),
-            "gradient_norm": gnorm,
-            "time": time.perf_counter() - t0,
+        def on_iteration(rec, x, snapshot):
+            if monitor is not None:
+                monitor(rec, x, snapshot)
+
+        res = newton_cg(
+            rf,
+            x0,
+            prior=prior,
+            max_iterations=max_iterations,
+            decrement_tol=decrement_tol,
+            gatol=gatol,
+            gttol=gttol,
+            cg_max_iterations=cg_max_iterations,
+            state=state,
+            on_iteration=on_iteration,
+            annotate=lambda: _record_misfit(rf, problem.n_observed),
+        )
+        stats = {
+            "method": "newton-cg",
+            "hessian": "gauss-newton" if gauss_newton else "full",
+            "decrement": res.decrement,
+            "decrement_tol": decrement_tol,
+            "gradient_norm": res.gradient_norm,
+            "relative_gradient": res.relative_gradient,
+            "gradient_evaluations": res.counters["value_gradient"],
+            "hessian_actions": res.counters["hessian_actions"],
+            "cg_iterations": res.counters["cg_iterations"],
+            "backtracks": res.counters["backtracks"],
         }
+        if res.reason == "DIVERGED_LINE_SEARCH":
+            misfit = float(rf.last_misfit)
+        else:
+            misfit = float(res.history[-1]["misfit"])
+        return MapResult(
+            res.x,
+            float(res.value),
+            misfit,
+            res.iterations,
+            res.reason,
+            res.history,
+            res.converged,
+            REASON_TEXT[res.reason],
+            stats,
+        )
+    if method != "tao":
+        raise InputError("<inversion>", "method", "'newton' or 'tao'", repr(method))
+    history = [dict(h) for h in (state or {}).get("history", [])]
+    start_iteration = int((state or {}).get("iteration", 0))
+    t0 = time.perf_counter() - (history[-1]["time"] if history else 0.0)
+    counts = {"hessian": problem.counters["hessian"], "gradient": problem.counters["gradient"]}
+
+    def on_tao_iteration(it, x, f, gnorm):
+        if history and it == 0 and history[-1]["iteration"] == start_iteration:
+            return  # the resumed iterate is already recorded
+        rec = {"iteration": it + start_iteration, "objective": f, "gradient_norm": gnorm}
+        rec |= _record_misfit(rf, problem.n_observed)
+        rec["time"] = time.perf_counter() - t0
         history.append(rec)
         if monitor is not None:
-            monitor(rec, x)
+            snapshot = {"iteration": rec["iteration"], "history": [dict(h) for h in history]}
+            monitor(rec, x, snapshot)
 
     result = minimize(
         rf,
@@ -178,12 +264,24 @@ def solve_map(
         max_iterations=max(max_iterations - start_iteration, 0),
         gatol=gatol,
         grtol=grtol,
+        gttol=gttol,
         options_prefix="femkin_",
         petsc_options=petsc_options,
-        monitor=on_iteration,
+        monitor=on_tao_iteration,
         raise_on_failure=False,
     )
     value = rf.value(result.x)
+    converged = result.reason.startswith("CONVERGED")
+    text = f"{'converged' if converged else 'NOT converged'}: TAO {tao_type} {result.reason}"
+    if result.reason == "DIVERGED_MAXITS":
+        text += " (stopped at the iteration cap; the result is not the MAP point)"
+    stats = {
+        "method": f"tao-{tao_type}",
+        "hessian": "gauss-newton" if gauss_newton else "full",
+        "gradient_norm": float(history[-1]["gradient_norm"]) if history else float("nan"),
+        "gradient_evaluations": problem.counters["gradient"] - counts["gradient"],
+        "hessian_actions": problem.counters["hessian"] - counts["hessian"],
+    }
     return MapResult(
         result.x,
         float(value),
@@ -191,4 +289,7 @@ def solve_map(
         result.iterations + start_iteration,
         result.reason,
         history,
+        converged,
+        text,
+        stats,
     )
