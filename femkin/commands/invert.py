@@ -90,7 +90,10 @@ def _resume_state(ckpt, study, fingerprint, *, required: bool, comm):
             "without --resume",
         )
     summary = study.case.dir / "results" / "summary.json"
-    if state.get("done") and summary.exists():
+    finished = (
+        state.get("converged") or state["iteration"] >= study.case.inversion["max_iterations"]
+    )
+    if state.get("done") and finished and summary.exists():
         return AlreadyFinished(int(state["iteration"]), str(state.get("reason", "")), summary)
     return state
 
@@ -98,8 +101,12 @@ def _resume_state(ckpt, study, fingerprint, *, required: bool, comm):
 def invert(
     case_path, *, resume: bool = False, resume_or_start: bool = False, quiet=False, comm=None
 ):
-    """Run the fit of a case; returns (problem, result, timings, prior), or an
-    :class:`AlreadyFinished` when resuming a finished fit (results untouched)."""
+    """Run the fit of a case.
+
+    Returns:
+        (problem, result, timings, prior), or an :class:`AlreadyFinished` when resuming a
+        finished fit (results untouched).
+    """
     from femkin._fem import MPI
     from femkin.errors import CaseError
     from femkin.inversion.checkpoint import (
@@ -213,6 +220,7 @@ def invert(
             "case_hash": case_hash,
             "iteration": int(result.iterations),
             "history": result.history,
+            "solver": result.state,
             "converged": bool(result.converged),
             "done": True,
             "reason": result.reason,

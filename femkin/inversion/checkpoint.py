@@ -54,8 +54,10 @@ def _digest(obj) -> str:
 
 
 def fingerprint(case, video) -> dict[str, str]:
-    """Hashes of the inputs a fit depends on: the video's arrays and the case keys that change
-    the problem (not budgets or tolerances, which a resumed run may change).
+    """Hashes of the inputs a fit depends on.
+
+    The video's arrays and the case keys that change the problem; not budgets or tolerances,
+    which a resumed run may change.
 
     Args:
         case: the :class:`~femkin.case.Case`.
@@ -109,8 +111,10 @@ def peek_state(path, comm) -> dict | None:
 
 
 def exit_after_checkpoint_hook(iteration: int, comm) -> None:
-    """Test hook: end the process hard after checkpoint ``iteration`` (see
-    :data:`EXIT_AFTER_CHECKPOINT`), on every rank, leaving only what a SIGKILL would."""
+    """Test hook: end the process hard after checkpoint ``iteration``.
+
+    See :data:`EXIT_AFTER_CHECKPOINT`; every rank exits, leaving only what a SIGKILL would.
+    """
     target = os.environ.get(EXIT_AFTER_CHECKPOINT)
     if target is not None and int(target) == iteration:
         comm.barrier()

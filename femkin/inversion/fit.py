@@ -1,5 +1,4 @@
-"""MAP estimation: the misfit of an :class:`~femkin.problem.InverseProblem` plus a Gaussian
-prior, minimised with PETSc TAO (:func:`femkin.inversion.tao.minimize`).
+"""MAP estimation: the misfit of an :class:`~femkin.problem.InverseProblem` plus a Gaussian prior.
 
 The prior (:func:`build_prior`) has independent N(x0, std^2) on the global coefficients
 (around the case's initial values; ln j0 has no constant term and m has prior mean 0, which
@@ -87,6 +86,7 @@ class MapFunctional:
         self._gradient_at: PETSc.Vec | None = None
 
     def value(self, x: PETSc.Vec) -> float:
+        """The objective at ``x`` (:data:`FAILED_OBJECTIVE` where the model fails)."""
         try:
             self.last_misfit = self.problem.misfit(x)
         except ConvergenceError:
@@ -94,8 +94,17 @@ class MapFunctional:
         return self.last_misfit + self.prior.cost(x)
 
     def value_gradient(self, x: PETSc.Vec, g: PETSc.Vec) -> float:
+        """The objective at ``x``, its dual gradient into ``g`` (huge where the model fails).
+
+        Where this evaluation (re)adapted the frozen step schedule, it is repeated with the
+        schedule it froze: the value and gradient are then those of a replay, exactly what a
+        run resumed from a checkpoint (which holds the schedule) computes at ``x``.
+        """
         try:
+            before = self.problem.schedules()
             self.last_misfit = self.problem.gradient(x, g)
+            if self.problem.schedules() != before:
+                self.last_misfit = self.problem.gradient(x, g)
         except ConvergenceError:
             g.set(0.0)
             self._gradient_at = None
@@ -111,6 +120,7 @@ class MapFunctional:
         return self.last_misfit + cost
 
     def hessian_mult(self, x: PETSc.Vec, v: PETSc.Vec, out: PETSc.Vec) -> None:
+        """``out = H(x) v``: misfit (Gauss–Newton or full) plus prior precision."""
         # Hessian actions linearise at the last gradient point; refresh it if TAO moved on.
         same = self._gradient_at is not None and self._gradient_at.equal(x)
         if not same:
@@ -138,6 +148,7 @@ class MapResult(NamedTuple):
         stop_reason: one sentence saying why the fit stopped.
         stats: the numbers behind it: ``method``, ``decrement`` (nats), ``gradient_norm``,
             ``relative_gradient``, ``hessian_actions``, ``gradient_evaluations``, ...
+        state: the optimiser state at ``x`` (``solve_map(..., state=state)`` continues).
     """
 
     x: PETSc.Vec
@@ -149,6 +160,7 @@ class MapResult(NamedTuple):
     converged: bool = False
     stop_reason: str = ""
     stats: dict | None = None
+    state: dict | None = None
 
 
 def _record_misfit(rf: MapFunctional, n_observed: int) -> dict:
@@ -179,11 +191,20 @@ def solve_map(
     """Minimise misfit + prior from ``x0``; ``state`` (from ``monitor``) continues a run.
 
     Args:
+        problem: the inverse problem.
+        prior: its prior.
+        x0: the starting point (or the iterate ``state`` was saved with).
         method: ``"newton"`` (:func:`femkin.inversion.newton.newton_cg`, the default) or
             ``"tao"`` (:func:`femkin.inversion.tao.minimize` with ``tao_type``; a resumed TAO
             run restarts TAO at the saved iterate, so its later steps differ).
-        max_iterations, decrement_tol, gatol, gttol, cg_max_iterations: Newton–CG's budget and
-            tolerances (``grtol``, ``gatol``, ``gttol``: TAO's, for ``"tao"``).
+        tao_type: the TAO type of ``method = "tao"``.
+        max_iterations: the iteration cap (a budget).
+        decrement_tol: Newton–CG: the Newton decrement tolerance, nats.
+        gatol: absolute gradient tolerance (both methods).
+        grtol: TAO's gradient tolerance relative to ``|f|``.
+        gttol: gradient tolerance relative to the first iterate's (both methods).
+        cg_max_iterations: Newton–CG: CG cap per step.
+        gauss_newton: Gauss–Newton (True) or full Hessian.
         petsc_options: PETSc options without the leading ``femkin_`` (e.g. ``tao_monitor``).
         monitor: ``monitor(record, x, state)`` after every iterate; the record has iteration,
             objective, misfit, misfit_rms (in units of sigma), gradient_norm, time; ``state``
@@ -237,6 +258,7 @@ def solve_map(
             res.converged,
             REASON_TEXT[res.reason],
             stats,
+            res.state,
         )
     if method != "tao":
         raise InputError("<inversion>", "method", "'newton' or 'tao'", repr(method))
@@ -292,4 +314,5 @@ def solve_map(
         converged,
         text,
         stats,
+        {"iteration": result.iterations + start_iteration, "history": history},
     )

@@ -91,6 +91,8 @@ class NewtonResult(NamedTuple):
             ``cg_iterations``, ``cg_reason``, ``step_length``, ``forcing``, ``time``).
         counters: ``value_gradient`` evaluations, ``hessian_actions``, ``cg_iterations``,
             ``backtracks`` (totals over resumed segments).
+        state: the state at ``x`` (as given to ``on_iteration``): resuming from it repeats
+            the stopping decision.
     """
 
     x: PETSc.Vec
@@ -103,6 +105,7 @@ class NewtonResult(NamedTuple):
     relative_gradient: float
     history: list[dict]
     counters: dict[str, int]
+    state: dict
 
 
 class CGResult(NamedTuple):
@@ -365,6 +368,13 @@ def newton_cg(
             float(g_norm_c / g0),
             history,
             dict(counters),
+            {
+                "iteration": k,
+                "g0_norm": g0,
+                "history": [dict(h) for h in history],
+                "counters": dict(counters),
+                "elapsed": time.perf_counter() - start,
+            },
         )
     finally:
         for v in (x, g, work, p, x_trial, g_trial):

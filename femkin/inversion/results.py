@@ -36,6 +36,7 @@ def curves(params) -> dict[str, np.ndarray]:
 
 
 def write_csv(path: Path, columns: dict[str, np.ndarray]) -> None:
+    """Write named columns as CSV with a header line (atomically)."""
     names = list(columns)
     data = np.column_stack([columns[n] for n in names])
     atomic_write(
@@ -47,6 +48,7 @@ def write_csv(path: Path, columns: dict[str, np.ndarray]) -> None:
 
 
 def write_json(path: Path, obj) -> None:
+    """Write ``obj`` as indented JSON (atomically)."""
     def w(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
@@ -134,12 +136,40 @@ def figures(
     return names
 
 
+def _convergence_lines(summary: dict) -> list[str]:
+    """Why the fit stopped, with the numbers behind it (report lines)."""
+    if "stop_reason" not in summary:
+        return []
+    c = summary.get("convergence", {})
+    lines = [f"- stopped: {summary['stop_reason']}"]
+    numbers = []
+    if c.get("decrement") is not None and np.isfinite(c["decrement"]):
+        numbers.append(f"Newton decrement {c['decrement']:.3g} nats (tol {c['decrement_tol']:g})")
+    if c.get("gradient_norm") is not None:
+        numbers.append(f"gradient norm {c['gradient_norm']:.3g}")
+    if c.get("relative_gradient") is not None:
+        numbers.append(f"relative gradient {c['relative_gradient']:.3g}")
+    for key, label in (
+        ("gradient_evaluations", "gradient evaluations"),
+        ("hessian_actions", "Hessian actions"),
+    ):
+        if c.get(key) is not None:
+            numbers.append(f"{c[key]} {label}")
+    if "solves" in summary and "forward" in summary["solves"]:
+        numbers.append(f"{summary['solves']['forward']} forward solves")
+    if numbers:
+        lines.append("- convergence: " + ", ".join(numbers))
+    return lines
+
+
 def write_report(out: Path, summary: dict, figure_names: list[str], uq: dict | None = None):
+    """Write ``report.md``: fit, stop reason, coefficients, truth comparison, UQ, figures."""
     lines = [
         "# femkin results",
         "",
         f"- misfit RMS: {summary['misfit_rms']:.4f} (Li fraction)",
         f"- iterations: {summary['iterations']} ({summary['tao_reason']})",
+        *_convergence_lines(summary),
         "- wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in summary["wall_time"].items()),
         "",
         "## Learned coefficients",

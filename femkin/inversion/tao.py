@@ -45,8 +45,11 @@ def tao_types() -> set[str]:
 
 
 class _CallbackErrors:
-    """Keeps the first exception raised in a Python callback, so that it, not TAO's generic
-    failure, reaches the caller (PETSc turns a callback's exception into an error code)."""
+    """The first exception raised in a Python callback.
+
+    PETSc turns a callback's exception into an error code; this keeps the exception itself so
+    that it, not TAO's generic failure, reaches the caller.
+    """
 
     def __init__(self):
         self.error: BaseException | None = None
@@ -88,9 +91,11 @@ class ReducedFunctional(Protocol):
 class CovariancePrior(Protocol):
     """The part of :class:`femkin.prior.Prior` that preconditions TAO."""
 
-    def precision_mult(self, v: PETSc.Vec, out: PETSc.Vec) -> None: ...
+    def precision_mult(self, v: PETSc.Vec, out: PETSc.Vec) -> None:
+        """``out = Gamma^{-1} v``."""
 
-    def covariance_mult(self, r: PETSc.Vec, out: PETSc.Vec) -> None: ...
+    def covariance_mult(self, r: PETSc.Vec, out: PETSc.Vec) -> None:
+        """``out = Gamma r``."""
 
 
 class TaoResult(NamedTuple):
@@ -245,7 +250,9 @@ def minimize(
         tao_type: any TAO type (``bnls``, ``bntr``, ``nls``, ``ntr``, ``lmvm``, ``blmvm``, ...);
             the options database (``-femkin_tao_type``) overrides it.
         max_iterations: iteration cap; reaching it is reported as ``DIVERGED_MAXITS``, not raised.
-        gatol, grtol, gttol: TAO's absolute, relative-to-``|f|`` and relative-to-initial gradient
+        gatol: TAO's absolute gradient tolerance (see ``gttol``).
+        grtol: TAO's gradient tolerance relative to ``|f|`` (see ``gttol``).
+        gttol: TAO's absolute, relative-to-``|f|`` and relative-to-initial gradient
             tolerances, with the gradient norm in the parameter inner product.
         bounds: ``(lower, upper)``, either may be ``None`` (unbounded); only bound-constrained
             types (b*) honour them.
@@ -254,7 +261,8 @@ def minimize(
             removed again afterwards.
         monitor: called as ``monitor(iteration, x, value, gradient_norm)`` every iteration.
         checkpoint: called like ``monitor``, after it (write a checkpoint there).
-        ksp_rtol, ksp_max_it: inexact Newton: the Newton-Krylov types' CG stops at this relative
+        ksp_rtol: see ``ksp_max_it``.
+        ksp_max_it: inexact Newton: the Newton-Krylov types' CG stops at this relative
             residual or iteration count (each iteration is one Hessian action); PETSc options
             (``-femkin_tao_bnk_ksp_max_it`` ...) override them.
         raise_on_failure: raise on a DIVERGED reason; else return the last iterate with it

@@ -78,7 +78,9 @@ def test_resume_from_any_iterate_repeats_the_steps():
     def keep(rec, x, state):
         saved.append((x.copy(), state))
 
-    full = newton_cg(p, p.space.create_vector(), prior=p.prior, decrement_tol=1e-10, on_iteration=keep)
+    full = newton_cg(
+        p, p.space.create_vector(), prior=p.prior, decrement_tol=1e-10, on_iteration=keep
+    )
     assert full.iterations >= 4
     for k in (1, 3):
         x_k, state = saved[k]

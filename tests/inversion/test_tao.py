@@ -218,7 +218,5 @@ def test_unknown_type_and_bad_option_values():
     with pytest.raises(InputError, match="tao_type.*'bnsl' \\(did you mean"):
         minimize(p, p.space.create_vector(), tao_type="bnsl")
     with pytest.raises(InputError, match="petsc_options"):
-        minimize(
-            p, p.space.create_vector(), tao_type="bnls", petsc_options={"tao_max_it": "ten"}
-        )
+        minimize(p, p.space.create_vector(), tao_type="bnls", petsc_options={"tao_max_it": "ten"})
     assert not PETSc.Options().hasName("femkin_tao_tao_max_it")
