@@ -85,6 +85,8 @@ class UQResult:
         variance_method: ``"exact"`` or ``"sampled(N)"``: how the prior diagonal was found.
         hessian_actions: Hessian actions spent by the eigensolver.
         wall_time: seconds per stage.
+        ln_k_std_dofs: ``{label: values}`` of the posterior std of ln k on the P1 space of
+            each particle held by this rank (owned + ghost values; for field output).
     """
 
     posterior: LowRankPosterior
@@ -102,6 +104,7 @@ class UQResult:
     variance_method: str
     hessian_actions: int
     wall_time: dict[str, float]
+    ln_k_std_dofs: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @property
     def std(self) -> np.ndarray:
@@ -175,7 +178,7 @@ def _unit_functionals(space) -> list[PETSc.Vec]:
     """Unit vectors of every global coefficient (the entry lives on rank 0)."""
     out = []
     for name, size in coefficient_layout(space):
-        _, sl = space._scalars[(name, None)]
+        sl = space.local_slice(name)
         for n in range(size):
             e = space.create_vector()
             if sl is not None:
@@ -236,8 +239,7 @@ def credible_bands(
     Returns:
         ``{"c": c, "mu_h": (value, lo, hi), "j0": (value, lo, hi)}``.
     """
-    from femkin.inversion.results import C_GRID
-    from femkin.physics.acr import ln_j0, mu_h
+    from femkin.physics.acr import C_GRID, ln_j0, mu_h
 
     c = C_GRID if c is None else np.asarray(c, dtype=float)
     params = problem.parameters_at(x)
@@ -290,13 +292,13 @@ def _ln_k_maps(
         k0_v = np.array([space.get_scalars(v, "k0")[0] for v in posterior.eigenvectors])
     prior_diag = space.create_vector()
     methods = set()
-    for (name, label), data in space._fields.items():
-        if name != "m" or data is None:
+    for name, label in space.field_keys:
+        if name != "m" or not space.holds(name, label):
             continue
         diag, method = bilaplacian_pointwise_variance(
             prior.priors[(name, label)], samples=samples, seed=seed
         )
-        prior_diag.getArray()[data.slice] = diag
+        prior_diag.getArray()[space.local_slice(name, label)] = diag
         methods.add(method)
     methods = sorted(set().union(*problem.comm.allgather(methods)))
     post_diag = posterior.pointwise_variance(prior_diag)
@@ -310,7 +312,7 @@ def _ln_k_maps(
         V = p.model.V
         n_owned = V.dofmap.index_map.size_local
         if has_m:
-            sl = space._fields[("m", label)].slice
+            sl = space.local_slice("m", label)
             var_m = post_diag.getArray(readonly=True)[sl]
             cov = cross.getArray(readonly=True)[sl]
             pri_m = prior_diag.getArray(readonly=True)[sl]
@@ -333,7 +335,7 @@ def _ln_k_maps(
         for lb in problem.labels:
             post_maps[lb] = np.where(mask == lb, post_img, np.nan)
             prior_maps[lb] = np.where(mask == lb, prior_img, np.nan)
-    return post_maps, prior_maps, ",".join(methods) or "none"
+    return post_maps, prior_maps, ",".join(methods) or "none", post_arrays
 
 
 def analyse(
@@ -419,7 +421,7 @@ def analyse(
         f.destroy()
     mean = np.concatenate([space.get_scalars(x, b) for b, _ in blocks]) if blocks else np.zeros(0)
     bands = credible_bands(problem, x, blocks, covariance)
-    ln_k_std, ln_k_prior_std, method = _ln_k_maps(
+    ln_k_std, ln_k_prior_std, method, ln_k_std_dofs = _ln_k_maps(
         problem,
         prior,
         posterior,
@@ -452,6 +454,7 @@ def analyse(
         method,
         hessian_actions,
         timings,
+        ln_k_std_dofs,
     )
 
 
