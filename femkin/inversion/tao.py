@@ -1,4 +1,4 @@
-"""Minimise a reduced functional with PETSc TAO (options prefix ``femkin_tao_``).
+"""Minimise a reduced functional with PETSc TAO (options prefix ``femkin_``: ``-femkin_tao_type``).
 
 The objective is one object (:class:`ReducedFunctional`: value, dual gradient, Hessian action,
 prior included); this module only wires it into TAO, after pyadjoint's ``tao_solver.py``:
@@ -232,7 +232,7 @@ def minimize(
     grtol: float = 1e-8,
     gttol: float = 0.0,
     bounds: tuple[PETSc.Vec | None, PETSc.Vec | None] | None = None,
-    options_prefix: str = "femkin_tao_",
+    options_prefix: str = "femkin_",
     petsc_options: dict | None = None,
     monitor: Callable[[int, PETSc.Vec, float, float], None] | None = None,
     checkpoint: Callable[[int, PETSc.Vec, float, float], None] | None = None,

@@ -155,7 +155,7 @@ def test_options_and_errors():
         gttol=1e-12,
     )
     assert r.iterations == 3 and r.reason == "DIVERGED_MAXITS"
-    assert not PETSc.Options().hasName("femkin_tao_tao_type")  # removed afterwards
+    assert not PETSc.Options().hasName("femkin_tao_type")  # removed afterwards
     with pytest.raises(InputError, match="options_prefix"):
         minimize(p, p.space.create_vector(), options_prefix="")
     lo, hi = p.space.create_vector(), p.space.create_vector()
@@ -219,4 +219,4 @@ def test_unknown_type_and_bad_option_values():
         minimize(p, p.space.create_vector(), tao_type="bnsl")
     with pytest.raises(InputError, match="petsc_options"):
         minimize(p, p.space.create_vector(), tao_type="bnls", petsc_options={"tao_max_it": "ten"})
-    assert not PETSc.Options().hasName("femkin_tao_tao_max_it")
+    assert not PETSc.Options().hasName("femkin_tao_max_it")
