@@ -1,13 +1,14 @@
 # femkin: two set-up commands on a fresh machine
 #   make demo   create .venv, install femkin with DOLFINx, run cases/demo end to end
 #   make test   create .venv, install, run the test suite serially and under mpirun -n 2
+#   make lint   ruff (lint and format check) and mypy on the package (CI runs it before the tests)
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 NP ?= 2
 PYTEST_FLAGS ?= -q -ra
 
-.PHONY: demo test test-serial test-mpi env benchmarks clean
+.PHONY: demo test test-serial test-mpi lint env benchmarks clean docker docker-check
 env: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -21,6 +22,13 @@ test: env
 	$(MAKE) test-serial
 	$(MAKE) test-mpi
 
+LINT_PATHS := femkin tests benchmarks cases
+
+lint: env
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/mypy femkin
+
 test-serial:
 	$(PY) -m pytest $(PYTEST_FLAGS) tests
 
@@ -31,6 +39,20 @@ test-mpi:
 
 benchmarks: env
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+# Docker (not part of CI): docker/README.md. DOCKER_BASE swaps the base image (ARG BASE), e.g.
+#   make docker-check DOCKER_BASE=<tag> DOCKER_BUILD_FLAGS="--network host"
+IMAGE ?= femkin
+DOCKER_BASE ?=
+DOCKER_BUILD_FLAGS ?=
+docker:
+	docker build $(DOCKER_BUILD_FLAGS) $(if $(DOCKER_BASE),--build-arg BASE=$(DOCKER_BASE)) \
+	  -t $(IMAGE) -f docker/Dockerfile .
+
+# Build, then run cases/stacks on the host and in the image (serially and under mpirun -n 2, as a
+# non-root user) and compare the summary.json files.
+docker-check: docker env
+	bash docker/check.sh $(IMAGE) $(VENV)/bin/femkin
 
 clean:
 	rm -rf $(VENV) build

@@ -35,8 +35,9 @@ class Key(NamedTuple):
 
     Attributes:
         type: ``"str"``, ``"float"``, ``"int"``, ``"bool"``, ``"list[float]"``, ``"list[int]"``,
-            ``"list[str]"`` or ``"table"`` (str -> str/int/float/bool); a trailing ``"?"`` means
-            the key may be absent with default None.
+            ``"list[str]"``, ``"table"`` (str -> str/int/float/bool) or ``"files"`` (a table
+            label -> path, or a path pattern with ``{label}``); a trailing ``"?"`` means the key
+            may be absent with default None.
         default: The value when absent (:data:`REQUIRED` if it must be given).
         check: Optional validity check of the converted value.
         doc: Meaning and unit.
@@ -113,6 +114,12 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "smoothing": Key("float", 0.5, NON_NEGATIVE, "contour smoothing length, pixels"),
         "simplify": Key("float", 0.25, NON_NEGATIVE, "polygon simplification tolerance, pixels"),
         "min_hole_area": Key("float", 4.0, NON_NEGATIVE, "smaller holes are filled, pixels^2"),
+        "files": Key("files?", None, None, "own meshes: {label = path} or a path with {label}"),
+        "file_unit": Key("str", "um", _one_of("um", "pixel"), "unit of the files' coordinates"),
+        "footprint_tolerance": Key("float", 0.1, OPEN_UNIT, "relative mismatch allowed"),
+        "max_cells": Key(
+            "int", 1_000_000, AT_LEAST_ONE, "refuse a mesh estimated above this many cells/particle"
+        ),
     },
     "model": {
         "kappa": Key("float", 0.02, NON_NEGATIVE, "gradient energy coefficient, kT um^2"),
@@ -132,7 +139,20 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "newton_rtol": Key("float", 1e-10, POSITIVE, "Newton relative tolerance"),
         "newton_atol": Key("float", 1e-11, POSITIVE, "Newton absolute tolerance"),
         "newton_max_it": Key("int", 25, AT_LEAST_ONE, "Newton iterations per step"),
-        "dc_max": Key("float", 0.02, POSITIVE, "largest change of c per step (accuracy)"),
+        "scheme": Key(
+            "str",
+            "bdf2",
+            _one_of("bdf2", "euler"),
+            "time integrator: bdf2 (2nd order, error-controlled) or euler (backward Euler)",
+        ),
+        "time_tol": Key(
+            "float",
+            5e-4,
+            POSITIVE,
+            "bdf2: largest estimated local error of c per step (units of c; the particle "
+            "average is then within ~0.005 of the exact time integral)",
+        ),
+        "dc_max": Key("float", 0.02, POSITIVE, "euler: largest change of c per step (accuracy)"),
         "storage": Key("str", "memory", _one_of("memory", "disk"), "where step states are kept"),
         "factor_cache_mb": Key(
             "float",
@@ -247,6 +267,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "i0_region": Key("list[int]?", None, _all(_length(4), NON_NEGATIVE), "row0,row1,col0,col1"),
         "threshold": Key("float?", None, None, "segmentation threshold"),
         "min_size": Key("int", 20, NON_NEGATIVE, "smallest particle, pixels"),
+        "bootstrap": Key("int", 100, NON_NEGATIVE, "bootstrap resamples of the energies for sigma"),
         "times": Key("list[float]?", None, _all(FINITE, _increasing), "frame times, s"),
     },
     "verify": {
@@ -308,7 +329,13 @@ def load_case(path: str | os.PathLike) -> Case:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise CaseError(file, None, "a valid TOML file", f"{type(err).__name__}: {err}") from err
     sections = parse_sections(raw, file)
-    return Case(dir=file.parent.resolve(), file=file.resolve(), **sections)
+    case = Case(dir=file.parent.resolve(), file=file.resolve(), **sections)
+    files = case.mesh["files"]
+    if isinstance(files, str):
+        case.mesh["files"] = str(case.resolve(files))
+    elif files is not None:
+        case.mesh["files"] = {lb: str(case.resolve(p)) for lb, p in files.items()}
+    return case
 
 
 def parse_sections(raw: dict[str, Any], file: str | os.PathLike) -> dict[str, Any]:
@@ -362,6 +389,8 @@ def _convert(value: Any, spec: Key, file, name: str) -> Any:
         if not isinstance(value, list):
             raise CaseError(file, name, f"an array of {base[5:-1]}", _toml_type(value))
         value = [_scalar(v, base[5:-1], file, f"{name}[{i}]") for i, v in enumerate(value)]
+    elif base == "files":
+        value = _mesh_files(value, file, name)
     elif base == "table":
         if not isinstance(value, dict):
             raise CaseError(file, name, "a table", _toml_type(value))
@@ -374,6 +403,26 @@ def _convert(value: Any, spec: Key, file, name: str) -> Any:
     if spec.check is not None and (expected := spec.check(value)) is not None:
         raise CaseError(file, name, expected, repr(value))
     return value
+
+
+def _mesh_files(value: Any, file, name: str) -> dict[int, str] | str:
+    """``[mesh] files``: a table label -> path, or one path with ``{label}`` in it."""
+    if isinstance(value, str):
+        if "{label}" not in value or value.replace("{label}", "").count("{"):
+            raise CaseError(file, name, "a path pattern with '{label}'", repr(value))
+        return value
+    if not isinstance(value, dict) or not value:
+        raise CaseError(
+            file, name, "a table {label = path} or a path with '{label}'", _toml_type(value)
+        )
+    out: dict[int, str] = {}
+    for k, v in value.items():
+        if not k.isdigit() or int(k) < 1:
+            raise CaseError(file, f"{name}.{k}", "a particle label (an integer >= 1)", repr(k))
+        if not isinstance(v, str):
+            raise CaseError(file, f"{name}.{k}", "a path", _toml_type(v))
+        out[int(k)] = v
+    return out
 
 
 def _scalar(value: Any, kind: str, file, name: str) -> Any:

@@ -131,7 +131,7 @@ def invert(
         state = _resume_state(ckpt, study, prints, required=resume, comm=comm)
         if isinstance(state, AlreadyFinished):
             return state
-    problem = build_problem(study, comm, quiet=quiet)
+    problem = build_problem(study, comm, quiet=quiet, require_data=True)
     timings["setup"] = time.perf_counter() - t0
     x0 = problem.initial_vector()
     prior = build_prior(problem, inv["prior"], x0)

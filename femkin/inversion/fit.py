@@ -38,7 +38,7 @@ def build_prior(problem, prior_case: dict, x0: PETSc.Vec) -> Prior:
         "kappa": prior_case["kappa_std"],
         "coherency": prior_case["coherency_std"],
     }
-    priors = {}
+    priors: dict[tuple[str, int | None], GaussianScalarPrior | BiLaplacianPrior | None] = {}
     for b in space.scalar_blocks:
         mean = space.get_scalars(x0, b.name)
         priors[(b.name, None)] = GaussianScalarPrior(mean, np.full(b.size, coefficient_std[b.name]))
@@ -86,7 +86,7 @@ class MapFunctional:
         self._gradient_at: PETSc.Vec | None = None
 
     def value(self, x: PETSc.Vec) -> float:
-        """The objective at ``x`` (:data:`FAILED_OBJECTIVE` where the model fails)."""
+        """Misfit + prior at ``x``; a failed forward solve gives a large value (TAO backtracks)."""
         try:
             self.last_misfit = self.problem.misfit(x)
         except ConvergenceError:
@@ -120,7 +120,7 @@ class MapFunctional:
         return self.last_misfit + cost
 
     def hessian_mult(self, x: PETSc.Vec, v: PETSc.Vec, out: PETSc.Vec) -> None:
-        """``out = H(x) v``: misfit (Gauss–Newton or full) plus prior precision."""
+        """``out = H v``: misfit Hessian (full or Gauss-Newton) at ``x`` plus prior precision."""
         # Hessian actions linearise at the last gradient point; refresh it if TAO moved on.
         same = self._gradient_at is not None and self._gradient_at.equal(x)
         if not same:

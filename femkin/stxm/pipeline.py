@@ -51,7 +51,7 @@ class Prepared(NamedTuple):
     """
 
     c: np.ndarray
-    sigma: np.ndarray
+    sigma: np.ndarray | None
     mask: np.ndarray
     labels: np.ndarray
     t: np.ndarray
@@ -182,7 +182,7 @@ def align_energies(
 
     def update(current: np.ndarray) -> np.ndarray:
         current = current.reshape(e, 2)
-        aligned = np.array([shift_image(im, -sh) for im, sh in zip(od, current)])
+        aligned = np.array([shift_image(im, -sh) for im, sh in zip(od, current, strict=True)])
         new = current.copy()
         for k in range(e):
             keep = np.arange(e) != k
@@ -194,7 +194,7 @@ def align_energies(
         return (new - new[ref]).ravel()
 
     shifts = anderson(update, shifts.ravel(), iterations=iterations).reshape(e, 2)
-    aligned = np.array([shift_image(im, -sh) for im, sh in zip(od, shifts)])
+    aligned = np.array([shift_image(im, -sh) for im, sh in zip(od, shifts, strict=True)])
     w = unmix(aligned, design, n_boot=0).weights
     return shifts, ref, w[0] + w[1]
 
@@ -219,7 +219,8 @@ def prepare(
         threshold: Fe optical density threshold for the masks; Otsu per frame if None.
         min_size: smallest particle kept, in pixels.
         times: frame times in seconds; from the headers if None.
-        n_boot: bootstrap resamples for sigma.
+        n_boot: bootstrap resamples for sigma (>= 2); 0: no sigma (``sigma`` is None; the case
+            then needs ``[data] sigma``).
         seed: bootstrap seed.
 
     Raises:
@@ -229,11 +230,18 @@ def prepare(
         raise InputError("stacks", "stacks", "at least one stack", 0)
     if min_size < 1:
         raise InputError("prepare", "min_size", "a positive number of pixels", min_size)
+    if n_boot < 0 or n_boot == 1:
+        raise InputError(
+            "prepare",
+            "bootstrap",
+            "0 (no sigma) or at least 2 resamples (a standard deviation needs two)",
+            n_boot,
+        )
     pixel_size = _check_grid(stacks)
     t = frame_times(stacks, times)
     designs = [references.at(s.energies, source=s.source) for s in stacks]
     ods, i0s, inner, refs, fes = [], [], [], [], []
-    for s, design in zip(stacks, designs):
+    for s, design in zip(stacks, designs, strict=True):
         dens = optical_density(s, i0_region)
         shifts, ref, fe_s = align_energies(dens.od, design)
         ods.append(dens.od)
@@ -243,12 +251,14 @@ def prepare(
         fes.append(fe_s)
     stack_shifts = np.array([displacement(fes[0], f) for f in fes])
     stack_shifts[0] = 0.0
-    shifts = [sh_e + d for sh_e, d in zip(inner, stack_shifts)]
+    total_shifts = [sh_e + d for sh_e, d in zip(inner, stack_shifts, strict=True)]
     aligned = [
-        np.array([shift_image(im, -sh) for im, sh in zip(od, sh_e)])
-        for od, sh_e in zip(ods, shifts)
+        np.array([shift_image(im, -sh) for im, sh in zip(od, sh_e, strict=True)])
+        for od, sh_e in zip(ods, total_shifts, strict=True)
     ]
-    results = [unmix(od, a, n_boot=n_boot, seed=seed) for od, a in zip(aligned, designs)]
+    results = [
+        unmix(od, a, n_boot=n_boot, seed=seed) for od, a in zip(aligned, designs, strict=True)
+    ]
     fe = np.array([r.weights[0] + r.weights[1] for r in results])
     thresholds = np.array([otsu(f) if threshold is None else float(threshold) for f in fe])
     labels = stable_labels(fe, thresholds, min_size)
@@ -263,7 +273,11 @@ def prepare(
         )
     inside = mask > 0
     c = np.array([np.where(inside, r.c, np.nan) for r in results])
-    sigma = np.array([np.where(inside, np.maximum(r.sigma, SIGMA_FLOOR), np.nan) for r in results])
+    sigma = (
+        np.array([np.where(inside, np.maximum(r.sigma, SIGMA_FLOOR), np.nan) for r in results])
+        if n_boot > 0
+        else None
+    )
     return Prepared(
         c=c,
         sigma=sigma,
@@ -273,7 +287,7 @@ def prepare(
         pixel_size=pixel_size,
         od=aligned,
         fe=fe,
-        shifts=shifts,
+        shifts=total_shifts,
         stack_shifts=stack_shifts,
         reference=(0, refs[0]),
         thresholds=thresholds,
@@ -335,8 +349,10 @@ def write_summary(path: str | pathlib.Path, result: Prepared, *, max_frames: int
     )
     ax.set_title("labels, last frame")
     ax = axes[2, 2]
-    im = ax.imshow(result.sigma[0], cmap="magma")
-    ax.set_title("sigma(c), frame 0")
+    no_sigma = result.sigma is None
+    shown = np.full_like(result.c[0], np.nan) if result.sigma is None else result.sigma[0]
+    im = ax.imshow(shown, cmap="magma")
+    ax.set_title("no sigma (--bootstrap 0)" if no_sigma else "sigma(c), frame 0")
     fig.colorbar(im, ax=ax, shrink=0.8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
