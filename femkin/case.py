@@ -195,12 +195,39 @@ SCHEMA: dict[str, dict[str, Any]] = {
     },
     "inversion": {
         "learn": Key("list[str]", ["mu_h", "j0", "k0", "m"], _one_of(*BLOCKS), "fitted blocks"),
-        "tao_type": Key("str", "bnls", None, "PETSc TAO type"),
-        "max_iterations": Key("int", 100, NON_NEGATIVE, "TAO iterations"),
-        "gatol": Key("float", 1e-6, NON_NEGATIVE, "absolute gradient tolerance"),
-        "grtol": Key("float", 1e-8, NON_NEGATIVE, "relative gradient tolerance"),
+        "method": Key(
+            "str",
+            "newton",
+            _one_of("newton", "tao"),
+            "optimiser: inexact Newton-CG on the prior-preconditioned Hessian, or PETSc TAO "
+            "(tao_type, petsc_options)",
+        ),
+        "max_iterations": Key(
+            "int", 50, AT_LEAST_ONE, "iteration cap: a budget; a fit stopped by it is not converged"
+        ),
+        "decrement_tol": Key(
+            "float",
+            1e-3,
+            NON_NEGATIVE,
+            "Newton: converged when the predicted decrease of the negative log posterior "
+            "(Newton decrement) is below this, nats",
+        ),
+        "gttol": Key(
+            "float", 1e-6, NON_NEGATIVE, "converged when |g|/|g0| (prior-preconditioned) is below"
+        ),
+        "gatol": Key("float", 1e-6, NON_NEGATIVE, "converged when |g| is below (absolute)"),
+        "cg_max_iterations": Key(
+            "int",
+            200,
+            AT_LEAST_ONE,
+            "Newton: CG cap per step (Hessian actions; CG stops on the forcing term first)",
+        ),
         "hessian": Key("str", "gauss-newton", _one_of("gauss-newton", "full"), "Hessian"),
-        "petsc_options": PETSC_TABLE,
+        "tao_type": Key("str", "bnls", None, "PETSc TAO type (method = 'tao')"),
+        "grtol": Key("float", 1e-8, NON_NEGATIVE, "TAO: |g|/|f| tolerance (method = 'tao')"),
+        "petsc_options": Key(
+            "table", {}, None, "TAO's PETSc options without the prefix (method = 'tao')"
+        ),
         "checkpoint_every": Key("int", 1, AT_LEAST_ONE, "iterations between checkpoints"),
         "prior": {
             "m_std": Key("float", 0.5, POSITIVE, "pointwise prior std of m"),

@@ -195,7 +195,12 @@ def write_fit_results(study, problem, result, timings: dict) -> dict | None:
         "misfit_rms": float(np.sqrt(np.mean(all_r**2))),
         "particles": summary_particles,
         "iterations": int(result.iterations),
+        "converged": bool(getattr(result, "converged", result.reason.startswith("CONVERGED"))),
+        "stop_reason": getattr(result, "stop_reason", "") or result.reason,
         "tao_reason": result.reason,
+        "convergence": dict(
+            getattr(result, "stats", None) or {}, iterations=int(result.iterations)
+        ),
         "wall_time": dict(timings),
         "coefficients": coeffs,
         "objective": result.value,
@@ -428,6 +433,32 @@ def plot_frames(noisy, clean, t, path, n_show: int = 5) -> None:
     plt.close(fig)
 
 
+def _convergence_lines(summary: dict) -> list[str]:
+    """Why the fit stopped, with the numbers behind it (report lines)."""
+    if "stop_reason" not in summary:
+        return []
+    c = summary.get("convergence", {})
+    lines = [f"- stopped: {summary['stop_reason']}"]
+    numbers = []
+    if c.get("decrement") is not None and np.isfinite(c["decrement"]):
+        numbers.append(f"Newton decrement {c['decrement']:.3g} nats (tol {c['decrement_tol']:g})")
+    if c.get("gradient_norm") is not None:
+        numbers.append(f"gradient norm {c['gradient_norm']:.3g}")
+    if c.get("relative_gradient") is not None:
+        numbers.append(f"relative gradient {c['relative_gradient']:.3g}")
+    for key, label in (
+        ("gradient_evaluations", "gradient evaluations"),
+        ("hessian_actions", "Hessian actions"),
+    ):
+        if c.get(key) is not None:
+            numbers.append(f"{c[key]} {label}")
+    if "forward" in summary.get("solves", {}):
+        numbers.append(f"{summary['solves']['forward']} forward solves")
+    if numbers:
+        lines.append("- convergence: " + ", ".join(numbers))
+    return lines
+
+
 def write_report(out: Path, summary: dict, figure_names: list[str], uq: dict | None = None):
     """``report.md``: the summary, the truth comparison, particles, uncertainty, figures."""
     lines = [
@@ -435,6 +466,7 @@ def write_report(out: Path, summary: dict, figure_names: list[str], uq: dict | N
         "",
         f"- misfit RMS: {summary['misfit_rms']:.4f} (Li fraction)",
         f"- iterations: {summary['iterations']} ({summary['tao_reason']})",
+        *_convergence_lines(summary),
         "- wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in summary["wall_time"].items()),
         "",
         "## Learned coefficients",

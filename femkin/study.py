@@ -108,19 +108,17 @@ def checkpoint_path(case: Case) -> Path:
     return case.dir / "checkpoints" / "state.npz"
 
 
-def checkpoint_settings(study: Study, problem: InverseProblem) -> tuple[dict, str]:
-    """The settings a checkpoint belongs to, and their hash."""
-    inv = study.case.inversion
-    settings = {
-        "learn": list(problem.learn),
-        "tao_type": inv["tao_type"],
-        "hessian": inv["hessian"],
-        "video": str(study.video_path.name),
-        "prior": inv["prior"],
-        "model": study.case.model,
-    }
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    return settings, digest
+def checkpoint_settings(study: Study, problem: InverseProblem | None = None) -> tuple[dict, str]:
+    """The input fingerprint a checkpoint belongs to, and its hash (``case_hash``).
+
+    See :func:`femkin.inversion.checkpoint.fingerprint`: the video's arrays and the case keys
+    that change the problem (``problem`` is not needed; kept for callers that pass it).
+    """
+    from femkin.inversion.checkpoint import fingerprint
+
+    prints = fingerprint(study.case, study.video)
+    digest = hashlib.sha256(json.dumps(prints, sort_keys=True).encode()).hexdigest()[:16]
+    return prints, digest
 
 
 def collective(comm, func, *args, **kwargs):

@@ -1,9 +1,11 @@
 """``femkin invert CASE``: fit mu_h, j0, k0 and k(x) (the ``[inversion] learn`` blocks).
 
-Meshes (cached), fits with PETSc TAO (options prefix ``femkin_``: ``-femkin_tao_type``; PETSc
-options from the case's ``[inversion] petsc_options`` and the command line), checkpoints after
-every iteration (``CASE/checkpoints/state.npz``, written atomically; ``--resume`` continues
-from it) and writes ``CASE/results/`` (:func:`femkin.report.write_fit_results`).
+Meshes (cached), fits by inexact Newton–CG (:mod:`femkin.inversion.newton`; or PETSc TAO with
+``[inversion] method = "tao"``), checkpoints after every iteration
+(``CASE/checkpoints/state.npz``, written atomically, with a fingerprint of the inputs;
+``--resume`` continues from it and repeats the uninterrupted run's steps) and writes
+``CASE/results/`` (:func:`femkin.report.write_fit_results`; ``summary.json`` says whether the
+fit converged and why it stopped).
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 
 def register(subparsers) -> None:
+    """Add the ``invert`` verb."""
     parser = subparsers.add_parser(
         "invert",
         help="fit the model to the video (PETSc TAO)",
@@ -25,18 +29,78 @@ def register(subparsers) -> None:
 
 
 def add_arguments(parser) -> None:
+    """The arguments of ``invert`` (shared with ``run``)."""
     parser.add_argument("case", type=Path, help="case directory (or its case.toml)")
-    parser.add_argument(
-        "--resume", action="store_true", help="continue from CASE/checkpoints/state.npz"
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from CASE/checkpoints/state.npz (an error when there is none)",
+    )
+    group.add_argument(
+        "--resume-or-start",
+        action="store_true",
+        help="continue from the checkpoint if there is one, else start afresh",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
 
-def invert(case_path, *, resume: bool = False, quiet: bool = False, comm=None):
-    """Run the fit of a case; returns (problem, result, timings)."""
+class AlreadyFinished(NamedTuple):
+    """What ``invert(..., resume=True)`` returns for a fit that had already finished."""
+
+    iterations: int
+    reason: str
+    results: Path
+
+
+def _resume_state(ckpt, study, fingerprint, *, required: bool, comm):
+    """The checkpoint state to resume from (None: start afresh), or AlreadyFinished."""
+    from femkin.errors import InputError
+    from femkin.inversion.checkpoint import fingerprint_changes, peek_state
+
+    state = peek_state(ckpt, comm)
+    if state is None:
+        if required:
+            raise InputError(
+                ckpt, None, "a checkpoint to resume (use --resume-or-start to start afresh)", "none"
+            )
+        return None
+    changed = fingerprint_changes(state.get("fingerprint"), fingerprint)
+    if changed:
+        raise InputError(
+            ckpt,
+            None,
+            "a checkpoint of this case's inputs",
+            f"one written for other inputs ({', '.join(changed)} changed); remove it or run "
+            "without --resume",
+        )
+    summary = study.case.dir / "results" / "summary.json"
+    finished = (
+        state.get("converged") or state["iteration"] >= study.case.inversion["max_iterations"]
+    )
+    if state.get("done") and finished and summary.exists():
+        return AlreadyFinished(int(state["iteration"]), str(state.get("reason", "")), summary)
+    return state
+
+
+def invert(
+    case_path, *, resume: bool = False, resume_or_start: bool = False, quiet=False, comm=None
+):
+    """Run the fit of a case.
+
+    Returns:
+        (problem, result, timings, prior), or an :class:`AlreadyFinished` when resuming a
+        finished fit (results untouched).
+    """
     from femkin._fem import MPI
-    from femkin.inversion.checkpoint import read_checkpoint, write_checkpoint
+    from femkin.errors import CaseError
+    from femkin.inversion.checkpoint import (
+        exit_after_checkpoint_hook,
+        read_checkpoint,
+        write_checkpoint,
+    )
     from femkin.inversion.fit import build_prior, solve_map
+    from femkin.inversion.tao import tao_types
     from femkin.report import write_fit_results
     from femkin.study import build_problem, checkpoint_path, checkpoint_settings, open_study
 
@@ -45,31 +109,48 @@ def invert(case_path, *, resume: bool = False, quiet: bool = False, comm=None):
     t0 = time.perf_counter()
     study = open_study(case_path, comm)
     case = study.case
+    inv = case.inversion
+    if inv["method"] == "tao" and inv["tao_type"] not in tao_types():
+        raise CaseError(
+            case.file,
+            "inversion.tao_type",
+            "a PETSc TAO type (" + ", ".join(sorted(tao_types())) + ")",
+            repr(inv["tao_type"]),
+        )
+    if inv["method"] == "newton" and inv["petsc_options"] and comm.rank == 0:
+        print(
+            "femkin: warning: [inversion.petsc_options] ("
+            + ", ".join(inv["petsc_options"])
+            + ') apply to method = "tao" only; Newton-CG ignores them',
+            flush=True,
+        )
+    prints, case_hash = checkpoint_settings(study)
+    ckpt = checkpoint_path(case)
+    state = None
+    if resume or resume_or_start:
+        state = _resume_state(ckpt, study, prints, required=resume, comm=comm)
+        if isinstance(state, AlreadyFinished):
+            return state
     problem = build_problem(study, comm, quiet=quiet, require_data=True)
     timings["setup"] = time.perf_counter() - t0
     x0 = problem.initial_vector()
-    prior = build_prior(problem, case.inversion["prior"], x0)
-    inv = case.inversion
-    settings, case_hash = checkpoint_settings(study, problem)
-    ckpt = checkpoint_path(case)
-    history = []
+    prior = build_prior(problem, inv["prior"], x0)
     x_start = x0.copy()
-    if resume:
-        state = read_checkpoint(ckpt, problem.space, x_start, case_hash=case_hash)
-        if state is not None:
-            history = state["history"]
-            problem.set_schedules(state.get("schedules", {}))
-            if comm.rank == 0 and not quiet:
-                at = len(history) and history[-1]["iteration"]
-                print(f"resuming from {ckpt} at iteration {at}", flush=True)
-    start_it = history[-1]["iteration"] if history else 0
-
-    def monitor(rec, x):
+    solver_state = None
+    if state is not None:
+        read_checkpoint(ckpt, problem.space, x_start)
+        problem.set_schedules(state.get("schedules", {}))
+        solver_state = state.get("solver")
         if comm.rank == 0 and not quiet:
+            print(f"resuming from {ckpt} at iteration {state['iteration']}", flush=True)
+
+    def monitor(rec, x, snapshot):
+        if comm.rank == 0 and not quiet:
+            extra = f"  decrement {rec['decrement']:.2e}" if "decrement" in rec else ""
             print(
                 f"it {rec['iteration']:3d}  J {rec['objective']:.6e}  |g| "
                 f"{rec['gradient_norm']:.3e}  RMS/sigma {rec['misfit_rms']:.3f}  "
-                f"{rec['time']:.1f} s",
+                f"{rec['time']:.1f} s{extra}",
                 flush=True,
             )
         if rec["iteration"] % inv["checkpoint_every"] == 0:
@@ -78,64 +159,81 @@ def invert(case_path, *, resume: bool = False, quiet: bool = False, comm=None):
                 problem.space,
                 x,
                 {
+                    "fingerprint": prints,
                     "case_hash": case_hash,
-                    "history": history,
-                    "settings": settings,
+                    "iteration": int(snapshot["iteration"]),
+                    "history": snapshot["history"],
+                    "solver": snapshot,
                     "schedules": problem.schedules(),
                 },
             )
+            exit_after_checkpoint_hook(int(snapshot["iteration"]), comm)
 
     t1 = time.perf_counter()
     result = solve_map(
         problem,
         prior,
         x_start,
+        method=inv["method"],
         tao_type=inv["tao_type"],
         max_iterations=inv["max_iterations"],
+        decrement_tol=inv["decrement_tol"],
         gatol=inv["gatol"],
         grtol=inv["grtol"],
+        gttol=inv["gttol"],
+        cg_max_iterations=inv["cg_max_iterations"],
         gauss_newton=inv["hessian"] == "gauss-newton",
         petsc_options=inv["petsc_options"],
         monitor=monitor,
-        start_iteration=start_it,
-        history=history,
+        state=solver_state,
     )
-    history[:] = result.history
-    if (
-        result.reason.startswith("DIVERGED")
-        and result.reason != "DIVERGED_MAXITS"
-        and comm.rank == 0
-    ):
+    if not result.converged and comm.rank == 0:
         print(
-            f"femkin: warning: TAO stopped with {result.reason} after {result.iterations} "
-            "iterations; results are written for the last iterate",
+            f"femkin: warning: the fit stopped with {result.reason} after {result.iterations} "
+            f"iterations: {result.stop_reason}",
             flush=True,
         )
+    timings["fit"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    problem.misfit(result.x)
+    write_fit_results(study, problem, result, timings)
     write_checkpoint(
         ckpt,
         problem.space,
         result.x,
         {
+            "fingerprint": prints,
             "case_hash": case_hash,
-            "history": history,
-            "settings": settings,
+            "iteration": int(result.iterations),
+            "history": result.history,
+            "solver": result.state,
+            "converged": bool(result.converged),
             "done": True,
+            "reason": result.reason,
             "schedules": problem.schedules(),
         },
     )
-    timings["fit"] = time.perf_counter() - t1
-    t2 = time.perf_counter()
-    problem.misfit(result.x)
-    write_fit_results(study, problem, result, timings)
     comm.barrier()  # every rank returns once the result files exist
     timings["results"] = time.perf_counter() - t2
     return problem, result, timings, prior
 
 
 def run(args: argparse.Namespace) -> int:
+    """``femkin invert``: exit 0 after a fit, or after saying that it had already finished."""
     from femkin._fem import MPI
 
-    problem, result, timings, _ = invert(args.case, resume=args.resume, quiet=args.quiet)
+    out = invert(
+        args.case, resume=args.resume, resume_or_start=args.resume_or_start, quiet=args.quiet
+    )
+    if isinstance(out, AlreadyFinished):
+        if MPI.COMM_WORLD.rank == 0:
+            print(
+                f"femkin: the fit of {args.case} already finished ({out.iterations} iterations, "
+                f"{out.reason}); results in {out.results.parent} left as they are",
+                flush=True,
+            )
+        return 0
+    problem, result, timings, _ = out
     if MPI.COMM_WORLD.rank == 0 and not args.quiet:
         print(
             f"done: {result.iterations} iterations, {result.reason}; results in "

@@ -45,12 +45,20 @@ def run(args: argparse.Namespace) -> int:
         prepare_case(args.case, comm, quiet=args.quiet)
     if case.simulate is not None and not (case.dir / "simulated" / "video.npz").exists():
         simulate(args.case, comm, quiet=args.quiet)
-    problem, result, timings, prior = invert(args.case, resume=args.resume, quiet=args.quiet)
-    # The UQ step on the in-memory problem at the MAP point (see femkin.commands.uq).
-    from femkin.commands.uq import uq_at
+    out = invert(args.case, resume=args.resume, quiet=args.quiet)
+    from femkin.commands.invert import AlreadyFinished
+    from femkin.commands.uq import uq, uq_at
     from femkin.study import open_study
 
-    uq_at(open_study(args.case, comm), problem, prior, result.x, result.history, quiet=args.quiet)
+    if isinstance(out, AlreadyFinished):  # the fit had finished: UQ from its checkpoint
+        if comm.rank == 0 and not args.quiet:
+            print(f"invert: already finished ({out.iterations} iterations, {out.reason})")
+        uq(args.case, quiet=args.quiet)
+    else:  # the UQ step on the in-memory problem at the MAP point (see femkin.commands.uq)
+        problem, result, timings, prior = out
+        uq_at(
+            open_study(args.case, comm), problem, prior, result.x, result.history, quiet=args.quiet
+        )
     if comm.rank == 0 and not args.quiet:
         import json
 

@@ -1,5 +1,4 @@
-"""MAP estimation: the misfit of an :class:`~femkin.problem.InverseProblem` plus a Gaussian
-prior, minimised with PETSc TAO (:func:`femkin.inversion.tao.minimize`).
+"""MAP estimation: the misfit of an :class:`~femkin.problem.InverseProblem` plus a Gaussian prior.
 
 The prior (:func:`build_prior`) has independent N(x0, std^2) on the global coefficients
 (around the case's initial values; ln j0 has no constant term and m has prior mean 0, which
@@ -7,7 +6,9 @@ resolves the scale degeneracy of k0 exp(m) and j0), a BiLaplacian prior on each 
 (pointwise std and correlation length from ``[inversion.prior]``), N(x0, mu_e_std^2) on mu_e
 knots, and a BiLaplacian prior around the projected first frame on learned initial states.
 
-TAO's options prefix is ``femkin_``: ``-femkin_tao_type blmvm``, ``-femkin_tao_monitor``.
+The optimiser is inexact Newton–CG (:mod:`femkin.inversion.newton`, ``[inversion] method =
+"newton"``) or PETSc TAO (``method = "tao"``; options prefix ``femkin_``:
+``-femkin_tao_type blmvm``, ``-femkin_tao_monitor``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from femkin._fem import PETSc
-from femkin.errors import ConvergenceError
+from femkin.errors import ConvergenceError, InputError
 from femkin.inversion.tao import minimize
 from femkin.prior import BiLaplacianPrior, GaussianScalarPrior, Prior
 
@@ -93,9 +94,17 @@ class MapFunctional:
         return self.last_misfit + self.prior.cost(x)
 
     def value_gradient(self, x: PETSc.Vec, g: PETSc.Vec) -> float:
-        """Misfit + prior at ``x``, their dual gradient into ``g`` (zero if the forward failed)."""
+        """The objective at ``x``, its dual gradient into ``g`` (huge where the model fails).
+
+        Where this evaluation (re)adapted the frozen step schedule, it is repeated with the
+        schedule it froze: the value and gradient are then those of a replay, exactly what a
+        run resumed from a checkpoint (which holds the schedule) computes at ``x``.
+        """
         try:
+            before = self.problem.schedules()
             self.last_misfit = self.problem.gradient(x, g)
+            if self.problem.schedules() != before:
+                self.last_misfit = self.problem.gradient(x, g)
         except ConvergenceError:
             g.set(0.0)
             self._gradient_at = None
@@ -126,7 +135,21 @@ class MapFunctional:
 
 
 class MapResult(NamedTuple):
-    """The MAP point ``x``, objective and misfit there, TAO iterations, stopping reason, history."""
+    """The outcome of :func:`solve_map`.
+
+    Attributes:
+        x: the last accepted iterate.
+        value: misfit + prior cost at ``x``.
+        misfit: the misfit at ``x``.
+        iterations: optimiser iterations (over resumed segments).
+        reason: ``CONVERGED_*`` / ``DIVERGED_*`` (Newton–CG's or TAO's).
+        history: one record per iterate.
+        converged: whether ``reason`` is a convergence reason.
+        stop_reason: one sentence saying why the fit stopped.
+        stats: the numbers behind it: ``method``, ``decrement`` (nats), ``gradient_norm``,
+            ``relative_gradient``, ``hessian_actions``, ``gradient_evaluations``, ...
+        state: the optimiser state at ``x`` (``solve_map(..., state=state)`` continues).
+    """
 
     x: PETSc.Vec
     value: float
@@ -134,6 +157,17 @@ class MapResult(NamedTuple):
     iterations: int
     reason: str
     history: list
+    converged: bool = False
+    stop_reason: str = ""
+    stats: dict | None = None
+    state: dict | None = None
+
+
+def _record_misfit(rf: MapFunctional, n_observed: int) -> dict:
+    return {
+        "misfit": float(rf.last_misfit),
+        "misfit_rms": float(np.sqrt(2 * rf.last_misfit / max(n_observed, 1))),
+    }
 
 
 def solve_map(
@@ -141,49 +175,108 @@ def solve_map(
     prior: Prior,
     x0: PETSc.Vec,
     *,
+    method: str = "newton",
     tao_type: str = "bnls",
-    max_iterations: int = 100,
-    gatol: float = 1e-6,
-    grtol: float = 1e-8,
+    max_iterations: int = 50,
+    decrement_tol: float = 1e-3,
+    gatol: float = 0.0,
+    grtol: float = 0.0,
+    gttol: float = 1e-8,
+    cg_max_iterations: int = 200,
     gauss_newton: bool = True,
     petsc_options: dict | None = None,
     monitor: Callable | None = None,
-    start_iteration: int = 0,
-    history: list | None = None,
+    state: dict | None = None,
 ) -> MapResult:
-    """Minimise misfit + prior from x0; ``history`` and ``start_iteration`` continue a run.
+    """Minimise misfit + prior from ``x0``; ``state`` (from ``monitor``) continues a run.
 
     Args:
-        problem: the :class:`~femkin.problem.InverseProblem` (misfit and its derivatives).
-        prior: the Gaussian prior of all blocks.
-        x0: the starting point (not modified).
-        tao_type: the TAO solver (``bnls``, ``nls``, ``blmvm``, ...).
-        max_iterations: the iteration budget of this call.
-        gatol: absolute tolerance on the gradient norm.
-        grtol: tolerance on the gradient norm relative to the objective.
-        gauss_newton: use the Gauss-Newton Hessian of the misfit instead of the full one.
+        problem: the inverse problem.
+        prior: its prior.
+        x0: the starting point (or the iterate ``state`` was saved with).
+        method: ``"newton"`` (:func:`femkin.inversion.newton.newton_cg`, the default) or
+            ``"tao"`` (:func:`femkin.inversion.tao.minimize` with ``tao_type``; a resumed TAO
+            run restarts TAO at the saved iterate, so its later steps differ).
+        tao_type: the TAO type of ``method = "tao"``.
+        max_iterations: the iteration cap (a budget).
+        decrement_tol: Newton–CG: the Newton decrement tolerance, nats.
+        gatol: absolute gradient tolerance (both methods).
+        grtol: TAO's gradient tolerance relative to ``|f|``.
+        gttol: gradient tolerance relative to the first iterate's (both methods).
+        cg_max_iterations: Newton–CG: CG cap per step.
+        gauss_newton: Gauss–Newton (True) or full Hessian.
         petsc_options: PETSc options without the leading ``femkin_`` (e.g. ``tao_monitor``).
-        monitor: ``monitor(record, x)`` after every iteration; the record has iteration,
-            objective, misfit, misfit_rms (in units of sigma), gradient_norm, time.
-        start_iteration: the iteration number the run continues from (a resumed fit).
-        history: the records of the run so far (a resumed fit); extended, not modified.
+        monitor: ``monitor(record, x, state)`` after every iterate; the record has iteration,
+            objective, misfit, misfit_rms (in units of sigma), gradient_norm, time; ``state``
+            is what ``solve_map(..., state=state)`` needs to continue (JSON-serialisable).
+        state: a saved ``state``; ``x0`` is then the iterate it was saved with.
     """
     rf = MapFunctional(problem, prior, gauss_newton=gauss_newton)
-    history = list(history or [])
-    t0 = time.perf_counter() - (history[-1]["time"] if history else 0.0)
+    if method == "newton":
+        from femkin.inversion.newton import REASON_TEXT, newton_cg
 
-    def on_iteration(it, x, f, gnorm):
-        rec = {
-            "iteration": it + start_iteration,
-            "objective": f,
-            "misfit": rf.last_misfit,
-            "misfit_rms": float(np.sqrt(2 * rf.last_misfit / max(problem.n_observed, 1))),
-            "gradient_norm": gnorm,
-            "time": time.perf_counter() - t0,
+        def on_iteration(rec, x, snapshot):
+            if monitor is not None:
+                monitor(rec, x, snapshot)
+
+        res = newton_cg(
+            rf,
+            x0,
+            prior=prior,
+            max_iterations=max_iterations,
+            decrement_tol=decrement_tol,
+            gatol=gatol,
+            gttol=gttol,
+            cg_max_iterations=cg_max_iterations,
+            state=state,
+            on_iteration=on_iteration,
+            annotate=lambda: _record_misfit(rf, problem.n_observed),
+        )
+        stats = {
+            "method": "newton-cg",
+            "hessian": "gauss-newton" if gauss_newton else "full",
+            "decrement": res.decrement,
+            "decrement_tol": decrement_tol,
+            "gradient_norm": res.gradient_norm,
+            "relative_gradient": res.relative_gradient,
+            "gradient_evaluations": res.counters["value_gradient"],
+            "hessian_actions": res.counters["hessian_actions"],
+            "cg_iterations": res.counters["cg_iterations"],
+            "backtracks": res.counters["backtracks"],
         }
+        if res.reason == "DIVERGED_LINE_SEARCH":
+            misfit = float(rf.last_misfit)
+        else:
+            misfit = float(res.history[-1]["misfit"])
+        return MapResult(
+            res.x,
+            float(res.value),
+            misfit,
+            res.iterations,
+            res.reason,
+            res.history,
+            res.converged,
+            REASON_TEXT[res.reason],
+            stats,
+            res.state,
+        )
+    if method != "tao":
+        raise InputError("<inversion>", "method", "'newton' or 'tao'", repr(method))
+    history = [dict(h) for h in (state or {}).get("history", [])]
+    start_iteration = int((state or {}).get("iteration", 0))
+    t0 = time.perf_counter() - (history[-1]["time"] if history else 0.0)
+    counts = {"hessian": problem.counters["hessian"], "gradient": problem.counters["gradient"]}
+
+    def on_tao_iteration(it, x, f, gnorm):
+        if history and it == 0 and history[-1]["iteration"] == start_iteration:
+            return  # the resumed iterate is already recorded
+        rec = {"iteration": it + start_iteration, "objective": f, "gradient_norm": gnorm}
+        rec |= _record_misfit(rf, problem.n_observed)
+        rec["time"] = time.perf_counter() - t0
         history.append(rec)
         if monitor is not None:
-            monitor(rec, x)
+            snapshot = {"iteration": rec["iteration"], "history": [dict(h) for h in history]}
+            monitor(rec, x, snapshot)
 
     result = minimize(
         rf,
@@ -193,12 +286,24 @@ def solve_map(
         max_iterations=max(max_iterations - start_iteration, 0),
         gatol=gatol,
         grtol=grtol,
+        gttol=gttol,
         options_prefix="femkin_",
         petsc_options=petsc_options,
-        monitor=on_iteration,
+        monitor=on_tao_iteration,
         raise_on_failure=False,
     )
     value = rf.value(result.x)
+    converged = result.reason.startswith("CONVERGED")
+    text = f"{'converged' if converged else 'NOT converged'}: TAO {tao_type} {result.reason}"
+    if result.reason == "DIVERGED_MAXITS":
+        text += " (stopped at the iteration cap; the result is not the MAP point)"
+    stats = {
+        "method": f"tao-{tao_type}",
+        "hessian": "gauss-newton" if gauss_newton else "full",
+        "gradient_norm": float(history[-1]["gradient_norm"]) if history else float("nan"),
+        "gradient_evaluations": problem.counters["gradient"] - counts["gradient"],
+        "hessian_actions": problem.counters["hessian"] - counts["hessian"],
+    }
     return MapResult(
         result.x,
         float(value),
@@ -206,4 +311,8 @@ def solve_map(
         result.iterations + start_iteration,
         result.reason,
         history,
+        converged,
+        text,
+        stats,
+        {"iteration": result.iterations + start_iteration, "history": history},
     )

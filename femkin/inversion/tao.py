@@ -1,4 +1,4 @@
-"""Minimise a reduced functional with PETSc TAO (options prefix ``femkin_tao_``).
+"""Minimise a reduced functional with PETSc TAO (options prefix ``femkin_``: ``-femkin_tao_type``).
 
 The objective is one object (:class:`ReducedFunctional`: value, dual gradient, Hessian action,
 prior included); this module only wires it into TAO, after pyadjoint's ``tao_solver.py``:
@@ -26,7 +26,7 @@ from typing import NamedTuple, Protocol
 import numpy as np
 
 from femkin._fem import PETSc
-from femkin.errors import ConvergenceError, InputError
+from femkin.errors import ConvergenceError, InputError, close_match_hint
 from femkin.parameters import ParameterSpace
 from femkin.petsc_tools import ApplyContext, shell_mat
 
@@ -38,6 +38,33 @@ _REASONS = {
     for n in dir(PETSc.TAO.ConvergedReason)
     if n.isupper()
 }
+
+
+def tao_types() -> set[str]:
+    """The TAO types this PETSc knows (``bnls``, ``lmvm``, ...)."""
+    return {str(getattr(PETSc.TAO.Type, n)) for n in dir(PETSc.TAO.Type) if n.isupper()}
+
+
+class _CallbackErrors:
+    """The first exception raised in a Python callback.
+
+    PETSc turns a callback's exception into an error code; this keeps the exception itself so
+    that it, not TAO's generic failure, reaches the caller.
+    """
+
+    def __init__(self):
+        self.error: BaseException | None = None
+
+    def wrap(self, func):
+        def wrapped(*args):
+            try:
+                return func(*args)
+            except BaseException as exc:
+                if self.error is None:
+                    self.error = exc
+                raise
+
+        return wrapped
 
 
 def reason_name(reason: int) -> str:
@@ -98,6 +125,7 @@ class _HessianContext:
         self.rf = rf
         self.x: PETSc.Vec | None = None
         self.shift_value = 0.0
+        self.errors: _CallbackErrors | None = None
 
     def update(self, x: PETSc.Vec) -> None:
         if self.x is None:
@@ -107,7 +135,12 @@ class _HessianContext:
         self.shift_value = 0.0  # a new linearisation point; TAO re-applies any shift
 
     def mult(self, mat, v, out):
-        self.rf.hessian_mult(self.x, v, out)
+        try:
+            self.rf.hessian_mult(self.x, v, out)
+        except BaseException as exc:
+            if self.errors is not None and self.errors.error is None:
+                self.errors.error = exc
+            raise
         if self.shift_value:
             out.axpy(self.shift_value, v)
 
@@ -186,7 +219,7 @@ def minimize(
     grtol: float = 1e-8,
     gttol: float = 0.0,
     bounds: tuple[PETSc.Vec | None, PETSc.Vec | None] | None = None,
-    options_prefix: str = "femkin_tao_",
+    options_prefix: str = "femkin_",
     petsc_options: dict | None = None,
     monitor: Callable[[int, PETSc.Vec, float, float], None] | None = None,
     checkpoint: Callable[[int, PETSc.Vec, float, float], None] | None = None,
@@ -261,6 +294,14 @@ def minimize(
             opts[name] = value
             added.append(name)
 
+    if tao_type not in tao_types():
+        raise InputError(
+            options_prefix,
+            "tao_type",
+            "a PETSc TAO type",
+            f"{tao_type!r}{close_match_hint(tao_type, tao_types())}",
+        )
+    errors = _CallbackErrors()
     tao = PETSc.TAO().create(comm)
     tao.setOptionsPrefix(options_prefix)
     tao.setType(tao_type)
@@ -272,15 +313,16 @@ def minimize(
     def objective_gradient(tao, xk, g):
         return rf.value_gradient(xk, g)
 
-    tao.setObjectiveGradient(objective_gradient, gradient)
-    tao.setObjective(lambda tao, xk: rf.value(xk))
+    tao.setObjectiveGradient(errors.wrap(objective_gradient), gradient)
+    tao.setObjective(errors.wrap(lambda tao, xk: rf.value(xk)))
     hessian_ctx = _HessianContext(rf)
+    hessian_ctx.errors = errors
     H = _shell(space, hessian_ctx)
 
     def hessian(tao, xk, A, P):
         hessian_ctx.update(xk)
 
-    tao.setHessian(hessian, H, H)
+    tao.setHessian(errors.wrap(hessian), H, H)
     riesz_inverse = space.riesz_inverse()
     tao.setGradientNorm(riesz_inverse)
     if lo is not None:
@@ -307,8 +349,19 @@ def minimize(
         if checkpoint is not None:
             checkpoint(int(its), xk, float(f), float(gnorm))
 
-    tao.setMonitor(on_iteration)
-    tao.setFromOptions()
+    tao.setMonitor(errors.wrap(on_iteration))
+    try:
+        tao.setFromOptions()
+    except PETSc.Error as error:
+        for key in added:
+            opts.delValue(key)
+        given = {k: v for k, v in (petsc_options or {}).items()}
+        raise InputError(
+            options_prefix,
+            "petsc_options",
+            "PETSc options with valid values",
+            f"PETSc error {error.ierr} reading the options {given} (and the command line)",
+        ) from error
     actual_type = tao.getType()
     precision = None
     if prior is not None and actual_type in NEWTON_TYPES:
@@ -332,6 +385,8 @@ def minimize(
         try:
             tao.solve(x)
         except PETSc.Error as error:  # e.g. TAO refuses a NaN/Inf objective or gradient
+            if errors.error is not None:  # the callback's own exception, with its cause
+                raise errors.error from None
             raise ConvergenceError(
                 f"TAO {actual_type} failed: DIVERGED (PETSc error "
                 f"{error.ierr}: NaN/Inf objective or solver failure)"

@@ -155,7 +155,7 @@ def test_options_and_errors():
         gttol=1e-12,
     )
     assert r.iterations == 3 and r.reason == "DIVERGED_MAXITS"
-    assert not PETSc.Options().hasName("femkin_tao_tao_type")  # removed afterwards
+    assert not PETSc.Options().hasName("femkin_tao_type")  # removed afterwards
     with pytest.raises(InputError, match="options_prefix"):
         minimize(p, p.space.create_vector(), options_prefix="")
     lo, hi = p.space.create_vector(), p.space.create_vector()
@@ -183,3 +183,40 @@ def test_divergence_raises():
     p = problem(MPI.COMM_WORLD, 12)
     with pytest.raises(ConvergenceError, match="DIVERGED"):
         minimize(_NaNProblem(p), p.space.create_vector(), tao_type="lmvm")
+
+
+class _Raising:
+    """Raises ``error`` from its gradient (or Hessian) callback, as a full disk or Ctrl-C would."""
+
+    def __init__(self, p, error, where):
+        self.p, self.space, self.error, self.where = p, p.space, error, where
+
+    def value(self, x):
+        return self.p.value(x)
+
+    def value_gradient(self, x, g):
+        if self.where == "gradient":
+            raise self.error
+        return self.p.value_gradient(x, g)
+
+    def hessian_mult(self, x, v, out):
+        raise self.error
+
+
+@pytest.mark.parametrize("where", ["gradient", "hessian"])
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_callback_exceptions_keep_their_cause(where, error):
+    """Not 'TAO bnls failed: DIVERGED': the callback's own exception reaches the caller."""
+    p = problem(MPI.COMM_WORLD, 12)
+    with pytest.raises(type(error)) as info:
+        minimize(_Raising(p, error, where), p.space.create_vector(), prior=p.prior, tao_type="bnls")
+    assert info.value is error
+
+
+def test_unknown_type_and_bad_option_values():
+    p = problem(MPI.COMM_WORLD, 12)
+    with pytest.raises(InputError, match="tao_type.*'bnsl' \\(did you mean"):
+        minimize(p, p.space.create_vector(), tao_type="bnsl")
+    with pytest.raises(InputError, match="petsc_options"):
+        minimize(p, p.space.create_vector(), tao_type="bnls", petsc_options={"tao_max_it": "ten"})
+    assert not PETSc.Options().hasName("femkin_tao_max_it")
