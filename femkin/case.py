@@ -195,6 +195,18 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "oversampling": Key("int", 10, NON_NEGATIVE, "randomised eigensolver oversampling"),
         "samples": Key("int", 20, NON_NEGATIVE, "posterior samples"),
         "seed": Key("int", 0, NON_NEGATIVE, "sampling seed"),
+        "marginal_tolerance": Key(
+            "float", 0.01, POSITIVE, "relative variance gap of the exact coefficient marginals"
+        ),
+        "marginal_max_iterations": Key(
+            "int", 20, NON_NEGATIVE, "CG iterations (x coefficients Hessian actions) for them"
+        ),
+        "omitted_samples": Key(
+            "int",
+            10,
+            _each(lambda v: v == 0 or v >= 2, "0 (off) or an integer >= 2"),
+            "trace samples bounding what a capped rank leaves out",
+        ),
     },
     "prepare": {
         "stacks": Key("list[str]", [], None, "raw STXM stacks"),

@@ -156,6 +156,7 @@ def write_report(out: Path, summary: dict, figure_names: list[str], uq: dict | N
         lines.append(f"| {label} | {p['n_pixels']} | {p['misfit_rms']:.4f} |")
     if uq:
         lines += ["", "## Uncertainty", "", f"- Hessian rank: {uq['rank']}"]
+        lines += [f"- {note}" for note in uq.get("notes", [])]
         for k, v in uq["coefficients"].items():
             lines.append(
                 f"- {k}: mean {np.round(v['mean'], 4).tolist()}, "

@@ -92,6 +92,29 @@ def test_uq_json_fields_and_shapes(inverted_case):
 
 
 @pytest.mark.mpi
+def test_exact_marginals_and_rank_decision_reported(inverted_case):
+    case, _ = inverted_case
+    uq = _uq_json(case)
+    mg, sp = uq["marginals"], uq["spectrum"]
+    assert mg["converged"] and mg["relative_gap"] <= mg["tolerance"]
+    assert mg["hessian_actions"] >= 4  # at least one action per coefficient
+    for block, v in uq["coefficients"].items():
+        std, low = np.array(v["std"]), np.array(v["low_rank_std"])
+        # the exact marginal is never wider than the low-rank one (up to the Ritz error)
+        assert np.all(std <= low * (1 + 1e-6)), (block, std, low)
+    lam = np.array(uq["eigenvalues"])
+    assert sp["max_rank"] == 20
+    assert sp["truncated"] == bool(lam.size >= 20 and lam[-1] >= uq["threshold"])
+    if sp["truncated"]:
+        om = sp["omitted"]
+        # the Ritz values underestimate the tail, so the largest omitted one may exceed lam[-1]
+        assert 0 < om["largest"] <= om["trace"] + 4 * om["trace_error"]
+    report = (case / "results" / "report.md").read_text()
+    assert "Coefficient marginals exact" in report
+    assert ("cut the spectrum" in report) == sp["truncated"]
+
+
+@pytest.mark.mpi
 def test_ln_k_std_map(inverted_case):
     case, _ = inverted_case
     std = np.load(case / "results" / "k_std_1.npy")
