@@ -129,7 +129,7 @@ def marginal_covariance(
         out = apply_many(apply_H, apply_H_batch, xs)
         actions += len(xs)
         work = xs[0].duplicate()
-        for x, y in zip(xs, out):
+        for x, y in zip(xs, out, strict=True):
             apply_B(x, work)
             y.axpy(1.0, work)
         work.destroy()
@@ -139,14 +139,14 @@ def marginal_covariance(
     low_rank = _sym(gram(f, x))
     px = apply_P(x)
     r = []
-    for fj, pj in zip(f, px):
+    for fj, pj in zip(f, px, strict=True):
         rj = fj.copy()
         rj.axpy(-1.0, pj)
         r.append(rj)
         pj.destroy()
     z = apply_many(apply_M, None, r)
     p = [zj.copy() for zj in z]
-    rz = np.array([rj.dot(zj) for rj, zj in zip(r, z)])
+    rz = np.array([rj.dot(zj) for rj, zj in zip(r, z, strict=True)])
 
     def bracket():
         lower = _sym(gram(f, x) + gram(x, r))
@@ -164,7 +164,7 @@ def marginal_covariance(
         idx = np.flatnonzero(active)
         q = apply_P([p[j] for j in idx])
         iterations += 1
-        for j, qj in zip(idx, q):
+        for j, qj in zip(idx, q, strict=True):
             pq = p[j].dot(qj)
             if not pq > 0.0:
                 # (H + B) is not positive definite along p: no bracket; stop this column.

@@ -360,12 +360,15 @@ def omitted_spectrum(
     quotient ``x^T H x / x^T B x``: a lower bound up to sampling; the trace bounds it above).
 
     Args:
-        apply_H, apply_B, apply_Binv, apply_H_batch: as in :func:`double_pass_generalized`.
+        apply_H: ``out = H x`` (or a ``Mat``).
+        apply_B: ``out = B x``, the prior precision (or a ``Mat``).
+        apply_Binv: ``out = B^{-1} x``, the prior covariance (or a ``KSP``).
         pairs: the computed pairs (``V^T B V = I``).
         prior_sample: ``prior_sample(i)``: the ``i``-th sample of ``N(0, Gamma_prior)``, seeded
             from global indices (partition independent).
         samples: trace samples (>= 2).
         power_steps: power iterations for the largest omitted eigenvalue (>= 0).
+        apply_H_batch: optional batched Hessian action.
 
     Returns:
         :class:`OmittedSpectrum` (identical on every rank).
@@ -394,7 +397,7 @@ def omitted_spectrum(
     zs = [prior_sample(i) for i in range(samples)]
     bzs = project(zs)
     hzs = apply_many(apply_H, apply_H_batch, zs)
-    quad = np.array([z.dot(hz) for z, hz in zip(zs, hzs)])
+    quad = np.array([z.dot(hz) for z, hz in zip(zs, hzs, strict=True)])
     trace = float(np.mean(quad))
     trace_error = float(np.std(quad, ddof=1) / np.sqrt(samples))
     x = zs[0].duplicate()

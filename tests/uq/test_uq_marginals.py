@@ -7,8 +7,8 @@ import pytest
 from uq_problems import make_problem, rel
 
 from femkin.uq import LowRankPosterior, double_pass_generalized
-from femkin.uq.randomized import omitted_spectrum
 from femkin.uq.marginals import marginal_covariance
+from femkin.uq.randomized import omitted_spectrum
 
 
 def _truncated(p, k):
