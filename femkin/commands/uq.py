@@ -222,7 +222,9 @@ def _uq_figures(out: Path, result, payload: dict) -> list[str]:
         fig.savefig(out / "uq_c_t.png", dpi=110)
         plt.close(fig)
         names.append("uq_c_t.png")
-    return names
+    from femkin.uq_report import predictive_figure
+
+    return names + predictive_figure(out, payload)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -39,6 +39,7 @@ from femkin.physics.acr import legendre
 from femkin.progress import Progress
 from femkin.uq.laplace import LowRankPosterior, correlation
 from femkin.uq.marginals import marginal_covariance
+from femkin.uq.predictive import average_noise_std, predictive_c_t, residual_check
 from femkin.uq.randomized import adaptive_rank, omitted_spectrum
 
 __all__ = [
@@ -95,6 +96,8 @@ class UQResult:
         spectrum: the rank decision: ``truncated`` (the cap cut the spectrum above the
             threshold), ``max_rank`` and, when truncated, ``omitted`` (estimates of the trace
             and the largest eigenvalue of the part left out).
+        residuals: the standardised residuals at the MAP point
+            (:func:`femkin.uq.predictive.residual_check`).
     """
 
     posterior: LowRankPosterior
@@ -115,6 +118,7 @@ class UQResult:
     low_rank_covariance: np.ndarray | None = None
     marginals: dict = dataclasses.field(default_factory=dict)
     spectrum: dict = dataclasses.field(default_factory=dict)
+    residuals: dict = dataclasses.field(default_factory=dict)
 
     @property
     def std(self) -> np.ndarray:
@@ -163,10 +167,31 @@ class UQResult:
             "marginals": dict(self.marginals),
             "spectrum": dict(self.spectrum),
             "notes": self.notes(settings),
+            "predictive_check": {"residuals": dict(self.residuals)},
         }
         if self.c_t is not None:
             out["c_t"] = self.c_t
+            out["predictive_check"]["c_t"] = {
+                "coverage": self.c_t.get("coverage"),
+                "z_rms": self.c_t.get("z_rms"),
+            }
         return out
+
+    def _ppc_note(self) -> list[str]:
+        r = self.residuals
+        if not r:
+            return []
+        line = (
+            f"Posterior predictive check: standardised residuals mean {r['mean']:.3g}, std "
+            f"{r['std']:.3g}, beyond 2 sigma {100 * r['beyond_2']:.2f}% (N(0,1): 4.55%), beyond "
+            f"3 sigma {100 * r['beyond_3']:.3f}% (0.27%)"
+        )
+        if self.c_t is not None and self.c_t.get("coverage") is not None:
+            line += (
+                f"; observed particle-average c(t) inside the 95% predictive band on "
+                f"{100 * self.c_t['coverage']:.0f}% of the frames (z rms {self.c_t['z_rms']:.2f})"
+            )
+        return [line + "."]
 
     def notes(self, settings: dict) -> list[str]:
         """One-line statements for the report: how the rank was chosen and what was cut."""
@@ -200,7 +225,7 @@ class UQResult:
                 f"iterations, {mg['hessian_actions']} Hessian actions, relative variance gap "
                 f"{mg['relative_gap']:.2g} ({state})."
             )
-        return out
+        return out + self._ppc_note()
 
 
 def _finite(a: np.ndarray) -> np.ndarray:
@@ -429,6 +454,7 @@ def analyse(
     problem.gradient(x, g)
     g.destroy()
     fitted = problem.fitted_video()
+    residuals = residual_check(problem)
     timings["gradient"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -560,6 +586,9 @@ def analyse(
         problem, prior, posterior, x, fitted, int(settings["samples"]), seed, say, quiet=log is None
     )
     timings["samples"] = time.perf_counter() - t0
+    noise_std = average_noise_std(problem)
+    if c_t is not None:
+        predictive_c_t(c_t, noise_std)
     return UQResult(
         posterior,
         lam,
@@ -579,6 +608,7 @@ def analyse(
         low_rank_covariance=marg.low_rank,
         marginals=marginals,
         spectrum=spectrum,
+        residuals=residuals,
     )
 
 

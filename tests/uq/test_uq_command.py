@@ -115,6 +115,25 @@ def test_exact_marginals_and_rank_decision_reported(inverted_case):
 
 
 @pytest.mark.mpi
+def test_posterior_predictive_check(inverted_case):
+    case, _ = inverted_case
+    uq = _uq_json(case)
+    res = uq["predictive_check"]["residuals"]
+    assert res["n"] > 100 and sum(res["histogram"]["counts"]) == res["n"]
+    # a twin with known noise: the residuals at the (nearly converged) MAP point are ~N(0, 1)
+    assert abs(res["mean"]) < 0.3 and 0.7 < res["std"] < 1.3, res
+    assert res["beyond_3"] < 0.03
+    p = uq["c_t"]["particles"]["1"]
+    assert np.all(np.array(p["pred_lo"]) <= np.array(p["map"]))
+    # the predictive band holds the model band's spread plus the noise of the average
+    model_half = np.array(p["std"]) * 1.959963984540054
+    assert np.all(np.array(p["pred_hi"]) - np.array(p["map"]) >= model_half - 1e-12)
+    assert 0.0 <= uq["predictive_check"]["c_t"]["coverage"] <= 1.0
+    assert (case / "results" / "uq_ppc.png").exists()
+    assert "Posterior predictive check" in (case / "results" / "report.md").read_text()
+
+
+@pytest.mark.mpi
 def test_ln_k_std_map(inverted_case):
     case, _ = inverted_case
     std = np.load(case / "results" / "k_std_1.npy")
