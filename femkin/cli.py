@@ -13,7 +13,7 @@ import importlib
 import sys
 
 # Order is the order shown by ``femkin --help``.
-VERBS = ("prepare", "mesh", "simulate", "verify", "invert", "uq", "run")
+VERBS = ("prepare", "mesh", "simulate", "verify", "invert", "uq", "sample", "run")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -98,11 +98,14 @@ def uq_at(
         The ``uq.json`` content on rank 0, ``None`` elsewhere.
     """
     from femkin.uq.laplace_study import analyse
+    from femkin.uq.sampling_study import save_laplace
 
     comm = problem.comm
     log = None if quiet else (lambda msg: print(f"uq: {msg}", flush=True))
     t0 = time.perf_counter()
     result = analyse(problem, prior, x, study.case.uq, log=log)
+    # the proposal of 'femkin sample'
+    save_laplace(study.case.dir / "checkpoints" / "laplace.npz", problem.space, result.posterior, x)
     params = problem.parameters_at(x)
     timings = dict(extra_timings or {})
     timings.update(result.wall_time)
