@@ -219,11 +219,16 @@ class UQResult:
             )
         mg = self.marginals
         if mg:
-            state = "converged" if mg["converged"] else "NOT converged (conservative bound)"
+            head = {
+                "certified": "Coefficient marginals exact (certified), independent of the rank",
+                "estimated": "Coefficient marginals exact to the CG error estimate "
+                f"({mg['estimated_error']:.2g}), independent of the rank",
+                "bound": "Coefficient marginals NOT converged: reported as the tightest upper "
+                "bound (conservative); lower bounds of their std in uq.json",
+            }[mg.get("method", "bound")]
             out.append(
-                f"Coefficient marginals exact, independent of the rank: {mg['iterations']} CG "
-                f"iterations, {mg['hessian_actions']} Hessian actions, relative variance gap "
-                f"{mg['relative_gap']:.2g} ({state})."
+                f"{head}: {mg['iterations']} CG iterations, {mg['hessian_actions']} Hessian "
+                f"actions, certified relative variance gap {mg['relative_gap']:.2g}."
             )
         return out + self._ppc_note()
 
@@ -553,7 +558,11 @@ def analyse(
         "hessian_actions": problem.counters["hessian"] - h1,
         "converged": marg.converged,
         "relative_gap": marg.relative_gap,
+        "estimated_error": marg.estimated_error,
+        "method": marg.method,
         "tolerance": float(settings.get("marginal_tolerance", 0.01)),
+        "lower_std": np.sqrt(np.maximum(np.diag(marg.lower), 0.0)).tolist(),
+        "lower_variance_history": marg.lower_history.tolist(),
     }
     say(
         f"coefficient marginals: {marg.iterations} CG iterations, relative gap "
