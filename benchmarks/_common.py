@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -22,6 +21,7 @@ from femkin._fem import MPI, PETSc, dolfinx, ufl
 from femkin.driving import Driving
 from femkin.forward import ModelParameters, ParticleModel, SolverOptions
 from femkin.meshing import mesh_particle
+from femkin.misfit import PixelMisfit
 from femkin.observation import build_observation
 from femkin.physics import acr
 
@@ -101,44 +101,18 @@ def make_problem(
     return Problem(model, mask, source, size, c0, m, Driving(FRAMES, MU_E), obs, t_mesh)
 
 
-def pixel_data(problem: Problem, traj) -> dict[int, np.ndarray]:
-    """Synthetic pixel data: the observed trajectory plus a deterministic pixel-seeded offset."""
-    out = {}
-    for k, n in enumerate(traj.frame_steps[1:]):
-        clean = problem.obs.apply(traj.state(n))
-        out[n] = clean + 0.5 * SIGMA * np.cos(0.37 * problem.obs.pixels + k)
-    return out
+def pixel_misfit(problem: Problem, traj) -> PixelMisfit:
+    """The production pixel misfit (frames 1..) against synthetic data.
 
-
-def pixel_misfit_sources(problem: Problem, traj, data: dict[int, np.ndarray]):
-    """(J, source) of J = 1/2 sum_f sum_p (B c_f - d)^2 / sigma^2 and its dJ/du_n callback."""
-    obs, comm = problem.obs, problem.model.comm
-    frames = set(traj.frame_steps[1:])
-    J = comm.allreduce(
-        sum(0.5 * np.sum((obs.apply(traj.state(n)) - data[n]) ** 2) for n in frames) / SIGMA**2,
-        op=MPI.SUM,
-    )
-
-    def source(n: int, out: np.ndarray) -> None:
-        if n in frames:
-            obs.apply_transpose((obs.apply(traj.state(n)) - data[n]) / SIGMA**2, out)
-
-    return J, source
-
-
-def gauss_newton_source(problem: Problem, traj, tangents: list) -> Callable:
-    """Source of the Gauss-Newton adjoint: B^T B du_n / sigma^2 at the frames."""
+    The data are the observed trajectory plus a deterministic pixel-seeded offset.
+    """
     obs = problem.obs
-    frames = set(traj.frame_steps[1:])
-
-    def source(n: int, out: np.ndarray) -> None:
-        if n in frames:
-            obs.apply_transpose(obs.apply(tangents[n]) / SIGMA**2, out)
-
-    return source
+    data = np.zeros((len(traj.frame_steps), obs.pixels.size))
+    for k, n in enumerate(traj.frame_steps[1:]):
+        data[k + 1] = obs.apply(traj.state(n)) + 0.5 * SIGMA * np.cos(0.37 * obs.pixels + k)
+    return PixelMisfit(obs, data, np.full(data.shape, SIGMA**-2), include_first=False)
 
 
-# ------------------------------------------------------------------------------------------
 # The same discrete problem with an L2 misfit, for femkin and for dolfinx-adjoint.
 
 

@@ -49,14 +49,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import (
+from _common import (  # noqa: E402
     TapedProblem,
-    gauss_newton_source,
     l2_data,
-    l2_misfit_source,  # noqa: E402
+    l2_misfit_source,
     make_problem,
-    pixel_data,
-    pixel_misfit_sources,
+    pixel_misfit,
 )
 
 from femkin._fem import MPI, dolfinx  # noqa: E402
@@ -129,20 +127,20 @@ def bench_case(size: float, *, with_dxa: bool) -> dict:
         return model.solve(FRAMES, problem.driving, problem.c0)
 
     t_fwd, c_fwd, traj = _timed(forward)
-    data = pixel_data(problem, traj)
-    _, source = pixel_misfit_sources(problem, traj, data)
+    misfit = pixel_misfit(problem, traj)
+    source = misfit.source(traj)
     t_grad, c_grad, _ = _timed(der.adjoint, traj, source)
     _, lambdas = der.adjoint(traj, source, store=True)
     direction = _directions(model, 1)[0]
 
     def gn_action():
         tang = der.tangent(traj, direction)
-        return der.adjoint(traj, gauss_newton_source(problem, traj, tang))[0]
+        return der.adjoint(traj, misfit.gauss_newton_source(traj, tang))[0]
 
     def full_action():
         tang = der.tangent(traj, direction)
         return der.second_order(
-            traj, direction, lambdas, tang, gauss_newton_source(problem, traj, tang)
+            traj, direction, lambdas, tang, misfit.gauss_newton_source(traj, tang)
         )
 
     t_tan, c_tan, _ = _timed(der.tangent, traj, direction)
@@ -162,15 +160,13 @@ def bench_case(size: float, *, with_dxa: bool) -> dict:
 
     def gn_action_for(d):
         tang = der.tangent(traj, d)
-        return der.adjoint(traj, gauss_newton_source(problem, traj, tang))[0]
+        return der.adjoint(traj, misfit.gauss_newton_source(traj, tang))[0]
 
     def gn_batched():
         tangs = der.tangent_many(traj, block)
         return [
             s
-            for s, _ in der.adjoint_many(
-                traj, [gauss_newton_source(problem, traj, t) for t in tangs]
-            )
+            for s, _ in der.adjoint_many(traj, [misfit.gauss_newton_source(traj, t) for t in tangs])
         ]
 
     t_seq, c_seq, seq = _timed(gn_one_by_one)
@@ -286,11 +282,11 @@ def _rss_child(size: float, what: str) -> None:
     def run():
         traj = model.solve(FRAMES, problem.driving, problem.c0)
         if what != "forward":
-            data = pixel_data(problem, traj)
-            der.adjoint(traj, pixel_misfit_sources(problem, traj, data)[1])
+            misfit = pixel_misfit(problem, traj)
+            der.adjoint(traj, misfit.source(traj))
         if what == "gauss_newton_kept":
             tang = der.tangent(traj, direction)
-            der.adjoint(traj, gauss_newton_source(problem, traj, tang))
+            der.adjoint(traj, misfit.gauss_newton_source(traj, tang))
         return traj
 
     traj = run()

@@ -3,11 +3,17 @@
 Layers, imports pointing downwards only:
 
 - ``femkin.io``, ``femkin.meshing``, ``femkin.stxm``: data contract, masks -> meshes, raw STXM.
+- ``femkin.blocks``: the names of the parameter blocks.
 - ``femkin.physics``: the Allen-Cahn reaction (ACR) model as pure UFL forms.
-- ``femkin.forward``, ``femkin.observation``, ``femkin.adjoint``: time stepping, pixel
-  observation, discrete adjoint/tangent/Hessian actions.
-- ``femkin.inversion``, ``femkin.uq``: PETSc TAO fits and Laplace posteriors.
-- ``femkin.cli``, ``femkin.commands``, ``femkin.report``: the command line on top.
+- ``femkin.forward``, ``femkin.observation``, ``femkin.projection``, ``femkin.adjoint``: time
+  stepping, pixel observation, pixel images onto the mesh, discrete adjoint/tangent/Hessian
+  actions.
+- ``femkin.misfit``, ``femkin.problem``, ``femkin.parameters``, ``femkin.prior``: the pixel
+  misfit, the inverse problem over all particles, the parameter vector, the priors.
+- ``femkin.inversion``, ``femkin.uq``, ``femkin.twin``: PETSc TAO fits, Laplace posteriors,
+  twin-experiment data.
+- ``femkin.study``, ``femkin.report``, ``femkin.cli``, ``femkin.commands``: case files,
+  summaries/figures/fields, and the command line on top.
 
 Glossary (used identically in code, docs and case files): ``c`` Li fraction, ``mu`` chemical
 potential (kT), ``mu_h`` homogeneous chemical potential, ``mu_e`` reservoir chemical potential

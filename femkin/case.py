@@ -20,13 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from femkin.blocks import BLOCKS
 from femkin.errors import CaseError, close_match_hint
 
 CASE_FILE = "case.toml"
 REQUIRED = object()  #: Default of a key that must be given.
 
-#: The parameter blocks that ``[inversion] learn`` and ``[verify] blocks`` may name.
-BLOCKS = ("mu_h", "j0", "k0", "m", "kappa", "coherency", "mu_e", "initial")
 
 Check = Callable[[Any], str | None]  # returns what was expected when the value is invalid
 
@@ -97,6 +96,10 @@ def _increasing(v: list) -> str | None:
 # ------------------------------------------------------------------------------------------------
 # The schema: section -> key -> Key (a nested dict is a sub-table).
 
+#: ``[solver] petsc_options`` go under the prefix ``femkin_forward_`` (``snes_monitor``), and
+#: ``[inversion] petsc_options`` under ``femkin_``, TAO's prefix (``tao_type``, ``tao_monitor``,
+#: ``tao_bnk_ksp_max_it``): the command line's ``-femkin_tao_type`` is the case file's
+#: ``tao_type``, and the command line wins.
 PETSC_TABLE = Key("table", {}, None, "PETSc options, without the prefix (name -> value)")
 
 SCHEMA: dict[str, dict[str, Any]] = {
@@ -155,7 +158,11 @@ SCHEMA: dict[str, dict[str, Any]] = {
             "prior with that std and length (a twin whose truth follows the prior)",
         ),
         "outputs": Key(
-            "list[str]", ["npz", "xdmf", "png"], _one_of("npz", "xdmf", "vtx", "png"), "outputs"
+            "list[str]",
+            ["npz", "xdmf", "png"],
+            _one_of("npz", "xdmf", "vtx", "png"),
+            "npz: video.npz and truth.npz (always written); xdmf or vtx: c and mu of each "
+            "particle at the frame times for ParaView (particle_<label>.xdmf / .bp); png: frames",
         ),
         # The truth of a twin experiment; [model] then holds the inversion's initial guesses.
         "model": {
@@ -178,7 +185,17 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "prior": {
             "m_std": Key("float", 0.5, POSITIVE, "pointwise prior std of m"),
             "m_length": Key("float", 0.2, POSITIVE, "prior correlation length of m, um"),
-            "coefficient_std": Key("float", 2.0, POSITIVE, "prior std of mu_h/j0 coefficients"),
+            "coefficient_std": Key(
+                "float", 2.0, POSITIVE, "prior std of the mu_h a_n (kT) and j0 b_n coefficients"
+            ),
+            "k0_std": Key(
+                "float",
+                2.0,
+                POSITIVE,
+                "prior std of the k0 block, whose coordinate is ln k0 (2.0: a factor e^2 on k0)",
+            ),
+            "kappa_std": Key("float", 0.02, POSITIVE, "prior std of kappa, kT um^2"),
+            "coherency_std": Key("float", 2.0, POSITIVE, "prior std of the coherency B, kT"),
             "mu_e_std": Key("float", 1.0, POSITIVE, "prior std of mu_e knots, kT"),
             "initial_std": Key("float", 0.1, POSITIVE, "prior std of the initial state"),
         },

@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.petsc_options = extra
     try:
+        set_petsc_options(extra)
         rc = args.func(args)
     except FemkinError as err:
         if args.debug:
@@ -61,6 +62,28 @@ def main(argv: list[str] | None = None) -> int:
         print("femkin: interrupted", file=sys.stderr)
         return 130
     return int(rc or 0)
+
+
+def set_petsc_options(argv: list[str]) -> None:
+    """Put command-line PETSc options into the PETSc options database.
+
+    ``-femkin_tao_monitor``, ``-femkin_tao_type bnls``: every solver's ``setFromOptions``
+    reads them there.
+    """
+    if not argv:
+        return
+    from femkin._fem import PETSc
+
+    opts = PETSc.Options()
+    i = 0
+    while i < len(argv):
+        key = argv[i].lstrip("-")
+        if i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            opts[key] = argv[i + 1]
+            i += 2
+        else:
+            opts[key] = ""
+            i += 1
 
 
 def _is_petsc_value(arg: str, extra: list[str]) -> bool:

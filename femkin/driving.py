@@ -1,4 +1,10 @@
-"""The reservoir chemical potential mu_e(t): piecewise linear through knots (kT, s)."""
+"""The reservoir chemical potential mu_e(t): piecewise linear through knots (kT, s).
+
+mu_e(t) is linear in the knot values, ``mu_e(t_n) = sum_i phi_i(t_n) values[i]`` with the hat
+functions ``phi_i`` of the knots. When the knots are fitted, the forward run sees mu_e at its
+step times: :meth:`Driving.step_values` maps knot values (or a knot direction) to the steps
+and :meth:`Driving.knot_gradient` is its transpose (per-step sensitivities to knot gradient).
+"""
 
 from __future__ import annotations
 
@@ -34,3 +40,29 @@ class Driving:
     def __call__(self, t: float) -> float:
         idx, w = self.weights(t)
         return float(np.dot(w, self.values[idx]))
+
+    def step_values(self, times, knot_values) -> np.ndarray:
+        """``sum_i phi_i(t_n) knot_values[i]`` at every time ``t_n``.
+
+        Maps knot values, or a direction of the knots, to the steps of a trajectory.
+        """
+        knot_values = np.asarray(knot_values, dtype=float)
+        out = np.zeros(len(times))
+        for n, t in enumerate(times):
+            idx, w = self.weights(t)
+            out[n] = float(np.dot(w, knot_values[idx]))
+        return out
+
+    def knot_gradient(self, times, step_sensitivities) -> np.ndarray:
+        """The transpose of :meth:`step_values`: ``sum_n phi_i(t_n) s_n`` per knot.
+
+        ``times[0]`` is the initial state of the run, which mu_e does not act on: its entry is
+        not used.
+        """
+        out = np.zeros(self.values.size)
+        for n, t in enumerate(times):
+            if n == 0:
+                continue
+            idx, w = self.weights(t)
+            out[idx] += w * step_sensitivities[n]
+        return out

@@ -24,8 +24,6 @@ from femkin._fem import MPI, PETSc, dolfinx, ufl
 from femkin.errors import ConvergenceError
 from femkin.physics import acr
 
-SCALAR_BLOCKS = ("mu_h", "j0", "k0", "kappa", "coherency")
-
 
 @dataclasses.dataclass
 class ModelParameters:
@@ -48,19 +46,6 @@ class ModelParameters:
     kappa: float = 0.02
     coherency: float = 0.0
     alpha: float = 0.5
-
-    @classmethod
-    def from_case(cls, model: dict) -> ModelParameters:
-        """Build from a case file's ``[model]`` section."""
-        return cls(
-            mu_h=tuple(model["mu_h"]),
-            j0=tuple(model["j0"]),
-            j0_prefactor=tuple(model["j0_prefactor"]),
-            k0=float(model["k0"]),
-            kappa=float(model["kappa"]),
-            coherency=float(model["coherency"]),
-            alpha=float(model["alpha"]),
-        )
 
     def block_values(self) -> dict[str, np.ndarray]:
         """Values per learnable scalar block (``k0`` as ln k0)."""
@@ -90,7 +75,8 @@ class ModelParameters:
 
 @dataclasses.dataclass
 class SolverOptions:
-    """Time stepping and Newton settings (the case file's ``[solver]`` section)."""
+    """Time stepping and Newton settings (the case file's ``[solver]`` section, read by
+    :func:`femkin.study.solver_options`)."""
 
     dt_initial: float | None = None
     dt_min: float = 1e-6
@@ -102,10 +88,6 @@ class SolverOptions:
     storage: str = "memory"
     factor_cache_mb: float = 1024.0
     petsc_options: dict = dataclasses.field(default_factory=dict)
-
-    @classmethod
-    def from_case(cls, solver: dict) -> SolverOptions:
-        return cls(**{f.name: solver[f.name] for f in dataclasses.fields(cls) if f.name in solver})
 
 
 class Trajectory:
@@ -275,6 +257,13 @@ class ParticleModel:
         n = self.V.dofmap.index_map.size_local
         self.m.x.array[:n] = values[:n]
         self.m.x.scatter_forward()
+
+    def set_newton_tolerances(self, rtol: float, atol: float) -> None:
+        """Tighten (never loosen) the Newton tolerances of the forward steps."""
+        opts = self.solver_options
+        opts.newton_rtol = min(opts.newton_rtol, rtol)
+        opts.newton_atol = min(opts.newton_atol, atol)
+        self.snes.setTolerances(rtol=opts.newton_rtol, atol=opts.newton_atol)
 
     # -- SNES -----------------------------------------------------------------------------
     def _setup_snes(self, prefix: str) -> None:

@@ -3,7 +3,8 @@
 Blocks:
 
 - :class:`ScalarBlock`: global coefficients shared by all particles (``mu_h`` a_n, ``j0`` b_n,
-  ``ln_k0``, ``kappa``, ``coherency``); stored on rank 0 of the parent communicator.
+  ``k0`` as ln k0, ``kappa``, ``coherency``; names and coordinates in :mod:`femkin.blocks`);
+  stored on rank 0 of the parent communicator.
 - :class:`FieldBlock`: a P1 field of one particle (``m`` = ln(k/k0)); stored as the owned dofs
   of its function space, on the ranks of the particle's sub-communicator.
 - :class:`ParticleScalarBlock`: a scalar vector of one particle (``mu_e`` knots); stored on the
@@ -230,6 +231,44 @@ class ParameterSpace:
         x = PETSc.Vec().createMPI((self.local_size, self.global_size), comm=self.comm)
         x.set(0.0)
         return x
+
+    # -- public iteration and masks ------------------------------------------------------------
+    @property
+    def scalar_keys(self) -> tuple[BlockKey, ...]:
+        """Keys ``(name, label)`` of the scalar blocks in storage order (every rank).
+
+        Global coefficient blocks have ``label=None``; per-particle blocks follow them.
+        """
+        return tuple(self._scalars)
+
+    @property
+    def field_keys(self) -> tuple[BlockKey, ...]:
+        """Keys ``(name, label)`` of the field blocks in storage order (every rank)."""
+        return tuple(self._fields)
+
+    def block_size(self, name: str, label: int | None = None) -> int:
+        """The number of entries of a scalar block (every rank)."""
+        self._scalar(name, label)  # a clear KeyError for unknown blocks
+        return self._sizes[(name, label)]
+
+    def local_slice(self, name: str, label: int | None = None) -> slice | None:
+        """Where a block's entries lie in this rank's local array; None where not stored here."""
+        if (name, label) in self._fields:
+            data = self._fields[(name, label)]
+            return None if data is None else data.slice
+        return self._scalar(name, label)[1]
+
+    def block_mask(self, name: str) -> np.ndarray:
+        """Which of this rank's local entries belong to a block called ``name``.
+
+        All particles of a field or per-particle block count.
+        """
+        mask = np.zeros(self.local_size, dtype=bool)
+        for key in (*self._scalars, *self._fields):
+            sl = self.local_slice(*key) if key[0] == name else None
+            if sl is not None:
+                mask[sl] = True
+        return mask
 
     def holds(self, name: str, label: int) -> bool:
         """Whether this rank holds field block ``(name, label)``."""

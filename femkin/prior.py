@@ -2,9 +2,10 @@
 
 - :class:`BiLaplacianPrior`: a Gaussian field on a P1 space with covariance
   ``Gamma = A^{-1} M A^{-1}``, ``A = delta M + gamma K (+ Robin boundary mass)``. In 2-D this is
-  the discretised Matern field with nu = 1: with ``kappa^2 = delta / gamma`` the continuous
-  marginal variance is ``1 / (4 pi gamma delta)`` and the correlation length (where the
-  correlation ``(kappa r) K_1(kappa r)`` is about 0.14) is ``sqrt(8 gamma / delta)``.
+  the discretised Matern field with nu = 1: with the inverse length ``s^2 = delta / gamma``
+  (not the glossary's kappa) the continuous marginal variance is ``1 / (4 pi gamma delta)``
+  and the correlation length (where the correlation ``(s r) K_1(s r)`` is about 0.14) is
+  ``sqrt(8 gamma / delta)``.
 - :class:`GaussianScalarPrior`: independent normals on a coefficient vector.
 - :class:`Prior`: the composite over a :class:`~femkin.parameters.ParameterSpace`.
 
@@ -268,41 +269,45 @@ class Prior:
                 f"priors for {sorted(map(str, keys))}",
                 f"priors for {sorted(map(str, given))}",
             )
-        for key in space._scalars:
+        for key in space.scalar_keys:
             p = priors[key]
-            size = space._sizes[key]
+            size = space.block_size(*key)
             if not isinstance(p, GaussianScalarPrior) or p.size != size:
                 raise InputError(
                     "<prior>", block_key_str(*key), f"a GaussianScalarPrior of size {size}", p
                 )
-        for key, data in space._fields.items():
+        for key in space.field_keys:
             p = priors[key]
-            if data is not None and not isinstance(p, BiLaplacianPrior):
+            if space.holds(*key) and not isinstance(p, BiLaplacianPrior):
                 raise InputError("<prior>", block_key_str(*key), "a BiLaplacianPrior", p)
         self.priors = dict(priors)
         self._mean = space.create_vector()
         a = self._mean.getArray()
-        for key, (_, sl) in space._scalars.items():
+        for key in space.scalar_keys:
+            sl = space.local_slice(*key)
             if sl is not None:
                 a[sl] = self.priors[key].mean
-        for key, data in space._fields.items():
-            if data is not None:
-                a[data.slice] = self.priors[key].mean.getArray(readonly=True)
+        for key in space.field_keys:
+            sl = space.local_slice(*key)
+            if sl is not None:
+                a[sl] = self.priors[key].mean.getArray(readonly=True)
 
     def mean(self) -> PETSc.Vec:
         """A copy of the prior mean."""
         return self._mean.copy()
 
     def _apply(self, v: PETSc.Vec, out: PETSc.Vec, scalar_op: str, field_op: str) -> None:
+        space = self.space
         va, oa = v.getArray(readonly=True), out.getArray()
-        for key, (_, sl) in self.space._scalars.items():
+        for key in space.scalar_keys:
+            sl = space.local_slice(*key)
             if sl is not None:
                 oa[sl] = getattr(self.priors[key], scalar_op)(va[sl])
-        for key, data in self.space._fields.items():
-            if data is None:
+        for key in space.field_keys:
+            if not space.holds(*key):
                 continue
-            vin = data.wrap(va[data.slice].copy())
-            vout = data.wrap(oa[data.slice])
+            vin = space.field_vec(v, *key, readonly=True)
+            vout = space.field_vec(out, *key)
             getattr(self.priors[key], field_op)(vin, vout)
             vin.destroy()
             vout.destroy()
@@ -343,14 +348,15 @@ class Prior:
         w = self.space.random_normal(seed)
         out = self.space.create_vector()
         wa, oa = w.getArray(readonly=True), out.getArray()
-        for key, (_, sl) in self.space._scalars.items():
+        for key in self.space.scalar_keys:
+            sl = self.space.local_slice(*key)
             if sl is not None:
                 oa[sl] = self.priors[key].sample(wa[sl])
-        for key, data in self.space._fields.items():
-            if data is None:
+        for key in self.space.field_keys:
+            if not self.space.holds(*key):
                 continue
-            win = data.wrap(w.getArray()[data.slice])
-            vout = data.wrap(oa[data.slice])
+            win = self.space.field_vec(w, *key)
+            vout = self.space.field_vec(out, *key)
             self.priors[key].sample(win, vout)
             win.destroy()
             vout.destroy()

@@ -14,84 +14,30 @@ global gradient is reduced over all ranks; the answer does not depend on the par
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
-import scipy.ndimage as ndi
 
-from femkin._fem import MPI, PETSc, dolfinx, ufl
+from femkin._fem import MPI, PETSc, dolfinx
 from femkin.adjoint import Direction, ParticleDerivatives, Sensitivities
+from femkin.blocks import BLOCKS, GLOBAL_BLOCKS, PARTICLE_FIELD_BLOCKS
 from femkin.driving import Driving
-from femkin.errors import CaseError, ConvergenceError, InputError
+from femkin.errors import ConvergenceError, InputError
 from femkin.forward import ModelParameters, ParticleModel, SolverOptions
 from femkin.io.video import Video
+from femkin.misfit import PixelMisfit
 from femkin.observation import Observation, build_observation
 from femkin.parallel import Distribution
 from femkin.parameters import FieldBlock, ParameterSpace, ParticleScalarBlock, ScalarBlock
-
-GLOBAL_BLOCKS = ("mu_h", "j0", "k0", "kappa", "coherency")
-PARTICLE_FIELD_BLOCKS = ("m", "initial")
-ALL_BLOCKS = GLOBAL_BLOCKS + PARTICLE_FIELD_BLOCKS + ("mu_e",)
-C_CLIP = 1e-3
-
-
-def image_at(
-    image: np.ndarray, inside: np.ndarray, points: np.ndarray, pixel_size: float
-) -> np.ndarray:
-    """Bilinear interpolation of a pixel image at points (um), NaN-aware.
-
-    Pixels that are NaN or outside ``inside`` take the value of the nearest valid pixel first,
-    so values near the particle boundary are not polluted by the background.
-    """
-    valid = inside & np.isfinite(image)
-    if not valid.any():
-        raise ValueError("no valid pixel to interpolate from")
-    _, (ri, ci) = ndi.distance_transform_edt(~valid, return_indices=True)
-    filled = image[ri, ci]
-    rows = points[:, 1] / pixel_size - 0.5
-    cols = points[:, 0] / pixel_size - 0.5
-    return ndi.map_coordinates(filled, [rows, cols], order=1, mode="nearest")
-
-
-def smoothed(V, values: np.ndarray, length: float, prefix: str = "femkin_smoothing_") -> np.ndarray:
-    """Helmholtz smoothing: solve (c, v) + length^2 (grad c, grad v) = (f, v) on V.
-
-    Args:
-        V: a P1 space.
-        values: f as owned + ghost values.
-        length: smoothing length (um); 0 returns the values unchanged.
-
-    Returns:
-        The smoothed field, owned + ghost values.
-    """
-    if length <= 0:
-        return values.copy()
-    f = dolfinx.fem.Function(V)
-    f.x.array[:] = values
-    u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
-    ell2 = dolfinx.fem.Constant(V.mesh, PETSc.ScalarType(length**2))
-    a = u * v * ufl.dx + ell2 * ufl.inner(ufl.grad(u), ufl.grad(v)) * ufl.dx
-    problem = dolfinx.fem.petsc.LinearProblem(
-        a,
-        f * v * ufl.dx,
-        petsc_options_prefix=prefix,
-        petsc_options={"ksp_type": "cg", "pc_type": "jacobi", "ksp_rtol": 1e-12},
-    )
-    out = problem.solve()
-    return out.x.array.copy()
-
-
-@dataclasses.dataclass
-class ParticleData:
-    """Observed data of one particle on this rank's pixels (frames x local pixels)."""
-
-    d: np.ndarray
-    weight: np.ndarray  # 1/sigma^2, 0 where not observed
+from femkin.projection import initial_state
 
 
 class Particle:
-    """Everything about one particle on its sub-communicator."""
+    """Everything about one particle on its sub-communicator.
+
+    Its model, derivatives, observation and pixel misfit (frame 0 counts when
+    ``include_first``, i.e. when the initial state is learned).
+    """
 
     def __init__(
         self,
@@ -102,6 +48,8 @@ class Particle:
         solver: SolverOptions,
         sigma,
         initial_smoothing: float,
+        *,
+        include_first: bool = False,
     ):
         self.label = label
         self.model = ParticleModel(mesh, parameters, solver=solver)
@@ -109,36 +57,14 @@ class Particle:
         ps = video.pixel_size
         self.obs: Observation = build_observation(self.model.W.sub(0), video.mask, label, ps)
         self.obs_V: Observation = build_observation(self.model.V, video.mask, label, ps)
-        T = video.c.shape[0]
-        d = np.stack([video.c[f].ravel()[self.obs.pixels] for f in range(T)])
-        s = (
-            np.broadcast_to(np.asarray(sigma, dtype=float), video.c.shape)
-            if np.ndim(sigma)
-            else np.full(video.c.shape, float(sigma))
+        self.misfit = PixelMisfit.from_video(self.obs, video.c, sigma, include_first=include_first)
+        self.n_observed = self.model.comm.allreduce(int(self.misfit.observed[1:].sum()), op=MPI.SUM)
+        self.c0_data = initial_state(
+            self.model.V, video.c[0], video.mask == label, ps, initial_smoothing
         )
-        s = np.stack([s[f].ravel()[self.obs.pixels] for f in range(T)])
-        observed = np.isfinite(d)
-        self.data = ParticleData(np.where(observed, d, 0.0), np.where(observed, 1.0 / s**2, 0.0))
-        self.n_observed = self.model.comm.allreduce(int(observed[1:].sum()), op=MPI.SUM)
-        coords = self.model.V.tabulate_dof_coordinates()
-        raw = image_at(video.c[0], video.mask == label, coords, ps)
-        self.c0_data = np.clip(smoothed(self.model.V, raw, initial_smoothing), C_CLIP, 1 - C_CLIP)
         self.trajectory = None
         self.lambdas = None
         self.schedule = None
-
-    def misfit(self, traj, include_first: bool) -> float:
-        """Local (this rank's pixels) misfit of a trajectory."""
-        total = 0.0
-        for f, n in enumerate(traj.frame_steps):
-            if f == 0 and not include_first:
-                continue
-            r = self.obs.apply(traj.state(n)) - self.data.d[f]
-            total += 0.5 * float(np.sum(self.data.weight[f] * r * r))
-        return total
-
-    def frame_of_step(self, traj, include_first: bool) -> dict[int, int]:
-        return {n: f for f, n in enumerate(traj.frame_steps) if f > 0 or include_first}
 
 
 class InverseProblem:
@@ -151,7 +77,7 @@ class InverseProblem:
             ``distribution.subcomm``), see :func:`build_meshes`.
         distribution: where the particles live.
         parameters: initial (and, for unlearned blocks, fixed) model parameters.
-        learn: the blocks to fit (:data:`ALL_BLOCKS`).
+        learn: the blocks to fit (:data:`BLOCKS`).
         solver: time-stepping options.
         sigma: noise std (scalar or (T, H, W)).
         driving: ``{label: Driving}`` initial mu_e(t) per particle, knots at the frame times
@@ -175,24 +101,29 @@ class InverseProblem:
         driving: dict[int, Driving],
         initial_smoothing: float = 0.05,
     ):
-        unknown = [b for b in learn if b not in ALL_BLOCKS]
+        unknown = [b for b in learn if b not in BLOCKS]
         if unknown:
-            raise CaseError(
-                "<case>", "inversion.learn", f"blocks among {list(ALL_BLOCKS)}", unknown
-            )
+            raise InputError("<inverse problem>", "learn", f"blocks among {list(BLOCKS)}", unknown)
         self.comm = comm
         self.video = video
         self.labels = [int(lb) for lb in video.labels]
         self.distribution = distribution
         self.parameters = parameters
-        self.learn = tuple(b for b in ALL_BLOCKS if b in learn)
+        self.learn = tuple(b for b in BLOCKS if b in learn)
         self.include_first = "initial" in self.learn
         self.driving = driving
         self.particles: dict[int, Particle] = {}
         for i in distribution.mine:
             label = self.labels[i]
             self.particles[label] = Particle(
-                label, meshes[label], video, parameters, solver, sigma, initial_smoothing
+                label,
+                meshes[label],
+                video,
+                parameters,
+                solver,
+                sigma,
+                initial_smoothing,
+                include_first=self.include_first,
             )
             # Only the learned blocks' sensitivities are assembled at every step.
             self.particles[label].derivs.active = {
@@ -291,7 +222,7 @@ class InverseProblem:
                 continue
             if self.freeze and p.schedule is None:
                 p.schedule = list(p.trajectory.times)
-            local += p.misfit(p.trajectory, self.include_first)
+            local += p.misfit.cost(p.trajectory)
         failures = self.comm.allgather(failure)
         failures = [f for f in failures if f]
         if failures:
@@ -300,24 +231,13 @@ class InverseProblem:
         self._x_last = x.copy()
         return self.comm.allreduce(local, op=MPI.SUM)
 
-    def _misfit_source(self, p: Particle):
-        frames = p.frame_of_step(p.trajectory, self.include_first)
-
-        def source(n, out):
-            f = frames.get(n)
-            if f is not None:
-                r = p.obs.apply(p.trajectory.state(n)) - p.data.d[f]
-                out += p.obs.matrix.T @ (p.data.weight[f] * r)
-
-        return source
-
     def gradient(self, x: PETSc.Vec, g: PETSc.Vec) -> float:
         """Misfit and its dual gradient at x (runs the forward model)."""
         value = self.misfit(x)
         sens = {}
         for label, p in self.particles.items():
             sens[label], p.lambdas = p.derivs.adjoint(
-                p.trajectory, self._misfit_source(p), store=True
+                p.trajectory, p.misfit.source(p.trajectory), store=True
             )
         self._pack(sens, g)
         self.counters["gradient"] += 1
@@ -341,11 +261,7 @@ class InverseProblem:
                 self.space.to_function(v, "initial", label, f)
                 dc0 = f.x.array.copy()
             if "mu_e" in self.learn:
-                drv = self.driving[label]
-                dmu = np.zeros(len(p.trajectory.times))
-                for n, t in enumerate(p.trajectory.times):
-                    idx, w = drv.weights(t)
-                    dmu[n] = float(np.dot(w, knots[label][idx]))
+                dmu = self.driving[label].step_values(p.trajectory.times, knots[label])
             full = {
                 k: scalars.get(k, np.zeros(len(vals)))
                 for k, vals in self.parameters.block_values().items()
@@ -356,16 +272,6 @@ class InverseProblem:
     def hessian_mult(self, v: PETSc.Vec, out: PETSc.Vec, *, gauss_newton: bool = True) -> None:
         """Gauss-Newton (default) or full misfit Hessian action at the last gradient point."""
         self.hessian_mult_batch([v], [out], gauss_newton=gauss_newton)
-
-    def _gn_source(self, p: Particle, tang: list):
-        frames = p.frame_of_step(p.trajectory, self.include_first)
-
-        def source2(n, arr):
-            f = frames.get(n)
-            if f is not None:
-                arr += p.obs.matrix.T @ (p.data.weight[f] * p.obs.apply(tang[n]))
-
-        return source2
 
     def hessian_mult_batch(
         self, vs: Sequence[PETSc.Vec], outs: Sequence[PETSc.Vec], *, gauss_newton: bool = True
@@ -387,19 +293,23 @@ class InverseProblem:
                 state_bytes = 8.0 * len(p.model.u.x.array) * (p.trajectory.n_steps + 1)
                 size = int(max(1, self.BATCH_MB * 2**20 // max(state_bytes, 1.0)))
                 size = p.model.comm.allreduce(size, op=MPI.MIN)
-                for k0 in range(0, len(dirs), size):
-                    chunk = dirs[k0 : k0 + size]
+                for first in range(0, len(dirs), size):
+                    chunk = dirs[first : first + size]
                     tangs = p.derivs.tangent_many(p.trajectory, chunk)
                     results = p.derivs.adjoint_many(
-                        p.trajectory, [self._gn_source(p, t) for t in tangs]
+                        p.trajectory, [p.misfit.gauss_newton_source(p.trajectory, t) for t in tangs]
                     )
-                    for k, (s_k, _) in enumerate(results, start=k0):
+                    for k, (s_k, _) in enumerate(results, start=first):
                         sens[k][label] = s_k
             else:
                 for k, d in enumerate(dirs):
                     tang = p.derivs.tangent(p.trajectory, d)
                     sens[k][label] = p.derivs.second_order(
-                        p.trajectory, d, p.lambdas, tang, self._gn_source(p, tang)
+                        p.trajectory,
+                        d,
+                        p.lambdas,
+                        tang,
+                        p.misfit.gauss_newton_source(p.trajectory, tang),
                     )
         for s_k, out in zip(sens, outs):
             self._pack(s_k, out)
@@ -425,13 +335,7 @@ class InverseProblem:
             if "initial" in self.learn:
                 self.space.field_view(g, "initial", label)[:] = s.c0
             if "mu_e" in self.learn:
-                drv = self.driving[label]
-                gk = np.zeros(len(drv.values))
-                for n, t in enumerate(p.trajectory.times):
-                    if n == 0:
-                        continue
-                    idx, w = drv.weights(t)
-                    gk[idx] += w * s.mu_e[n]
+                gk = self.driving[label].knot_gradient(p.trajectory.times, s.mu_e)
                 self.space.set_scalars(g, "mu_e", gk, label)
         g.assemble()
 
@@ -452,6 +356,14 @@ class InverseProblem:
         for label, p in self.particles.items():
             if str(label) in schedules:
                 p.schedule = list(schedules[str(label)])
+
+    def set_newton_tolerances(self, rtol: float, atol: float) -> None:
+        """Tighten the Newton tolerances of every particle's forward steps.
+
+        For derivative checks: J is only as accurate as the Newton solves.
+        """
+        for p in self.particles.values():
+            p.model.set_newton_tolerances(rtol, atol)
 
     def freeze_schedule(self) -> None:
         """Replay the current step sequence in later forward runs (for derivative checks)."""
@@ -504,39 +416,3 @@ class InverseProblem:
             for pix, vals in part:
                 out[pix] = vals
         return out.reshape(H, W)
-
-
-def driving_from(video: Video, case_driving: dict, labels: Sequence[int]) -> dict[int, Driving]:
-    """Initial mu_e(t) per particle: the case's knots if given, else the video's mu_e.
-
-    Knots are moved to the frame times when mu_e is fitted (``mode = "fitted"``).
-    """
-    if case_driving.get("t") is not None:
-        base = Driving(case_driving["t"], case_driving["mu_e"])
-    elif video.mu_e is not None:
-        base = Driving(video.t, video.mu_e)
-    else:
-        raise InputError(
-            video.source,
-            "mu_e",
-            "a mu_e (or voltage) series in the video, or "
-            "[driving] t and mu_e knots in the case file",
-            "neither",
-        )
-    if case_driving.get("mode", "data") == "fitted":
-        return {lb: Driving(video.t, [base(t) for t in video.t]) for lb in labels}
-    return {lb: Driving(base.t, base.values) for lb in labels}
-
-
-def resolve_sigma(video: Video, case_data: dict, source: str):
-    """Noise std: the case's [data] sigma, else the video's sigma."""
-    if case_data.get("sigma") is not None:
-        return float(case_data["sigma"])
-    if video.sigma is not None:
-        return video.sigma
-    raise InputError(
-        source,
-        "sigma",
-        "a noise std in the video ('sigma') or [data] sigma in the case file",
-        "neither",
-    )

@@ -1,11 +1,18 @@
 """Glue between a case directory and the solver: video, meshes, particles, problem.
 
-This is the one place (with the CLI verbs) where meshing meets solving.
+This is the one place (with the CLI verbs) where meshing meets solving, and where the case
+file's sections become library objects: :func:`model_parameters`, :func:`solver_options`,
+:func:`driving_from`, :func:`resolve_sigma`, and the checkpoint of a case
+(:func:`checkpoint_path`, :func:`checkpoint_settings`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -13,12 +20,13 @@ import numpy as np
 
 from femkin._fem import MPI
 from femkin.case import Case, load_case
+from femkin.driving import Driving
 from femkin.errors import FemkinError, InputError
 from femkin.forward import ModelParameters, SolverOptions
 from femkin.io.video import Video, read_video
 from femkin.meshing import mesh_particle
 from femkin.parallel import distribute
-from femkin.problem import InverseProblem, driving_from, resolve_sigma
+from femkin.problem import InverseProblem
 from femkin.progress import Progress
 
 
@@ -30,6 +38,88 @@ class Study(NamedTuple):
     video_path: Path
     truth_path: Path | None
     twin: bool
+
+
+def model_parameters(model: dict) -> ModelParameters:
+    """The :class:`~femkin.forward.ModelParameters` of a case file's ``[model]`` section."""
+    return ModelParameters(
+        mu_h=tuple(model["mu_h"]),
+        j0=tuple(model["j0"]),
+        j0_prefactor=tuple(model["j0_prefactor"]),
+        k0=float(model["k0"]),
+        kappa=float(model["kappa"]),
+        coherency=float(model["coherency"]),
+        alpha=float(model["alpha"]),
+    )
+
+
+def solver_options(solver: dict) -> SolverOptions:
+    """The :class:`~femkin.forward.SolverOptions` of a case file's ``[solver]`` section."""
+    names = [f.name for f in dataclasses.fields(SolverOptions)]
+    return SolverOptions(**{name: solver[name] for name in names if name in solver})
+
+
+def driving_from(video: Video, case_driving: dict, labels: Sequence[int]) -> dict[int, Driving]:
+    """Initial mu_e(t) per particle: the case's ``[driving]`` knots if given, else the video's.
+
+    Knots are moved to the frame times when mu_e is fitted (``mode = "fitted"``).
+
+    Raises:
+        InputError: neither the video nor the case gives mu_e.
+    """
+    if case_driving.get("t") is not None:
+        base = Driving(case_driving["t"], case_driving["mu_e"])
+    elif video.mu_e is not None:
+        base = Driving(video.t, video.mu_e)
+    else:
+        raise InputError(
+            video.source,
+            "mu_e",
+            "a mu_e (or voltage) series in the video, or "
+            "[driving] t and mu_e knots in the case file",
+            "neither",
+        )
+    if case_driving.get("mode", "data") == "fitted":
+        return {lb: Driving(video.t, [base(t) for t in video.t]) for lb in labels}
+    return {lb: Driving(base.t, base.values) for lb in labels}
+
+
+def resolve_sigma(video: Video, case_data: dict, source: str):
+    """Noise std: the case's ``[data] sigma``, else the video's ``sigma``.
+
+    Raises:
+        InputError: neither gives one.
+    """
+    if case_data.get("sigma") is not None:
+        return float(case_data["sigma"])
+    if video.sigma is not None:
+        return video.sigma
+    raise InputError(
+        source,
+        "sigma",
+        "a noise std in the video ('sigma') or [data] sigma in the case file",
+        "neither",
+    )
+
+
+def checkpoint_path(case: Case) -> Path:
+    """Where the fit of a case keeps its checkpoint (and its MAP point)."""
+    return case.dir / "checkpoints" / "state.npz"
+
+
+def checkpoint_settings(study: Study, problem: InverseProblem) -> tuple[dict, str]:
+    """The settings a checkpoint belongs to, and their hash."""
+    inv = study.case.inversion
+    settings = {
+        "learn": list(problem.learn),
+        "tao_type": inv["tao_type"],
+        "hessian": inv["hessian"],
+        "video": str(study.video_path.name),
+        "prior": inv["prior"],
+        "model": study.case.model,
+    }
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return settings, digest
 
 
 def collective(comm, func, *args, **kwargs):
@@ -127,8 +217,8 @@ def build_problem(
 
     sigma, driving = collective(comm, checks)
     dist, meshes = build_meshes(comm, study, labels, quiet=quiet)
-    params = ModelParameters.from_case(case.model)
-    solver = SolverOptions.from_case(case.solver)
+    params = model_parameters(case.model)
+    solver = solver_options(case.solver)
     learn = case.inversion["learn"] if learn is None else learn
     if "mu_e" in learn and case.driving["mode"] != "fitted":
         learn = [b for b in learn if b != "mu_e"]

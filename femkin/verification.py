@@ -53,15 +53,8 @@ def block_direction(problem, block: str, seed: int) -> PETSc.Vec:
     """A random direction that is zero outside ``block`` (all particles of a field block)."""
     space = problem.space
     d = space.random_normal(seed)
-    keep = np.zeros(space.local_size, dtype=bool)
-    for (name, label), (root, sl) in space._scalars.items():
-        if name == block and sl is not None:
-            keep[sl] = True
-    for (name, label), data in space._fields.items():
-        if name == block and data is not None:
-            keep[data.slice] = True
     arr = d.getArray()
-    arr[~keep] = 0.0
+    arr[~space.block_mask(block)] = 0.0
     arr *= DIRECTION_SCALE.get(block, 1.0)
     return d
 
@@ -115,12 +108,7 @@ def hessian_symmetry(problem, x: PETSc.Vec, *, seed: int = 2, gauss_newton: bool
     v = problem.space.random_normal(seed + 1)
     for vec in (u, v):
         for name, scale in DIRECTION_SCALE.items():
-            for (bname, label), data in problem.space._fields.items():
-                if bname == name and data is not None:
-                    vec.getArray()[data.slice] *= scale
-            for (bname, label), (root, sl) in problem.space._scalars.items():
-                if bname == name and sl is not None:
-                    vec.getArray()[sl] *= scale
+            vec.getArray()[problem.space.block_mask(name)] *= scale
     Hu, Hv = x.duplicate(), x.duplicate()
     problem.hessian_mult(u, Hu, gauss_newton=gauss_newton)
     problem.hessian_mult(v, Hv, gauss_newton=gauss_newton)

@@ -58,6 +58,9 @@ def test_good_case_defaults_and_paths(tmp_path):
         "m_std": 0.3,
         "m_length": 0.2,
         "coefficient_std": 2.0,
+        "k0_std": 2.0,
+        "kappa_std": 0.02,
+        "coherency_std": 2.0,
         "mu_e_std": 1.0,
         "initial_std": 0.1,
     }

@@ -33,9 +33,7 @@ def make_space(comm, particles=PARTICLES):
             V = dolfinx.fem.functionspace(mesh, ("Lagrange", 1))
         fields.append(FieldBlock("m", label, V))
         pscalars.append(ParticleScalarBlock("mu_e", label, 3, dist.group_root[dist.owner[i]]))
-    space = ParameterSpace(
-        comm, [ScalarBlock("mu_h", 4), ScalarBlock("ln_k0", 1)], fields, pscalars
-    )
+    space = ParameterSpace(comm, [ScalarBlock("mu_h", 4), ScalarBlock("k0", 1)], fields, pscalars)
     return space, dist
 
 
@@ -55,6 +53,28 @@ def test_layout_sizes(comm):
     assert x.getLocalSize() == expected_local
     if comm.size == 2:
         assert space.local_size < space.global_size
+
+
+@pytest.mark.mpi
+def test_public_keys_slices_and_masks(comm):
+    """The blocks' local slices tile this rank's array once; slices, masks and values agree."""
+    space, dist = make_space(comm)
+    assert space.scalar_keys == (("mu_h", None), ("k0", None), ("mu_e", 3), ("mu_e", 7))
+    assert space.field_keys == (("m", 3), ("m", 7))
+    count = sum(space.block_mask(name).astype(int) for name in ("mu_h", "k0", "m", "mu_e"))
+    assert np.array_equal(count, np.ones(space.local_size, dtype=int))
+    x = space.random_normal(5)
+    for key in space.scalar_keys:
+        values = space.get_scalars(x, *key)
+        assert values.size == space.block_size(*key)
+        sl = space.local_slice(*key)
+        if sl is not None:
+            np.testing.assert_array_equal(x.getArray(readonly=True)[sl], values)
+    for key in space.field_keys:
+        assert (space.local_slice(*key) is not None) == space.holds(*key)
+        if space.holds(*key):
+            view = space.field_view(x, *key)
+            np.testing.assert_array_equal(x.getArray(readonly=True)[space.local_slice(*key)], view)
 
 
 @pytest.mark.mpi

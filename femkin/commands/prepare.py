@@ -10,7 +10,16 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from femkin.case import SCHEMA
 from femkin.errors import CaseError, FemkinError, InputError
+
+#: The ``[prepare]`` keys of the case schema, where their defaults are declared.
+PREPARE = SCHEMA["prepare"]
+
+
+def _default(key: str) -> Any:
+    default = PREPARE[key].default
+    return list(default) if isinstance(default, list) else default
 
 
 def register(subparsers) -> None:
@@ -33,7 +42,7 @@ def register(subparsers) -> None:
         "--out",
         type=Path,
         default=None,
-        help="video to write (.npz, .h5 or .tif folder); default data/video.npz",
+        help=f"video to write (.npz, .h5 or .tif folder); default {_default('out')}",
     )
     parser.add_argument(
         "--i0-region",
@@ -50,7 +59,10 @@ def register(subparsers) -> None:
         help="Fe optical density threshold for the masks (default: Otsu)",
     )
     parser.add_argument(
-        "--min-size", type=int, default=None, help="smallest particle kept, in pixels (default 20)"
+        "--min-size",
+        type=int,
+        default=None,
+        help=f"smallest particle kept, in pixels (default {_default('min_size')})",
     )
     parser.add_argument(
         "--times",
@@ -75,16 +87,12 @@ def register(subparsers) -> None:
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
-    """Merge the case file's ``[prepare]`` section with the command line (which wins)."""
-    out: dict[str, Any] = {
-        "stacks": [],
-        "references": None,
-        "out": Path("data/video.npz"),
-        "i0_region": None,
-        "threshold": None,
-        "min_size": 20,
-        "times": None,
-    }
+    """Merge the case file's ``[prepare]`` section with the command line (which wins).
+
+    Defaults are the schema's (:data:`femkin.case.SCHEMA`), as for a case file.
+    """
+    out: dict[str, Any] = {key: _default(key) for key in PREPARE}
+    out["out"] = Path(out["out"])
     source = "command line"
     if args.case is not None:
         from femkin.case import load_case
@@ -96,7 +104,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         out["stacks"] = [case.resolve(s) for s in sec.get("stacks") or []]
         if sec.get("references"):
             out["references"] = case.resolve(sec["references"])
-        out["out"] = case.resolve(sec.get("out") or "data/video.npz")
+        out["out"] = case.resolve(sec.get("out") or _default("out"))
     if args.stacks:
         out["stacks"] = list(args.stacks)
     for key in ("references", "out", "i0_region", "threshold", "min_size", "times"):

@@ -24,12 +24,11 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from femkin._fem import MPI
     from femkin.case import load_case
-    from femkin.commands.invert import _petsc_argv, invert
+    from femkin.commands.invert import invert
     from femkin.commands.simulate import simulate
     from femkin.study import collective
 
     comm = MPI.COMM_WORLD
-    _petsc_argv(args)
     case = collective(comm, load_case, args.case)
     if case.simulate is not None and not (case.dir / "simulated" / "video.npz").exists():
         simulate(args.case, comm, quiet=args.quiet)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
+    """Add the ``sample`` verb."""
     parser = subparsers.add_parser(
         "sample",
         help="MCMC of the posterior (gpCN with the Laplace proposal); after 'femkin uq'",
@@ -32,10 +33,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from femkin._fem import MPI, PETSc  # noqa: F401 - PETSc reads command-line options
-    from femkin.commands.invert import _petsc_argv
+    """Run the chains of ``args.case`` on ``MPI.COMM_WORLD``."""
+    from femkin._fem import MPI
     from femkin.uq.sampling_study import sample
 
-    _petsc_argv(args)
     sample(args.case, MPI.COMM_WORLD, quiet=args.quiet)
     return 0

@@ -48,11 +48,7 @@ def run(args: argparse.Namespace) -> int:
     # J is only as accurate as the Newton solves: with the case's tolerances (1e-10) the
     # third-order remainder of the smallest steps reaches that noise. Tighter here; SNES's
     # step-length test still ends Newton where the residual stagnates at roundoff.
-    for p in problem.particles.values():
-        opts = p.model.solver_options
-        opts.newton_rtol = min(opts.newton_rtol, TAYLOR_NEWTON_RTOL)
-        opts.newton_atol = min(opts.newton_atol, TAYLOR_NEWTON_ATOL)
-        p.model.snes.setTolerances(rtol=opts.newton_rtol, atol=opts.newton_atol)
+    problem.set_newton_tolerances(TAYLOR_NEWTON_RTOL, TAYLOR_NEWTON_ATOL)
     x = problem.initial_vector()
     out = {"gradient": {}, "hessian": {}, "symmetry": None}
     for block in blocks:

@@ -33,9 +33,9 @@ def build_prior(problem, prior_case: dict, x0: PETSc.Vec) -> Prior:
     coefficient_std = {
         "mu_h": prior_case["coefficient_std"],
         "j0": prior_case["coefficient_std"],
-        "k0": prior_case["coefficient_std"],
-        "kappa": 0.01 * prior_case["coefficient_std"],
-        "coherency": prior_case["coefficient_std"],
+        "k0": prior_case["k0_std"],  # of ln k0, the block's coordinate
+        "kappa": prior_case["kappa_std"],
+        "coherency": prior_case["coherency_std"],
     }
     priors = {}
     for b in space.scalar_blocks:

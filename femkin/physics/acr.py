@@ -21,7 +21,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import ufl
+
+#: Li fractions at which mu_h(c) and j0(c) are tabulated in results, bands and figures.
+C_GRID = np.linspace(0.01, 0.99, 99)
 
 
 class ACRCoefficients(NamedTuple):

@@ -89,6 +89,8 @@ class UQResult:
         variance_method: ``"exact"`` or ``"sampled(N)"``: how the prior diagonal was found.
         hessian_actions: Hessian actions spent in all (eigensolver, omitted spectrum, marginals).
         wall_time: seconds per stage.
+        ln_k_std_dofs: ``{label: values}`` of the posterior std of ln k on the P1 space of
+            each particle held by this rank (owned + ghost values; for field output).
         low_rank_covariance: the global coefficients' covariance from the low-rank posterior
             alone (what a truncated Hessian gives; ``covariance`` is the exact marginal).
         marginals: how ``covariance`` was found (``iterations``, ``hessian_actions``,
@@ -115,6 +117,7 @@ class UQResult:
     variance_method: str
     hessian_actions: int
     wall_time: dict[str, float]
+    ln_k_std_dofs: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
     low_rank_covariance: np.ndarray | None = None
     marginals: dict = dataclasses.field(default_factory=dict)
     spectrum: dict = dataclasses.field(default_factory=dict)
@@ -322,8 +325,7 @@ def credible_bands(
     Returns:
         ``{"c": c, "mu_h": (value, lo, hi), "j0": (value, lo, hi)}``.
     """
-    from femkin.inversion.results import C_GRID
-    from femkin.physics.acr import ln_j0, mu_h
+    from femkin.physics.acr import C_GRID, ln_j0, mu_h
 
     c = C_GRID if c is None else np.asarray(c, dtype=float)
     params = problem.parameters_at(x)
@@ -380,13 +382,13 @@ def _ln_k_maps(
         k0_v = np.array([space.get_scalars(v, "k0")[0] for v in posterior.eigenvectors])
     prior_diag = space.create_vector()
     methods = set()
-    for (name, label), data in space._fields.items():
-        if name != "m" or data is None:
+    for name, label in space.field_keys:
+        if name != "m" or not space.holds(name, label):
             continue
         diag, method = bilaplacian_pointwise_variance(
             prior.priors[(name, label)], samples=samples, seed=seed
         )
-        prior_diag.getArray()[data.slice] = diag
+        prior_diag.getArray()[space.local_slice(name, label)] = diag
         methods.add(method)
     methods = sorted(set().union(*problem.comm.allgather(methods)))
     post_diag = posterior.pointwise_variance(prior_diag)
@@ -403,7 +405,7 @@ def _ln_k_maps(
         V = p.model.V
         n_owned = V.dofmap.index_map.size_local
         if has_m:
-            sl = space._fields[("m", label)].slice
+            sl = space.local_slice("m", label)
             var_m = post_diag.getArray(readonly=True)[sl]
             cov = cross.getArray(readonly=True)[sl]
             pri_m = prior_diag.getArray(readonly=True)[sl]
@@ -426,7 +428,7 @@ def _ln_k_maps(
         for lb in problem.labels:
             post_maps[lb] = np.where(mask == lb, post_img, np.nan)
             prior_maps[lb] = np.where(mask == lb, prior_img, np.nan)
-    return post_maps, prior_maps, ",".join(methods) or "none"
+    return post_maps, prior_maps, ",".join(methods) or "none", post_arrays
 
 
 def analyse(
@@ -571,11 +573,11 @@ def analyse(
     for f in functionals:
         f.destroy()
     k0_column = None
-    if "k0" in names:
+    if "k0" in names and marg.converged:  # an unconverged column is no covariance
         k0_column = marg.columns[names.index("k0")]
     mean = np.concatenate([space.get_scalars(x, b) for b, _ in blocks]) if blocks else np.zeros(0)
     bands = credible_bands(problem, x, blocks, covariance)
-    ln_k_std, ln_k_prior_std, method = _ln_k_maps(
+    ln_k_std, ln_k_prior_std, method, ln_k_std_dofs = _ln_k_maps(
         problem,
         prior,
         posterior,
@@ -614,6 +616,7 @@ def analyse(
         method,
         problem.counters["hessian"] - h_before,
         timings,
+        ln_k_std_dofs=ln_k_std_dofs,
         low_rank_covariance=marg.low_rank,
         marginals=marginals,
         spectrum=spectrum,

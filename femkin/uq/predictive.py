@@ -37,15 +37,9 @@ def residual_check(problem) -> dict:
     total = np.zeros(5)  # n, sum, sum of squares, beyond 2, beyond 3
     counts = np.zeros(HISTOGRAM_EDGES.size - 1)
     for p in problem.particles.values():
-        traj = p.trajectory
-        for f, n in enumerate(traj.frame_steps):
-            if f == 0 and not problem.include_first:
-                continue
-            w = p.data.weight[f]
-            seen = w > 0
-            r = (p.obs.apply(traj.state(n)) - p.data.d[f])[seen] * np.sqrt(w[seen])
-            total += [r.size, r.sum(), (r * r).sum(), (np.abs(r) > 2).sum(), (np.abs(r) > 3).sum()]
-            counts += np.histogram(np.clip(r, -4.999, 4.999), bins=HISTOGRAM_EDGES)[0]
+        r = p.misfit.standardised_residuals(p.trajectory)
+        total += [r.size, r.sum(), (r * r).sum(), (np.abs(r) > 2).sum(), (np.abs(r) > 3).sum()]
+        counts += np.histogram(np.clip(r, -4.999, 4.999), bins=HISTOGRAM_EDGES)[0]
     total = problem.comm.allreduce(total, op=MPI.SUM)
     counts = problem.comm.allreduce(counts, op=MPI.SUM)
     n = max(total[0], 1.0)
@@ -73,7 +67,7 @@ def average_noise_std(problem) -> dict[int, np.ndarray]:
     count = np.zeros((len(labels), T))
     for label, p in problem.particles.items():
         i = labels.index(label)
-        w = p.data.weight
+        w = p.misfit.weight
         seen = w > 0
         var_sum[i] += np.where(seen, 1.0 / np.where(seen, w, 1.0), 0.0).sum(axis=1)
         count[i] += seen.sum(axis=1)

@@ -342,11 +342,16 @@ def sample(case_path, comm=MPI.COMM_WORLD, *, quiet: bool = False) -> dict | Non
     Raises:
         InputError: when the case has no Laplace posterior (run ``femkin uq`` first).
     """
-    from femkin.commands.invert import _checkpoint_path, checkpoint_settings
     from femkin.errors import InputError
     from femkin.inversion.checkpoint import read_checkpoint
     from femkin.inversion.fit import build_prior
-    from femkin.study import build_problem, collective, open_study
+    from femkin.study import (
+        build_problem,
+        checkpoint_path,
+        checkpoint_settings,
+        collective,
+        open_study,
+    )
     from femkin.uq.laplace_study import coefficient_layout, coefficient_names
 
     t0 = time.perf_counter()
@@ -372,7 +377,7 @@ def sample(case_path, comm=MPI.COMM_WORLD, *, quiet: bool = False) -> dict | Non
     x = problem.initial_vector()
     prior = build_prior(problem, case.inversion["prior"], x)
     _, case_hash = checkpoint_settings(study, problem)
-    state = read_checkpoint(_checkpoint_path(case), problem.space, x, case_hash=case_hash)
+    state = read_checkpoint(checkpoint_path(case), problem.space, x, case_hash=case_hash)
     if state:
         problem.set_schedules(state.get("schedules", {}))
     problem.misfit(x)  # adapt and freeze the time steps at the MAP point, as the fit did

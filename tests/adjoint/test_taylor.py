@@ -1,8 +1,9 @@
 """Taylor tests of the discrete adjoint, tangent and second-order adjoint, per parameter block.
 
-The functional is the pixel misfit J = sum_frames |B c_n - d_n|^2 / (2 sigma^2) of one particle
-on a small square mesh; the forward is replayed with the step sequence of the reference run, so
-J is a smooth function of the parameters. Rates: |J(theta + h d) - J - h g.d| = O(h^2) and,
+The functional is the production pixel misfit (:class:`femkin.misfit.PixelMisfit`)
+J = sum_frames |B c_n - d_n|^2 / (2 sigma^2) of one particle on a small square mesh; the
+forward is replayed with the step sequence of the reference run, so J is a smooth function of
+the parameters. Rates: |J(theta + h d) - J - h g.d| = O(h^2) and,
 with the full Hessian term, O(h^3).
 """
 
@@ -15,6 +16,7 @@ from femkin._fem import MPI, dolfinx
 from femkin.adjoint import Direction, ParticleDerivatives
 from femkin.driving import Driving
 from femkin.forward import ModelParameters, ParticleModel
+from femkin.misfit import PixelMisfit
 from femkin.observation import build_observation
 
 pytestmark = pytest.mark.mpi
@@ -54,13 +56,17 @@ class Problem:
         traj = self.model.solve(FRAMES, KNOTS, self.c0)
         self.schedule = list(traj.times)
         # Synthetic data: the model plus a deterministic, coordinate-seeded perturbation.
-        self.data = {}
-        for i, n in enumerate(traj.frame_steps):
-            pix = self.obs.pixels
-            noise = SIGMA * np.sin(1.7 * pix + 0.3 * i)
-            self.data[i] = self.obs.apply(traj.state(n)) + noise
+        data = np.stack(
+            [
+                self.obs.apply(traj.state(n)) + SIGMA * np.sin(1.7 * self.obs.pixels + 0.3 * i)
+                for i, n in enumerate(traj.frame_steps)
+            ]
+        )
+        self.pixel_misfit = PixelMisfit(
+            self.obs, data, np.full(data.shape, SIGMA**-2), include_first=True
+        )
         self.J0, self.traj = self.misfit(self.base())
-        self.frame_of = {n: i for i, n in enumerate(self.traj.frame_steps)}
+        self.source = self.pixel_misfit.source(self.traj)  # dJ/du_n at the reference run
         self.grad, self.lambdas = self.der.adjoint(self.traj, self.source, store=True)
 
     def base(self) -> dict:
@@ -75,39 +81,17 @@ class Problem:
         traj = model.solve(
             FRAMES, Driving(FRAMES, theta["mu_e"]), theta["initial"], schedule=self.schedule
         )
-        local = (
-            sum(
-                0.5 * np.sum((self.obs.apply(traj.state(n)) - self.data[i]) ** 2)
-                for i, n in enumerate(traj.frame_steps)
-            )
-            / SIGMA**2
-        )
-        return self.comm.allreduce(local, op=MPI.SUM), traj
-
-    def source(self, n: int, out: np.ndarray) -> None:
-        if n in self.frame_of:
-            r = self.obs.apply(self.traj.state(n)) - self.data[self.frame_of[n]]
-            self.obs.apply_transpose(r / SIGMA**2, out)
+        return self.comm.allreduce(self.pixel_misfit.cost(traj), op=MPI.SUM), traj
 
     def linear_source(self, tangents):
-        def source(n: int, out: np.ndarray) -> None:
-            if n in self.frame_of:
-                self.obs.apply_transpose(self.obs.apply(tangents[n]) / SIGMA**2, out)
-
-        return source
-
-    def per_step(self, knot_values: np.ndarray) -> np.ndarray:
-        out = np.zeros(self.traj.n_steps + 1)
-        for n, t in enumerate(self.traj.times):
-            idx, w = KNOTS.weights(t)
-            out[n] = np.dot(w, knot_values[idx])
-        return out
+        """The Gauss-Newton source of tangent states at the reference trajectory."""
+        return self.pixel_misfit.gauss_newton_source(self.traj, tangents)
 
     def direction(self, d: dict) -> Direction:
         return Direction(
             {k: d[k] for k in SCALARS if k in d},
             m=d.get("m"),
-            mu_e=self.per_step(d["mu_e"]) if "mu_e" in d else None,
+            mu_e=KNOTS.step_values(self.traj.times, d["mu_e"]) if "mu_e" in d else None,
             c0=d.get("initial"),
         )
 
@@ -115,10 +99,7 @@ class Problem:
         """<sensitivities, direction> with mu_e chained to the knots."""
         total = sum(float(np.dot(sens.scalars[k], d[k])) for k in SCALARS if k in d)
         if "mu_e" in d:
-            knot_grad = np.zeros(KNOTS.values.size)
-            for n, t in enumerate(self.traj.times[1:], start=1):
-                idx, w = KNOTS.weights(t)
-                knot_grad[idx] += w * sens.mu_e[n]
+            knot_grad = KNOTS.knot_gradient(self.traj.times, sens.mu_e)
             total += float(np.dot(knot_grad, d["mu_e"]))
         local = 0.0
         if "m" in d:

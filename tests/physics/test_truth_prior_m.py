@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from femkin._fem import MPI, dolfinx
-from femkin.commands.simulate import prior_m
+from femkin.twin import prior_m
 from femkin.prior import BiLaplacianPrior
 
 pytestmark = pytest.mark.mpi

@@ -135,7 +135,7 @@ def test_std_map_matches_the_dense_posterior(blind_case):
     below the threshold 0.1 (and stops at ``max_rank``); measured: std within 0.7% at every
     pixel, 0.2% on average.
     """
-    from femkin.commands.invert import _checkpoint_path, checkpoint_settings
+    from femkin.study import checkpoint_path, checkpoint_settings
     from femkin.inversion.checkpoint import read_checkpoint
     from femkin.inversion.fit import build_prior
     from femkin.study import build_problem, open_study
@@ -147,7 +147,7 @@ def test_std_map_matches_the_dense_posterior(blind_case):
     x = problem.initial_vector()
     prior = build_prior(problem, study.case.inversion["prior"], x)
     _, case_hash = checkpoint_settings(study, problem)
-    state = read_checkpoint(_checkpoint_path(study.case), space, x, case_hash=case_hash)
+    state = read_checkpoint(checkpoint_path(study.case), space, x, case_hash=case_hash)
     problem.set_schedules(state.get("schedules", {}))
     g = space.create_vector()
     problem.gradient(x, g)  # the linearisation point of the Hessian actions
@@ -162,8 +162,8 @@ def test_std_map_matches_the_dense_posterior(blind_case):
         prior.precision_mult(e, y)
         R[:, i] = y.getArray(readonly=True)
     C = np.linalg.inv(0.5 * (H + H.T) + 0.5 * (R + R.T))
-    m = space._fields[("m", 1)].slice
-    k0 = space._scalars[("k0", None)][1].start
+    m = space.local_slice("m", 1)
+    k0 = space.local_slice("k0").start
     var = np.diag(C)[m] + C[k0, k0] + 2.0 * C[k0, m]
     assert np.all(var > 0)
     dense = problem.field_on_pixels("m", arrays={1: np.sqrt(var)})

@@ -197,7 +197,7 @@ def test_eigenvalues_do_not_depend_on_the_partition(inverted_case):
     comm = MPI.COMM_WORLD
     lam_world = np.array(_uq_json(case)["eigenvalues"])
     if comm.rank == 0:
-        from femkin.commands.invert import _checkpoint_path, checkpoint_settings
+        from femkin.study import checkpoint_path, checkpoint_settings
         from femkin.inversion.checkpoint import read_checkpoint
         from femkin.inversion.fit import build_prior
         from femkin.study import build_problem, open_study
@@ -209,7 +209,7 @@ def test_eigenvalues_do_not_depend_on_the_partition(inverted_case):
         x = problem.initial_vector()
         prior = build_prior(problem, study.case.inversion["prior"], x)
         _, case_hash = checkpoint_settings(study, problem)
-        state = read_checkpoint(_checkpoint_path(study.case), problem.space, x, case_hash=case_hash)
+        state = read_checkpoint(checkpoint_path(study.case), problem.space, x, case_hash=case_hash)
         problem.set_schedules(state.get("schedules", {}))
         result = analyse(problem, prior, x, {**study.case.uq, "samples": 0})
         lam_self = result.eigenvalues
@@ -261,6 +261,36 @@ def test_prior_pointwise_variance_exact_and_sampled(tmp_path):
 
 
 @pytest.mark.mpi
+def test_fitted_fields_for_paraview(inverted_case):
+    """Per particle: k = k0 exp(m) and the posterior std of ln k on the mesh, c and mu at the
+    frame times, all named in the report; the std on the dofs brackets its pixel values (the
+    pixel map interpolates the dof values).
+    """
+    import h5py
+
+    case, _ = inverted_case
+    if MPI.COMM_WORLD.rank != 0:
+        return
+    out = case / "results"
+    summary = json.loads((out / "summary.json").read_text())
+    report = (out / "report.md").read_text()
+    n_frames = len(_uq_json(case)["c_t"]["t"])
+    k0 = summary["coefficients"]["k0"]
+    for label, stats in _uq_json(case)["ln_k_std"].items():
+        for name in (f"particle_{label}_fields.xdmf", f"particle_{label}_c_mu.xdmf"):
+            assert name in summary["fields"] and f"`{name}`" in report
+        with h5py.File(out / f"particle_{label}_fields.h5") as f:
+            k, m = f["Function/k/0"][...].ravel(), f["Function/m/0"][...].ravel()
+            std = f["Function/ln_k_std/0"][...].ravel()
+        np.testing.assert_allclose(k, k0 * np.exp(m), rtol=1e-12)
+        assert np.ptp(m) > 0.01  # the fitted m, not a zero field
+        assert std.min() <= stats["min"] + 1e-12 and std.max() >= stats["max"] - 1e-12
+        assert std.min() > 0
+        with h5py.File(out / f"particle_{label}_c_mu.h5") as f:
+            assert len(f["Function/c"]) == n_frames and len(f["Function/mu"]) == n_frames
+
+
+@pytest.mark.mpi
 def test_sample_runs_resumes_and_reports(inverted_case):
     """femkin sample: 2 chains (one MPI group each under mpirun -n 2), checkpointed; a longer
     second run resumes them and equals an uninterrupted run of that length."""
@@ -300,7 +330,7 @@ def test_sample_runs_resumes_and_reports(inverted_case):
     # the Laplace proposal is accepted often on this well-posed twin
     assert straight["acceptance_overall"] > 0.2
     uq = _uq_json(case)
-    for name, v in straight["coefficients"].items():
+    for v in straight["coefficients"].values():
         assert {"ess", "rhat", "laplace_std", "std_ratio"} <= set(v)
     assert set(straight["coefficients"]) == set(uq["coefficient_names"])
     data = np.genfromtxt(case / "results" / "mu_h.csv", delimiter=",", names=True)

@@ -1,0 +1,30 @@
+"""The names of the parameter blocks an inversion can learn, declared once.
+
+Used by the case schema (``[inversion] learn``, ``[verify] blocks``), the inverse problem, the
+parameter vector, checkpoints, ``summary.json`` and ``uq.json``. Each name is a glossary symbol:
+
+- ``mu_h``: Legendre coefficients a_1..a_N of mu_h(c) (kT);
+- ``j0``: Legendre coefficients b_1..b_M of ln j0(c);
+- ``k0``: the rate prefactor. **Its coordinate is ln k0**: the parameter vector, the gradient,
+  the prior (``[inversion.prior] k0_std``), Taylor directions and the posterior in ``uq.json``
+  all use ln k0, so that k0 stays positive and a step is a relative change of k0;
+  ``summary.json`` and the ``[model]`` section give k0 itself (1/s);
+- ``kappa``: gradient-energy coefficient (kT um^2);
+- ``coherency``: coherency coefficient B (kT);
+- ``m``: the log-rate field ln(k / k0) of each particle (P1);
+- ``initial``: the initial c of each particle (P1);
+- ``mu_e``: the knots of mu_e(t) of each particle (kT), when ``[driving] mode = "fitted"``.
+
+The order of :data:`BLOCKS` is the order of the blocks in the parameter vector.
+"""
+
+from __future__ import annotations
+
+#: Coefficients shared by all particles (one vector each, stored on rank 0).
+GLOBAL_BLOCKS = ("mu_h", "j0", "k0", "kappa", "coherency")
+#: P1 fields of each particle.
+PARTICLE_FIELD_BLOCKS = ("m", "initial")
+#: Scalar vectors of each particle.
+PARTICLE_SCALAR_BLOCKS = ("mu_e",)
+#: Every block, in parameter-vector order.
+BLOCKS = GLOBAL_BLOCKS + PARTICLE_FIELD_BLOCKS + PARTICLE_SCALAR_BLOCKS
