@@ -163,6 +163,15 @@ def marginal_covariance(
     z = apply_many(apply_M, None, r)
     p = [zj.copy() for zj in z]
     rz = np.array([rj.dot(zj) for rj, zj in zip(r, z, strict=True)])
+    # Where M overstates P^{-1} badly (a cut far above the threshold), the Galerkin value of
+    # the start M f is negative, below that of the zero start: restart such columns from 0.
+    start_lower = np.array([fj.dot(xj) + xj.dot(rj) for fj, xj, rj in zip(f, x, r, strict=True)])
+    for j in np.flatnonzero(start_lower <= 0.0):
+        x[j].copy(z[j])  # z_j = M f_j, the residual of the zero start preconditioned
+        z[j].copy(p[j])
+        f[j].copy(r[j])
+        x[j].set(0.0)
+        rz[j] = r[j].dot(z[j])
 
     def bracket():
         lower = _sym(gram(f, x) + gram(x, r))
