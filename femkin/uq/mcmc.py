@@ -242,9 +242,10 @@ def _autocovariance(x: np.ndarray) -> np.ndarray:
 
 
 def effective_sample_size(chains: np.ndarray) -> float:
-    """ESS of one quantity from ``(n_chains, n_draws)`` draws (Geyer's initial monotone
-    sequence on the chain-averaged autocorrelation, combined with the between-chain
-    variance as in Stan / BDA3 eq. 11.8).
+    """ESS of one quantity from ``(n_chains, n_draws)`` draws.
+
+    Geyer's initial monotone sequence on the chain-averaged autocorrelation, combined with
+    the between-chain variance as in Stan / BDA3 eq. 11.8.
 
     Returns:
         The effective sample size (``n_chains * n_draws / tau``, ``tau`` the integrated
