@@ -23,8 +23,11 @@ def _pyplot():
 
 
 def predictive_figure(out: Path, payload: dict) -> list[str]:
-    """``uq_ppc.png``: standardised residuals against N(0, 1), and the observed average c(t)
-    against the 95% posterior predictive band. Returns the names written."""
+    """``uq_ppc.png``: the predictive check's figure.
+
+    Standardised residuals against N(0, 1), and the observed average c(t) against the 95%
+    posterior predictive band. Returns the names written.
+    """
     check = payload.get("predictive_check", {})
     res = check.get("residuals")
     if not res or not res.get("n"):
@@ -73,9 +76,12 @@ def predictive_figure(out: Path, payload: dict) -> list[str]:
 
 
 def mcmc_figure(out: Path, bands: dict) -> list[str]:
-    """``mcmc_bands.png``: the 95% bands of mu_h(c) and j0(c) from the Laplace posterior and
-    from the MCMC samples. ``bands[name] = {"c", "value", "laplace": (lo, hi), "mcmc": (lo,
-    hi), "truth": optional}``. Returns the names written."""
+    """``mcmc_bands.png``: Laplace against MCMC bands.
+
+    The 95% bands of mu_h(c) and j0(c) from the Laplace posterior and from the MCMC samples;
+    ``bands[name] = {"c", "value", "laplace": (lo, hi), "mcmc": (lo, hi), "truth": optional}``.
+    Returns the names written.
+    """
     plt = _pyplot()
     names = [n for n in ("mu_h", "j0") if n in bands]
     if not names:

@@ -80,8 +80,9 @@ def save_laplace(path: Path, space, posterior: LowRankPosterior, x: PETSc.Vec) -
 
 
 def load_laplace(path: Path, space, prior) -> tuple[PETSc.Vec, LowRankPosterior]:
-    """The MAP point and the low-rank posterior saved by :func:`save_laplace` (collective;
-    works on any number of ranks).
+    """The MAP point and the low-rank posterior saved by :func:`save_laplace`.
+
+    Collective; works on any number of ranks.
     """
     comm = space.comm
     data = np.load(path) if comm.rank == 0 else None
