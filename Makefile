@@ -1,13 +1,14 @@
 # femkin: two set-up commands on a fresh machine
 #   make demo   create .venv, install femkin with DOLFINx, run cases/demo end to end
 #   make test   create .venv, install, run the test suite serially and under mpirun -n 2
+#   make lint   ruff (lint and format check) and mypy on the package (CI runs it before the tests)
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 NP ?= 2
 PYTEST_FLAGS ?= -q -ra
 
-.PHONY: demo test test-serial test-mpi env benchmarks clean
+.PHONY: demo test test-serial test-mpi lint env benchmarks clean
 env: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -20,6 +21,13 @@ demo: env
 test: env
 	$(MAKE) test-serial
 	$(MAKE) test-mpi
+
+LINT_PATHS := femkin tests benchmarks cases
+
+lint: env
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/mypy femkin
 
 test-serial:
 	$(PY) -m pytest $(PYTEST_FLAGS) tests

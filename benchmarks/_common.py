@@ -264,7 +264,7 @@ class TapedProblem:
         """The taped derivative: ({block: array}, m dual vector on V's owned dofs)."""
         g = self.rf.derivative()
         scal: dict[str, list] = {k: [] for k in self.blocks}
-        for (name, i), gi in zip(self.control_names[:-1], g[:-1]):
+        for (name, _i), gi in zip(self.control_names[:-1], g[:-1], strict=True):
             scal[name].append(float(np.asarray(gi.x.array).ravel()[0]) if gi.x.array.size else 0.0)
         n_own = self.m.function_space.dofmap.index_map.size_local
         return {k: np.array(v) for k, v in scal.items()}, g[-1].x.array[:n_own].copy()

@@ -1,12 +1,12 @@
 """Synthetic many-particle twin cases and an instrumented fit, for the inversion benchmarks.
 
-:func:`write_synthetic_case` lays out ``n_particles`` elliptical particles (sizes, aspect ratios,
-orientations and initial Li fractions drawn from a generator seeded by the particle index) on
-a grid of 0.05 um pixels and writes a twin-experiment case like ``tests/workflow_case.py``'s
-(``femkin simulate`` makes the data). :func:`timed_fit` runs ``femkin invert``'s
-:func:`~femkin.commands.invert.invert` with per-phase timers patched onto
-:class:`femkin.problem.InverseProblem` (forward runs, adjoint solves of gradients, Hessian
-actions), and returns wall and CPU times reduced over the ranks.
+:func:`~twin_case.write_synthetic_case` (``twin_case.py``, shared with the tests) lays out
+``n_particles`` elliptical particles (sizes, aspect ratios, orientations and initial Li fractions
+drawn from a generator seeded by the particle index) on a grid of 0.05 um pixels and writes the
+twin-experiment case of the workflow tests (``femkin simulate`` makes the data). :func:`timed_fit`
+runs ``femkin invert``'s :func:`~femkin.commands.invert.invert` with per-phase timers patched onto
+:class:`femkin.problem.InverseProblem` (forward runs, adjoint solves of gradients, Hessian actions),
+and returns wall and CPU times reduced over the ranks.
 
 Run as a script it is the worker the benchmark drivers start (serially or under mpirun)::
 
@@ -23,127 +23,9 @@ import resource
 import sys
 import time
 
-import numpy as np
+from twin_case import synthetic_mask, write_synthetic_case  # noqa: F401  (the workers' API)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PIXEL_SIZE = 0.05
-
-CASE_TOML = """
-[data]
-video = "data/video.npz"
-[mesh]
-size = {mesh_size}
-[model]
-kappa = 0.004
-mu_h = [2.5, 0.0]
-j0 = [0.0]
-k0 = 1.0e-3
-[solver]
-dc_max = 0.08
-[driving]
-t = [0.0, 400.0]
-mu_e = [1.0, 2.5]
-[simulate]
-noise = 0.05
-seed = 3
-m_std = 0.4
-m_length = 0.2
-mesh_size = {sim_mesh_size}
-outputs = ["npz"]
-[simulate.model]
-mu_h = [3.0, 0.3]
-j0 = [-0.4]
-k0 = 2.0e-3
-[inversion]
-learn = {learn}
-max_iterations = {max_iterations}
-checkpoint_every = 1000000
-[inversion.prior]
-m_std = 0.5
-m_length = 0.15
-"""
-
-
-def synthetic_mask(n_particles: int, pixels: float, seed: int = 11) -> tuple[np.ndarray, list]:
-    """Label image of ``n_particles`` ellipses of about ``pixels`` pixels each.
-
-    Returns (mask, per-particle (cy, cx, c_init)). Every particle's shape and initial Li
-    fraction come from ``default_rng([seed, index])``, independent of the other particles.
-    """
-    shapes = []
-    for i in range(n_particles):
-        rng = np.random.default_rng([seed, i])
-        area = pixels * rng.uniform(0.85, 1.15)
-        aspect = rng.uniform(1.1, 1.8)
-        b = np.sqrt(area / (np.pi * aspect))
-        shapes.append((aspect * b, b, rng.uniform(0, np.pi), rng.uniform(0.06, 0.2)))
-    cell = int(np.ceil(2 * max(s[0] for s in shapes))) + 4
-    n_cols = int(np.ceil(np.sqrt(n_particles)))
-    n_rows = int(np.ceil(n_particles / n_cols))
-    mask = np.zeros((n_rows * cell, n_cols * cell), dtype=np.int64)
-    ii, jj = np.mgrid[0 : mask.shape[0], 0 : mask.shape[1]]
-    placed = []
-    for i, (a, b, theta, c_init) in enumerate(shapes):
-        cy, cx = (i // n_cols + 0.5) * cell - 0.5, (i % n_cols + 0.5) * cell - 0.5
-        u = (jj - cx) * np.cos(theta) + (ii - cy) * np.sin(theta)
-        v = -(jj - cx) * np.sin(theta) + (ii - cy) * np.cos(theta)
-        mask[(u / a) ** 2 + (v / b) ** 2 <= 1.0] = i + 1
-        placed.append((cy, cx, c_init))
-    return mask, placed
-
-
-def write_synthetic_case(
-    root,
-    n_particles: int,
-    *,
-    pixels: float = 60.0,
-    n_frames: int = 5,
-    max_iterations: int = 4,
-    learn=("mu_h", "j0", "k0", "m"),
-    mesh_size: float = 1.5,
-    sim_mesh_size: float = 1.0,
-    seed: int = 11,
-) -> pathlib.Path:
-    """Write a twin case of ``n_particles`` particles into ``root`` (run ``simulate`` next).
-
-    Args:
-        root: the case directory (created).
-        n_particles: number of particles (labels 1..n).
-        pixels: mean pixel count per particle.
-        n_frames: frames over 0..400 s (frame 0 is the given initial state).
-        max_iterations: TAO iterations of the fit.
-        learn: the ``[inversion] learn`` blocks.
-        mesh_size: fitting mesh element size (pixels); ``sim_mesh_size`` for the simulation.
-        seed: seed of the particle shapes.
-
-    Returns:
-        The case directory.
-    """
-    from femkin.io.video import Video, write_video
-
-    root = pathlib.Path(root)
-    (root / "data").mkdir(parents=True, exist_ok=True)
-    mask, placed = synthetic_mask(n_particles, pixels, seed)
-    ii, jj = np.mgrid[0 : mask.shape[0], 0 : mask.shape[1]]
-    t = np.linspace(0.0, 400.0, n_frames)
-    c = np.full((n_frames,) + mask.shape, np.nan)
-    for i, (cy, cx, c_init) in enumerate(placed):
-        inside = mask == i + 1
-        c[0][inside] = c_init + 0.02 * np.cos((ii[inside] - cy) / 3.0) * np.sin(
-            (jj[inside] - cx) / 4.0
-        )
-    write_video(
-        root / "data" / "video.npz", Video(c, mask, t, PIXEL_SIZE, mu_e=np.full(n_frames, 1.0))
-    )
-    (root / "case.toml").write_text(
-        CASE_TOML.format(
-            mesh_size=mesh_size,
-            sim_mesh_size=sim_mesh_size,
-            max_iterations=max_iterations,
-            learn=json.dumps(list(learn)),
-        )
-    )
-    return root
 
 
 class PhaseTimers:
@@ -248,7 +130,6 @@ def timed_fit(case, comm=None) -> dict:
 
 
 def _main(argv: list[str]) -> int:
-    sys.path.insert(0, str(ROOT))
     import femkin._fem  # noqa: F401  (dolfinx_solver before dolfinx)
     from femkin._fem import MPI
 

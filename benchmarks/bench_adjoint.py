@@ -21,15 +21,15 @@ J = 1/2 sum_f sum_p (B c_f - d)^2 / sigma^2:
   eigensolver of the uncertainty step.
 
 Every timing is the best of ``REPEATS`` calls after one warm-up call of the same operation (JIT
-compilation excluded); ratios are given on wall clock and on process CPU time, all measured in
-the same run. Memory: peak resident set size (everything: PETSc, MUMPS, Python) of a fresh
-process that sets the problem up and runs a forward solve, or a forward solve and the gradient
-(and a Hessian action keeping the factorisations), once to compile and once measured (peak counter reset in
+compilation excluded); ratios are given on wall clock and on process CPU time, all measured in the
+same run. Memory: peak resident set size (everything: PETSc, MUMPS, Python) of a fresh process that
+sets the problem up and runs a forward solve, or a forward solve and the gradient (and a Hessian
+action keeping the factorisations), once to compile and once measured (peak counter reset in
 between); the growth over the memory held before the measured run is reported too. On the demo mesh
 the same discrete problem with an L2 misfit is taped by dolfinx-adjoint and its
 ``ReducedFunctional.derivative()`` (second call) is timed against femkin's adjoint driven by the
-same functional. If a ratio misses its target, a cProfile summary of the slow operation is
-included. Prints one JSON object on stdout.
+same functional. If a ratio misses its target, a cProfile summary of the slow operation is included.
+Prints one JSON object on stdout.
 
 Run: ``.venv/bin/python benchmarks/bench_adjoint.py``.
 """
@@ -39,17 +39,13 @@ from __future__ import annotations
 import cProfile
 import io
 import json
-import os
 import pstats
 import subprocess
 import sys
 import time
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from _common import (  # noqa: E402
+from _common import (
     TapedProblem,
     l2_data,
     l2_misfit_source,
@@ -57,8 +53,8 @@ from _common import (  # noqa: E402
     pixel_misfit,
 )
 
-from femkin._fem import MPI, dolfinx  # noqa: E402
-from femkin.adjoint import Direction, ParticleDerivatives  # noqa: E402
+from femkin._fem import MPI, dolfinx
+from femkin.adjoint import Direction, ParticleDerivatives
 
 FRAMES = [0.0, 60.0, 120.0]
 TARGETS = {"gradient_over_forward": 0.4, "gauss_newton_over_forward": 0.8}
@@ -172,7 +168,8 @@ def bench_case(size: float, *, with_dxa: bool) -> dict:
     t_seq, c_seq, seq = _timed(gn_one_by_one)
     t_bat, c_bat, bat = _timed(gn_batched)
     batch_diff = max(
-        float(np.max(np.abs(a.m - b.m)) / np.max(np.abs(a.m))) for a, b in zip(seq, bat)
+        float(np.max(np.abs(a.m - b.m)) / np.max(np.abs(a.m)))
+        for a, b in zip(seq, bat, strict=True)
     )
     # Kept factorisations (the default): the first Hessian action at a point factorises each
     # J_n in its tangent run and keeps it (timed from an empty cache every call); later
@@ -295,7 +292,7 @@ def _rss_child(size: float, what: str) -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _status_kib("VmRSS")
-    traj = run()
+    _traj = run()  # held until the peak is read, like the first run's
     peak = _status_kib("VmHWM")
     print(json.dumps({"before_MiB": before / 1024, "peak_MiB": peak / 1024}))
 
@@ -303,8 +300,8 @@ def _rss_child(size: float, what: str) -> None:
 def memory_case(size: float) -> dict:
     """Peak resident memory (whole process: PETSc, MUMPS, Python) of a forward solve, of a
     forward solve plus gradient, and of those plus a Gauss-Newton action that keeps every
-    step's factorisation, each in a fresh process; the growth is the peak over the memory held before the run (mesh, forms,
-    matrices, compiled kernels).
+    step's factorisation, each in a fresh process; the growth is the peak over the memory held
+    before the run (mesh, forms, matrices, compiled kernels).
     """
     res = {}
     for what in ("forward", "gradient", "gauss_newton_kept"):
@@ -368,10 +365,10 @@ def main() -> None:
         "dolfinx": dolfinx.__version__,
         "frames": FRAMES,
         "targets": TARGETS,
-        "note": "times: best of %d calls after one warm-up call of each operation (JIT "
+        "note": f"times: best of {REPEATS} calls after one warm-up call of each operation (JIT "
         "excluded), ratios of wall and of process CPU times from the same run; "
         "memory: peak RSS of fresh processes; full Hessian action reuses the "
-        "stored first-order adjoint states" % REPEATS,
+        "stored first-order adjoint states",
         "cases": {
             "demo": bench_case(1.0, with_dxa=True),
             "refined_4x": bench_case(0.5, with_dxa=False),

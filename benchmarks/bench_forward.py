@@ -1,13 +1,13 @@
 """Forward cost of the ACR model: time per step, DOF-steps per second, where the time goes.
 
-Cases: the demo particle (element size 1 pixel), the same particle refined ~4x in cell count
-(size 0.5) and a ~30k-DOF mesh (size 0.32; issue #2 target >= 2e5 DOF-steps/s per core). For
-each case the femkin forward (``ParticleModel.solve``, adaptive steps, its default
-``vinewtonrsls`` SNES) and, as the baseline, a plain
-``dolfinx.fem.petsc.NonlinearProblem`` loop on the same compiled-from-the-same-UFL forms over
-the same step times (plain ``newtonls``: bounds are not needed on this trajectory). PETSc's event log splits SNES time into residual assembly, Jacobian
-assembly and linear solves (LU factorisation + triangular solves). Each timed run follows a
-warm-up run (JIT compilation excluded). Prints one JSON object on stdout.
+Cases: the demo particle (element size 1 pixel), the same particle refined ~4x in cell count (size
+0.5) and a ~30k-DOF mesh (size 0.32; issue #2 target >= 2e5 DOF-steps/s per core). For each case the
+femkin forward (``ParticleModel.solve``, adaptive steps, its default ``vinewtonrsls`` SNES) and, as
+the baseline, a plain ``dolfinx.fem.petsc.NonlinearProblem`` loop on the same
+compiled-from-the-same-UFL forms over the same step times (plain ``newtonls``: bounds are not needed
+on this trajectory). PETSc's event log splits SNES time into residual assembly, Jacobian assembly
+and linear solves (LU factorisation + triangular solves). Each timed run follows a warm-up run (JIT
+compilation excluded). Prints one JSON object on stdout.
 
 Run: ``.venv/bin/python benchmarks/bench_forward.py`` (about 2-3 minutes on one idle core).
 """
@@ -15,19 +15,14 @@ Run: ``.venv/bin/python benchmarks/bench_forward.py`` (about 2-3 minutes on one 
 from __future__ import annotations
 
 import json
-import os
 import platform
-import sys
 import time
 
 import numpy as np
+from _common import make_problem
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from _common import make_problem  # noqa: E402
-
-from femkin._fem import MPI, PETSc, dolfinx, ufl  # noqa: E402
-from femkin.forward import SolverOptions  # noqa: E402
+from femkin._fem import MPI, PETSc, dolfinx, ufl
+from femkin.forward import SolverOptions
 
 # Timed window: the first two frame intervals (~10 adaptive steps), so that the whole
 # benchmark stays within a few minutes; warm-up: a 1 s window (compiles every form).

@@ -1,13 +1,13 @@
 """Paper-scale synthetic study: ~40 particles, ~180,000 observed pixel values, fitted on 2 ranks.
 
-Writes a twin case of ``--particles`` particles of ``--pixels`` pixels each over ``--frames``
-frames (defaults 40 x ~445 px x 10 observed frames after the initial one = ~177,000
-observed pixel values), simulates it under ``mpirun -n 2`` and runs the full fit (``--iterations`` TAO
-iterations at most, the default Newton-Krylov with the Gauss-Newton Hessian) under
-``.venv/bin/mpirun -n 2``. Prints one JSON object: the wall time of the fit (target: under
-30 minutes on the 2-core machine), the shares of the fit's wall time spent in forward runs,
-gradient adjoints and Hessian actions (timers patched onto ``InverseProblem`` by
-:class:`_synthetic.PhaseTimers`), solve counts, CPU times and the load average.
+Writes a twin case of ``--particles`` particles of ``--pixels`` pixels each over ``--frames`` frames
+(defaults 40 x ~445 px x 10 observed frames after the initial one = ~177,000 observed pixel values),
+simulates it under ``mpirun -n 2`` and runs the full fit (``--iterations`` TAO iterations at most,
+the default Newton-Krylov with the Gauss-Newton Hessian) under ``.venv/bin/mpirun -n 2``. Prints one
+JSON object: the wall time of the fit (target: under 30 minutes on the 2-core machine), the shares
+of the fit's wall time spent in forward runs, gradient adjoints and Hessian actions (timers patched
+onto ``InverseProblem`` by :class:`_synthetic.PhaseTimers`), solve counts, CPU times and the load
+average.
 
     .venv/bin/python benchmarks/bench_paper_scale.py                     # the full study
     .venv/bin/python benchmarks/bench_paper_scale.py --particles 4 --iterations 1  # reduced
@@ -44,9 +44,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--keep", type=pathlib.Path, help="work directory to keep")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(HERE))
-    from _synthetic import write_synthetic_case
     from bench_particles import run_worker
+    from twin_case import write_synthetic_case
 
     work = args.keep or pathlib.Path(tempfile.mkdtemp(prefix="femkin-bench-paper-"))
     case = work / "case"

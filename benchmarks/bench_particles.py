@@ -61,9 +61,7 @@ def main(argv=None) -> int:
     parser.add_argument("--iterations", type=int, default=6, help="TAO iterations of each fit")
     parser.add_argument("--keep", type=pathlib.Path, help="work directory to keep")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(HERE))
-    sys.path.insert(0, str(ROOT))
-    from _synthetic import write_synthetic_case
+    from twin_case import write_synthetic_case
 
     work = args.keep or pathlib.Path(tempfile.mkdtemp(prefix="femkin-bench-particles-"))
     base = work / "case"
@@ -97,7 +95,7 @@ def main(argv=None) -> int:
         "coefficients_max_rel_diff": max(
             abs(a - b) / max(abs(b), 1e-12)
             for k in ("mu_h", "j0")
-            for a, b in zip(two["coefficients"][k], one["coefficients"][k])
+            for a, b in zip(two["coefficients"][k], one["coefficients"][k], strict=True)
         ),
         "cpu_count": os.cpu_count(),
         "runs": {"1": one, "2": two},

@@ -1,10 +1,10 @@
 """Calibration of the Laplace posterior on the tiny twin experiment.
 
 For ``N`` realisations (``[simulate] seed = 0 .. N-1``: both the noise and the true ln k field
-change) of the twin case of ``tests/workflow_case.py``: simulate, invert (``max_iterations``
-TAO iterations), ``femkin uq`` (no forward samples), then check whether the 95% interval
-``MAP +- 1.96 std`` of each global coefficient (mu_h a_1, a_2, j0 b_1, ln k0) covers the truth.
-The issue's target: coverage between 85% and 100% over at least 20 realisations.
+change) of the twin case of the workflow tests (``twin_case.write_case``): simulate, invert
+(``max_iterations`` TAO iterations), ``femkin uq`` (no forward samples), then check whether the 95%
+interval ``MAP +- 1.96 std`` of each global coefficient (mu_h a_1, a_2, j0 b_1, ln k0) covers the
+truth. The issue's target: coverage between 85% and 100% over at least 20 realisations.
 
 Also reports whether the posterior std of ln k is smaller where the data say more, on the ratio
 ``k_std / k_prior_std`` (posterior over prior std of ln k, so that the prior's own variation,
@@ -62,8 +62,7 @@ def one(
     ``truth_m = "prior"`` draws the true m from the inversion's own BiLaplacian prior (std 0.5,
     length 0.15 um) instead of the smooth Fourier-feature field (std 0.4, length 0.2 um).
     """
-    sys.path.insert(0, str(ROOT / "tests"))
-    from workflow_case import write_case
+    from twin_case import write_case
 
     from femkin.cli import main
     from femkin.io.video import read_video, write_video
@@ -212,10 +211,10 @@ def main() -> None:
                 "coefficients": good[0]["names"],
                 "coverage": float(covered.mean()),
                 "coverage_per_coefficient": dict(
-                    zip(good[0]["names"], covered.mean(axis=0).tolist())
+                    zip(good[0]["names"], covered.mean(axis=0).tolist(), strict=True)
                 ),
                 "z_rms_per_coefficient": dict(
-                    zip(good[0]["names"], np.sqrt(np.mean(z**2, axis=0)).tolist())
+                    zip(good[0]["names"], np.sqrt(np.mean(z**2, axis=0)).tolist(), strict=True)
                 ),
                 "target": "0.85 <= coverage <= 1.0",
                 "data_effect_mean": {

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 import tempfile
 import time
 
@@ -33,8 +32,7 @@ def measure(
     from femkin.cli import main
 
     if prepare:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from workflow_case import write_case
+        from twin_case import write_case
 
         write_case(case, max_iterations=max_iterations)
         extra = f"\n[uq]\nsamples = {samples}\n"

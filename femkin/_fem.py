@@ -35,7 +35,7 @@ from petsc4py import PETSc  # noqa: E402
 
 if not _USER_THREADS:
     # Idle BLAS worker threads spin and take the core from the next factorisation.
-    from threadpoolctl import threadpool_limits  # noqa: E402
+    from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=1)
 

@@ -8,7 +8,8 @@ a new physics term gets its adjoint with no new code here. The discrete step is
 
 and with the Lagrangian L = J + sum_n lambda_n . F_n the adjoint runs backwards:
 
-    J_n^T lambda_n = -dJ/du_n - (dF_{n+1}/du_n)^T lambda_{n+1} - (lambda_{n+1} . dF_{n+1}/ds) ds/du_n,
+    J_n^T lambda_n = -dJ/du_n - (dF_{n+1}/du_n)^T lambda_{n+1}
+                     - (lambda_{n+1} . dF_{n+1}/ds) ds/du_n,
     dJ/dtheta = sum_n lambda_n . dF_n/dtheta.
 
 Each step costs one assembly of J^T and one linear solve. The tangent model solves
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -115,8 +116,8 @@ class ParticleDerivatives:
         self._scalar_vecs: dict = {}
         # Factorised Jacobians of the current trajectory, by step (see _use_step).
         self._cache: dict[int, PETSc.KSP] = {}
-        self._cache_of = None
-        self._cache_key = None
+        self._cache_of: weakref.ref[Trajectory] | None = None
+        self._cache_key: tuple | None = None
         self._cache_bytes = 0.0
         self._factor_bytes: float | None = None
         self._ksp = model.ksp
@@ -136,7 +137,7 @@ class ParticleDerivatives:
             + ufl.derivative(form, m.m, self.dm)
         )
         for name, variables in m.variables.items():
-            for var, dc in zip(variables, self.dconst[name]):
+            for var, dc in zip(variables, self.dconst[name], strict=True):
                 out += dc * _diff_form(form, var)
         return out
 
@@ -144,7 +145,7 @@ class ParticleDerivatives:
         m = self.model
         out = ufl.derivative(m.F_ufl, m.u_old, self.du_old) + ufl.derivative(m.F_ufl, m.m, self.dm)
         for name, variables in m.variables.items():
-            for var, dc in zip(variables, self.dconst[name]):
+            for var, dc in zip(variables, self.dconst[name], strict=True):
                 out += dc * _diff_form(m.F_ufl, var)
         return out
 
@@ -366,7 +367,7 @@ class ParticleDerivatives:
         ]
 
     # -- helpers shared by the recursions -----------------------------------------------------
-    def _new_sensitivities(self, N: int):
+    def _new_sensitivities(self, N: int) -> tuple[dict[str, np.ndarray], Any, np.ndarray]:
         """Zeroed accumulators: (scalars dict, m dual vector or None, mu_e array)."""
         scal = {name: np.zeros(len(v)) for name, v in self.model.variables.items()}
         g_m = None
@@ -381,7 +382,7 @@ class ParticleDerivatives:
         """Add one step's local scalar sensitivities (in the order of ``keys``): mu_e per step,
         cbar not at all (it enters the recursion instead). Returns the global cbar component.
         """
-        for (name, i), v in zip(keys, values):
+        for (name, i), v in zip(keys, values, strict=True):
             if name == "mu_e":
                 mu_e_sens[n] += v
             elif name != "cbar":
@@ -466,7 +467,7 @@ class ParticleDerivatives:
         )
         dFl_dm = self._form("dFl_dm", lambda: ufl.derivative(self.F_lam, model.m, self.v_test))
         acc = [self._new_sensitivities(N) for _ in range(K)]
-        lambdas = [[None] * (N + 1) if store else None for _ in range(K)]
+        lambdas: list[Any] = [[None] * (N + 1) if store else None for _ in range(K)]
         # carry[k]: (dF_{n+1}/du_n)^T lambda_{n+1}, local with ghosts (before the reverse
         # scatter), assembled right after lambda_{n+1} is solved for; s_next[k] its cbar part.
         carry = [np.zeros(len(self.lam.x.array)) for _ in range(K)]
@@ -528,7 +529,7 @@ class ParticleDerivatives:
         for n in range(1, N + 1):
             self.set_step(traj, n)
             self._use_step(n, keep=True)
-            for d, out in zip(directions, outs):
+            for d, out in zip(directions, outs, strict=True):
                 if len(directions) > 1:
                     self._set_direction(d)
                 self.du_old.x.array[:] = out[n - 1]

@@ -35,8 +35,9 @@ class Key(NamedTuple):
 
     Attributes:
         type: ``"str"``, ``"float"``, ``"int"``, ``"bool"``, ``"list[float]"``, ``"list[int]"``,
-            ``"list[str]"`` or ``"table"`` (str -> str/int/float/bool); a trailing ``"?"`` means
-            the key may be absent with default None.
+            ``"list[str]"``, ``"table"`` (str -> str/int/float/bool) or ``"files"`` (a table
+            label -> path, or a path pattern with ``{label}``); a trailing ``"?"`` means the key
+            may be absent with default None.
         default: The value when absent (:data:`REQUIRED` if it must be given).
         check: Optional validity check of the converted value.
         doc: Meaning and unit.
@@ -113,6 +114,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "smoothing": Key("float", 0.5, NON_NEGATIVE, "contour smoothing length, pixels"),
         "simplify": Key("float", 0.25, NON_NEGATIVE, "polygon simplification tolerance, pixels"),
         "min_hole_area": Key("float", 4.0, NON_NEGATIVE, "smaller holes are filled, pixels^2"),
+        "files": Key("files?", None, None, "own meshes: {label = path} or a path with {label}"),
+        "file_unit": Key("str", "um", _one_of("um", "pixel"), "unit of the files' coordinates"),
+        "footprint_tolerance": Key("float", 0.1, OPEN_UNIT, "relative mismatch allowed"),
     },
     "model": {
         "kappa": Key("float", 0.02, NON_NEGATIVE, "gradient energy coefficient, kT um^2"),
@@ -313,7 +317,13 @@ def load_case(path: str | os.PathLike) -> Case:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise CaseError(file, None, "a valid TOML file", f"{type(err).__name__}: {err}") from err
     sections = parse_sections(raw, file)
-    return Case(dir=file.parent.resolve(), file=file.resolve(), **sections)
+    case = Case(dir=file.parent.resolve(), file=file.resolve(), **sections)
+    files = case.mesh["files"]
+    if isinstance(files, str):
+        case.mesh["files"] = str(case.resolve(files))
+    elif files is not None:
+        case.mesh["files"] = {lb: str(case.resolve(p)) for lb, p in files.items()}
+    return case
 
 
 def parse_sections(raw: dict[str, Any], file: str | os.PathLike) -> dict[str, Any]:
@@ -367,6 +377,8 @@ def _convert(value: Any, spec: Key, file, name: str) -> Any:
         if not isinstance(value, list):
             raise CaseError(file, name, f"an array of {base[5:-1]}", _toml_type(value))
         value = [_scalar(v, base[5:-1], file, f"{name}[{i}]") for i, v in enumerate(value)]
+    elif base == "files":
+        value = _mesh_files(value, file, name)
     elif base == "table":
         if not isinstance(value, dict):
             raise CaseError(file, name, "a table", _toml_type(value))
@@ -379,6 +391,26 @@ def _convert(value: Any, spec: Key, file, name: str) -> Any:
     if spec.check is not None and (expected := spec.check(value)) is not None:
         raise CaseError(file, name, expected, repr(value))
     return value
+
+
+def _mesh_files(value: Any, file, name: str) -> dict[int, str] | str:
+    """``[mesh] files``: a table label -> path, or one path with ``{label}`` in it."""
+    if isinstance(value, str):
+        if "{label}" not in value or value.replace("{label}", "").count("{"):
+            raise CaseError(file, name, "a path pattern with '{label}'", repr(value))
+        return value
+    if not isinstance(value, dict) or not value:
+        raise CaseError(
+            file, name, "a table {label = path} or a path with '{label}'", _toml_type(value)
+        )
+    out: dict[int, str] = {}
+    for k, v in value.items():
+        if not k.isdigit() or int(k) < 1:
+            raise CaseError(file, f"{name}.{k}", "a particle label (an integer >= 1)", repr(k))
+        if not isinstance(v, str):
+            raise CaseError(file, f"{name}.{k}", "a path", _toml_type(v))
+        out[int(k)] = v
+    return out
 
 
 def _scalar(value: Any, kind: str, file, name: str) -> Any:

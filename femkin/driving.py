@@ -38,6 +38,7 @@ class Driving:
         return np.array([i, i + 1]), np.array([1.0 - s, s])
 
     def __call__(self, t: float) -> float:
+        """mu_e(t) (dimensionless overpotential of the electrolyte) at time ``t`` (s)."""
         idx, w = self.weights(t)
         return float(np.dot(w, self.values[idx]))
 

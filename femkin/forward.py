@@ -76,7 +76,8 @@ class ModelParameters:
 @dataclasses.dataclass
 class SolverOptions:
     """Time stepping and Newton settings (the case file's ``[solver]`` section, read by
-    :func:`femkin.study.solver_options`)."""
+    :func:`femkin.study.solver_options`).
+    """
 
     dt_initial: float | None = None
     dt_min: float = 1e-6
@@ -113,6 +114,7 @@ class Trajectory:
         )
 
     def append(self, t: float, mu_e: float, cbar: float, state: np.ndarray) -> None:
+        """Record time ``t`` (s): mu_e, mean Li fraction and the state (owned + ghost values)."""
         self.times.append(float(t))
         self.mu_e.append(float(mu_e))
         self.cbar.append(float(cbar))
@@ -130,9 +132,11 @@ class Trajectory:
 
     @property
     def n_steps(self) -> int:
+        """The number of time steps (stored states minus the initial one)."""
         return len(self.times) - 1
 
     def dt(self, n: int) -> float:
+        """The length (s) of step ``n`` (from state n-1 to n)."""
         return self.times[n] - self.times[n - 1]
 
 
@@ -247,7 +251,7 @@ class ParticleModel:
             )
         self.parameters = dataclasses.replace(parameters)
         for name, values in parameters.block_values().items():
-            for c, v in zip(self.constants[name], values):
+            for c, v in zip(self.constants[name], values, strict=True):
                 c.value = v
         self.p.value, self.q.value = parameters.j0_prefactor
         self.alpha.value = parameters.alpha
@@ -354,7 +358,7 @@ class ParticleModel:
     # -- time stepping ----------------------------------------------------------------------
     def solve(
         self,
-        frame_times: Sequence[float],
+        frame_times: Sequence[float] | np.ndarray,
         driving: Callable[[float], float],
         c0: np.ndarray,
         *,
@@ -380,7 +384,7 @@ class ParticleModel:
             ConvergenceError: Newton failed with the step at its floor.
         """
         o = self.solver_options
-        frame_times = np.asarray(frame_times, dtype=float)
+        frame_times = [float(t) for t in frame_times]
         traj = Trajectory(storage or o.storage)
         self.u.x.array[:] = 0.0
         nV = len(self.c_dofs)

@@ -28,7 +28,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from femkin.errors import InputError
+from femkin.errors import InputError, raise_on_every_rank
+from femkin.io.atomic import atomic_write
+from femkin.mesh_import import particle_mesh_file, read_particle_mesh
 
 #: Bump when the polygon or gmsh recipe changes: invalidates every cached mesh.
 MESH_VERSION = 1
@@ -118,11 +120,11 @@ def particle_polygons(
     rings.sort(key=lambda r: -abs(_signed_area(r)))
     rings = [_oriented(r, ccw=(k == 0)) for k, r in enumerate(rings)]
     smoothed = [_smoothed(r, smoothing) for r in rings]
-    keep = [0] + [k for k in range(1, len(rings)) if abs(_signed_area(smoothed[k])) > 0.25]
-    out = _simplified([smoothed[k] for k in keep], simplify)
+    kept = [0] + [k for k in range(1, len(rings)) if abs(_signed_area(smoothed[k])) > 0.25]
+    out = _simplified([smoothed[k] for k in kept], simplify)
     # Smoothing and chords of convex stretches shrink a ring; an offset along the vertex normals
     # restores the area enclosed by the level set (which matches the pixel count).
-    corrected = [_area_restored(r, _signed_area(rings[k])) for r, k in zip(out, keep, strict=True)]
+    corrected = [_area_restored(r, _signed_area(rings[k])) for r, k in zip(out, kept, strict=True)]
     if not _intersecting(corrected):
         out = corrected
     return [r * pixel_size for r in out]
@@ -255,6 +257,9 @@ def mesh_particle(
     min_hole_area: float = 4.0,
     cache_dir: str | os.PathLike | None = None,
     source: str = "mask",
+    files: dict[int, str] | str | None = None,
+    file_unit: str = "um",
+    footprint_tolerance: float = 0.1,
 ) -> ParticleMesh:
     """Mesh one particle of a label mask with triangles on ``comm``.
 
@@ -264,15 +269,30 @@ def mesh_particle(
         pixel_size: Pixel size in micrometres.
         comm: MPI communicator of the mesh.
         size: Target element size, pixels.
-        smoothing, simplify, min_hole_area: See :func:`particle_polygons`.
+        smoothing: Boundary smoothing, see :func:`particle_polygons`.
+        simplify: Boundary simplification tolerance, see :func:`particle_polygons`.
+        min_hole_area: Smallest hole kept, see :func:`particle_polygons`.
         cache_dir: Folder of cached ``.msh`` files (reused when present), or None.
         source: Named in error messages.
+        files: The particles' own meshes (``[mesh] files``: label -> path, or a path pattern
+            with ``{label}``); when given, the particle's file is read and checked against its
+            pixels instead of meshing the mask (:mod:`femkin.mesh_import`).
+        file_unit: Unit of those files' coordinates, ``"um"`` or ``"pixel"``.
+        footprint_tolerance: Relative area and containment mismatch allowed for those files.
 
     Raises:
         InputError: an empty label, a non-positive size, or a particle gmsh cannot mesh
             (raised on every rank).
     """
     _indicator(mask, label, source)  # every rank validates before any collective call
+    if files is not None:
+        path = particle_mesh_file(files, label, source)
+        mesh = read_particle_mesh(
+            path, mask, label, pixel_size, comm, unit=file_unit, tolerance=footprint_tolerance
+        )
+        return ParticleMesh(
+            mesh, int(label), float(pixel_size), comm.allreduce(_local_area(mesh)), path
+        )
     if not (np.isfinite(size) and size > 0):
         raise InputError(source, "mesh.size", "a positive element size in pixels", size)
     if not (np.isfinite(pixel_size) and pixel_size > 0):
@@ -290,22 +310,21 @@ def mesh_particle(
             else:
                 rings = particle_polygons(mask, label, pixel_size, **options, source=source)
                 scratch = Path(tempfile.mkdtemp(prefix="femkin-mesh-"))
-                msh = scratch / "particle.msh"
-                _gmsh_write(rings, int(label), size * pixel_size, msh)
+                built = scratch / "particle.msh"
+                _gmsh_write(rings, int(label), size * pixel_size, built)
+                msh = built
                 if target is not None:
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = target.with_suffix(f".tmp{os.getpid()}")
-                    shutil.copyfile(msh, tmp)
-                    os.replace(tmp, target)
+                    atomic_write(target, lambda tmp: shutil.copyfile(built, tmp))
                     msh = target
         except InputError as err:
-            error = (err.file, err.field, err.expected, err.found)
+            error = err
         except Exception as err:  # gmsh raises plain Exceptions
-            error = (source, "mask", f"a particle {label} that gmsh can mesh", f"gmsh: {err}")
-    error = comm.bcast(error, root=0)
+            error = InputError(
+                source, "mask", f"a particle {label} that gmsh can mesh", f"gmsh: {err}"
+            )
     try:
-        if error is not None:
-            raise InputError(*error)
+        raise_on_every_rank(comm, error)
         mesh = read_msh(msh, comm)
     finally:
         if scratch is not None:
@@ -340,10 +359,10 @@ def read_msh(path: str | os.PathLike | None, comm) -> Any:
                 raise ValueError("no physical surface group")
         except Exception as err:
             _gmsh_stop()
-            error = (str(path), None, "a readable 2-D gmsh mesh", f"{type(err).__name__}: {err}")
-    error = comm.bcast(error, root=0)
-    if error is not None:
-        raise InputError(*error)
+            error = InputError(
+                path, None, "a readable 2-D gmsh mesh", f"{type(err).__name__}: {err}"
+            )
+    raise_on_every_rank(comm, error)
     if comm.rank == 0:
         import gmsh
 
@@ -449,7 +468,9 @@ def plot_mesh(particle_mesh: ParticleMesh, mask: np.ndarray, path: str | os.Path
         extent=(0, cols * ps, rows * ps, 0),
         interpolation="nearest",
     )
-    ax.add_collection(PolyCollection(tri, facecolors="none", edgecolors="tab:blue", linewidths=0.4))
+    ax.add_collection(
+        PolyCollection(list(tri), facecolors="none", edgecolors="tab:blue", linewidths=0.4)
+    )
     lo, hi = tri.reshape(-1, 2).min(axis=0), tri.reshape(-1, 2).max(axis=0)
     pad = 2 * ps
     ax.set_xlim(lo[0] - pad, hi[0] + pad)

@@ -92,8 +92,10 @@ class PixelMisfit:
         return total
 
     def standardised_residuals(self, traj) -> np.ndarray:
-        """``(B u_n - d_f) / sigma`` at this rank's observed pixels of the frames that count
-        (one flat array; the posterior predictive check compares it with N(0, 1))."""
+        """``(B u_n - d_f) / sigma`` at this rank's observed pixels of the frames that count.
+
+        One flat array; the posterior predictive check compares it with N(0, 1).
+        """
         out = []
         for n, f in self.frames(traj).items():
             seen = self.weight[f] > 0

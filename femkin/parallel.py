@@ -43,13 +43,13 @@ def assign_groups(weights: Sequence[float], n_groups: int) -> list[int]:
 
     Returns the group of each item. Ties are broken by index, so the result is deterministic.
     """
-    weights = np.asarray(weights, dtype=float)
+    w = np.asarray(weights, dtype=float)
     load = np.zeros(n_groups)
     owner = [0] * len(weights)
-    for i in sorted(range(len(weights)), key=lambda i: (-weights[i], i)):
+    for i in sorted(range(len(w)), key=lambda i: (-w[i], i)):
         g = int(np.argmin(load))
         owner[i] = g
-        load[g] += weights[i]
+        load[g] += w[i]
     return owner
 
 

@@ -28,8 +28,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from femkin._fem import MPI, PETSc, dolfinx, ufl
-from femkin.errors import InputError
+from femkin._fem import MPI, PETSc
+from femkin.errors import InputError, raise_on_every_rank
+from femkin.petsc_tools import mass_matrix, mass_solver, shell_mat, solved
 
 #: Coordinates are rounded to this resolution (um) to identify dofs across partitions.
 COORDINATE_RESOLUTION = 1e-9
@@ -77,7 +78,7 @@ BlockKey = tuple[str, "int | None"]
 
 
 def block_key_str(name: str, label: int | None) -> str:
-    """The string key of a block in global dictionaries and checkpoints: ``name`` or ``name/label``."""
+    """The key of a block in global dictionaries and checkpoints: ``name`` or ``name/label``."""
     return name if label is None else f"{name}/{label}"
 
 
@@ -136,14 +137,8 @@ class _FieldData:
         self.n_global = index_map.size_global
         self.slice = slice(start, start + self.n_local)
         self.coordinates = V.tabulate_dof_coordinates()[: self.n_local]
-        u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
-        self.mass = dolfinx.fem.petsc.assemble_matrix(dolfinx.fem.form(u * v * ufl.dx))
-        self.mass.assemble()
-        self.mass_solver = PETSc.KSP().create(self.comm)
-        self.mass_solver.setOperators(self.mass)
-        self.mass_solver.setType("cg")
-        self.mass_solver.getPC().setType("jacobi")
-        self.mass_solver.setTolerances(rtol=1e-14, atol=1e-300, max_it=1000)
+        self.mass = mass_matrix(V)
+        self.mass_solver = mass_solver(self.mass)
         self.work_in, self.work_out = self.mass.createVecs()
 
     def wrap(self, array: np.ndarray) -> PETSc.Vec:
@@ -190,7 +185,11 @@ class ParameterSpace:
         if len(set(keys)) != len(keys):
             dup = sorted({block_key_str(*k) for k in keys if keys.count(k) > 1})
             raise InputError("<parameters>", "blocks", "unique block keys", f"duplicates {dup}")
-        for b in (*self.scalar_blocks, *self.particle_scalar_blocks):
+        sized: list[ScalarBlock | ParticleScalarBlock] = [
+            *self.scalar_blocks,
+            *self.particle_scalar_blocks,
+        ]
+        for b in sized:
             if b.size < 0:
                 raise InputError("<parameters>", b.name, "a size >= 0", b.size)
         for b in self.particle_scalar_blocks:
@@ -206,7 +205,7 @@ class ParameterSpace:
                 offset += b.size
             else:
                 self._scalars[(b.name, None)] = (0, None)
-        self._fields: dict[BlockKey, _FieldData | None] = {}
+        self._fields: dict[tuple[str, int], _FieldData | None] = {}
         for fb in self.field_blocks:
             if fb.V is not None:
                 data = _FieldData(fb.V, offset)
@@ -222,7 +221,7 @@ class ParameterSpace:
                 self._scalars[(pb.name, pb.label)] = (pb.root, None)
         self.local_size = offset
         self.global_size = comm.allreduce(offset)
-        self._sizes = {(b.name, None): b.size for b in self.scalar_blocks}
+        self._sizes: dict[BlockKey, int] = {(b.name, None): b.size for b in self.scalar_blocks}
         self._sizes.update({(b.name, b.label): b.size for b in self.particle_scalar_blocks})
 
     # -- vectors ------------------------------------------------------------------------------
@@ -242,7 +241,7 @@ class ParameterSpace:
         return tuple(self._scalars)
 
     @property
-    def field_keys(self) -> tuple[BlockKey, ...]:
+    def field_keys(self) -> tuple[tuple[str, int], ...]:
         """Keys ``(name, label)`` of the field blocks in storage order (every rank)."""
         return tuple(self._fields)
 
@@ -253,7 +252,7 @@ class ParameterSpace:
 
     def local_slice(self, name: str, label: int | None = None) -> slice | None:
         """Where a block's entries lie in this rank's local array; None where not stored here."""
-        if (name, label) in self._fields:
+        if label is not None and (name, label) in self._fields:
             data = self._fields[(name, label)]
             return None if data is None else data.slice
         return self._scalar(name, label)[1]
@@ -278,6 +277,14 @@ class ParameterSpace:
         """The function space of a field block (``None`` on ranks that do not hold it)."""
         data = self._field(name, label)
         return None if data is None else data.V
+
+    def _held_field(self, name: str, label: int) -> _FieldData:
+        data = self._field(name, label)
+        if data is None:
+            raise ValueError(
+                f"rank {self.comm.rank} does not hold field {block_key_str(name, label)!r}"
+            )
+        return data
 
     def _field(self, name: str, label: int) -> _FieldData | None:
         try:
@@ -327,11 +334,7 @@ class ParameterSpace:
 
         Use ``readonly=True`` for vectors that PETSc has locked (TAO's iterate in callbacks).
         """
-        data = self._field(name, label)
-        if data is None:
-            raise ValueError(
-                f"rank {self.comm.rank} does not hold field {block_key_str(name, label)!r}"
-            )
+        data = self._held_field(name, label)
         return x.getArray(readonly=readonly)[data.slice]
 
     def field_vec(self, x: PETSc.Vec, name: str, label: int, readonly: bool = False) -> PETSc.Vec:
@@ -341,37 +344,36 @@ class ParameterSpace:
         copy (works on locked vectors).
         """
         view = self.field_view(x, name, label, readonly=readonly)
-        return self._field(name, label).wrap(view.copy() if readonly else view)
+        return self._held_field(name, label).wrap(view.copy() if readonly else view)
 
     def to_function(self, x: PETSc.Vec, name: str, label: int, f) -> None:
         """Copy a field block into ``f`` and update its ghosts (collective on the sub-comm)."""
-        data = self._field(name, label)
+        data = self._held_field(name, label)
         f.x.array[: data.n_local] = x.getArray(readonly=True)[data.slice]
         f.x.scatter_forward()
 
     def from_function(self, x: PETSc.Vec, name: str, label: int, f) -> None:
         """Copy the owned values of ``f`` into a field block of ``x``."""
-        data = self._field(name, label)
+        data = self._held_field(name, label)
         x.getArray()[data.slice] = f.x.array[: data.n_local]
 
     def add_from_function(self, x: PETSc.Vec, name: str, label: int, f) -> None:
         """Add the owned values of ``f`` to a field block (ghost contributions of a dual vector
         must already be accumulated, e.g. by ``scatter_reverse``).
         """
-        data = self._field(name, label)
+        data = self._held_field(name, label)
         x.getArray()[data.slice] += f.x.array[: data.n_local]
 
     # -- inner product ------------------------------------------------------------------------
     def _apply_blockwise(self, x: PETSc.Vec, y: PETSc.Vec, inverse: bool) -> None:
         y.getArray()[:] = x.getArray(readonly=True)
-        for (name, label), data in self._fields.items():
+        for (_name, _label), data in self._fields.items():
             if data is None:
                 continue
             xa = x.getArray(readonly=True)[data.slice]
             data.work_in.getArray()[:] = xa
             if inverse:
-                data.mass_solver.solve(data.work_in, data.work_out)
-                if data.mass_solver.getConvergedReason() <= 0:
+                if not solved(data.mass_solver, data.work_in, data.work_out):
                     if not np.all(np.isfinite(xa)):  # let the caller see the NaN
                         data.work_out.set(np.nan)
                         y.getArray()[data.slice] = np.nan
@@ -392,23 +394,14 @@ class ParameterSpace:
         """``y = R^{-1} x`` (dual -> primal); Jacobi-preconditioned CG, rtol 1e-14, on fields."""
         self._apply_blockwise(x, y, inverse=True)
 
-    def _shell(self, mult) -> PETSc.Mat:
-        class _Ctx:
-            def mult(self, mat, x, y):
-                mult(x, y)
-
-        sizes = (self.local_size, self.global_size)
-        A = PETSc.Mat().createPython((sizes, sizes), context=_Ctx(), comm=self.comm)
-        A.setUp()
-        return A
-
     def riesz(self) -> PETSc.Mat:
         """The Riesz map as a shell Mat (symmetric positive definite)."""
-        return self._shell(self.riesz_mult)
+        return shell_mat((self.local_size, self.global_size), self.comm, apply=self.riesz_mult)
 
     def riesz_inverse(self) -> PETSc.Mat:
         """The inverse Riesz map as a shell Mat."""
-        return self._shell(self.riesz_inverse_mult)
+        sizes = (self.local_size, self.global_size)
+        return shell_mat(sizes, self.comm, apply=self.riesz_inverse_mult)
 
     def inner(self, x: PETSc.Vec, y: PETSc.Vec) -> float:
         """The parameter inner product ``x^T R y`` (collective)."""
@@ -462,9 +455,9 @@ class ParameterSpace:
         for fb in self.field_blocks:
             data = self._fields[(fb.name, fb.label)]
             local = None if data is None else (data.coordinates.copy(), a[data.slice].copy())
-            parts = self.comm.gather(local, root=0)
-            if self.comm.rank == 0:
-                parts = [p for p in parts if p is not None]
+            gathered = self.comm.gather(local, root=0)
+            if gathered is not None:  # rank 0
+                parts = [p for p in gathered if p is not None]
                 coords = np.concatenate([p[0] for p in parts])
                 values = np.concatenate([p[1] for p in parts])
                 ic = rounded_coordinates(coords)
@@ -490,26 +483,25 @@ class ParameterSpace:
                 is not found (on every rank together).
         """
         error = None
-        if self.comm.rank == 0:
-            error = self._check_global_dict(d, source)
-        error = self.comm.bcast(error, root=0)
-        if error is not None:
-            raise InputError(source, error[0], error[1], error[2])
+        if self.comm.rank == 0 and (found := self._check_global_dict(d, source)) is not None:
+            error = InputError(source, *found)
+        raise_on_every_rank(self.comm, error)
+        given = d if d is not None else {}  # only rank 0's d is read (checked above)
         a = x.getArray()
         for b in self.scalar_blocks:
             sl = self._scalars[(b.name, None)][1]
             if sl is not None:
-                a[sl] = d[b.name]
+                a[sl] = given[b.name]
         for pb in self.particle_scalar_blocks:
             key = block_key_str(pb.name, pb.label)
-            values = self.comm.bcast(d[key] if self.comm.rank == 0 else None, root=0)
+            values = self.comm.bcast(given[key] if self.comm.rank == 0 else None, root=0)
             sl = self._scalars[(pb.name, pb.label)][1]
             if sl is not None:
                 a[sl] = values
         missing = False
         for fb in self.field_blocks:
             key = block_key_str(fb.name, fb.label)
-            payload = (d[key + "/coordinates"], d[key]) if self.comm.rank == 0 else None
+            payload = (given[key + "/coordinates"], given[key]) if self.comm.rank == 0 else None
             coords, values = self.comm.bcast(payload, root=0)
             data = self._fields[(fb.name, fb.label)]
             if data is None:
@@ -533,7 +525,11 @@ class ParameterSpace:
     def _check_global_dict(self, d, source) -> tuple[str, str, object] | None:
         if d is None:
             return ("blocks", "a dictionary of blocks", None)
-        for b in (*self.scalar_blocks, *self.particle_scalar_blocks):
+        sized: list[ScalarBlock | ParticleScalarBlock] = [
+            *self.scalar_blocks,
+            *self.particle_scalar_blocks,
+        ]
+        for b in sized:
             key = block_key_str(b.name, getattr(b, "label", None))
             if key not in d:
                 return (key, "a stored block", "nothing")

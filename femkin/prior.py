@@ -22,6 +22,7 @@ import numpy as np
 from femkin._fem import PETSc, dolfinx, ufl
 from femkin.errors import InputError
 from femkin.parameters import ParameterSpace, block_key_str, hashed_normal, rounded_coordinates
+from femkin.petsc_tools import mass_matrix, mass_solver, solved
 
 #: hIPPYlib's Robin coefficient divisor (Roininen et al. 2014), reduces boundary inflation.
 ROBIN_BETA = 1.42
@@ -80,8 +81,7 @@ class BiLaplacianPrior:
             a += self.gamma * np.sqrt(self.delta / self.gamma) / ROBIN_BETA * u * v * ufl.ds
         self.A = dolfinx.fem.petsc.assemble_matrix(dolfinx.fem.form(a))
         self.A.assemble()
-        self.M = dolfinx.fem.petsc.assemble_matrix(dolfinx.fem.form(u * v * ufl.dx))
-        self.M.assemble()
+        self.M = mass_matrix(V)
         self.n_local = V.dofmap.index_map.size_local
         self.n_global = V.dofmap.index_map.size_global
         self.Asolver = PETSc.KSP().create(self.comm)
@@ -91,11 +91,7 @@ class BiLaplacianPrior:
         self.Asolver.getPC().setType("lu")
         self.Asolver.getPC().setFactorSolverType("mumps")
         self.Asolver.setFromOptions()
-        self.Msolver = PETSc.KSP().create(self.comm)
-        self.Msolver.setOperators(self.M)
-        self.Msolver.setType("cg")
-        self.Msolver.getPC().setType("jacobi")
-        self.Msolver.setTolerances(rtol=1e-14, atol=1e-300, max_it=1000)
+        self.Msolver = mass_solver(self.M)
         ones, self.sqrt_ML = self.M.createVecs()
         ones.set(1.0)
         self.M.mult(ones, self.sqrt_ML)
@@ -108,8 +104,7 @@ class BiLaplacianPrior:
         self._w1, self._w2 = self.M.createVecs()
 
     def _solve(self, ksp: PETSc.KSP, b: PETSc.Vec, x: PETSc.Vec) -> None:
-        ksp.solve(b, x)
-        if ksp.getConvergedReason() <= 0:
+        if not solved(ksp, b, x):
             raise RuntimeError(f"prior solve failed: reason {ksp.getConvergedReason()}")
 
     def create_vector(self) -> PETSc.Vec:
@@ -225,21 +220,27 @@ class GaussianScalarPrior:
 
     @property
     def size(self) -> int:
+        """The number of coefficients."""
         return self.mean.size
 
     def cost(self, x: np.ndarray) -> float:
+        """``0.5 * sum(((x - mean) / std)^2)``."""
         return 0.5 * float(np.sum(((x - self.mean) / self.std) ** 2))
 
     def gradient(self, x: np.ndarray) -> np.ndarray:
+        """``(x - mean) / std^2``."""
         return (x - self.mean) / self.std**2
 
     def precision_mult(self, v: np.ndarray) -> np.ndarray:
+        """``v / std^2``."""
         return v / self.std**2
 
     def covariance_mult(self, r: np.ndarray) -> np.ndarray:
+        """``r * std^2``."""
         return r * self.std**2
 
     def sample(self, white: np.ndarray) -> np.ndarray:
+        """A prior sample from standard-normal ``white``: ``mean + std * white``."""
         return self.mean + self.std * white
 
 

@@ -23,7 +23,7 @@ from femkin.adjoint import Direction, ParticleDerivatives, Sensitivities
 from femkin.blocks import BLOCKS, GLOBAL_BLOCKS, PARTICLE_FIELD_BLOCKS
 from femkin.driving import Driving
 from femkin.errors import ConvergenceError, InputError
-from femkin.forward import ModelParameters, ParticleModel, SolverOptions
+from femkin.forward import ModelParameters, ParticleModel, SolverOptions, Trajectory
 from femkin.io.video import Video
 from femkin.misfit import PixelMisfit
 from femkin.observation import Observation, build_observation
@@ -62,9 +62,20 @@ class Particle:
         self.c0_data = initial_state(
             self.model.V, video.c[0], video.mask == label, ps, initial_smoothing
         )
-        self.trajectory = None
-        self.lambdas = None
-        self.schedule = None
+        self._trajectory: Trajectory | None = None
+        self.lambdas: list | None = None
+        self.schedule: list[float] | None = None
+
+    @property
+    def trajectory(self) -> Trajectory:
+        """The forward trajectory at the current point (set by the last forward solve)."""
+        if self._trajectory is None:
+            raise RuntimeError(f"particle {self.label}: no forward solve at this point yet")
+        return self._trajectory
+
+    @trajectory.setter
+    def trajectory(self, traj: Trajectory | None) -> None:
+        self._trajectory = traj
 
 
 class InverseProblem:
@@ -302,6 +313,8 @@ class InverseProblem:
                     for k, (s_k, _) in enumerate(results, start=first):
                         sens[k][label] = s_k
             else:
+                if p.lambdas is None:
+                    raise RuntimeError("a full Hessian action needs the gradient at x first")
                 for k, d in enumerate(dirs):
                     tang = p.derivs.tangent(p.trajectory, d)
                     sens[k][label] = p.derivs.second_order(
@@ -311,8 +324,8 @@ class InverseProblem:
                         tang,
                         p.misfit.gauss_newton_source(p.trajectory, tang),
                     )
-        for s_k, out in zip(sens, outs):
-            self._pack(s_k, out)
+        for sens_k, out in zip(sens, outs, strict=True):
+            self._pack(sens_k, out)
         self.counters["hessian"] += len(vs)
 
     def _pack(self, sens: dict[int, Sensitivities], g: PETSc.Vec) -> None:

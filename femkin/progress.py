@@ -4,7 +4,7 @@
 line (the forward simulation over frames, the Hessian actions of the UQ eigensolver, posterior
 forward samples) report through :class:`Progress`:
 
-- on a terminal (``stream.isatty()``) one line redrawn in place with ``\\r``
+- on a terminal (``stream.isatty()``) one line redrawn in place (carriage return)
   (``label [#####-----] 12/40  30%  elapsed 4.1 s  ETA 9.6 s``), at most every
   ``min_interval`` seconds, finished by a newline;
 - elsewhere (batch logs on a cluster) one plain line each time another tenth of the total is
@@ -108,7 +108,7 @@ class Progress:
         return self.elapsed() / self.count * left
 
     def line(self, *, bar: bool = False) -> str:
-        """The progress text for the current count (without ``\\r`` or newline)."""
+        """The progress text for the current count (without a carriage return or newline)."""
         parts = [self.label]
         if self.total:
             frac = min(self.count / self.total, 1.0)

@@ -14,7 +14,7 @@ The verbs call this module after the numerics are done:
   times);
 - :func:`write_trajectory` and :func:`plot_frames` (``femkin simulate``).
 
-File writes on rank 0 are atomic (:func:`femkin.inversion.results.atomic_write`); the field
+File writes on rank 0 are atomic (:func:`femkin.io.atomic.atomic_write`); the field
 files are written collectively by each particle's sub-communicator.
 """
 
@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from femkin.inversion.results import atomic_write, write_csv, write_json
+from femkin.inversion.results import write_csv, write_json
+from femkin.io.atomic import atomic_write
 from femkin.physics.acr import C_GRID, ln_j0, mu_h
 
 __all__ = [
@@ -236,7 +237,7 @@ def write_uq_results(study, problem, x, result, payload: dict | None, history: l
     out = _results_dir(study, comm)
     params = problem.parameters_at(x)
     write_particle_fields(problem, x, out, ln_k_std=result.ln_k_std_dofs)
-    if comm.rank != 0:
+    if payload is None:  # ranks other than 0
         return
     video = study.video
     write_json(out / "uq.json", payload)

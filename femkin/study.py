@@ -131,11 +131,11 @@ def collective(comm, func, *args, **kwargs):
     except FemkinError as e:
         err = e
     errors = comm.allgather(None if err is None else (type(err), str(err)))
-    for e in errors:
-        if e is not None:
+    for found in errors:
+        if found is not None:
             if err is not None:
                 raise err
-            cls, msg = e
+            cls, msg = found
             raise FemkinError(msg)
     return result
 
@@ -148,7 +148,7 @@ def open_study(path, comm=MPI.COMM_WORLD, *, simulated: bool | None = None) -> S
         twin = case.simulate is not None if simulated is None else simulated
         if twin:
             video_path = case.dir / "simulated" / "video.npz"
-            truth = case.dir / "simulated" / "truth.npz"
+            truth: Path | None = case.dir / "simulated" / "truth.npz"
             if not video_path.exists():
                 raise InputError(
                     video_path,
@@ -184,20 +184,26 @@ def build_meshes(comm, study: Study, labels, *, size: float | None = None, quiet
         opts["size"] = size
     meshes = {}
     bar = Progress(f"mesh: {len(dist.mine)} particle(s)", len(dist.mine), comm=comm, quiet=quiet)
-    for i in dist.mine:
-        label = int(labels[i])
-        pm = mesh_particle(
-            video.mask,
-            label,
-            video.pixel_size,
-            dist.subcomm,
-            **opts,
-            cache_dir=study.case.dir / "meshes",
-            source=str(study.video_path),
-        )
-        meshes[label] = pm.mesh
-        bar.update()
-    bar.close()
+
+    def mesh_group():  # a group's error (bad mask, mesh file) reaches every rank of comm
+        for i in dist.mine:
+            label = int(labels[i])
+            pm = mesh_particle(
+                video.mask,
+                label,
+                video.pixel_size,
+                dist.subcomm,
+                **opts,
+                cache_dir=study.case.dir / "meshes",
+                source=str(study.video_path),
+            )
+            meshes[label] = pm.mesh
+            bar.update()
+
+    try:
+        collective(comm, mesh_group)
+    finally:
+        bar.close()
     return dist, meshes
 
 

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import numpy as np
 
 from femkin.errors import InputError
+from femkin.forward import Trajectory
 from femkin.observation import build_observation
 from femkin.projection import image_at, initial_state
 
@@ -119,7 +120,7 @@ class ParticleTwin(NamedTuple):
         m: the true m at those pixels.
     """
 
-    trajectory: object
+    trajectory: Trajectory
     pixels: np.ndarray
     clean: np.ndarray
     m_pixels: np.ndarray

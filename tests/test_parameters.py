@@ -45,7 +45,7 @@ def test_layout_sizes(comm):
     x = space.create_vector()
     assert x.getSize() == space.global_size
     expected_local = 5 if comm.rank == 0 else 0
-    for i, (label, n) in enumerate(PARTICLES.items()):
+    for i, (label, _n) in enumerate(PARTICLES.items()):
         if i in dist.mine:
             expected_local += space.field_space("m", label).dofmap.index_map.size_local
         if comm.rank == dist.group_root[dist.owner[i]]:

@@ -1,7 +1,7 @@
 """``femkin invert CASE``: fit mu_h, j0, k0 and k(x) (the ``[inversion] learn`` blocks).
 
-Meshes (cached), fits with PETSc TAO (options prefix ``femkin_tao_``; PETSc options from the
-case's ``[inversion] petsc_options`` and the command line), checkpoints after every iteration
+Meshes (cached), fits with PETSc TAO (options prefix ``femkin_``: ``-femkin_tao_type``; PETSc
+options from the case's ``[inversion] petsc_options`` and the command line), checkpoints after every iteration
 (``CASE/checkpoints/state.npz``, written atomically; ``--resume`` continues from it) and writes
 ``CASE/results/`` (:func:`femkin.report.write_fit_results`).
 """
@@ -60,10 +60,8 @@ def invert(case_path, *, resume: bool = False, quiet: bool = False, comm=None):
             history = state["history"]
             problem.set_schedules(state.get("schedules", {}))
             if comm.rank == 0 and not quiet:
-                print(
-                    f"resuming from {ckpt} at iteration {len(history) and history[-1]['iteration']}",
-                    flush=True,
-                )
+                at = len(history) and history[-1]["iteration"]
+                print(f"resuming from {ckpt} at iteration {at}", flush=True)
     start_it = history[-1]["iteration"] if history else 0
 
     def monitor(rec, x):

@@ -1,9 +1,16 @@
-"""``femkin mesh CASE``: mesh every particle of a case's video into ``CASE/meshes/``."""
+"""``femkin mesh CASE``: mesh every particle of a case's video into ``CASE/meshes/``.
+
+With ``[mesh] files`` the particles' own meshes are read and checked against the mask instead
+(:mod:`femkin.mesh_import`); ``--export FORMAT`` also writes each mesh as
+``CASE/meshes/particle_<label>.<FORMAT>`` for other tools (ParaView, gmsh, ...).
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from femkin.mesh_import import EXPORT_FORMATS
 
 
 def register(subparsers) -> None:
@@ -16,6 +23,16 @@ def register(subparsers) -> None:
         "present) and draw CASE/meshes/particle_<label>.png.",
     )
     parser.add_argument("case", type=Path, help="case directory (or its case.toml)")
+    parser.add_argument(
+        "--export",
+        nargs="+",
+        metavar="FORMAT",
+        choices=EXPORT_FORMATS,
+        default=[],
+        help="also write each mesh as meshes/particle_<label>.<FORMAT> (meshio formats: "
+        + ", ".join(EXPORT_FORMATS)
+        + ")",
+    )
     parser.set_defaults(func=run)
 
 
@@ -24,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from femkin._fem import MPI
     from femkin.case import load_case
     from femkin.io import read_video
+    from femkin.mesh_import import write_mesh
     from femkin.meshing import mesh_particle, plot_mesh
 
     comm = MPI.COMM_WORLD
@@ -42,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
             source=str(video_path),
         )
         plot_mesh(pm, video.mask, out / f"particle_{label}.png")
+        exported = [
+            write_mesh(pm.mesh, out / f"particle_{label}.{fmt}", label=int(label)).name
+            for fmt in args.export
+        ]
         topology = pm.mesh.topology
         topology.create_entities(0)
         vertices = topology.index_map(0).size_global
@@ -51,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
             print(
                 f"particle {label}: {pixels} pixels, {vertices} vertices, {cells} cells, "
                 f"area {pm.area:.4f} um^2 (pixels {pixels * video.pixel_size**2:.4f}), "
-                f"{pm.msh_file.name}",
+                f"{pm.msh_file.name if pm.msh_file else ''}"
+                + "".join(f", {name}" for name in exported),
                 flush=True,
             )
     return 0

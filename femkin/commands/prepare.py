@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from femkin.case import SCHEMA
-from femkin.errors import CaseError, FemkinError, InputError
+from femkin.errors import CaseError, InputError
 
 #: The ``[prepare]`` keys of the case schema, where their defaults are declared.
 PREPARE = SCHEMA["prepare"]
@@ -169,21 +169,10 @@ def _work(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     """Run ``prepare`` on rank 0; re-raise a user error on every rank."""
     from femkin._fem import MPI
+    from femkin.errors import run_on_root
 
     comm = MPI.COMM_WORLD
-    report, failure = None, None
-    if comm.rank == 0:
-        try:
-            report = _work(args)
-        except InputError as err:
-            failure = (type(err), (err.file, err.field, err.expected, err.found))
-        except FemkinError as err:
-            failure = (type(err), (str(err),))
-    if comm.size > 1:
-        failure = comm.bcast(failure, root=0)
-    if failure is not None:
-        cls, fields = failure
-        raise cls(*fields)
+    report = run_on_root(comm, _work, args)
     if comm.rank == 0:
         print(report, flush=True)
     return 0

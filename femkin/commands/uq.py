@@ -6,9 +6,10 @@ prior-preconditioned Hessian (``[uq] hessian``, ``max_rank``, ``threshold``, ``o
 and the low-rank posterior (:mod:`femkin.uq.laplace_study`), and writes into ``CASE/results/``:
 
 - ``uq.json``: ``eigenvalues``, ``rank``, ``coefficients`` (``{block: {"mean", "std",
-  "prior_std"}}``, ``k0`` in its coordinate ln k0, see :mod:`femkin.blocks`), ``coefficient_names`` and ``correlation`` (in the order of
-  ``coefficients``), ``ln_k_std`` summaries, ``c_t`` (the 95% band of the particle-average c(t)
-  from ``[uq] samples`` posterior samples), ``hessian_actions`` and ``wall_time``;
+  "prior_std"}}``, ``k0`` in its coordinate ln k0, see :mod:`femkin.blocks`),
+  ``coefficient_names`` and ``correlation`` (in the order of ``coefficients``), ``ln_k_std``
+  summaries, ``c_t`` (the 95% band of the particle-average c(t) from ``[uq] samples``
+  posterior samples), ``hessian_actions`` and ``wall_time``;
 - ``mu_h.csv`` and ``j0.csv`` with the 95% band columns ``lo`` and ``hi``;
 - ``k_std_<label>.npy`` (posterior std of ln k on the pixel grid, NaN outside) and
   ``k_prior_std_<label>.npy`` (the prior's);
@@ -119,7 +120,7 @@ def uq_at(
     result.wall_time = timings
     payload = result.to_json(study.case.uq) if comm.rank == 0 else None
     write_uq_results(study, problem, x, result, payload, history)
-    if comm.rank == 0 and not quiet:
+    if payload is not None and not quiet:  # rank 0
         print(
             f"uq: rank {payload['rank']}, {payload['hessian_actions']} Hessian actions, "
             f"{timings['total']:.1f} s; results in {study.case.dir / 'results'}",

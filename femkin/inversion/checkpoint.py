@@ -3,20 +3,22 @@
 A checkpoint is one ``.npz`` file: the parameter blocks from
 :meth:`~femkin.parameters.ParameterSpace.to_global_dict` (partition independent, so a run on
 N ranks resumes on M), and a JSON ``state`` (iteration, objective history, TAO settings, ...)
-with the ``case_hash`` of the case inputs. Rank 0 writes ``path.tmp`` and renames it over
-``path`` (``os.replace`` is atomic), so a crash at any moment leaves the previous checkpoint.
+with the ``case_hash`` of the case inputs. Rank 0 writes a temporary file, flushes it to disk
+and renames it over ``path`` (:func:`femkin.io.atomic.atomic_write`), so a crash at any moment
+leaves the previous checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
+from typing import Any
 
 import numpy as np
 
 from femkin._fem import PETSc
-from femkin.errors import InputError
+from femkin.errors import InputError, raise_on_every_rank, run_on_root
+from femkin.io.atomic import atomic_write
 from femkin.parameters import ParameterSpace
 
 _STATE = "__state__"
@@ -34,17 +36,21 @@ def write_checkpoint(path, space: ParameterSpace, x: PETSc.Vec, state: dict) -> 
         try:
             payload = json.dumps(state)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "wb") as f:
-                np.savez(f, **{_STATE: np.array(payload)}, **blocks)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            arrays: dict[str, Any] = {_STATE: np.array(payload), **(blocks or {})}
+
+            def savez(tmp):
+                with open(tmp, "wb") as f:
+                    np.savez(f, **arrays)
+
+            atomic_write(path, savez, durable=True)
         except (OSError, TypeError, ValueError) as exc:
-            error = f"{type(exc).__name__}: {exc}"
-    error = space.comm.bcast(error, root=0)
-    if error is not None:
-        raise InputError(path, None, "a writable checkpoint with a JSON-serialisable state", error)
+            error = InputError(
+                path,
+                None,
+                "a writable checkpoint with a JSON-serialisable state",
+                f"{type(exc).__name__}: {exc}",
+            )
+    raise_on_every_rank(space.comm, error)
 
 
 def read_checkpoint(
@@ -58,40 +64,32 @@ def read_checkpoint(
         InputError: unreadable file, or its ``case_hash`` differs from ``case_hash``.
     """
     path = pathlib.Path(path)
-    result = None
-    if space.comm.rank == 0:
+
+    def load() -> tuple[dict, dict] | None:
         if not path.exists():
-            result = ("absent", None, None)
-        else:
-            try:
-                with np.load(path) as data:
-                    state = json.loads(str(data[_STATE]))
-                    blocks = {k: data[k] for k in data.files if k != _STATE}
-                found = state.get("case_hash")
-                if case_hash is not None and found != case_hash:
-                    result = (
-                        "error",
-                        (
-                            "case_hash",
-                            f"a checkpoint of the current case settings (hash {case_hash})",
-                            f"one written with other "
-                            f"settings (hash {found}); remove it or run "
-                            "without --resume",
-                        ),
-                        None,
-                    )
-                else:
-                    result = ("ok", state, blocks)
-            except (OSError, ValueError, KeyError) as exc:
-                result = (
-                    "error",
-                    (None, "a femkin checkpoint (.npz)", f"{type(exc).__name__}: {exc}"),
-                    None,
-                )
-    kind, info = space.comm.bcast(result[:2] if result else None, root=0)
-    if kind == "absent":
+            return None
+        try:
+            with np.load(path) as data:
+                state = json.loads(str(data[_STATE]))
+                blocks = {k: data[k] for k in data.files if k != _STATE}
+        except (OSError, ValueError, KeyError) as exc:
+            raise InputError(
+                path, None, "a femkin checkpoint (.npz)", f"{type(exc).__name__}: {exc}"
+            ) from None
+        found = state.get("case_hash")
+        if case_hash is not None and found != case_hash:
+            raise InputError(
+                path,
+                "case_hash",
+                f"a checkpoint of the current case settings (hash {case_hash})",
+                f"one written with other settings (hash {found}); remove it or run "
+                "without --resume",
+            )
+        return state, blocks
+
+    loaded = run_on_root(space.comm, load)
+    state = space.comm.bcast(None if loaded is None else loaded[0], root=0)
+    if state is None:
         return None
-    if kind == "error":
-        raise InputError(path, *info)
-    space.from_global_dict(result[2] if space.comm.rank == 0 else None, x, source=str(path))
-    return info
+    space.from_global_dict(None if loaded is None else loaded[1], x, source=str(path))
+    return state

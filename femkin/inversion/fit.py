@@ -37,7 +37,7 @@ def build_prior(problem, prior_case: dict, x0: PETSc.Vec) -> Prior:
         "kappa": prior_case["kappa_std"],
         "coherency": prior_case["coherency_std"],
     }
-    priors = {}
+    priors: dict[tuple[str, int | None], GaussianScalarPrior | BiLaplacianPrior | None] = {}
     for b in space.scalar_blocks:
         mean = space.get_scalars(x0, b.name)
         priors[(b.name, None)] = GaussianScalarPrior(mean, np.full(b.size, coefficient_std[b.name]))
@@ -85,6 +85,7 @@ class MapFunctional:
         self._gradient_at: PETSc.Vec | None = None
 
     def value(self, x: PETSc.Vec) -> float:
+        """Misfit + prior at ``x``; a failed forward solve gives a large value (TAO backtracks)."""
         try:
             self.last_misfit = self.problem.misfit(x)
         except ConvergenceError:
@@ -92,6 +93,7 @@ class MapFunctional:
         return self.last_misfit + self.prior.cost(x)
 
     def value_gradient(self, x: PETSc.Vec, g: PETSc.Vec) -> float:
+        """Misfit + prior at ``x``, their dual gradient into ``g`` (zero if the forward failed)."""
         try:
             self.last_misfit = self.problem.gradient(x, g)
         except ConvergenceError:
@@ -109,6 +111,7 @@ class MapFunctional:
         return self.last_misfit + cost
 
     def hessian_mult(self, x: PETSc.Vec, v: PETSc.Vec, out: PETSc.Vec) -> None:
+        """``out = H v``: misfit Hessian (full or Gauss-Newton) at ``x`` plus prior precision."""
         # Hessian actions linearise at the last gradient point; refresh it if TAO moved on.
         same = self._gradient_at is not None and self._gradient_at.equal(x)
         if not same:
@@ -123,6 +126,8 @@ class MapFunctional:
 
 
 class MapResult(NamedTuple):
+    """The MAP point ``x``, objective and misfit there, TAO iterations, stopping reason, history."""
+
     x: PETSc.Vec
     value: float
     misfit: float
@@ -149,9 +154,19 @@ def solve_map(
     """Minimise misfit + prior from x0; ``history`` and ``start_iteration`` continue a run.
 
     Args:
+        problem: the :class:`~femkin.problem.InverseProblem` (misfit and its derivatives).
+        prior: the Gaussian prior of all blocks.
+        x0: the starting point (not modified).
+        tao_type: the TAO solver (``bnls``, ``nls``, ``blmvm``, ...).
+        max_iterations: the iteration budget of this call.
+        gatol: absolute tolerance on the gradient norm.
+        grtol: tolerance on the gradient norm relative to the objective.
+        gauss_newton: use the Gauss-Newton Hessian of the misfit instead of the full one.
         petsc_options: PETSc options without the leading ``femkin_`` (e.g. ``tao_monitor``).
         monitor: ``monitor(record, x)`` after every iteration; the record has iteration,
             objective, misfit, misfit_rms (in units of sigma), gradient_norm, time.
+        start_iteration: the iteration number the run continues from (a resumed fit).
+        history: the records of the run so far (a resumed fit); extended, not modified.
     """
     rf = MapFunctional(problem, prior, gauss_newton=gauss_newton)
     history = list(history or [])

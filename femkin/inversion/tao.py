@@ -28,6 +28,7 @@ import numpy as np
 from femkin._fem import PETSc
 from femkin.errors import ConvergenceError, InputError
 from femkin.parameters import ParameterSpace
+from femkin.petsc_tools import ApplyContext, shell_mat
 
 NEWTON_TYPES = ("nls", "bnls", "ntr", "bntr", "ntl", "bntl")
 LMVM_TYPES = ("lmvm", "blmvm")
@@ -64,9 +65,11 @@ class ReducedFunctional(Protocol):
 class CovariancePrior(Protocol):
     """The part of :class:`femkin.prior.Prior` that preconditions TAO."""
 
-    def precision_mult(self, v: PETSc.Vec, out: PETSc.Vec) -> None: ...
+    def precision_mult(self, v: PETSc.Vec, out: PETSc.Vec) -> None:
+        """``out = Gamma_prior^{-1} v`` (the prior precision; dual output)."""
 
-    def covariance_mult(self, r: PETSc.Vec, out: PETSc.Vec) -> None: ...
+    def covariance_mult(self, r: PETSc.Vec, out: PETSc.Vec) -> None:
+        """``out = Gamma_prior r`` (the prior covariance applied to a dual vector)."""
 
 
 class TaoResult(NamedTuple):
@@ -113,24 +116,8 @@ class _HessianContext:
         self.shift_value += a
 
 
-class _ApplyContext:
-    """Python Mat/PC context applying a function ``f(x, y)``."""
-
-    def __init__(self, f: Callable[[PETSc.Vec, PETSc.Vec], None]):
-        self.f = f
-
-    def mult(self, mat, x, y):
-        self.f(x, y)
-
-    def apply(self, pc, x, y):
-        self.f(x, y)
-
-
 def _shell(space: ParameterSpace, context) -> PETSc.Mat:
-    sizes = (space.local_size, space.global_size)
-    A = PETSc.Mat().createPython((sizes, sizes), context=context, comm=space.comm)
-    A.setUp()
-    return A
+    return shell_mat((space.local_size, space.global_size), space.comm, context=context)
 
 
 class _ReducedCovariancePC:
@@ -159,6 +146,8 @@ class _ReducedCovariancePC:
         if x.getSize() == self.space.global_size:
             self.prior.covariance_mult(x, y)
             return
+        if self.iterate.x is None:
+            raise RuntimeError("the Newton PC was applied before TAO set a Hessian point")
         xk = self.iterate.x.getArray(readonly=True)
         tol = 1e-12 * (1.0 + np.abs(xk))
         inactive = np.ones(xk.size, dtype=bool)
@@ -215,8 +204,9 @@ def minimize(
         tao_type: any TAO type (``bnls``, ``bntr``, ``nls``, ``ntr``, ``lmvm``, ``blmvm``, ...);
             the options database (``-femkin_tao_type``) overrides it.
         max_iterations: iteration cap; reaching it is reported as ``DIVERGED_MAXITS``, not raised.
-        gatol, grtol, gttol: TAO's absolute, relative-to-``|f|`` and relative-to-initial gradient
-            tolerances, with the gradient norm in the parameter inner product.
+        gatol: TAO's absolute gradient tolerance (gradient norm in the parameter inner product).
+        grtol: TAO's gradient tolerance relative to ``|f|``.
+        gttol: TAO's gradient tolerance relative to the initial gradient norm.
         bounds: ``(lower, upper)``, either may be ``None`` (unbounded); only bound-constrained
             types (b*) honour them.
         options_prefix: PETSc options prefix (non-empty).
@@ -224,9 +214,10 @@ def minimize(
             removed again afterwards.
         monitor: called as ``monitor(iteration, x, value, gradient_norm)`` every iteration.
         checkpoint: called like ``monitor``, after it (write a checkpoint there).
-        ksp_rtol, ksp_max_it: inexact Newton: the Newton-Krylov types' CG stops at this relative
-            residual or iteration count (each iteration is one Hessian action); PETSc options
-            (``-femkin_tao_bnk_ksp_max_it`` ...) override them.
+        ksp_rtol: inexact Newton: the Newton-Krylov types' CG stops at this relative residual;
+            PETSc options (``-femkin_tao_bnk_ksp_rtol`` ...) override it.
+        ksp_max_it: ... or at this iteration count (each iteration is one Hessian action);
+            ``-femkin_tao_bnk_ksp_max_it`` overrides it.
         raise_on_failure: raise on a DIVERGED reason; else return the last iterate with it
             (a line-search failure close to the optimum is often the attainable accuracy).
 
@@ -331,12 +322,12 @@ def minimize(
         # BLMVM projects its step onto the feasible set; with a non-diagonal H0 the projected
         # step is no longer a descent direction once bounds are active (line-search failures
         # in the tests), so bounded BLMVM keeps TAO's default diagonal H0.
-        precision = _shell(space, _ApplyContext(prior.precision_mult))
+        precision = _shell(space, ApplyContext(prior.precision_mult))
         tao.setLMVMH0(precision)
         tao.setUp()
         h0_ksp = tao.getLMVMH0KSP()
         h0_ksp.setType(PETSc.KSP.Type.PREONLY)
-        _set_python_pc(h0_ksp, _ApplyContext(prior.covariance_mult))
+        _set_python_pc(h0_ksp, ApplyContext(prior.covariance_mult))
     try:
         try:
             tao.solve(x)

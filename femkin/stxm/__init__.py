@@ -9,7 +9,8 @@ energies and frames (:mod:`~femkin.stxm.register`), unmixes Li fractions
 """
 
 from femkin.stxm.pipeline import Prepared, prepare, write_summary
-from femkin.stxm.stack import Stack, read_stack
+from femkin.stxm.readers import read_stack
+from femkin.stxm.stack import Stack
 from femkin.stxm.unmix import References, read_references
 
 __all__ = [

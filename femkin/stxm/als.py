@@ -213,7 +213,7 @@ def read_hdr_stack(path: str | pathlib.Path, *, channel: int | str = 0) -> Stack
     x = np.asarray(_get(regions[0], path, "PAxis", "Points"), dtype=np.float64)
     y = np.asarray(_get(regions[0], path, "QAxis", "Points"), dtype=np.float64)
     energies = np.asarray(_get(sd, path, "StackAxis", "Points"), dtype=np.float64)
-    for field, name in (("PAxis", "Sample X"), ("QAxis", "Sample Y")):
+    for field, _name in (("PAxis", "Sample X"), ("QAxis", "Sample Y")):
         unit = str(regions[0][field].get("Unit", "um")).lower()
         if unit not in ("um", "µm", "micron", "microns"):
             raise InputError(path, f"ScanDefinition.Regions.{field}.Unit", "'um'", repr(unit))

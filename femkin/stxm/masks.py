@@ -49,7 +49,7 @@ def matched_labels(
         ref = ref[ref > 0]
         if ref.size:
             counts = np.bincount(ref)
-            pairs.append((counts.max(), lab, int(np.argmax(counts))))
+            pairs.append((int(counts.max()), lab, int(np.argmax(counts))))
         else:
             pairs.append((0, lab, 0))
     taken: set[int] = set()

@@ -50,7 +50,7 @@ def _text(value: Any) -> str:
 
 def _names(value: Any) -> list[str]:
     arr = np.atleast_1d(np.asarray(value))
-    out = []
+    out: list[str] = []
     for v in arr.reshape(-1):
         s = v.decode() if isinstance(v, bytes) else str(v)
         out.extend(p for p in s.split(":") if p)  # NeXus also allows "a:b:c"
@@ -72,7 +72,7 @@ def _data_group(path: pathlib.Path, entry: h5py.Group) -> h5py.Group:
     for name in ("binned_values", "default", "counter0"):
         if name in entry and isinstance(entry[name], h5py.Group) and "data" in entry[name]:
             candidates.append(entry[name])
-    for name, g in sorted(entry.items()):
+    for _name, g in sorted(entry.items()):
         if (
             isinstance(g, h5py.Group)
             and _text(g.attrs.get("NX_class", b"")) == "NXdata"

@@ -61,7 +61,7 @@ def optical_density(stack: Stack, i0_region: Sequence[int] | None = None) -> Opt
     else:
         crude = _od(counts, np.percentile(counts.reshape(e, -1), 95, axis=1))
         shifts, _ = register_stack(crude)
-        aligned = np.array([shift_image(im, -s) for im, s in zip(crude, shifts)])
+        aligned = np.array([shift_image(im, -s) for im, s in zip(crude, shifts, strict=True)])
         mean = np.nanmean(aligned, axis=0)
         particles = np.nan_to_num(mean, nan=np.inf) > otsu(mean)
         free = ~ndimage.binary_dilation(particles, iterations=2)

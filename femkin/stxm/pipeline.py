@@ -182,7 +182,7 @@ def align_energies(
 
     def update(current: np.ndarray) -> np.ndarray:
         current = current.reshape(e, 2)
-        aligned = np.array([shift_image(im, -sh) for im, sh in zip(od, current)])
+        aligned = np.array([shift_image(im, -sh) for im, sh in zip(od, current, strict=True)])
         new = current.copy()
         for k in range(e):
             keep = np.arange(e) != k
@@ -194,7 +194,7 @@ def align_energies(
         return (new - new[ref]).ravel()
 
     shifts = anderson(update, shifts.ravel(), iterations=iterations).reshape(e, 2)
-    aligned = np.array([shift_image(im, -sh) for im, sh in zip(od, shifts)])
+    aligned = np.array([shift_image(im, -sh) for im, sh in zip(od, shifts, strict=True)])
     w = unmix(aligned, design, n_boot=0).weights
     return shifts, ref, w[0] + w[1]
 
@@ -233,7 +233,7 @@ def prepare(
     t = frame_times(stacks, times)
     designs = [references.at(s.energies, source=s.source) for s in stacks]
     ods, i0s, inner, refs, fes = [], [], [], [], []
-    for s, design in zip(stacks, designs):
+    for s, design in zip(stacks, designs, strict=True):
         dens = optical_density(s, i0_region)
         shifts, ref, fe_s = align_energies(dens.od, design)
         ods.append(dens.od)
@@ -243,12 +243,14 @@ def prepare(
         fes.append(fe_s)
     stack_shifts = np.array([displacement(fes[0], f) for f in fes])
     stack_shifts[0] = 0.0
-    shifts = [sh_e + d for sh_e, d in zip(inner, stack_shifts)]
+    total_shifts = [sh_e + d for sh_e, d in zip(inner, stack_shifts, strict=True)]
     aligned = [
-        np.array([shift_image(im, -sh) for im, sh in zip(od, sh_e)])
-        for od, sh_e in zip(ods, shifts)
+        np.array([shift_image(im, -sh) for im, sh in zip(od, sh_e, strict=True)])
+        for od, sh_e in zip(ods, total_shifts, strict=True)
     ]
-    results = [unmix(od, a, n_boot=n_boot, seed=seed) for od, a in zip(aligned, designs)]
+    results = [
+        unmix(od, a, n_boot=n_boot, seed=seed) for od, a in zip(aligned, designs, strict=True)
+    ]
     fe = np.array([r.weights[0] + r.weights[1] for r in results])
     thresholds = np.array([otsu(f) if threshold is None else float(threshold) for f in fe])
     labels = stable_labels(fe, thresholds, min_size)
@@ -273,7 +275,7 @@ def prepare(
         pixel_size=pixel_size,
         od=aligned,
         fe=fe,
-        shifts=shifts,
+        shifts=total_shifts,
         stack_shifts=stack_shifts,
         reference=(0, refs[0]),
         thresholds=thresholds,

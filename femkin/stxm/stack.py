@@ -1,15 +1,15 @@
-"""The raw STXM stack: one object for every file format, and the reader that dispatches on it.
+"""The raw STXM stack: one object for every file format.
 
 A :class:`Stack` holds one energy stack (or a single image, ``E = 1``) as recorded: transmitted
 counts ``(E, Y, X)``, the photon energies, the scan axes in micrometres and the dwell per energy.
-``read_stack`` picks the reader from the suffix (``.hdr``, ``.stk``, ``.h5/.hdf5/.nxs``) and, for
-unknown suffixes, from the first bytes of the file (HDF5 signature).
+The format readers (:mod:`~femkin.stxm.als`, :mod:`~femkin.stxm.stk`, :mod:`~femkin.stxm.nexus`)
+build it; :func:`femkin.stxm.readers.read_stack` dispatches between them, so this module imports
+none of them.
 """
 
 from __future__ import annotations
 
 import datetime
-import pathlib
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -69,43 +69,3 @@ def checked_stack(stack: Stack) -> Stack:
     if e == 0 or x == 0 or y == 0:
         raise InputError(stack.source, "counts", "a non-empty image", stack.counts.shape)
     return stack
-
-
-def read_stack(path: str | pathlib.Path, **kwargs: Any) -> Stack:
-    """Read a STXM stack or image from any supported format.
-
-    Args:
-        path: an ALS ``.hdr`` header (its ``.xim`` files next to it), a NeXus NXstxm HDF5 file
-            (``.h5``, ``.hdf5``, ``.nxs``, ``.hdf``) or an aXis2000 ``.stk`` file.
-        **kwargs: passed to the format reader (``channel`` for ``.hdr``, ``entry`` for NeXus).
-
-    Returns:
-        The stack, counts ``(E, Y, X)``.
-
-    Raises:
-        InputError: missing, unsupported, corrupt, truncated or inconsistent file.
-    """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise InputError(path, None, "an existing STXM file", "no such file")
-    suffix = path.suffix.lower()
-    if suffix == ".hdr":
-        from femkin.stxm.als import read_hdr_stack
-
-        return read_hdr_stack(path, **kwargs)
-    if suffix == ".stk":
-        from femkin.stxm.stk import read_stk
-
-        return read_stk(path, **kwargs)
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if suffix in (".h5", ".hdf5", ".nxs", ".hdf", ".nx5") or head == HDF5_SIGNATURE:
-        from femkin.stxm.nexus import read_nexus
-
-        return read_nexus(path, **kwargs)
-    raise InputError(
-        path,
-        None,
-        "a .hdr (ALS), .stk (aXis2000) or NeXus NXstxm (.h5/.hdf5/.nxs) file",
-        f"suffix '{path.suffix}'",
-    )

@@ -56,8 +56,9 @@ def scene(rows: np.ndarray, cols: np.ndarray, time: float) -> tuple[np.ndarray, 
     return thick, c
 
 
-def true_mask(shape: tuple[int, int], shift: np.ndarray = np.zeros(2)) -> np.ndarray:
-    """Particle support (``rho < 1``) displaced by ``shift``, labelled 1..N like the scene."""
+def true_mask(shape: tuple[int, int], shift: np.ndarray | None = None) -> np.ndarray:
+    """Particle support (``rho < 1``) displaced by ``shift`` (none by default), labelled 1..N."""
+    shift = np.zeros(2) if shift is None else np.asarray(shift, dtype=np.float64)
     rows, cols = np.indices(shape, dtype=np.float64)
     out = np.zeros(shape, dtype=np.int64)
     for k, (r0, c0, a, b) in enumerate(PARTICLES, start=1):
@@ -143,5 +144,5 @@ def write_references_csv(path, energies: np.ndarray, spectra: np.ndarray) -> Non
     """Write ``energy, LiFePO4, FePO4`` as CSV."""
     with open(path, "w") as f:
         f.write("energy,LiFePO4,FePO4\n")
-        for e, (a, b) in zip(energies, spectra):
+        for e, (a, b) in zip(energies, spectra, strict=True):
             f.write(f"{e:.4f},{a:.8f},{b:.8f}\n")

@@ -79,7 +79,7 @@ class LowRankPosterior:
 
     def _add_v(self, out: PETSc.Vec, coefficients: np.ndarray) -> None:
         """``out += V coefficients`` (local)."""
-        for c, v in zip(coefficients, self.eigenvectors):
+        for c, v in zip(coefficients, self.eigenvectors, strict=True):
             out.axpy(float(c), v)
 
     def covariance_mult(self, r: PETSc.Vec, out: PETSc.Vec) -> None:
@@ -157,7 +157,7 @@ class LowRankPosterior:
         """
         out = prior_pointwise_variance.copy()
         arr = out.getArray()
-        for d, v in zip(self.d, self.eigenvectors):
+        for d, v in zip(self.d, self.eigenvectors, strict=True):
             a = v.getArray(readonly=True)
             arr -= d * a * a
         out.setArray(arr)

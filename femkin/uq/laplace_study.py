@@ -343,10 +343,8 @@ def credible_bands(
     return out
 
 
-def _particle_averages(problem, fitted: np.ndarray | None) -> dict[int, np.ndarray] | None:
+def _particle_averages(problem, fitted: np.ndarray) -> dict[int, np.ndarray]:
     """Mean over each particle's pixels of a (T, H, W) video (rank 0)."""
-    if fitted is None:
-        return None
     mask = problem.video.mask
     return {lb: np.nanmean(fitted[:, mask == lb], axis=1) for lb in problem.labels}
 
@@ -390,16 +388,17 @@ def _ln_k_maps(
         )
         prior_diag.getArray()[space.local_slice(name, label)] = diag
         methods.add(method)
-    methods = sorted(set().union(*problem.comm.allgather(methods)))
+    method_names = sorted(set().union(*problem.comm.allgather(methods)))
     post_diag = posterior.pointwise_variance(prior_diag)
     # Cov(ln k0, m_i) = -sum_j d_j v_j[k0] v_j[i]: the prior has no cross covariance.
     if k0_column is not None:
         cross = k0_column.copy()
     else:
         cross = space.create_vector()
-        for d, kv, v in zip(posterior.d, k0_v, posterior.eigenvectors):
+        for d, kv, v in zip(posterior.d, k0_v, posterior.eigenvectors, strict=True):
             cross.axpy(-float(d * kv), v)
-    post_arrays, prior_arrays = {}, {}
+    post_arrays: dict[int, np.ndarray] = {}
+    prior_arrays: dict[int, np.ndarray] = {}
     has_m = "m" in problem.learn
     for label, p in problem.particles.items():
         V = p.model.V
@@ -428,7 +427,7 @@ def _ln_k_maps(
         for lb in problem.labels:
             post_maps[lb] = np.where(mask == lb, post_img, np.nan)
             prior_maps[lb] = np.where(mask == lb, prior_img, np.nan)
-    return post_maps, prior_maps, ",".join(methods) or "none", post_arrays
+    return post_maps, prior_maps, ",".join(method_names) or "none", post_arrays
 
 
 def analyse(
@@ -564,7 +563,9 @@ def analyse(
         "method": marg.method,
         "tolerance": float(settings.get("marginal_tolerance", 0.01)),
         "lower_std": np.sqrt(np.maximum(np.diag(marg.lower), 0.0)).tolist(),
-        "lower_variance_history": marg.lower_history.tolist(),
+        "lower_variance_history": (
+            [] if marg.lower_history is None else marg.lower_history.tolist()
+        ),
     }
     say(
         f"coefficient marginals: {marg.iterations} CG iterations, relative gap "
@@ -648,9 +649,9 @@ def _sample_band(
             continue
         finally:
             bar.update()
-        avg = _particle_averages(problem, problem.fitted_video())
-        if comm.rank == 0:
-            averages.append(avg)
+        sample_video = problem.fitted_video()  # collective; the video on rank 0 only
+        if sample_video is not None:
+            averages.append(_particle_averages(problem, sample_video))
     bar.close()
     say(f"{n_samples - failed} posterior samples through the forward model ({failed} failed)")
     # Leave the problem at the MAP point (trajectories, Hessian linearisation point).

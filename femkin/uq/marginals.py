@@ -133,8 +133,8 @@ def marginal_covariance(
     f = list(functionals)
     s = len(f)
     if s == 0:
-        z = np.zeros((0, 0))
-        return Marginals(z, z, z, [], 0, 0, True, 0.0)
+        empty = np.zeros((0, 0))
+        return Marginals(empty, empty, empty, [], 0, 0, True, 0.0)
     apply_H = as_apply(apply_H)
     apply_B = as_apply(apply_B)
     apply_M = as_apply(apply_M)

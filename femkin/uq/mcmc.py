@@ -265,14 +265,14 @@ def effective_sample_size(chains: np.ndarray) -> float:
     rho = 1.0 - (w - acov.mean(axis=0)) / var_plus
     rho[0] = 1.0
     # Geyer: sums of adjacent pairs, truncated at the first negative, made monotone.
-    pairs = []
+    sums: list[float] = []
     for t in range(0, n - 1, 2):
         p = rho[t] + rho[t + 1]
         if p < 0:
             break
-        pairs.append(p)
-    pairs = np.minimum.accumulate(np.array(pairs)) if pairs else np.array([1.0])
-    tau = -1.0 + 2.0 * pairs.sum()
+        sums.append(float(p))
+    pairs = np.minimum.accumulate(np.array(sums)) if sums else np.array([1.0])
+    tau = -1.0 + 2.0 * float(pairs.sum())
     tau = max(tau, 1.0 / np.log10(m * n + 10))  # Stan's guard against absurd antithetic values
     return float(m * n / tau)
 

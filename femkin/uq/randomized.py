@@ -87,7 +87,7 @@ def apply_many(apply: Apply, batch: ApplyBatch | None, xs: Sequence[PETSc.Vec]) 
     if batch is not None:
         batch(list(xs), outs)
     else:
-        for x, y in zip(xs, outs):
+        for x, y in zip(xs, outs, strict=True):
             apply(x, y)
     return outs
 
@@ -277,7 +277,10 @@ def adaptive_rank(
     costs the new probes' first pass plus one full second pass.
 
     Args:
-        apply_H, apply_B, apply_Binv, apply_H_batch: as in :func:`double_pass_generalized`.
+        apply_H: as in :func:`double_pass_generalized`.
+        apply_B: as in :func:`double_pass_generalized`.
+        apply_Binv: as in :func:`double_pass_generalized`.
+        apply_H_batch: as in :func:`double_pass_generalized`.
         make_probe: ``make_probe(i)`` returns the ``i``-th random probe vector (seeded by ``i``
             and global indices/coordinates, so identical on any number of ranks).
         threshold: stop once an eigenvalue below this is computed (hIPPYlib's 0.1: beyond it
@@ -387,7 +390,7 @@ def omitted_spectrum(
         for _ in range(2 if vs else 0):
             coef = gram(vs, bx)
             for j, x in enumerate(xs):
-                for c, v in zip(coef[:, j], vs):
+                for c, v in zip(coef[:, j], vs, strict=True):
                     x.axpy(-float(c), v)
             for b in bx:
                 b.destroy()

@@ -22,6 +22,7 @@ All functions are collective on the communicator they are given.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -58,7 +59,7 @@ def _unflatten(prefix: str, data) -> dict:
 
 def save_laplace(path: Path, space, posterior: LowRankPosterior, x: PETSc.Vec) -> None:
     """Write the MAP point and the eigenpairs (``V^T B V = I``) to ``path`` (collective)."""
-    from femkin.inversion.results import atomic_write
+    from femkin.io.atomic import atomic_write
 
     arrays = {"eigenvalues": np.asarray(posterior.eigenvalues, dtype=float)}
     d = space.to_global_dict(x)
@@ -73,7 +74,7 @@ def save_laplace(path: Path, space, posterior: LowRankPosterior, x: PETSc.Vec) -
 
         def write(tmp):
             with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
+                np.savez(f, **arrays)  # type: ignore[arg-type]
 
         atomic_write(Path(path), write)
     space.comm.barrier()
@@ -93,7 +94,7 @@ def load_laplace(path: Path, space, prior) -> tuple[PETSc.Vec, LowRankPosterior]
     vs = []
     for i in range(lam.size):
         d = None
-        if data is not None:
+        if data is not None and m is not None:
             d = _unflatten(f"v{i}", data)
             d.update({k: a for k, a in m.items() if k.endswith("/coordinates")})
         v = space.create_vector()
@@ -117,7 +118,7 @@ def _chain_path(case_dir: Path, chain: int) -> Path:
 
 
 def _save_chain(path: Path, space, state: ChainState, digest: str) -> None:
-    from femkin.inversion.results import atomic_write
+    from femkin.io.atomic import atomic_write
 
     d = space.to_global_dict(state.x)
     if space.comm.rank != 0:
@@ -229,7 +230,7 @@ def run_group_chains(
             int(settings["steps"]),
             seed=seed,
             record=record,
-            checkpoint=lambda s, path=path: _save_chain(path, space, s, digest),
+            checkpoint=functools.partial(_save_chain, path, space, digest=digest),
             every=int(settings["checkpoint_every"]),
         )
         if log is not None and comm.rank == 0:
@@ -432,7 +433,7 @@ def _write_results(case, payload, chains, blocks, params, settings) -> None:
         lo, hi = sample_bands(
             draws, blocks, {"mu_h": params.mu_h, "j0": params.j0}, params.j0_prefactor, c
         )[name]
-        columns = {k: np.atleast_1d(table[k]) for k in table.dtype.names}
+        columns = {k: np.atleast_1d(table[k]) for k in (table.dtype.names or ())}
         columns["mcmc_lo"], columns["mcmc_hi"] = lo, hi
         res.write_csv(path, columns)
         payload.setdefault("bands", {})[name] = {

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from femkin._fem import PETSc
+from femkin.petsc_tools import ApplyContext, shell_mat
 from femkin.uq.randomized import Eigenpairs, as_apply, gram
 
 try:  # pragma: no cover - import order of the wheel
@@ -31,32 +32,8 @@ except ImportError as exc:  # pragma: no cover
 __all__ = ["slepc_generalized"]
 
 
-class _ShellMat:
-    """Python ``Mat`` context: ``y = Op x``."""
-
-    def __init__(self, apply):
-        self._apply = apply
-
-    def mult(self, mat, x, y):
-        self._apply(x, y)
-
-
-class _ShellPC:
-    """Python ``PC`` context: ``y = Op x`` (here the exact inverse of ``B``)."""
-
-    def __init__(self, apply):
-        self._apply = apply
-
-    def apply(self, pc, x, y):
-        self._apply(x, y)
-
-
 def _shell(apply, template: PETSc.Vec) -> PETSc.Mat:
-    sizes = template.getSizes()
-    mat = PETSc.Mat().createPython((sizes, sizes), _ShellMat(apply), comm=template.getComm())
-    mat.setOption(PETSc.Mat.Option.SYMMETRIC, True)
-    mat.setUp()
-    return mat
+    return shell_mat(template.getSizes(), template.getComm(), apply=apply, symmetric=True)
 
 
 def slepc_generalized(
@@ -107,7 +84,7 @@ def slepc_generalized(
     ksp.setType(PETSc.KSP.Type.PREONLY)
     pc = ksp.getPC()
     pc.setType(PETSc.PC.Type.PYTHON)
-    pc.setPythonContext(_ShellPC(apply_Binv))
+    pc.setPythonContext(ApplyContext(apply_Binv))
     if initial:
         eps.setInitialSpace(list(initial))
     eps.solve()
@@ -115,14 +92,14 @@ def slepc_generalized(
     if nconv < k:
         reason = eps.getConvergedReason()
         raise RuntimeError(f"SLEPc converged {nconv} of {k} eigenpairs (reason {reason})")
-    values, vectors = [], []
+    found, vectors = [], []
     for i in range(nconv):
         v = template.duplicate()
         lam = eps.getEigenpair(i, v)
-        values.append(lam.real)
+        found.append(lam.real)
         vectors.append(v)
-    order = np.argsort(values)[::-1][:k]
-    values = np.asarray(values)[order]
+    order = np.argsort(found)[::-1][:k]
+    values = np.asarray(found)[order]
     vectors = [vectors[i] for i in order]
     # Normalise in the B-inner product (SLEPc already does for GHEP; make it explicit).
     for v in vectors:

@@ -1,10 +1,10 @@
 """Kept Jacobian factorisations and batched derivative solves give the same numbers.
 
-A tangent run factorises J_n at every step and keeps it (``[solver] factor_cache_mb``); the
-adjoint of the same Hessian action and every later action at the same point then only solve. Batched tangent and adjoint runs
-(``tangent_many``/``adjoint_many``) share each step's factorisation between directions. Both
-are pure reorganisations: every result must match the refactorising, one-at-a-time path to
-roundoff, the memory budget must bound what is kept, and a parameter change must invalidate
+A tangent run factorises J_n at every step and keeps it (``[solver] factor_cache_mb``); the adjoint
+of the same Hessian action and every later action at the same point then only solve. Batched tangent
+and adjoint runs (``tangent_many``/``adjoint_many``) share each step's factorisation between
+directions. Both are pure reorganisations: every result must match the refactorising, one-at-a-time
+path to roundoff, the memory budget must bound what is kept, and a parameter change must invalidate
 the kept factorisations. Runs serially (PETSc LU kept) and on 2 ranks (MUMPS kept).
 """
 
@@ -115,10 +115,10 @@ def test_batched_equals_one_at_a_time(problem):
     dirs = [problem.direction(_direction(problem, BLOCKS, seed=s)) for s in (0.3, 1.1, 2.9)]
     tangs = der.tangent_many(problem.traj, dirs)
     results = der.adjoint_many(problem.traj, [problem.linear_source(t) for t in tangs])
-    for d, t, (s, _) in zip(dirs, tangs, results):
+    for d, t, (s, _) in zip(dirs, tangs, results, strict=True):
         t1 = der.tangent(problem.traj, d)
         s1 = der.adjoint(problem.traj, problem.linear_source(t1))[0]
-        assert max(_rel(a, b) for a, b in zip(t[1:], t1[1:])) < 1e-12
+        assert max(_rel(a, b) for a, b in zip(t[1:], t1[1:], strict=True)) < 1e-12
         assert _rel(_flat(problem, s), _flat(problem, s1)) < 1e-12
     # Different directions give different actions (the batch does not mix them up).
     assert _rel(_flat(problem, results[0][0]), _flat(problem, results[1][0])) > 1e-2

@@ -10,22 +10,18 @@ every scalar block (mu_h, j0, ln k0, kappa, coherency) and the nodal values of m
 
 from __future__ import annotations
 
-import pathlib
-import sys
-
 import numpy as np
 import pytest
 
 pytest.importorskip("dolfinx_adjoint")
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
 
-from _common import PARAMETERS, TapedProblem, initial_fields, l2_data, l2_misfit_source  # noqa
+from _common import PARAMETERS, TapedProblem, initial_fields, l2_data, l2_misfit_source
 
-from femkin._fem import MPI, dolfinx  # noqa: E402
-from femkin.adjoint import ParticleDerivatives  # noqa: E402
-from femkin.driving import Driving  # noqa: E402
-from femkin.forward import ParticleModel, SolverOptions  # noqa: E402
+from femkin._fem import MPI, dolfinx
+from femkin.adjoint import ParticleDerivatives
+from femkin.driving import Driving
+from femkin.forward import ParticleModel, SolverOptions
 
 
 def test_gradient_matches_dolfinx_adjoint():

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 
-import basix.ufl  # noqa: E402  (after femkin._fem)
+import basix.ufl
 import numpy as np
 import pytest
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from femkin._fem import MPI, dolfinx
-from femkin.twin import prior_m
 from femkin.prior import BiLaplacianPrior
+from femkin.twin import prior_m
 
 pytestmark = pytest.mark.mpi
 

@@ -30,19 +30,15 @@ serially for all three tests); the parallel std map is covered by ``test_uq_comm
 from __future__ import annotations
 
 import json
-import pathlib
 import shutil
-import sys
 
 import numpy as np
 import pytest
+from uq_problems import simulated_twin
 
 from femkin._fem import MPI
 from femkin.cli import main
 from femkin.io.video import read_video, write_video
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from uq_problems import simulated_twin  # noqa: E402
 
 UQ_SECTION = """
 [uq]
@@ -135,10 +131,9 @@ def test_std_map_matches_the_dense_posterior(blind_case):
     below the threshold 0.1 (and stops at ``max_rank``); measured: std within 0.7% at every
     pixel, 0.2% on average.
     """
-    from femkin.study import checkpoint_path, checkpoint_settings
     from femkin.inversion.checkpoint import read_checkpoint
     from femkin.inversion.fit import build_prior
-    from femkin.study import build_problem, open_study
+    from femkin.study import build_problem, checkpoint_path, checkpoint_settings, open_study
 
     comm = MPI.COMM_SELF
     study = open_study(blind_case["case"], comm)

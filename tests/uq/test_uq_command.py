@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import json
-import pathlib
 import shutil
-import sys
 
 import numpy as np
 import pytest
+from uq_problems import simulated_twin
+from workflow_case import write_case
 
 from femkin._fem import MPI
 from femkin.cli import main
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from uq_problems import simulated_twin  # noqa: E402
-from workflow_case import write_case  # noqa: E402
 
 UQ_SECTION = """
 [uq]
@@ -197,10 +193,9 @@ def test_eigenvalues_do_not_depend_on_the_partition(inverted_case):
     comm = MPI.COMM_WORLD
     lam_world = np.array(_uq_json(case)["eigenvalues"])
     if comm.rank == 0:
-        from femkin.study import checkpoint_path, checkpoint_settings
         from femkin.inversion.checkpoint import read_checkpoint
         from femkin.inversion.fit import build_prior
-        from femkin.study import build_problem, open_study
+        from femkin.study import build_problem, checkpoint_path, checkpoint_settings, open_study
         from femkin.uq.laplace_study import analyse
 
         self_comm = MPI.COMM_SELF

@@ -111,7 +111,7 @@ def test_batch_hook_is_used_and_equivalent(comm):
 
     def batch(xs, outs):
         calls.append(len(xs))
-        for x, y in zip(xs, outs):
+        for x, y in zip(xs, outs, strict=True):
             p.apply_H(x, y)
 
     probes = [p.make_probe(i) for i in range(12)]
