@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 NP ?= 2
 PYTEST_FLAGS ?= -q -ra
 
-.PHONY: demo test test-serial test-mpi lint env benchmarks clean
+.PHONY: demo test test-serial test-mpi lint env benchmarks clean docker docker-check
 env: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -39,6 +39,20 @@ test-mpi:
 
 benchmarks: env
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+# Docker (not part of CI): docker/README.md. DOCKER_BASE swaps the base image (ARG BASE), e.g.
+#   make docker-check DOCKER_BASE=<tag> DOCKER_BUILD_FLAGS="--network host"
+IMAGE ?= femkin
+DOCKER_BASE ?=
+DOCKER_BUILD_FLAGS ?=
+docker:
+	docker build $(DOCKER_BUILD_FLAGS) $(if $(DOCKER_BASE),--build-arg BASE=$(DOCKER_BASE)) \
+	  -t $(IMAGE) -f docker/Dockerfile .
+
+# Build, then run cases/stacks on the host and in the image (serially and under mpirun -n 2, as a
+# non-root user) and compare the summary.json files.
+docker-check: docker env
+	bash docker/check.sh $(IMAGE) $(VENV)/bin/femkin
 
 clean:
 	rm -rf $(VENV) build

@@ -184,6 +184,8 @@ class TapedProblem:
         mesh, W, p = model.mesh, model.W, model.parameters
         self.u = dxa.Function(W, name="u")
         self.u_old = dxa.Function(W, name="u_old")
+        self.u_old2 = dxa.Function(W, name="u_old2")
+        multistep = traj.scheme == "bdf2"
 
         def C(v):
             return dxa.Constant(mesh, PETSc.ScalarType(v))
@@ -200,9 +202,11 @@ class TapedProblem:
         }
         self.m = dxa.Function(model.V, name="m")
         dt, mu_e, cbar = C(1.0), C(0.0), C(0.0)
+        weights = [C(1.0), C(-1.0), C(0.0)]  # BDF weights, assigned per step like dt
         with pyadjoint.stop_annotating():
             self.m.x.array[:] = model.m.x.array
             self.u_old.x.array[:] = traj.state(0)
+            self.u_old2.x.array[:] = traj.state(0)
             self.u.x.array[:] = traj.state(0)
         coeffs = acr.ACRCoefficients(
             a=self.blocks["mu_h"],
@@ -216,16 +220,24 @@ class TapedProblem:
             alpha=fixed(p.alpha),
         )
         dx = model.dx
-        F = acr.residual(
-            ufl.split(self.u),
-            ufl.split(self.u_old),
-            ufl.split(ufl.TestFunction(W)),
-            dt,
-            mu_e,
-            cbar,
-            coeffs,
-            dx,
-        )
+        tests = ufl.split(ufl.TestFunction(W))
+        if multistep:
+            F = acr.residual_multistep(
+                ufl.split(self.u),
+                ufl.split(self.u_old),
+                ufl.split(self.u_old2),
+                tests,
+                dt,
+                weights,
+                mu_e,
+                cbar,
+                coeffs,
+                dx,
+            )
+        else:
+            F = acr.residual(
+                ufl.split(self.u), ufl.split(self.u_old), tests, dt, mu_e, cbar, coeffs, dx
+            )
         lu = {"ksp_type": "preonly", "pc_type": "lu", "pc_factor_mat_solver_type": "mumps"}
         opts = {
             "snes_type": "newtonls",
@@ -241,6 +253,13 @@ class TapedProblem:
         J = 0.0
         for n in range(1, len(times)):
             cb = dxa.assemble_scalar(ufl.split(self.u_old)[0] / model.area * dx)
+            if multistep:
+                (a0, a1, a2), (g1, g2) = traj.weights(n)
+                for const, value in zip(weights, (a0, a1, a2), strict=True):
+                    dxa.assign(float(value), const)
+                if g2:
+                    cb2 = dxa.assemble_scalar(ufl.split(self.u_old2)[0] / model.area * dx)
+                    cb = g1 * cb + g2 * cb2
             dxa.assign(cb, cbar)
             dxa.assign(float(times[n] - times[n - 1]), dt)
             dxa.assign(float(driving(times[n])), mu_e)
@@ -251,6 +270,8 @@ class TapedProblem:
                 J = J + dxa.assemble_scalar(
                     0.5 * (ufl.split(self.u)[0] - data[n]) ** 2 / SIGMA**2 * dx
                 )
+            if multistep:
+                dxa.assign(self.u_old, self.u_old2)
             dxa.assign(self.u, self.u_old)
         pyadjoint.pause_annotation()
         self.J = J

@@ -188,8 +188,8 @@ def bench_case(size: float, *, with_dxa: bool) -> dict:
     der.active = None
     t_full_k, _, _ = _timed(full_action)
     kept = {
-        "steps_kept": len(der._cache),
-        "kept_MiB": der._cache_bytes / 2**20,
+        "steps_kept": len(der.factors),
+        "kept_MiB": der.factors.bytes / 2**20,
         "first_gauss_newton_action_s": t_first_k,
         "gauss_newton_action_s": t_gn_k,
         "full_hessian_action_s": t_full_k,

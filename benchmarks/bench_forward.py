@@ -2,12 +2,12 @@
 
 Cases: the demo particle (element size 1 pixel), the same particle refined ~4x in cell count (size
 0.5) and a ~30k-DOF mesh (size 0.32; issue #2 target >= 2e5 DOF-steps/s per core). For each case the
-femkin forward (``ParticleModel.solve``, adaptive steps, its default ``vinewtonrsls`` SNES) and, as
-the baseline, a plain ``dolfinx.fem.petsc.NonlinearProblem`` loop on the same
-compiled-from-the-same-UFL forms over the same step times (plain ``newtonls``: bounds are not needed
-on this trajectory). PETSc's event log splits SNES time into residual assembly, Jacobian assembly
-and linear solves (LU factorisation + triangular solves). Each timed run follows a warm-up run (JIT
-compilation excluded). Prints one JSON object on stdout.
+femkin forward (``ParticleModel.solve``, adaptive backward-Euler steps, its default SNES), the same
+with the default BDF2 scheme, and, as the baseline, a plain ``dolfinx.fem.petsc.NonlinearProblem``
+loop on the same compiled-from-the-same-UFL forms over the same step times (plain ``newtonls``:
+bounds are not needed on this trajectory). PETSc's event log splits SNES time into residual
+assembly, Jacobian assembly and linear solves (LU factorisation + triangular solves). Each timed run
+follows a warm-up run (JIT compilation excluded). Prints one JSON object on stdout.
 
 Run: ``.venv/bin/python benchmarks/bench_forward.py`` (about 2-3 minutes on one idle core).
 """
@@ -145,15 +145,21 @@ def run_plain_dolfinx(problem, times: list[float]) -> dict:
 
 
 def bench_case(name: str, size: float) -> dict:
-    problem = make_problem(size, solver=SolverOptions(), prefix=f"bench_{name}_")
+    # The plain loop is backward Euler, so the throughput comparison runs femkin's Euler; the
+    # default BDF2 is timed on the same window alongside (its step count follows its error
+    # control, see bench_timestep.py for equal-accuracy comparisons).
+    problem = make_problem(size, solver=SolverOptions(scheme="euler"), prefix=f"bench_{name}_")
     femkin_vi, traj = run_femkin(problem)
     times = list(traj.times)
     plain = run_plain_dolfinx(problem, times)
+    bdf2 = make_problem(size, solver=SolverOptions(scheme="bdf2"), prefix=f"bench_{name}_bdf2_")
+    femkin_bdf2, _ = run_femkin(bdf2)
     return {
         "mesh_size_px": size,
         "cells": problem.model.mesh.topology.index_map(2).size_global,
         "dofs": problem.n_dofs,
         "femkin": femkin_vi,
+        "femkin_bdf2": femkin_bdf2,
         "plain_dolfinx_newton": plain,
         "femkin_vs_plain_throughput": femkin_vi["dof_steps_per_s"] / plain["dof_steps_per_s"],
     }

@@ -31,6 +31,7 @@ mu_h = [2.5, 0.0]
 j0 = [0.0]
 k0 = 1.0e-3
 [solver]
+scheme = "euler"
 dc_max = 0.08
 [driving]
 t = [0.0, 400.0]

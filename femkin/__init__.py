@@ -5,9 +5,10 @@ Layers, imports pointing downwards only:
 - ``femkin.io``, ``femkin.meshing``, ``femkin.stxm``: data contract, masks -> meshes, raw STXM.
 - ``femkin.blocks``: the names of the parameter blocks.
 - ``femkin.physics``: the Allen-Cahn reaction (ACR) model as pure UFL forms.
-- ``femkin.forward``, ``femkin.observation``, ``femkin.projection``, ``femkin.adjoint``: time
-  stepping, pixel observation, pixel images onto the mesh, discrete adjoint/tangent/Hessian
-  actions.
+- ``femkin.forward``, ``femkin.observation``, ``femkin.projection``, ``femkin.adjoint``,
+  ``femkin.factor_cache``: time stepping (BDF2 or backward Euler), pixel observation, pixel
+  images onto the mesh, discrete adjoint/tangent/Hessian actions, the kept step
+  factorisations.
 - ``femkin.misfit``, ``femkin.problem``, ``femkin.parameters``, ``femkin.prior``: the pixel
   misfit, the inverse problem over all particles, the parameter vector, the priors.
 - ``femkin.inversion``, ``femkin.uq``, ``femkin.twin``: PETSc TAO fits, Laplace posteriors,

@@ -4,29 +4,33 @@ Everything is derived from the one residual form of :mod:`femkin.physics.acr` wi
 ``ufl.derivative``, ``ufl.adjoint`` and ``ufl.diff`` (hIPPYlib's ``PDEProblem`` is the model):
 a new physics term gets its adjoint with no new code here. The discrete step is
 
-    F_n(u_n, u_{n-1}, s_{n-1}, theta) = 0,     s_{n-1} = mean of c_{n-1} (coherency),
+    F_n(u_n, u_{n-1}, u_{n-2}, s*_n, theta) = 0,   s*_n = g1_n s_{n-1} + g2_n s_{n-2},
 
-and with the Lagrangian L = J + sum_n lambda_n . F_n the adjoint runs backwards:
+with s_k the mean of c_k (coherency) and, for backward Euler, no u_{n-2} and s*_n = s_{n-1};
+for BDF2 the weights of u_{n-1}, u_{n-2} and (g1_n, g2_n) are fixed by the step schedule
+(:func:`femkin.physics.acr.bdf2_weights`). With the Lagrangian L = J + sum_n lambda_n . F_n
+the adjoint runs backwards, each level collecting from the two steps that use it:
 
-    J_n^T lambda_n = -dJ/du_n - (dF_{n+1}/du_n)^T lambda_{n+1}
-                     - (lambda_{n+1} . dF_{n+1}/ds) ds/du_n,
-    dJ/dtheta = sum_n lambda_n . dF_n/dtheta.
+    J_n^T lambda_n = -dJ/du_n - (dF_{n+1}/du_{n-1 slot})^T lambda_{n+1}
+                     - (dF_{n+2}/du_{n-2 slot})^T lambda_{n+2}
+                     - (g1_{n+1} sigma_{n+1} + g2_{n+2} sigma_{n+2}) ds/du_n,
+    sigma_k = lambda_k . dF_k/ds*,     dJ/dtheta = sum_n lambda_n . dF_n/dtheta.
 
 Each step costs one assembly of J^T and one linear solve. The tangent model solves
-J_n du_n = -(dF_n/du_{n-1} du_{n-1} + dF_n/ds ds_{n-1} + dF_n/dtheta dtheta), and the
-second-order adjoint differentiates the adjoint recursion once more in the direction of the
-tangent, which gives full Hessian actions.
+J_n du_n = -(dF_n/du_{n-1} du_{n-1} + dF_n/du_{n-2} du_{n-2} + dF_n/ds* ds*_n
++ dF_n/dtheta dtheta), and the second-order adjoint differentiates the adjoint recursion once
+more in the direction of the tangent, which gives full Hessian actions.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from femkin._fem import MPI, PETSc, dolfinx, ufl
+from femkin.factor_cache import FactorCache
 from femkin.forward import ParticleModel, Trajectory
 
 
@@ -89,10 +93,6 @@ class ParticleDerivatives:
     """
 
     STEP_SCALARS = ("mu_e", "cbar")
-    #: MUMPS factorisations kept by all instances of this process (each holds an MPI
-    #: communicator, of which MPICH has 2048); on one rank PETSc's own LU is kept instead.
-    MUMPS_CACHE_LIMIT = 256
-    _mumps_cached = 0
 
     def __init__(self, model: ParticleModel):
         self.model = model
@@ -100,6 +100,8 @@ class ParticleDerivatives:
         self.lam = dolfinx.fem.Function(W, name="adjoint")
         self.du = dolfinx.fem.Function(W, name="tangent")
         self.du_old = dolfinx.fem.Function(W, name="tangent_old")
+        self.du_old2 = dolfinx.fem.Function(W, name="tangent_old2")
+        self.multistep = model.u_old2 is not None
         self.dm = dolfinx.fem.Function(V, name="dm")
         self.dconst = {
             k: [dolfinx.fem.Constant(model.mesh, PETSc.ScalarType(0.0)) for _ in v]
@@ -111,15 +113,12 @@ class ParticleDerivatives:
         #: Scalar blocks to differentiate (None: all); see :meth:`_scalar_keys`.
         self.active: set[str] | None = None
         self.b = dolfinx.fem.petsc.create_vector(W)
+        self.b2 = dolfinx.fem.petsc.create_vector(W)
         self.x = dolfinx.fem.petsc.create_vector(W)
         self.bV = dolfinx.fem.petsc.create_vector(V)
         self._scalar_vecs: dict = {}
-        # Factorised Jacobians of the current trajectory, by step (see _use_step).
-        self._cache: dict[int, PETSc.KSP] = {}
-        self._cache_of: weakref.ref[Trajectory] | None = None
-        self._cache_key: tuple | None = None
-        self._cache_bytes = 0.0
-        self._factor_bytes: float | None = None
+        #: Factorised Jacobians of the current trajectory, by step (see _use_step).
+        self.factors = FactorCache(model)
         self._ksp = model.ksp
 
     # -- forms ----------------------------------------------------------------------------
@@ -136,6 +135,8 @@ class ParticleDerivatives:
             + ufl.derivative(form, m.u_old, self.du_old)
             + ufl.derivative(form, m.m, self.dm)
         )
+        if self.multistep:
+            out += ufl.derivative(form, m.u_old2, self.du_old2)
         for name, variables in m.variables.items():
             for var, dc in zip(variables, self.dconst[name], strict=True):
                 out += dc * _diff_form(form, var)
@@ -144,6 +145,8 @@ class ParticleDerivatives:
     def _tlm_rhs_ufl(self):
         m = self.model
         out = ufl.derivative(m.F_ufl, m.u_old, self.du_old) + ufl.derivative(m.F_ufl, m.m, self.dm)
+        if self.multistep:
+            out += ufl.derivative(m.F_ufl, m.u_old2, self.du_old2)
         for name, variables in m.variables.items():
             for var, dc in zip(variables, self.dconst[name], strict=True):
                 out += dc * _diff_form(m.F_ufl, var)
@@ -190,13 +193,18 @@ class ParticleDerivatives:
 
     # -- state bookkeeping --------------------------------------------------------------------
     def set_step(self, traj: Trajectory, n: int) -> None:
-        """Put the model at step n: u = u_n, u_old = u_{n-1}, and that step's constants."""
+        """Put the model at step n: states u_n, u_{n-1} (and u_{n-2}), constants, weights."""
         m = self.model
+        if traj.scheme != m.scheme:
+            raise ValueError(f"a {traj.scheme!r} trajectory given to a {m.scheme!r} model")
         m.u.x.array[:] = traj.state(n)
         m.u_old.x.array[:] = traj.state(n - 1)
+        if m.u_old2 is not None:
+            m.u_old2.x.array[:] = traj.state(max(n - 2, 0))
+            m.set_weights(traj.weights(n)[0])
         m.dt.value = traj.dt(n)
         m.constants["mu_e"][0].value = traj.mu_e[n]
-        m.constants["cbar"][0].value = traj.cbar[n - 1]
+        m.constants["cbar"][0].value = traj.cbar_used(n)
 
     def _assemble_W(self, form, vec=None):
         vec = self.b if vec is None else vec
@@ -220,113 +228,30 @@ class ParticleDerivatives:
         # Accounting only (no collective PETSc calls in a finaliser): the kept MUMPS
         # factorisations go with this object, so they no longer count against the limit.
         try:
-            ParticleDerivatives._mumps_cached -= sum(
-                ksp.getPC().getFactorSolverType() == "mumps" for ksp in self._cache.values()
-            )
+            self.factors.release_count()
         except Exception:  # pragma: no cover - interpreter shutdown
             pass
 
     def clear_cache(self) -> None:
         """Free the kept factorisations (done automatically when the trajectory changes)."""
-        for ksp in self._cache.values():
-            if ksp.getPC().getFactorSolverType() == "mumps":
-                ParticleDerivatives._mumps_cached -= 1
-            A = ksp.getOperators()[0]
-            ksp.destroy()
-            A.destroy()
-        self._cache = {}
-        self._cache_of = None
-        self._cache_key = None
-        self._cache_bytes = 0.0
-
-    def _fingerprint(self) -> tuple:
-        """The model's parameters (not the per-step constants): kept factorisations are valid
-        only for the trajectory and the parameters they were computed with.
-        """
-        m = self.model
-        consts = tuple(
-            float(c.value)
-            for name, v in m.constants.items()
-            if name not in self.STEP_SCALARS
-            for c in v
-        )
-        return consts, hash(m.m.x.array.tobytes())
-
-    def _cache_for(self, traj: Trajectory) -> None:
-        """Drop the kept factorisations unless they belong to ``traj`` and the current
-        parameters (called once per recursion, before its first :meth:`_use_step`).
-        """
-        key = self._fingerprint()
-        if self._cache_of is None or self._cache_of() is not traj or self._cache_key != key:
-            self.clear_cache()
-            self._cache_of = weakref.ref(traj)
-            self._cache_key = key
+        self.factors.clear()
 
     def _use_step(self, n: int, keep: bool = False) -> None:
         """Make the next solves use J at step n (the model must be at step n: set_step).
 
-        J_n depends only on the trajectory and the parameters, so one factorisation serves
-        every Hessian action at the same point (a Newton-CG inner loop, the eigensolver's
-        passes). Tangent runs (``keep``) factorise J_n afresh and keep it while the kept ones
-        fit in ``[solver] factor_cache_mb`` per process; the adjoint and second-order runs use
-        what is kept and otherwise refactorise the model's matrix (its symbolic analysis is
-        reused, which makes a lone gradient cheapest). :meth:`_cache_for` must have been
-        called for the trajectory.
+        Tangent runs (``keep``) factorise J_n afresh and keep it while the kept ones fit in
+        ``[solver] factor_cache_mb`` per process (:class:`~femkin.factor_cache.FactorCache`);
+        the adjoint and second-order runs use what is kept and otherwise refactorise the
+        model's matrix (its symbolic analysis is reused, which makes a lone gradient
+        cheapest). ``self.factors.bind`` must have been called for the trajectory.
         """
-        ksp = self._cache.get(n)
-        if ksp is not None:
-            self._ksp = ksp
-            return
-        if not keep:
+        ksp = self.factors.get(n)
+        if ksp is None and keep:
+            ksp = self.factors.factorise(n)
+        if ksp is None:
             self._assemble_jacobian()
-            return
-        m = self.model
-        budget = 2.0**20 * m.solver_options.factor_cache_mb
-        estimate = self._factor_bytes if self._factor_bytes is not None else 0.0
-        comm = m.comm
-        mumps = comm.size > 1
-        full = (
-            budget <= 0
-            or self._cache_bytes + estimate > budget
-            or (mumps and ParticleDerivatives._mumps_cached >= self.MUMPS_CACHE_LIMIT)
-        )
-        # Every rank of the particle decides alike (the factorisation is collective).
-        full = comm.allreduce(bool(full), op=MPI.LOR)
-        if full:
-            self._assemble_jacobian()
-            return
-        A = m.A.duplicate(copy=False)
-        dolfinx.fem.petsc.assemble_matrix(A, m.J)
-        A.assemble()
-        ksp = PETSc.KSP().create(comm)
-        ksp.setOperators(A)
-        ksp.setType("preonly")
-        pc = ksp.getPC()
-        pc.setType("lu")
-        if mumps:
-            pc.setFactorSolverType("mumps")
-            ParticleDerivatives._mumps_cached += 1
         else:
-            pc.setFactorSolverType("petsc")
-            pc.setFactorOrdering("nd")
-        ksp.setUp()
-        if self._factor_bytes is None:
-            self._factor_bytes = comm.allreduce(self._estimate_bytes(A, pc), op=MPI.MAX)
-        self._cache_bytes += self._factor_bytes
-        self._cache[n] = ksp
-        self._ksp = ksp
-
-    @staticmethod
-    def _estimate_bytes(A: PETSc.Mat, pc: PETSc.PC) -> float:
-        """Memory of a kept step: the matrix and its factors (8-byte values, 4-byte indices)."""
-        nnz = A.getInfo()["nz_used"]
-        try:
-            nnz_f = pc.getFactorMatrix().getInfo()["nz_used"]
-        except PETSc.Error:  # pragma: no cover - solver without MatGetInfo
-            nnz_f = 0.0
-        if nnz_f <= 0:
-            nnz_f = 20.0 * nnz  # a generous fill for 2-D P1 meshes
-        return 12.0 * (nnz + nnz_f)
+            self._ksp = ksp
 
     def _solve(self, transpose: bool, rhs: PETSc.Vec, out: dolfinx.fem.Function) -> None:
         """Solve J x = rhs or J^T x = rhs with the last assembled J; result into ``out``."""
@@ -457,7 +382,7 @@ class ParticleDerivatives:
         """
         model = self.model
         N = traj.n_steps
-        self._cache_for(traj)
+        self.factors.bind(traj)
         K = len(sources)
         keys = self._scalar_keys()
         i_cbar = self._cbar_index(keys)
@@ -468,21 +393,32 @@ class ParticleDerivatives:
         dFl_dm = self._form("dFl_dm", lambda: ufl.derivative(self.F_lam, model.m, self.v_test))
         acc = [self._new_sensitivities(N) for _ in range(K)]
         lambdas: list[Any] = [[None] * (N + 1) if store else None for _ in range(K)]
-        # carry[k]: (dF_{n+1}/du_n)^T lambda_{n+1}, local with ghosts (before the reverse
-        # scatter), assembled right after lambda_{n+1} is solved for; s_next[k] its cbar part.
-        carry = [np.zeros(len(self.lam.x.array)) for _ in range(K)]
+        rhs_old2 = None
+        if self.multistep:
+            rhs_old2 = self._form(
+                "rhs_old2",
+                lambda: ufl.derivative(self.F_lam, model.u_old2, ufl.TestFunction(model.W)),
+            )
+        # carry[k]: what the later steps contribute to the level being solved for, local with
+        # ghosts (before the reverse scatter), and s_next[k] its cbar coefficient; carry2[k],
+        # s_next2[k]: what step n+1 already contributes to level n-1 (its u_{n-2} slot).
+        size = len(self.lam.x.array)
+        carry = [np.zeros(size) for _ in range(K)]
+        carry2 = [np.zeros(size) for _ in range(K)]
         s_next = [0.0] * K
+        s_next2 = [0.0] * K
         b = self.b
         for n in range(N, 0, -1):
             self.set_step(traj, n)
             self._use_step(n)
+            _, (g1, g2) = traj.weights(n)
             for k in range(K):
                 self._rhs(carry[k], sources[k], n, s_next[k]).scale(-1.0)
                 self._solve(True, b, self.lam)
                 if store:
                     lambdas[k][n] = self.lam.x.array.copy()
                 scal, g_m, mu_e_sens = acc[k]
-                s_next[k] = self._add_step_scalars(
+                sigma = self._add_step_scalars(
                     keys, self._scalars_local(dFl), n, scal, mu_e_sens, i_cbar
                 )
                 if g_m is not None:
@@ -491,7 +427,15 @@ class ParticleDerivatives:
                     loc.set(0.0)
                 dolfinx.fem.petsc.assemble_vector(b, rhs_old)
                 with b.localForm() as loc:
-                    carry[k][:] = loc.array
+                    carry[k][:] = carry2[k] + loc.array
+                s_next[k] = s_next2[k] + g1 * sigma
+                s_next2[k] = g2 * sigma
+                if rhs_old2 is not None:
+                    with b.localForm() as loc:
+                        loc.set(0.0)
+                    dolfinx.fem.petsc.assemble_vector(b, rhs_old2)
+                    with b.localForm() as loc:
+                        carry2[k][:] = loc.array
         out = []
         for k in range(K):
             # dJ/du_0 (the initial state is a parameter when "initial" is learned).
@@ -516,7 +460,7 @@ class ParticleDerivatives:
     def tangent_many(self, traj: Trajectory, directions: list) -> list[list[np.ndarray]]:
         """:meth:`tangent` for several directions: one J factorisation per step for all."""
         N = traj.n_steps
-        self._cache_for(traj)
+        self.factors.bind(traj)
         rhs = self._form("tlm_rhs", self._tlm_rhs_ufl)
         outs = []
         for d in directions:
@@ -529,11 +473,17 @@ class ParticleDerivatives:
         for n in range(1, N + 1):
             self.set_step(traj, n)
             self._use_step(n, keep=True)
+            _, (g1, g2) = traj.weights(n)
             for d, out in zip(directions, outs, strict=True):
                 if len(directions) > 1:
                     self._set_direction(d)
                 self.du_old.x.array[:] = out[n - 1]
-                self.dconst["cbar"][0].value = self._mean_c_of(out[n - 1])
+                ds = g1 * self._mean_c_of(out[n - 1])
+                if self.multistep:
+                    self.du_old2.x.array[:] = out[max(n - 2, 0)]
+                    if g2:
+                        ds += g2 * self._mean_c_of(out[n - 2])
+                self.dconst["cbar"][0].value = ds
                 self.dconst["mu_e"][0].value = d.mu_e[n] if d.mu_e is not None else 0.0
                 b = self._assemble_W(rhs)
                 b.ghostUpdate(PETSc.InsertMode.ADD, PETSc.ScatterMode.REVERSE)
@@ -575,7 +525,7 @@ class ParticleDerivatives:
         """
         model = self.model
         N = traj.n_steps
-        self._cache_for(traj)
+        self.factors.bind(traj)
         keys = self._scalar_keys()
         i_cbar = self._cbar_index(keys)
         Wt = ufl.TestFunction(model.W)
@@ -594,6 +544,13 @@ class ParticleDerivatives:
         soa_dm = self._form(
             "soa_dm", lambda: self._directional(ufl.derivative(self.F_lam, model.m, self.v_test))
         )
+        soa_old2 = rhs_old2 = None
+        if self.multistep:
+            soa_old2 = self._form(
+                "soa_old2",
+                lambda: self._directional(ufl.derivative(self.F_lam, model.u_old2, Wt)),
+            )
+            rhs_old2 = self._form("rhs_old2", lambda: ufl.derivative(self.F_lam, model.u_old2, Wt))
         self._set_direction(direction)
         ds = [self._mean_c_of(t) for t in tangents]  # d s_n: mean of the tangent c
         dmu_e = direction.mu_e if direction.mu_e is not None else np.zeros(N + 1)
@@ -603,37 +560,53 @@ class ParticleDerivatives:
             self.lam.x.array[:] = lambdas[n]
             self.du.x.array[:] = tangents[n]
             self.du_old.x.array[:] = tangents[n - 1]
-            self.dconst["cbar"][0].value = ds[n - 1]
+            _, (g1, g2) = traj.weights(n)
+            d_cbar = g1 * ds[n - 1]
+            if self.multistep:
+                self.du_old2.x.array[:] = tangents[max(n - 2, 0)]
+                if g2:
+                    d_cbar += g2 * ds[n - 2]
+            self.dconst["cbar"][0].value = d_cbar
             self.dconst["mu_e"][0].value = dmu_e[n]
 
         scal, g_m, mu_e_sens = self._new_sensitivities(N)
         lamhat = dolfinx.fem.Function(model.W)
-        carry = np.zeros(len(self.lam.x.array))
-        s_coef = 0.0
-        b = self.b
+        size = len(self.lam.x.array)
+        carry, carry2 = np.zeros(size), np.zeros(size)
+        s_coef, s_coef2 = 0.0, 0.0
+        b, b2 = self.b, self.b2
         for n in range(N, 0, -1):
             load(n)
+            _, (g1, g2) = traj.weights(n)
             self._rhs(carry, source2, n, s_coef, extra=soa_self).scale(-1.0)
             self._use_step(n)
             self._solve(True, b, lamhat)
             # Hessian action: D(lambda_n . dF_n/dtheta) + lamhat_n . dF_n/dtheta; the cbar parts
-            # of both enter the recursion of step n-1 (with the carried vector terms).
-            s_coef = self._add_step_scalars(
+            # of both enter the recursion of steps n-1 and n-2 (with the carried vector terms).
+            sigma = self._add_step_scalars(
                 keys, self._scalars_local(soa_dvar), n, scal, mu_e_sens, i_cbar
             )
             if g_m is not None:
                 dolfinx.fem.petsc.assemble_vector(g_m, soa_dm)
-            with b.localForm() as loc:
-                loc.set(0.0)
+            for vec in (b, b2):
+                with vec.localForm() as loc:
+                    loc.set(0.0)
             dolfinx.fem.petsc.assemble_vector(b, soa_old)
+            if soa_old2 is not None:
+                dolfinx.fem.petsc.assemble_vector(b2, soa_old2)
             self.lam.x.array[:] = lamhat.x.array
-            s_coef += self._add_step_scalars(
+            sigma += self._add_step_scalars(
                 keys, self._scalars_local(dFl), n, scal, mu_e_sens, i_cbar
             )
             if g_m is not None:
                 dolfinx.fem.petsc.assemble_vector(g_m, dFl_dm)
             dolfinx.fem.petsc.assemble_vector(b, rhs_old)
+            if rhs_old2 is not None:
+                dolfinx.fem.petsc.assemble_vector(b2, rhs_old2)
             with b.localForm() as loc:
-                carry[:] = loc.array
+                carry[:] = carry2 + loc.array
+            with b2.localForm() as loc:
+                carry2[:] = loc.array
+            s_coef, s_coef2 = s_coef2 + g1 * sigma, g2 * sigma
         b = self._rhs(carry, source2, 0, s_coef)
         return self._finish(scal, g_m, mu_e_sens, self._c_owned(b))

@@ -117,6 +117,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "files": Key("files?", None, None, "own meshes: {label = path} or a path with {label}"),
         "file_unit": Key("str", "um", _one_of("um", "pixel"), "unit of the files' coordinates"),
         "footprint_tolerance": Key("float", 0.1, OPEN_UNIT, "relative mismatch allowed"),
+        "max_cells": Key(
+            "int", 1_000_000, AT_LEAST_ONE, "refuse a mesh estimated above this many cells/particle"
+        ),
     },
     "model": {
         "kappa": Key("float", 0.02, NON_NEGATIVE, "gradient energy coefficient, kT um^2"),
@@ -136,7 +139,20 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "newton_rtol": Key("float", 1e-10, POSITIVE, "Newton relative tolerance"),
         "newton_atol": Key("float", 1e-11, POSITIVE, "Newton absolute tolerance"),
         "newton_max_it": Key("int", 25, AT_LEAST_ONE, "Newton iterations per step"),
-        "dc_max": Key("float", 0.02, POSITIVE, "largest change of c per step (accuracy)"),
+        "scheme": Key(
+            "str",
+            "bdf2",
+            _one_of("bdf2", "euler"),
+            "time integrator: bdf2 (2nd order, error-controlled) or euler (backward Euler)",
+        ),
+        "time_tol": Key(
+            "float",
+            5e-4,
+            POSITIVE,
+            "bdf2: largest estimated local error of c per step (units of c; the particle "
+            "average is then within ~0.005 of the exact time integral)",
+        ),
+        "dc_max": Key("float", 0.02, POSITIVE, "euler: largest change of c per step (accuracy)"),
         "storage": Key("str", "memory", _one_of("memory", "disk"), "where step states are kept"),
         "factor_cache_mb": Key(
             "float",
@@ -254,6 +270,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "i0_region": Key("list[int]?", None, _all(_length(4), NON_NEGATIVE), "row0,row1,col0,col1"),
         "threshold": Key("float?", None, None, "segmentation threshold"),
         "min_size": Key("int", 20, NON_NEGATIVE, "smallest particle, pixels"),
+        "bootstrap": Key("int", 100, NON_NEGATIVE, "bootstrap resamples of the energies for sigma"),
         "times": Key("list[float]?", None, _all(FINITE, _increasing), "frame times, s"),
     },
     "verify": {

@@ -5,9 +5,17 @@ space of (c, mu), the P1 space of the log-rate field ``m``, the parameter consta
 ``ufl.variable`` so that ``ufl.diff`` gives parameter derivatives), the residual form and its
 Jacobian compiled once, and a PETSc SNES (options prefix ``femkin_forward_``).
 
-:meth:`ParticleModel.solve` integrates from the initial state through the frame times with
-adaptive backward-Euler steps that land exactly on every frame and keeps every converged state
-in a :class:`Trajectory` (in memory or on disk) for the adjoint.
+:meth:`ParticleModel.solve` integrates from the initial state through the frame times and
+keeps every converged state in a :class:`Trajectory` (in memory or on disk) for the adjoint.
+Two schemes (``[solver] scheme``):
+
+- ``"bdf2"`` (default): variable-step BDF2 (second order, L-stable-like, backward Euler for the
+  first step) with steps chosen from a local error estimate: the difference between the BDF2
+  solution and the quadratic extrapolation of the three previous levels, scaled by the
+  variable-step error constants, is kept below ``time_tol`` (units of c, max over the mesh);
+  steps land on every frame time and every mu_e knot.
+- ``"euler"``: backward Euler with the step chosen so that c changes by about ``dc_max`` per
+  step (first order; the scheme of femkin <= 0.x, kept for comparison).
 """
 
 from __future__ import annotations
@@ -75,8 +83,10 @@ class ModelParameters:
 
 @dataclasses.dataclass
 class SolverOptions:
-    """Time stepping and Newton settings (the case file's ``[solver]`` section, read by
-    :func:`femkin.study.solver_options`).
+    """Time stepping and Newton settings (``[solver]``, see :func:`femkin.study.solver_options`).
+
+    ``scheme`` is ``"bdf2"`` (steps from the local error estimate, ``time_tol`` in units of c)
+    or ``"euler"`` (steps from the change of c, ``dc_max``).
     """
 
     dt_initial: float | None = None
@@ -86,6 +96,8 @@ class SolverOptions:
     newton_atol: float = 1e-11
     newton_max_it: int = 25
     dc_max: float = 0.02
+    scheme: str = "bdf2"
+    time_tol: float = 5e-4
     storage: str = "memory"
     factor_cache_mb: float = 1024.0
     petsc_options: dict = dataclasses.field(default_factory=dict)
@@ -101,7 +113,11 @@ class Trajectory:
         frame_steps: index of the state at each frame time.
     """
 
-    def __init__(self, storage: str = "memory"):
+    def __init__(self, storage: str = "memory", scheme: str = "euler"):
+        self.scheme = scheme
+        #: Work of the run, rejected steps and failed Newton solves included.
+        self.newton_total = 0
+        self.rejected = 0
         self.times: list[float] = []
         self.mu_e: list[float] = []
         self.cbar: list[float] = []
@@ -138,6 +154,17 @@ class Trajectory:
     def dt(self, n: int) -> float:
         """The length (s) of step ``n`` (from state n-1 to n)."""
         return self.times[n] - self.times[n - 1]
+
+    def weights(self, n: int) -> tuple[tuple[float, float, float], tuple[float, float]]:
+        """Step n's ((a0, a1, a2), (g1, g2)) of :func:`femkin.physics.acr.bdf2_weights`."""
+        if self.scheme == "bdf2" and n >= 2:
+            return acr.bdf2_weights(self.dt(n), self.dt(n - 1))
+        return acr.bdf2_weights(self.dt(n), None)
+
+    def cbar_used(self, n: int) -> float:
+        """The value of the coherency mean in step n's residual."""
+        _, (g1, g2) = self.weights(n)
+        return g1 * self.cbar[n - 1] + (g2 * self.cbar[n - 2] if g2 else 0.0)
 
 
 class ParticleModel:
@@ -177,6 +204,13 @@ class ParticleModel:
 
         self.u = dolfinx.fem.Function(self.W, name="state")
         self.u_old = dolfinx.fem.Function(self.W, name="state_old")
+        self.scheme = self.solver_options.scheme
+        if self.scheme not in ("bdf2", "euler"):
+            raise ValueError(f'scheme must be "bdf2" or "euler", found {self.scheme!r}')
+        #: The level t_{n-2} of a BDF2 step (None for backward Euler).
+        self.u_old2 = (
+            dolfinx.fem.Function(self.W, name="state_old2") if self.scheme == "bdf2" else None
+        )
         self.m = dolfinx.fem.Function(self.V, name="m")
         self.test = ufl.TestFunction(self.W)
         self.trial = ufl.TrialFunction(self.W)
@@ -213,16 +247,32 @@ class ParticleModel:
             coherency=var["coherency"][0],
             alpha=self.alpha,
         )
-        self.F_ufl = acr.residual(
-            ufl.split(self.u),
-            ufl.split(self.u_old),
-            ufl.split(self.test),
-            self.dt,
-            var["mu_e"][0],
-            var["cbar"][0],
-            self.coeffs,
-            self.dx,
-        )
+        #: BDF weights (a0, a1, a2) of the current step (fixed by the step schedule).
+        self.bdf = [const(1.0), const(-1.0), const(0.0)]
+        if self.scheme == "euler":
+            self.F_ufl = acr.residual(
+                ufl.split(self.u),
+                ufl.split(self.u_old),
+                ufl.split(self.test),
+                self.dt,
+                var["mu_e"][0],
+                var["cbar"][0],
+                self.coeffs,
+                self.dx,
+            )
+        else:
+            self.F_ufl = acr.residual_multistep(
+                ufl.split(self.u),
+                ufl.split(self.u_old),
+                ufl.split(self.u_old2),
+                ufl.split(self.test),
+                self.dt,
+                self.bdf,
+                var["mu_e"][0],
+                var["cbar"][0],
+                self.coeffs,
+                self.dx,
+            )
         self.J_ufl = ufl.derivative(self.F_ufl, self.u, self.trial)
         self.F = dolfinx.fem.form(self.F_ufl)
         self.J = dolfinx.fem.form(self.J_ufl)
@@ -329,19 +379,40 @@ class ParticleModel:
                 opts[key] = defaults[k]
         self.ksp.setFromOptions()
 
-    def newton_step(self, dt: float, mu_e: float, cbar: float) -> tuple[bool, int, int]:
-        """Solve one step from ``u_old``; returns (converged, iterations, SNES reason)."""
+    def set_weights(self, weights: Sequence[float]) -> None:
+        """Set the BDF weights (a0, a1, a2) of the next step (BDF2 scheme only)."""
+        for c, v in zip(self.bdf, weights, strict=True):
+            c.value = v
+
+    def newton_step(
+        self, dt: float, mu_e: float, cbar: float, guess: np.ndarray | None = None
+    ) -> tuple[bool, int, int]:
+        """Solve one step from ``u_old``; returns (converged, iterations, SNES reason).
+
+        ``guess`` (owned values of W) starts Newton; default the previous state.
+        """
         self.dt.value = dt
         self.constants["mu_e"][0].value = mu_e
         self.constants["cbar"][0].value = cbar
-        self.x.array[:] = self.u_old.x.petsc_vec.array  # predictor: previous state
+        if guess is None:
+            self.x.array[:] = self.u_old.x.petsc_vec.array  # predictor: previous state
+        else:
+            self.x.array[:] = guess
         try:
             self.snes.solve(None, self.x)
-        except PETSc.Error:
+        except PETSc.Error as err:
+            if err.__cause__ is not None:
+                # a Python exception inside a callback (Ctrl-C, a full disk, a bug) is not a
+                # Newton failure: halving the step would hide it
+                raise err.__cause__ from None
             return False, self.snes.getIterationNumber(), -99
         reason = self.snes.getConvergedReason()
         its = self.snes.getIterationNumber()
         ok = reason > 0 and np.all(np.isfinite(self.x.array))
+        # A "converged" solve without a Newton update (PETSc can report a step-norm
+        # convergence at iteration 0 when the update vanishes) must have a small residual.
+        if ok and its == 0:
+            ok = self.snes.getFunctionNorm() <= self.solver_options.newton_atol
         ok = self.comm.allreduce(bool(ok), op=MPI.LAND)
         if ok:
             self.x.ghostUpdate(PETSc.InsertMode.INSERT, PETSc.ScatterMode.FORWARD)
@@ -385,7 +456,7 @@ class ParticleModel:
         """
         o = self.solver_options
         frame_times = [float(t) for t in frame_times]
-        traj = Trajectory(storage or o.storage)
+        traj = Trajectory(storage or o.storage, self.scheme)
         self.u.x.array[:] = 0.0
         nV = len(self.c_dofs)
         self.u.x.array[self.c_dofs] = c0[:nV]
@@ -395,6 +466,8 @@ class ParticleModel:
         cbar = self.mean_c()
         traj.append(t, driving(t), cbar, self.u.x.array)
         traj.frame_steps.append(0)
+        if self.scheme == "bdf2":
+            return self._solve_bdf2(traj, frame_times, driving, schedule, on_frame)
         gaps = np.diff(frame_times)
         dt = o.dt_initial or (gaps[0] / 10.0 if gaps.size else 1.0)
         dt_max = o.dt_max or np.inf
@@ -416,7 +489,9 @@ class ParticleModel:
                     step = t_frame - t
             self.u_old.x.array[:] = self.u.x.array
             ok, its, reason = self.newton_step(step, driving(t_new), cbar)
+            traj.newton_total += its
             if not ok:
+                traj.rejected += 1
                 self.u.x.array[:] = self.u_old.x.array
                 if schedule is not None or step / 2 < o.dt_min:
                     raise ConvergenceError(
@@ -445,6 +520,136 @@ class ParticleModel:
             growth = 1.5 if its <= 4 else 1.0
             dt = step * float(np.clip(o.dc_max / max(dc, 1e-300), 0.5, growth))
         return traj
+
+    def _solve_bdf2(self, traj, frame_times, driving, schedule, on_frame) -> Trajectory:
+        """Variable-step BDF2 from the state in ``traj`` (see :meth:`solve`).
+
+        The local error of a step is estimated from the difference of the BDF2 solution and
+        the quadratic extrapolation p of the three previous levels: with steps h, h1, h2, a0
+        the leading BDF2 weight and c3 the third time derivative of c,
+        c_n - c(t_n) ~ h^2 (h + h1) c3 / (6 a0) and c(t_n) - p(t_n) ~ h (h + h1) (h + h1 + h2)
+        c3 / 6, so the error is (h / a0) / (h / a0 + h + h1 + h2) |c_n - p(t_n)|. The first
+        step (backward Euler) takes half the change of c as its error and the second one the
+        distance to the linear extrapolation: both overestimate, so the start is cautious.
+        """
+        o = self.solver_options
+        comm = self.comm
+        cd = self.c_dofs
+        n_own = len(self.x.array)
+        u_old2 = self.u_old2
+        assert u_old2 is not None  # a BDF2 model
+        t = float(frame_times[0])
+        t_end = float(frame_times[-1])
+        scale = max(1.0, abs(t_end))
+        # Step targets: the frames and the mu_e knots inside the interval.
+        targets = [float(x) for x in frame_times[1:]]
+        for knot in np.asarray(getattr(driving, "t", ()), dtype=float):
+            if t < knot < t_end and min(abs(knot - x) for x in targets) > 1e-9 * scale:
+                targets.append(float(knot))
+        targets = sorted(targets)
+        gaps = np.diff(frame_times)
+        h = o.dt_initial or (gaps[0] / 10.0 if gaps.size else 1.0)
+        dt_max = o.dt_max or np.inf
+        tol = o.time_tol
+        hist = [self.u.x.array.copy()]  # the last three accepted states (local arrays)
+        hist_t = [t]
+        cbars = [traj.cbar[0]]
+        frame_i, target_i, k = 1, 0, 0
+        if schedule is not None:
+            sched = np.asarray(schedule, dtype=float)
+        while frame_i < len(frame_times):
+            if schedule is not None:
+                t_new = float(sched[k + 1])
+                step = t_new - t
+            else:
+                target = targets[target_i]
+                step = min(h, dt_max)
+                if len(hist) >= 2:
+                    step = min(step, 2.0 * (t - hist_t[-2]))  # ratio <= 2: zero-stable BDF2
+                rem = target - t
+                if step >= rem * (1.0 - 1e-9):
+                    step, t_new = rem, target
+                else:
+                    step = min(step, 0.5 * rem)  # two even steps rather than a sliver
+                    t_new = t + step
+                step = t_new - t  # exactly the step the trajectory's times give
+            h_prev = t - hist_t[-2] if len(hist) >= 2 else None
+            a, g = acr.bdf2_weights(step, h_prev)
+            self.set_weights(a)
+            self.u_old.x.array[:] = hist[-1]
+            u_old2.x.array[:] = hist[-2] if len(hist) >= 2 else hist[-1]
+            cbar = g[0] * cbars[-1] + (g[1] * cbars[-2] if len(hist) >= 2 else 0.0)
+            pred = self._extrapolated(hist, hist_t, t_new)
+            guess = None
+            if pred is not None:  # Newton starts from the extrapolated c where it is valid
+                inside = bool(np.all((pred[cd] > 1e-6) & (pred[cd] < 1.0 - 1e-6)))
+                if comm.allreduce(inside, op=MPI.LAND):
+                    guess = hist[-1][:n_own].copy()
+                    own = cd < n_own
+                    guess[cd[own]] = pred[cd[own]]
+            ok, its, reason = self.newton_step(step, driving(t_new), cbar, guess)
+            traj.newton_total += its
+            if not ok:
+                traj.rejected += 1
+                self.u.x.array[:] = hist[-1]
+                if schedule is not None or step / 2 < o.dt_min:
+                    raise ConvergenceError(
+                        f"Newton did not converge at t = {t:.6g} s with step {step:.3g} s "
+                        f"(SNES reason {reason}, {its} iterations); the step floor is "
+                        f"dt_min = {o.dt_min:g} s"
+                    )
+                h = step / 2
+                continue
+            if schedule is None:
+                c_new = self.u.x.array[cd]
+                if len(hist) == 1 or pred is None:
+                    err_local, order = 0.5 * np.abs(c_new - hist[0][cd]), 1
+                elif len(hist) == 2:
+                    err_local, order = np.abs(c_new - pred[cd]), 2
+                else:
+                    h1, h2 = hist_t[-1] - hist_t[-2], hist_t[-2] - hist_t[-3]
+                    r = (step / a[0]) / (step / a[0] + step + h1 + h2)
+                    err_local, order = r * np.abs(c_new - pred[cd]), 2
+                err = comm.allreduce(float(np.max(err_local, initial=0.0)), op=MPI.MAX)
+                factor = 0.9 * (tol / max(err, 1e-300)) ** (1.0 / (order + 1))
+                if err > tol and step * 0.2 >= o.dt_min:
+                    traj.rejected += 1
+                    self.u.x.array[:] = hist[-1]
+                    h = step * max(0.2, min(factor, 0.9))
+                    continue
+                h = step * float(np.clip(factor, 0.2, 2.0))
+            t = t_new
+            k += 1
+            cbar_new = self.mean_c()
+            traj.append(t, driving(t), cbar_new, self.u.x.array)
+            traj.newton_iterations.append(its)
+            hist = (hist + [self.u.x.array.copy()])[-3:]
+            hist_t = (hist_t + [t])[-3:]
+            cbars = (cbars + [cbar_new])[-2:]
+            if schedule is None and abs(t - targets[target_i]) <= 1e-9 * scale:
+                target_i += 1
+            t_frame = frame_times[frame_i]
+            if abs(t - t_frame) <= 1e-9 * max(1.0, abs(t_frame)):
+                traj.frame_steps.append(len(traj.times) - 1)
+                if on_frame is not None:
+                    on_frame(frame_i)
+                frame_i += 1
+        return traj
+
+    @staticmethod
+    def _extrapolated(hist: list, hist_t: list, t_new: float) -> np.ndarray | None:
+        """The polynomial through the kept levels (linear or quadratic) at ``t_new``."""
+        if len(hist) < 2:
+            return None
+        ts = hist_t[-3:]
+        out = np.zeros_like(hist[-1])
+        for i, (ti, ui) in enumerate(zip(ts, hist[-3:], strict=True)):
+            w = 1.0
+            for j, tj in enumerate(ts):
+                if j != i:
+                    w *= (t_new - tj) / (ti - tj)
+            out += w * ui
+        return out
 
     # -- helpers --------------------------------------------------------------------------
     def c_values(self, u_array: np.ndarray) -> np.ndarray:

@@ -14,6 +14,15 @@ its centre at ``x = (j + 0.5) * pixel_size``, ``y = (i + 0.5) * pixel_size``):
    mesh over the communicator.
 
 Meshes are cached as ``cache_dir/particle_<label>_<hash>.msh``, the hash covering every input.
+
+Before gmsh runs, the number of triangles is estimated from the particle's area and the element
+size (:func:`estimated_cells`: ``2.31 area / size^2 + 4 boundary edges / size``, in pixels);
+above ``max_cells`` (``[mesh] max_cells``, default :data:`MAX_CELLS`) the mesh is refused
+with the smallest element size that fits, instead of meshing for minutes. gmsh writes nothing
+outside the cache folder: its scratch files go to ``cache_dir/.femkin/`` and the FLTK preference
+file it writes on start-up goes to a scratch ``HOME`` there (FLTK also writes
+``/etc/fltk/fltk.org/fltk.prefs`` when the process may write ``/etc``, i.e. as root; that path is
+compiled into the gmsh wheel).
 """
 
 from __future__ import annotations
@@ -21,17 +30,25 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from femkin.errors import InputError, raise_on_every_rank
+from femkin.errors import FemkinError, InputError, raise_on_every_rank
 from femkin.io.atomic import atomic_write
 from femkin.mesh_import import particle_mesh_file, read_particle_mesh
+from femkin.outputs import PRIVATE, scratch_dir
+from femkin.sysdeps import diagnose
 
+#: Default limit of the estimated triangles per particle (``[mesh] max_cells``).
+MAX_CELLS = 1_000_000
+#: Triangles per (element size)^2 of area: Frontal-Delaunay gives near-equilateral triangles.
+CELLS_PER_AREA = 4.0 / np.sqrt(3.0)
+#: Extra triangles along the boundary, per pixel edge and element size (measured with gmsh).
+CELLS_PER_EDGE = 4.0
 #: Bump when the polygon or gmsh recipe changes: invalidates every cached mesh.
 MESH_VERSION = 1
 _RESAMPLE = 0.25  # arc-length spacing (pixels) of the smoothed contour
@@ -125,7 +142,7 @@ def particle_polygons(
     # Smoothing and chords of convex stretches shrink a ring; an offset along the vertex normals
     # restores the area enclosed by the level set (which matches the pixel count).
     corrected = [_area_restored(r, _signed_area(rings[k])) for r, k in zip(out, kept, strict=True)]
-    if not _intersecting(corrected):
+    if not rings_intersect(corrected):
         out = corrected
     return [r * pixel_size for r in out]
 
@@ -191,14 +208,14 @@ def _simplified(rings: list[np.ndarray], tolerance: float) -> list[np.ndarray]:
             else:
                 r = ring
             out.append(r)
-        if all(len(r) >= 3 for r in out) and not _intersecting(out):
+        if all(len(r) >= 3 for r in out) and not rings_intersect(out):
             return out
         if tolerance < 1e-3:
             return rings
         tolerance /= 2
 
 
-def _intersecting(rings: list[np.ndarray]) -> bool:
+def rings_intersect(rings: list[np.ndarray]) -> bool:
     """True if any two non-adjacent edges of the rings cross or touch."""
     starts = np.vstack(rings)
     ends = np.vstack([np.roll(r, -1, axis=0) for r in rings])
@@ -245,6 +262,48 @@ def mesh_hash(
     return digest.hexdigest()[:16]
 
 
+def estimated_cells(mask: np.ndarray, label: int, size: float) -> int:
+    """The number of triangles gmsh makes for a particle at element size ``size`` (pixels).
+
+    ``CELLS_PER_AREA area / size^2`` for the interior plus :data:`CELLS_PER_EDGE` per pixel edge
+    of the boundary per element size (gmsh refines along the polygon); within 20% of gmsh's
+    count from 3 to 0.25 pixels (tests/robustness/test_outputs.py).
+    """
+    indicator = np.pad(np.asarray(mask) == label, 1)
+    area = float(np.count_nonzero(indicator))
+    edges = float(
+        np.count_nonzero(indicator[1:] != indicator[:-1])
+        + np.count_nonzero(indicator[:, 1:] != indicator[:, :-1])
+    )
+    return int(np.ceil(CELLS_PER_AREA * area / size**2 + CELLS_PER_EDGE * edges / size))
+
+
+def check_cell_count(
+    mask: np.ndarray,
+    label: int,
+    size: float,
+    max_cells: int = MAX_CELLS,
+    source: str = "mask",
+    field: str = "mesh.size",
+) -> int:
+    """The estimated triangles of a particle; refuses more than ``max_cells``.
+
+    Raises:
+        InputError: naming ``field`` of ``source``, the estimate and the smallest size that fits.
+    """
+    cells = estimated_cells(mask, label, size)
+    if cells > max_cells:
+        smallest = size * np.sqrt(cells / max_cells)
+        raise InputError(
+            source,
+            field,
+            f"an element size giving at most max_cells = {max_cells} triangles for particle "
+            f"{label} (size >= {smallest:.3g} pixels, or raise [mesh] max_cells)",
+            f"size {size:g} pixels: about {cells} triangles",
+        )
+    return cells
+
+
 def mesh_particle(
     mask: np.ndarray,
     label: int,
@@ -260,6 +319,7 @@ def mesh_particle(
     files: dict[int, str] | str | None = None,
     file_unit: str = "um",
     footprint_tolerance: float = 0.1,
+    max_cells: int = MAX_CELLS,
 ) -> ParticleMesh:
     """Mesh one particle of a label mask with triangles on ``comm``.
 
@@ -279,10 +339,11 @@ def mesh_particle(
             pixels instead of meshing the mask (:mod:`femkin.mesh_import`).
         file_unit: Unit of those files' coordinates, ``"um"`` or ``"pixel"``.
         footprint_tolerance: Relative area and containment mismatch allowed for those files.
+        max_cells: Refuse a mesh of more (estimated) triangles than this.
 
     Raises:
-        InputError: an empty label, a non-positive size, or a particle gmsh cannot mesh
-            (raised on every rank).
+        InputError: an empty label, a non-positive size, a mesh above ``max_cells``, an
+            unwritable cache folder, or a particle gmsh cannot mesh (raised on every rank).
     """
     _indicator(mask, label, source)  # every rank validates before any collective call
     if files is not None:
@@ -297,44 +358,90 @@ def mesh_particle(
         raise InputError(source, "mesh.size", "a positive element size in pixels", size)
     if not (np.isfinite(pixel_size) and pixel_size > 0):
         raise InputError(source, "pixel_size", "a positive size in micrometres", pixel_size)
+    check_cell_count(mask, label, size, max_cells, source)
     options = dict(smoothing=smoothing, simplify=simplify, min_hole_area=min_hole_area)
     key = mesh_hash(mask, label, pixel_size, size, **options)
     cache = Path(cache_dir) if cache_dir is not None else None
     target = cache / f"particle_{int(label)}_{key}.msh" if cache is not None else None
 
-    error, msh, scratch = None, None, None
+    error: FemkinError | None = None
+    msh, scratch, home = None, None, None
     if comm.rank == 0:
         try:
+            writable = cache is not None and (
+                os.access(cache, os.W_OK) if cache.exists() else _creatable(cache)
+            )
             if target is not None and target.is_file():
                 msh = target
+                home = cache / PRIVATE / f"home-{os.getpid()}" if writable and cache else None
             else:
+                _remove_stale(cache)
+                scratch = scratch_dir(cache)  # cache None: the system temporary directory
+                home = scratch.__enter__()
                 rings = particle_polygons(mask, label, pixel_size, **options, source=source)
-                scratch = Path(tempfile.mkdtemp(prefix="femkin-mesh-"))
-                built = scratch / "particle.msh"
-                _gmsh_write(rings, int(label), size * pixel_size, built)
-                msh = built
+                msh = home / "particle.msh"
+                try:
+                    _gmsh_write(rings, int(label), size * pixel_size, msh, home=home)
+                except Exception as err:  # gmsh raises plain Exceptions
+                    # a missing system library is neither the data's nor the folder's fault
+                    if (problem := diagnose(err, "gmsh")) is not None:
+                        raise problem from None
+                    if isinstance(err, OSError):
+                        raise
+                    raise InputError(
+                        source, "mask", f"a particle {label} that gmsh can mesh", f"gmsh: {err}"
+                    ) from None
                 if target is not None:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    atomic_write(target, lambda tmp: shutil.copyfile(built, tmp))
-                    msh = target
-        except InputError as err:
+                    msh = _store(msh, target)
+        except FemkinError as err:
             error = err
-        except Exception as err:  # gmsh raises plain Exceptions
-            error = InputError(
-                source, "mask", f"a particle {label} that gmsh can mesh", f"gmsh: {err}"
-            )
+        except OSError as err:
+            where = err.filename or cache
+            error = InputError(str(where), None, "a writable mesh folder", f"{err.strerror or err}")
     try:
         raise_on_every_rank(comm, error)
-        mesh = read_msh(msh, comm)
+        mesh = read_msh(msh, comm, home=home)
     finally:
         if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+            scratch.__exit__(None, None, None)
     area = comm.allreduce(_local_area(mesh))
     return ParticleMesh(mesh, int(label), float(pixel_size), area, target)
 
 
-def read_msh(path: str | os.PathLike | None, comm) -> Any:
+def _store(msh: Path, target: Path) -> Path:
+    """Copy a new mesh into the cache atomically."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(target, lambda tmp: shutil.copyfile(msh, tmp))
+    return target
+
+
+#: Scratch folders of killed runs older than this (seconds) are removed.
+_STALE = 600.0
+
+
+def _creatable(folder: Path) -> bool:
+    parent = folder.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    return os.access(parent, os.W_OK)
+
+
+def _remove_stale(cache: Path | None) -> None:
+    """Remove scratch folders that killed runs left in ``cache/.femkin``."""
+    if cache is None:
+        return
+    for old in list((cache / PRIVATE).glob("scratch-*")) + list((cache / PRIVATE).glob("home-*")):
+        try:
+            if time.time() - old.stat().st_mtime > _STALE:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def read_msh(path: str | os.PathLike | None, comm, *, home: Path | None = None) -> Any:
     """Read a 2-D gmsh ``.msh`` file (needed on rank 0 only) into a DOLFINx mesh on ``comm``.
+
+    ``home``: where gmsh's FLTK may write its preference file meanwhile (see :func:`_gmsh_start`).
 
     Raises:
         InputError: on every rank, when rank 0 cannot read the file.
@@ -345,23 +452,25 @@ def read_msh(path: str | os.PathLike | None, comm) -> Any:
 
     # isort: on
 
-    error = None
+    error: FemkinError | None = None
     if comm.rank == 0:
-        import gmsh
-
         try:
+            import gmsh
+
             if path is None or not Path(path).is_file():
                 raise FileNotFoundError("no such file")
-            _gmsh_start()
+            _gmsh_start(home=home)
             gmsh.model.add("femkin_read")
             gmsh.merge(str(path))
             if not gmsh.model.getPhysicalGroups(2):
                 raise ValueError("no physical surface group")
         except Exception as err:
-            _gmsh_stop()
-            error = InputError(
-                path, None, "a readable 2-D gmsh mesh", f"{type(err).__name__}: {err}"
-            )
+            error = diagnose(err, "gmsh")
+            if error is None:
+                _gmsh_stop()
+                error = InputError(
+                    path, None, "a readable 2-D gmsh mesh", f"{type(err).__name__}: {err}"
+                )
     raise_on_every_rank(comm, error)
     if comm.rank == 0:
         import gmsh
@@ -379,14 +488,51 @@ def read_msh(path: str | os.PathLike | None, comm) -> Any:
 _GMSH_OWNED = False
 
 
-def _gmsh_start() -> None:
+def _gmsh_start(home: Path | None = None) -> None:
+    """Initialise gmsh (no config files, no popups) with ``HOME`` at ``home`` meanwhile.
+
+    gmsh's FLTK writes ``$HOME/.fltk/fltk.org/fltk.prefs`` on start-up; pointing ``HOME`` at
+    a scratch folder of the case keeps the user's home untouched.
+    """
     global _GMSH_OWNED
     import gmsh
 
     if not gmsh.isInitialized():
-        gmsh.initialize(["-nopopup"], readConfigFiles=False, interruptible=False)
+        saved = os.environ.get("HOME")
+        created = home is not None and not Path(home).exists()
+        if home is not None:
+            Path(home).mkdir(parents=True, exist_ok=True)
+            os.environ["HOME"] = str(home)
+        handlers = _signal_handlers()
+        try:
+            gmsh.initialize(["-nopopup"], readConfigFiles=False, interruptible=False)
+        finally:
+            _restore_signal_handlers(handlers)  # gmsh resets SIGTERM to its default
+            if home is not None:
+                if saved is None:
+                    os.environ.pop("HOME", None)
+                else:
+                    os.environ["HOME"] = saved
+                shutil.rmtree(Path(home) if created else Path(home) / ".fltk", ignore_errors=True)
         _GMSH_OWNED = True
     gmsh.option.setNumber("General.Terminal", 0)
+
+
+def _signal_handlers() -> dict:
+    import signal
+
+    return {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signal_handlers(handlers: dict) -> None:
+    import signal
+
+    for signum, handler in handlers.items():
+        if handler is not None:
+            try:
+                signal.signal(signum, handler)
+            except ValueError:  # not the main thread
+                pass
 
 
 def _gmsh_stop() -> None:
@@ -398,11 +544,13 @@ def _gmsh_stop() -> None:
         _GMSH_OWNED = False
 
 
-def _gmsh_write(rings: list[np.ndarray], label: int, h: float, path: Path) -> None:
+def _gmsh_write(
+    rings: list[np.ndarray], label: int, h: float, path: Path, *, home: Path | None = None
+) -> None:
     """Mesh the polygon (outer ring + holes, um) with gmsh; write a .msh file."""
     import gmsh
 
-    _gmsh_start()
+    _gmsh_start(home=home)
     try:
         gmsh.model.add(f"femkin_particle_{label}")
         geo = gmsh.model.geo
@@ -428,6 +576,11 @@ def _gmsh_write(rings: list[np.ndarray], label: int, h: float, path: Path) -> No
         if gmsh.isInitialized() and gmsh.model.getCurrent() == f"femkin_particle_{label}":
             gmsh.model.remove()
         _gmsh_stop()
+
+
+def mesh_area(mesh) -> float:
+    """The area of a mesh (um^2 for femkin's meshes), collective on ``mesh.comm``."""
+    return float(mesh.comm.allreduce(_local_area(mesh)))
 
 
 def _local_area(mesh) -> float:

@@ -479,8 +479,8 @@ class ParameterSpace:
         Only rank 0's ``d`` is used. Collective on ``comm``.
 
         Raises:
-            InputError: a block is missing, has the wrong size, or a dof coordinate of a field
-                is not found (on every rank together).
+            InputError: a block is missing, has the wrong size or NaN/inf values, or a dof
+                coordinate of a field is not found (on every rank together).
         """
         error = None
         if self.comm.rank == 0 and (found := self._check_global_dict(d, source)) is not None:
@@ -539,6 +539,10 @@ class ParameterSpace:
             key = block_key_str(fb.name, fb.label)
             if key not in d or key + "/coordinates" not in d:
                 return (key, "a stored field with coordinates", "nothing")
+        for key, value in d.items():
+            value = np.asarray(value)
+            if value.dtype.kind in "fc" and not np.all(np.isfinite(value)):
+                return (key, "finite values", f"{int(np.sum(~np.isfinite(value)))} NaN/inf")
         return None
 
     def destroy(self) -> None:

@@ -26,6 +26,7 @@ import numpy as np
 
 from femkin.inversion.results import write_csv, write_json
 from femkin.io.atomic import atomic_write
+from femkin.outputs import results_dir
 from femkin.physics.acr import C_GRID, ln_j0, mu_h
 
 __all__ = [
@@ -141,7 +142,8 @@ def write_particle_fields(
 
 
 def _results_dir(study, comm) -> Path:
-    out = study.case.dir / "results"
+    # the staging folder of an open result set (femkin.outputs.ResultSet), else CASE/results
+    out = results_dir(study.case.dir)
     if comm.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     comm.barrier()

@@ -21,10 +21,11 @@ import numpy as np
 from femkin._fem import MPI
 from femkin.case import Case, load_case
 from femkin.driving import Driving
-from femkin.errors import FemkinError, InputError
+from femkin.errors import FemkinError, InputError, os_error_message
 from femkin.forward import ModelParameters, SolverOptions
 from femkin.io.video import Video, read_video
-from femkin.meshing import mesh_particle
+from femkin.meshing import check_cell_count, mesh_particle
+from femkin.outputs import check_writable
 from femkin.parallel import distribute
 from femkin.problem import InverseProblem
 from femkin.progress import Progress
@@ -130,6 +131,8 @@ def collective(comm, func, *args, **kwargs):
         result = func(*args, **kwargs)
     except FemkinError as e:
         err = e
+    except OSError as e:  # a file that cannot be read or written: the user's to fix
+        err = FemkinError(os_error_message(e))
     errors = comm.allgather(None if err is None else (type(err), str(err)))
     for found in errors:
         if found is not None:
@@ -163,12 +166,115 @@ def open_study(path, comm=MPI.COMM_WORLD, *, simulated: bool | None = None) -> S
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             video = read_video(video_path)
+            check_initial_frame(video, video_path)
         for w in caught:
             if comm.rank == 0:
                 print(f"femkin: warning: {w.message}", flush=True)
         return Study(case, video, video_path, truth, twin)
 
     return collective(comm, load)
+
+
+#: Observed values of c this many sigma outside [0, 1] are counted as beyond the noise.
+OUT_OF_RANGE_SIGMAS = 3.0
+
+
+def check_initial_frame(video: Video, source) -> None:
+    """Every particle must be observed in the first frame: it is the initial state.
+
+    Raises:
+        InputError: naming the particle, and the first frame where it is observed.
+    """
+    for label in video.labels:
+        inside = video.mask == label
+        if np.isfinite(video.c[0][inside]).any():
+            continue
+        seen = [f for f in range(video.c.shape[0]) if np.isfinite(video.c[f][inside]).any()]
+        later = (
+            f"frame 0 all NaN; first observed in frame {seen[0]} (t = {video.t[seen[0]]:g} s): "
+            f"drop the frames before it, or give the particle its own video"
+            if seen
+            else "never observed"
+        )
+        raise InputError(
+            source,
+            "c",
+            f"particle {int(label)} observed in the first frame (its initial state)",
+            later,
+        )
+
+
+def check_fit_data(
+    video: Video, sigma, source, *, include_first: bool = False, require_data: bool = True
+) -> list[str]:
+    """Data checks of a fit that validation of the video alone cannot make.
+
+    - data to fit: some observed pixel after the first frame (frame 0 is the initial state);
+    - ``sigma`` finite and positive at every observed pixel;
+    - counts of observed values outside [0, 1] by more than :data:`OUT_OF_RANGE_SIGMAS`
+      sigma, per frame (a warning: the first frame is clipped for the initial state, later
+      frames are fitted as observed).
+
+    Returns:
+        Warning messages (the caller prints them once).
+
+    Raises:
+        InputError: nothing to fit (with ``require_data``), or a sigma that is NaN, infinite or
+            non-positive where c is observed.
+    """
+    c = video.c
+    inside = video.mask > 0
+    observed = np.isfinite(c) & inside[None]
+    first = 0 if include_first else 1
+    if require_data and (c.shape[0] <= first or not observed[first:].any()):
+        raise InputError(
+            source,
+            "c",
+            "observed pixels after the first frame (the first frame is the initial state; "
+            "there is nothing to fit)",
+            f"{c.shape[0]} frame(s), none observed after frame 0",
+        )
+    s = np.broadcast_to(np.asarray(sigma, dtype=np.float64), c.shape)
+    bad = observed & ~(np.isfinite(s) & (s > 0))
+    if bad.any():
+        f, i, j = (int(v[0]) for v in np.nonzero(bad))
+        raise InputError(
+            source,
+            "sigma",
+            "a finite positive noise std at every observed pixel",
+            f"{int(bad.sum())} observed pixel(s) with sigma NaN, inf or <= 0 "
+            f"(first: frame {f}, pixel ({i}, {j}), sigma {s[f, i, j]})",
+        )
+    messages = []
+    blind = [int(lb) for lb in video.labels if not observed[first:, video.mask == lb].any()]
+    if blind:
+        messages.append(
+            f"{source}: particle(s) {blind} not observed after the first frame: their k(x) is "
+            "fitted from the prior alone"
+        )
+    with np.errstate(invalid="ignore"):
+        z = np.where(observed, np.maximum(-c, c - 1.0) / s, 0.0)
+    far = observed & (z > OUT_OF_RANGE_SIGMAS)
+    if far.any():
+        per_frame = {int(f): int(n) for f, n in enumerate(far.sum(axis=(1, 2))) if n}
+        frames = ", ".join(f"frame {f}: {n}" for f, n in per_frame.items())
+        messages.append(
+            f"{source}: {int(far.sum())} observed value(s) of c lie outside [0, 1] by more than "
+            f"{OUT_OF_RANGE_SIGMAS:g} sigma ({frames}); the first frame is clipped to "
+            "[0.001, 0.999] for the initial state, later frames are fitted as observed: check "
+            "the normalisation of the Li fraction"
+        )
+    return messages
+
+
+def require_writable(comm, study_or_dir, *names: str) -> None:
+    """Check, before any work, that ``CASE/<name>`` can be written for each name (collective).
+
+    Raises:
+        InputError: on every rank, naming the folder and the reason (read-only, full disk).
+    """
+    case_dir = Path(getattr(getattr(study_or_dir, "case", None), "dir", study_or_dir))
+    check_writable(comm, *(case_dir / n for n in names))
 
 
 def build_meshes(comm, study: Study, labels, *, size: float | None = None, quiet: bool = True):
@@ -182,6 +288,15 @@ def build_meshes(comm, study: Study, labels, *, size: float | None = None, quiet
     opts = dict(study.case.mesh)
     if size is not None:
         opts["size"] = size
+    for lb in labels if not opts.get("files") else ():  # own meshes: no size to check
+        check_cell_count(
+            video.mask,
+            int(lb),
+            opts["size"],
+            opts["max_cells"],
+            str(study.case.file),
+            "mesh.size" if size is None else "simulate.mesh_size",
+        )
     meshes = {}
     bar = Progress(f"mesh: {len(dist.mine)} particle(s)", len(dist.mine), comm=comm, quiet=quiet)
 
@@ -208,20 +323,38 @@ def build_meshes(comm, study: Study, labels, *, size: float | None = None, quiet
 
 
 def build_problem(
-    study: Study, comm=MPI.COMM_WORLD, *, learn=None, quiet: bool = True
+    study: Study,
+    comm=MPI.COMM_WORLD,
+    *,
+    learn=None,
+    quiet: bool = True,
+    require_data: bool = False,
 ) -> InverseProblem:
-    """The inverse problem of a case (meshes cached, particles distributed; ``quiet=False``
-    shows a progress bar while meshing).
+    """The inverse problem of a case (meshes cached, particles distributed).
+
+    ``quiet=False`` shows a progress bar while meshing; ``require_data=True`` (the verbs that
+    fit) refuses a video with nothing observed after the first frame (:func:`check_fit_data`).
     """
     case, video = study.case, study.video
     labels = [int(lb) for lb in video.labels]
 
     def checks():
         sigma = resolve_sigma(video, case.data, str(study.video_path))
+        learned = case.inversion["learn"] if learn is None else learn
+        notes = check_fit_data(
+            video,
+            sigma,
+            study.video_path,
+            include_first="initial" in learned,
+            require_data=require_data,
+        )
         driving = driving_from(video, case.driving, labels)
-        return sigma, driving
+        return sigma, driving, notes
 
-    sigma, driving = collective(comm, checks)
+    sigma, driving, notes = collective(comm, checks)
+    if comm.rank == 0:
+        for note in notes:
+            print(f"femkin: warning: {note}", flush=True)
     dist, meshes = build_meshes(comm, study, labels, quiet=quiet)
     params = model_parameters(case.model)
     solver = solver_options(case.solver)

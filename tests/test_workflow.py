@@ -123,7 +123,9 @@ def test_trajectory_on_disk_equals_memory():
 
     mesh = dolfinx.mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
     model = ParticleModel(
-        mesh, ModelParameters(mu_h=(3.0,), j0=(), k0=2e-3), solver=SolverOptions(dc_max=0.05)
+        mesh,
+        ModelParameters(mu_h=(3.0,), j0=(), k0=2e-3),
+        solver=SolverOptions(scheme="euler", dc_max=0.05),
     )
     c0 = np.full(model.V.dofmap.index_map.size_local + model.V.dofmap.index_map.num_ghosts, 0.2)
     frames, drive = [0.0, 100.0, 200.0], Driving([0.0, 200.0], [1.0, 2.0])

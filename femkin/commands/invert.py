@@ -1,9 +1,9 @@
 """``femkin invert CASE``: fit mu_h, j0, k0 and k(x) (the ``[inversion] learn`` blocks).
 
 Meshes (cached), fits with PETSc TAO (options prefix ``femkin_``: ``-femkin_tao_type``; PETSc
-options from the case's ``[inversion] petsc_options`` and the command line), checkpoints after every iteration
-(``CASE/checkpoints/state.npz``, written atomically; ``--resume`` continues from it) and writes
-``CASE/results/`` (:func:`femkin.report.write_fit_results`).
+options from the case's ``[inversion] petsc_options`` and the command line), checkpoints after
+every iteration (``CASE/checkpoints/state.npz``, written atomically; ``--resume`` continues
+from it) and writes ``CASE/results/`` (:func:`femkin.report.write_fit_results`).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def invert(case_path, *, resume: bool = False, quiet: bool = False, comm=None):
     t0 = time.perf_counter()
     study = open_study(case_path, comm)
     case = study.case
-    problem = build_problem(study, comm, quiet=quiet)
+    problem = build_problem(study, comm, quiet=quiet, require_data=True)
     timings["setup"] = time.perf_counter() - t0
     x0 = problem.initial_vector()
     prior = build_prior(problem, case.inversion["prior"], x0)

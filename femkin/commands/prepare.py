@@ -10,8 +10,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from femkin.case import SCHEMA
-from femkin.errors import CaseError, InputError
+from femkin.errors import CaseError, InputError, run_on_root
 
 #: The ``[prepare]`` keys of the case schema, where their defaults are declared.
 PREPARE = SCHEMA["prepare"]
@@ -74,8 +76,9 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--bootstrap",
         type=int,
-        default=100,
-        help="bootstrap resamples of the energies for sigma (default 100)",
+        default=None,
+        help=f"bootstrap resamples of the energies for sigma (default {_default('bootstrap')}; "
+        "0: no sigma, then the case needs [data] sigma)",
     )
     parser.add_argument(
         "--case",
@@ -107,7 +110,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         out["out"] = case.resolve(sec.get("out") or _default("out"))
     if args.stacks:
         out["stacks"] = list(args.stacks)
-    for key in ("references", "out", "i0_region", "threshold", "min_size", "times"):
+    for key in ("references", "out", "i0_region", "threshold", "min_size", "times", "bootstrap"):
         value = getattr(args, key)
         if value is not None:
             out[key] = value
@@ -119,11 +122,33 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _work(args: argparse.Namespace) -> str:
+#: The settings that change what prepare makes from the same files (see femkin.stxm.provenance).
+RECORDED = ("i0_region", "threshold", "min_size", "times", "bootstrap")
+
+
+def _work(args: argparse.Namespace, *, if_stale: bool = False) -> tuple[str, bool]:
+    """Prepare (rank 0); with ``if_stale``, only when the video is not current.
+
+    Returns the report and whether a video was written.
+    """
     from femkin.io.video import Video, validate_video, write_video
     from femkin.stxm import prepare, read_references, read_stack, write_summary
+    from femkin.stxm.provenance import input_files, record_path, stale_reason, write_record
 
     cfg = settings(args)
+    out = Path(cfg["out"])
+    recorded = {k: cfg[k] for k in RECORDED}
+    files = input_files(cfg["stacks"], cfg["references"])
+    if if_stale:
+        reason = stale_reason(out, recorded, files)
+        if reason is None:
+            return (
+                f"prepare: {out} is current ({len(files)} input files and the [prepare] "
+                f"settings unchanged since {record_path(out).name}); skipped",
+                False,
+            )
+    else:
+        reason = "requested"
     stacks = [read_stack(p) for p in cfg["stacks"]]
     refs = read_references(cfg["references"])
     result = prepare(
@@ -133,9 +158,8 @@ def _work(args: argparse.Namespace) -> str:
         threshold=cfg["threshold"],
         min_size=int(cfg["min_size"]),
         times=cfg["times"],
-        n_boot=args.bootstrap,
+        n_boot=int(cfg["bootstrap"]),
     )
-    out = Path(cfg["out"])
     video = Video(
         c=result.c,
         mask=result.mask,
@@ -145,34 +169,59 @@ def _work(args: argparse.Namespace) -> str:
         source="; ".join(str(p) for p in cfg["stacks"]),
     )
     validate_video(video, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record_path(out).unlink(missing_ok=True)  # a video without its record is never current
     write_video(out, video)
     png = out.parent / f"{out.stem}_summary.png"
     write_summary(png, result)
+    write_record(out, recorded, files)
     drift = max(float(abs(s).max()) for s in result.shifts)
     lines = [
-        f"{len(stacks)} frame(s), {result.mask.max()} particle(s), "
+        f"prepare ({reason}): {len(stacks)} frame(s), {result.mask.max()} particle(s), "
         f"{int((result.mask > 0).sum())} pixels, pixel {result.pixel_size:g} um",
         f"largest drift corrected: {drift:.2f} px; Fe OD thresholds "
         + ", ".join(f"{v:.3g}" for v in result.thresholds),
     ]
     for k in range(result.c.shape[0]):
-        import numpy as np
-
-        lines.append(
-            f"t = {result.t[k]:g} s: mean c {np.nanmean(result.c[k]):.3f}, "
-            f"median sigma {np.nanmedian(result.sigma[k]):.3f}"
+        noise = (
+            "" if result.sigma is None else f", median sigma {np.nanmedian(result.sigma[k]):.3f}"
         )
+        lines.append(f"t = {result.t[k]:g} s: mean c {np.nanmean(result.c[k]):.3f}{noise}")
+    if result.sigma is None:
+        lines.append("no sigma written (--bootstrap 0): set [data] sigma in the case file")
     lines.append(f"wrote {out} and {png}")
-    return "\n".join(lines)
+    return "\n".join(lines), True
+
+
+def prepare_case(case: Path, comm, *, quiet: bool = False) -> bool:
+    """Make the case's ``[prepare]`` video unless it is current (for ``femkin run``).
+
+    Returns:
+        Whether the video was (re)made, on every rank.
+    """
+    args = argparse.Namespace(
+        case=Path(case),
+        stacks=[],
+        references=None,
+        out=None,
+        i0_region=None,
+        threshold=None,
+        min_size=None,
+        times=None,
+        bootstrap=None,
+    )
+    result = run_on_root(comm, _work, args, if_stale=True)
+    if comm.rank == 0 and not quiet:
+        print(result[0], flush=True)
+    return bool(comm.bcast(result[1] if comm.rank == 0 else None, root=0))
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``prepare`` on rank 0; re-raise a user error on every rank."""
     from femkin._fem import MPI
-    from femkin.errors import run_on_root
 
     comm = MPI.COMM_WORLD
     report = run_on_root(comm, _work, args)
     if comm.rank == 0:
-        print(report, flush=True)
+        print(report[0], flush=True)
     return 0

@@ -1,4 +1,9 @@
-"""``femkin run CASE``: the whole study — mesh, simulate (twin experiments), invert, uq, report."""
+"""``femkin run CASE``: the whole study — prepare, mesh, simulate (twin experiments), invert, uq.
+
+A case whose ``[prepare]`` section names raw stacks starts from them: ``femkin prepare`` makes
+the ``[data]`` video first, and again only when the stacks, the reference spectra or the
+``[prepare]`` settings changed since (see :mod:`femkin.stxm.provenance`).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,13 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
+    """Add the ``run`` verb."""
     parser = subparsers.add_parser(
         "run",
-        help="the whole study: mesh, (simulate), invert, uq, report",
-        description="Run a case end to end. A case with a [simulate] section is a twin "
+        help="the whole study: (prepare), mesh, (simulate), invert, uq, report",
+        description="Run a case end to end. A case whose [prepare] section names raw STXM "
+        "stacks is prepared first (skipped while its video is newer than the stacks, the "
+        "references and the [prepare] settings). A case with a [simulate] section is a twin "
         "experiment: its data are simulated first (if CASE/simulated/video.npz is missing).",
     )
     parser.add_argument("case", type=Path, help="case directory (or its case.toml)")
@@ -22,14 +30,19 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Prepare (when needed), mesh, (simulate), invert and sample the posterior of a case."""
     from femkin._fem import MPI
     from femkin.case import load_case
     from femkin.commands.invert import invert
+    from femkin.commands.prepare import prepare_case
     from femkin.commands.simulate import simulate
     from femkin.study import collective
 
     comm = MPI.COMM_WORLD
     case = collective(comm, load_case, args.case)
+    if case.prepare["stacks"]:
+        _check_prepare_target(case)
+        prepare_case(args.case, comm, quiet=args.quiet)
     if case.simulate is not None and not (case.dir / "simulated" / "video.npz").exists():
         simulate(args.case, comm, quiet=args.quiet)
     problem, result, timings, prior = invert(args.case, resume=args.resume, quiet=args.quiet)
@@ -49,3 +62,17 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
     return 0
+
+
+def _check_prepare_target(case) -> None:
+    """The video that prepare writes must be the one that ``[data]`` reads."""
+    from femkin.errors import CaseError
+
+    out, video = case.resolve(case.prepare["out"]), case.resolve(case.data["video"])
+    if out.resolve() != video.resolve():
+        raise CaseError(
+            case.file,
+            "prepare.out",
+            f"the video that [data] reads ('{case.data['video']}') when [prepare] names stacks",
+            f"'{case.prepare['out']}'",
+        )

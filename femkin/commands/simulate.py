@@ -42,12 +42,14 @@ def simulate(case_path, comm=None, *, quiet: bool = False) -> Path:
         driving_from,
         model_parameters,
         open_study,
+        require_writable,
         solver_options,
     )
     from femkin.twin import TrueField, read_k_map, simulate_particle, with_noise
 
     comm = comm or MPI.COMM_WORLD
     study = open_study(case_path, comm, simulated=False)
+    require_writable(comm, study, "meshes", "simulated")
     case, video = study.case, study.video
     sim = case.simulate or {}
     labels = [int(lb) for lb in video.labels]

@@ -37,26 +37,34 @@ def register(subparsers) -> None:
     )
     parser.add_argument("case", type=Path, help="case directory (or its case.toml)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument(
+        "--allow-unfinished",
+        action="store_true",
+        help="run at the last iterate of a fit that did not finish (recorded in uq.json)",
+    )
     parser.set_defaults(func=run)
 
 
-def uq(case_path, *, quiet: bool = False, comm=None) -> dict | None:
+def uq(case_path, *, quiet: bool = False, comm=None, allow_unfinished: bool = False) -> dict | None:
     """Run the UQ step of an inverted case; returns the ``uq.json`` content on rank 0.
 
     Raises:
-        InputError: when the case has no MAP checkpoint (run ``femkin invert`` first) or the
-            checkpoint belongs to other inversion settings.
+        InputError: when the case has no MAP checkpoint (run ``femkin invert`` first), the
+            checkpoint belongs to other inversion settings, the fit did not finish (unless
+            ``allow_unfinished``) or ``results/`` holds another fit run's files.
     """
     from femkin._fem import MPI
     from femkin.errors import InputError
     from femkin.inversion.checkpoint import read_checkpoint
     from femkin.inversion.fit import build_prior
+    from femkin.outputs import fit_record
     from femkin.study import (
         build_problem,
         checkpoint_path,
         checkpoint_settings,
         collective,
         open_study,
+        require_writable,
     )
 
     comm = comm or MPI.COMM_WORLD
@@ -64,6 +72,7 @@ def uq(case_path, *, quiet: bool = False, comm=None) -> dict | None:
     study = open_study(case_path, comm)
     case = study.case
     ckpt = checkpoint_path(case)
+    require_writable(comm, study, "meshes", "results", ".femkin")
 
     def check():
         if not ckpt.exists():
@@ -75,17 +84,37 @@ def uq(case_path, *, quiet: bool = False, comm=None) -> dict | None:
             )
 
     collective(comm, check)
-    problem = build_problem(study, comm, quiet=quiet)
+    problem = build_problem(study, comm, quiet=quiet, require_data=True)
     x = problem.initial_vector()
     prior = build_prior(problem, case.inversion["prior"], x)
     _, case_hash = checkpoint_settings(study, problem)
     state = read_checkpoint(ckpt, problem.space, x, case_hash=case_hash)
+    fit = collective(comm, fit_record, state, case.dir, ckpt, allow_unfinished=allow_unfinished)
+    if comm.rank == 0 and not fit["finished"]:
+        print(
+            f"femkin: warning: the fit did not finish (iteration {fit['iterations']}); the "
+            "Laplace approximation is taken at its last iterate (--allow-unfinished)",
+            flush=True,
+        )
+    elif comm.rank == 0 and not fit["converged"]:
+        print(
+            f"femkin: warning: the fit stopped with {fit['stop_reason']} without converging; "
+            "the Laplace approximation is taken at a point that is not the MAP point",
+            flush=True,
+        )
     history = state["history"] if state else []
     if state:
         problem.set_schedules(state.get("schedules", {}))
     setup = time.perf_counter() - t0
     return uq_at(
-        study, problem, prior, x, history or [], quiet=quiet, extra_timings={"setup": setup}
+        study,
+        problem,
+        prior,
+        x,
+        history or [],
+        quiet=quiet,
+        extra_timings={"setup": setup},
+        fit=fit,
     )
 
 
@@ -98,12 +127,17 @@ def uq_at(
     *,
     quiet: bool = False,
     extra_timings: dict | None = None,
+    fit: dict | None = None,
 ) -> dict | None:
     """The UQ step on a built problem at its MAP point ``x`` (also used by ``femkin run``).
+
+    ``fit``: the fit's record (:func:`femkin.outputs.fit_record`), written into ``uq.json``;
+    the files are added to the fit's result set and replace ``results/`` together.
 
     Returns:
         The ``uq.json`` content on rank 0, ``None`` elsewhere.
     """
+    from femkin.outputs import ResultSet, read_run_record, shared_run_id
     from femkin.report import write_uq_results
     from femkin.uq.laplace_study import analyse
     from femkin.uq.sampling_study import save_laplace
@@ -119,19 +153,32 @@ def uq_at(
     timings["total"] = time.perf_counter() - t0 + timings.get("setup", 0.0)
     result.wall_time = timings
     payload = result.to_json(study.case.uq) if comm.rank == 0 else None
-    write_uq_results(study, problem, x, result, payload, history)
+    if fit is None:  # called right after the fit (femkin run): the result set's own fit
+        runs = comm.bcast(read_run_record(study.case.dir) if comm.rank == 0 else None, root=0)
+        fit = {"run_id": runs.get("invert", {}).get("run_id"), "finished": True}
+    if payload is not None:
+        payload["fit"] = fit
+    # One consistent set: the fit's results plus these replace results/ together.
+    with ResultSet(
+        study.case.dir,
+        comm,
+        verb="uq",
+        run_id=shared_run_id(comm),
+        keep_existing=True,
+        record={"fit_run_id": fit.get("run_id")},
+    ):
+        write_uq_results(study, problem, x, result, payload, history)
     if payload is not None and not quiet:  # rank 0
         print(
             f"uq: rank {payload['rank']}, {payload['hessian_actions']} Hessian actions, "
             f"{timings['total']:.1f} s; results in {study.case.dir / 'results'}",
             flush=True,
         )
-    comm.barrier()  # every rank returns once the result files exist
     return payload
 
 
 def run(args: argparse.Namespace) -> int:
     from femkin._fem import MPI
 
-    uq(args.case, quiet=args.quiet, comm=MPI.COMM_WORLD)
+    uq(args.case, quiet=args.quiet, comm=MPI.COMM_WORLD, allow_unfinished=args.allow_unfinished)
     return 0

@@ -42,15 +42,16 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from femkin._fem import MPI
-    from femkin.study import build_problem, open_study
+    from femkin.study import build_problem, open_study, require_writable
     from femkin.verification import hessian_symmetry, taylor_test
 
     comm = MPI.COMM_WORLD
     study = open_study(args.case, comm)
+    require_writable(comm, study, "meshes")
     case = study.case
     blocks = args.blocks or case.verify["blocks"] or case.inversion["learn"]
     learn = list(dict.fromkeys(list(case.inversion["learn"]) + list(blocks)))
-    problem = build_problem(study, comm, learn=learn)
+    problem = build_problem(study, comm, learn=learn, require_data=True)
     # J is only as accurate as the Newton solves: with the case's tolerances (1e-10) the
     # third-order remainder of the smallest steps reaches that noise. Tighter here; SNES's
     # step-length test still ends Newton where the residual stagnates at roundoff.

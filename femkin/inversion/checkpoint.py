@@ -72,7 +72,7 @@ def read_checkpoint(
             with np.load(path) as data:
                 state = json.loads(str(data[_STATE]))
                 blocks = {k: data[k] for k in data.files if k != _STATE}
-        except (OSError, ValueError, KeyError) as exc:
+        except Exception as exc:  # noqa: BLE001 - zipfile, pickle, JSON: all unreadable
             raise InputError(
                 path, None, "a femkin checkpoint (.npz)", f"{type(exc).__name__}: {exc}"
             ) from None

@@ -283,6 +283,16 @@ def validate_video(video: Video, source: str | os.PathLike | None = None) -> lis
             raise InputError(src, "sigma", "a positive finite noise level", float(sigma))
         if np.any(finite <= 0):
             raise InputError(src, "sigma", "positive values", f"minimum {finite.min()}")
+        if sigma.ndim:
+            unweighted = np.isfinite(c) & ~np.isfinite(sigma)
+            if unweighted.any():
+                raise InputError(
+                    src,
+                    "sigma",
+                    "a finite sigma wherever c is observed",
+                    f"{int(unweighted.sum())} observed pixel(s) with NaN/inf sigma "
+                    f"(of {int(np.isfinite(c).sum())} observed)",
+                )
     observed = c[np.isfinite(c)]
     if np.any(np.isinf(c)):
         raise InputError(

@@ -11,7 +11,10 @@ Units: length um, time s, chemical potentials kT. Unknowns ``c`` (Li fraction) a
 
 ``cbar`` is the particle mean of ``c`` at the previous time level (semi-implicit coherency),
 so that the Newton Jacobian stays sparse; the adjoint carries its dependence exactly.
-Backward Euler in time. Every function here takes UFL expressions and returns UFL
+Two time discretisations: backward Euler (:func:`residual`) and the variable-step
+second-order backward differentiation formula (:func:`residual_multistep`, BDF2, whose
+``cbar`` is the mean extrapolated linearly from the two previous levels, see
+:func:`bdf2_weights`). Every function here takes UFL expressions and returns UFL
 expressions or forms; parameters enter as whatever UFL the caller passes (``ufl.variable``
 wrapped constants so that ``ufl.diff`` gives parameter derivatives).
 """
@@ -109,6 +112,54 @@ def residual(u, u_old, tests, dt, mu_e, cbar, coeffs: ACRCoefficients, dx):
     v, w = tests
     rate = reaction_rate(c, mu, mu_e, coeffs)
     f_c = ((c - c_old) / dt - rate) * v * dx
+    f_mu = (mu - mu_h(c, coeffs.a) - coeffs.coherency * (c - cbar)) * w * dx
+    f_mu -= coeffs.kappa * ufl.inner(ufl.grad(c), ufl.grad(w)) * dx
+    return f_c + f_mu
+
+
+def bdf2_weights(h: float, h_prev: float | None) -> tuple[tuple[float, float, float], tuple]:
+    """Weights of one variable-step BDF2 step (backward Euler when ``h_prev`` is None).
+
+    The step from t_{n-1} to t_n = t_{n-1} + h with previous step ``h_prev``, ratio
+    w = h / h_prev, approximates dc/dt(t_n) by (a0 c_n + a1 c_{n-1} + a2 c_{n-2}) / h with
+    a = ((1 + 2w)/(1 + w), -(1 + w), w^2/(1 + w)) (the derivative at t_n of the quadratic
+    through the three levels), and the mean of c at t_n by the linear extrapolation
+    g1 cbar_{n-1} + g2 cbar_{n-2}, g = (1 + w, -w), which keeps the semi-implicit coherency
+    term second order.
+
+    Returns:
+        ((a0, a1, a2), (g1, g2)); ((1, -1, 0), (1, 0)) for backward Euler.
+    """
+    if h_prev is None:
+        return (1.0, -1.0, 0.0), (1.0, 0.0)
+    w = h / h_prev
+    return ((1 + 2 * w) / (1 + w), -(1 + w), w * w / (1 + w)), (1 + w, -w)
+
+
+def residual_multistep(u, u_old, u_old2, tests, dt, weights, mu_e, cbar, coeffs, dx):
+    """Residual of one variable-step BDF2 step from ``u_old`` (t_{n-1}) and ``u_old2`` (t_{n-2}).
+
+    Args:
+        u: the new state (c, mu) as a pair of UFL expressions.
+        u_old: the state at t_{n-1}; only its c enters.
+        u_old2: the state at t_{n-2}; only its c enters.
+        tests: the pair of test functions (v, w).
+        dt: step size t_n - t_{n-1} (s).
+        weights: (a0, a1, a2) of :func:`bdf2_weights` (UFL constants; (1, -1, 0) gives a
+            backward-Euler step, used for the first step).
+        mu_e: reservoir chemical potential at the new time (kT).
+        cbar: the extrapolated particle mean of c at t_n (see :func:`bdf2_weights`).
+        coeffs: model coefficients.
+        dx: the cell measure.
+
+    Returns:
+        The residual form F(u; v, w).
+    """
+    c, mu = u
+    a0, a1, a2 = weights
+    v, w = tests
+    rate = reaction_rate(c, mu, mu_e, coeffs)
+    f_c = ((a0 * c + a1 * u_old[0] + a2 * u_old2[0]) / dt - rate) * v * dx
     f_mu = (mu - mu_h(c, coeffs.a) - coeffs.coherency * (c - cbar)) * w * dx
     f_mu -= coeffs.kappa * ufl.inner(ufl.grad(c), ufl.grad(w)) * dx
     return f_c + f_mu

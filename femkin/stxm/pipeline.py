@@ -51,7 +51,7 @@ class Prepared(NamedTuple):
     """
 
     c: np.ndarray
-    sigma: np.ndarray
+    sigma: np.ndarray | None
     mask: np.ndarray
     labels: np.ndarray
     t: np.ndarray
@@ -219,7 +219,8 @@ def prepare(
         threshold: Fe optical density threshold for the masks; Otsu per frame if None.
         min_size: smallest particle kept, in pixels.
         times: frame times in seconds; from the headers if None.
-        n_boot: bootstrap resamples for sigma.
+        n_boot: bootstrap resamples for sigma (>= 2); 0: no sigma (``sigma`` is None; the case
+            then needs ``[data] sigma``).
         seed: bootstrap seed.
 
     Raises:
@@ -229,6 +230,13 @@ def prepare(
         raise InputError("stacks", "stacks", "at least one stack", 0)
     if min_size < 1:
         raise InputError("prepare", "min_size", "a positive number of pixels", min_size)
+    if n_boot < 0 or n_boot == 1:
+        raise InputError(
+            "prepare",
+            "bootstrap",
+            "0 (no sigma) or at least 2 resamples (a standard deviation needs two)",
+            n_boot,
+        )
     pixel_size = _check_grid(stacks)
     t = frame_times(stacks, times)
     designs = [references.at(s.energies, source=s.source) for s in stacks]
@@ -265,7 +273,11 @@ def prepare(
         )
     inside = mask > 0
     c = np.array([np.where(inside, r.c, np.nan) for r in results])
-    sigma = np.array([np.where(inside, np.maximum(r.sigma, SIGMA_FLOOR), np.nan) for r in results])
+    sigma = (
+        np.array([np.where(inside, np.maximum(r.sigma, SIGMA_FLOOR), np.nan) for r in results])
+        if n_boot > 0
+        else None
+    )
     return Prepared(
         c=c,
         sigma=sigma,
@@ -337,8 +349,10 @@ def write_summary(path: str | pathlib.Path, result: Prepared, *, max_frames: int
     )
     ax.set_title("labels, last frame")
     ax = axes[2, 2]
-    im = ax.imshow(result.sigma[0], cmap="magma")
-    ax.set_title("sigma(c), frame 0")
+    no_sigma = result.sigma is None
+    shown = np.full_like(result.c[0], np.nan) if result.sigma is None else result.sigma[0]
+    im = ax.imshow(shown, cmap="magma")
+    ax.set_title("no sigma (--bootstrap 0)" if no_sigma else "sigma(c), frame 0")
     fig.colorbar(im, ax=ax, shrink=0.8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -47,17 +47,17 @@ def test_kept_factorisations_reproduce_refactorising(problem):
     grad_ref = _flat(problem, der.adjoint(problem.traj, problem.source)[0])
     gn_ref = _flat(problem, _gauss_newton(problem, d))
     full_ref = _flat(problem, problem.hessian(d))
-    assert len(der._cache) == 0
+    assert len(der.factors) == 0
     opts.factor_cache_mb = 1024.0
     grad = _flat(problem, der.adjoint(problem.traj, problem.source)[0])
-    assert len(der._cache) == 0  # a lone gradient keeps nothing
+    assert len(der.factors) == 0  # a lone gradient keeps nothing
     gn = _flat(problem, _gauss_newton(problem, d))
     n_steps = problem.traj.n_steps
-    assert len(der._cache) == n_steps  # every step kept by the tangent run
-    kept = dict(der._cache)
+    assert len(der.factors) == n_steps  # every step kept by the tangent run
+    kept = {n: der.factors.get(n) for n in der.factors.steps()}
     full = _flat(problem, problem.hessian(d))
     grad2 = _flat(problem, der.adjoint(problem.traj, problem.source)[0])
-    assert all(der._cache[n] is kept[n] for n in kept)  # reused, not refactorised
+    assert all(der.factors.get(n) is kept[n] for n in kept)  # reused, not refactorised
     assert _rel(grad, grad_ref) < 1e-11
     assert _rel(grad2, grad_ref) < 1e-11
     assert _rel(gn, gn_ref) < 1e-11
@@ -70,17 +70,17 @@ def test_budget_bounds_what_is_kept(problem):
     d = _direction(problem, BLOCKS, seed=1.3)
     der.clear_cache()
     _gauss_newton(problem, d)
-    one = der._factor_bytes
+    one = der.factors.step_bytes
     assert one > 0
     # Room for three steps: three kept, the others refactorised on every use, same answer.
     opts.factor_cache_mb = 3.5 * one / 2**20
     der.clear_cache()
     g3 = _flat(problem, _gauss_newton(problem, d))
-    assert len(der._cache) == 3
+    assert len(der.factors) == 3
     opts.factor_cache_mb = 0.0
     der.clear_cache()
     g0 = _flat(problem, _gauss_newton(problem, d))
-    assert len(der._cache) == 0
+    assert len(der.factors) == 0
     assert _rel(g3, g0) < 1e-11
     opts.factor_cache_mb = 1024.0
 
@@ -91,7 +91,7 @@ def test_parameter_change_invalidates(problem):
     der.clear_cache()
     d = problem.direction(_direction(problem, BLOCKS, seed=0.4))
     der.tangent(problem.traj, d)
-    assert len(der._cache) == problem.traj.n_steps
+    assert len(der.factors) == problem.traj.n_steps
     g_ref = _flat(problem, der.adjoint(problem.traj, problem.source)[0])
     # Other parameters, same trajectory object: the kept J_n are stale and must go.
     model.set_parameters(PARAMS.with_blocks({"k0": np.array([np.log(3.0e-3)])}))
@@ -128,17 +128,18 @@ def test_discarded_objects_release_their_mumps_count(problem):
     """The process-wide count of kept MUMPS factorisations (each holds a communicator) drops
     when a ParticleDerivatives is discarded, so later problems can keep theirs."""
     from femkin.adjoint import ParticleDerivatives
+    from femkin.factor_cache import FactorCache
 
     der = ParticleDerivatives(problem.model)
     problem.model.solver_options.factor_cache_mb = 1024.0
-    before = ParticleDerivatives._mumps_cached
+    before = FactorCache.mumps_kept()
     der.tangent(problem.traj, problem.direction(_direction(problem, BLOCKS, seed=0.9)))
-    kept = len(der._cache)
+    kept = len(der.factors)
     assert kept == problem.traj.n_steps
     expected = kept if problem.comm.size > 1 else 0  # one rank keeps PETSc's own LU
-    assert ParticleDerivatives._mumps_cached == before + expected
+    assert FactorCache.mumps_kept() == before + expected
     del der
     import gc
 
     gc.collect()
-    assert ParticleDerivatives._mumps_cached == before
+    assert FactorCache.mumps_kept() == before

@@ -1,7 +1,8 @@
 """The femkin discrete adjoint against dolfinx-adjoint (pyadjoint's DOLFINx port).
 
 The same discrete problem (8x8 rectangle, the ACR residual of :mod:`femkin.physics.acr` with
-quadrature degree 4, four fixed backward-Euler steps, the semi-implicit cbar) is recorded on
+quadrature degree 4, four fixed steps of unequal size, backward Euler or BDF2 (with its
+extrapolated cbar)) is recorded on
 pyadjoint's tape. Point evaluation of pixels is not taped by dolfinx-adjoint, so the
 functional is the L2 misfit J = sum_f 1/2 int (c_f - d_f)^2 / sigma^2 dx, and femkin's adjoint
 is driven by the same functional through its ``source`` callback. Gradients with respect to
@@ -24,12 +25,13 @@ from femkin.driving import Driving
 from femkin.forward import ParticleModel, SolverOptions
 
 
-def test_gradient_matches_dolfinx_adjoint():
+@pytest.mark.parametrize("scheme", ["bdf2", "euler"])
+def test_gradient_matches_dolfinx_adjoint(scheme):
     comm = MPI.COMM_WORLD
     mesh = dolfinx.mesh.create_rectangle(
         comm, [[0.0, 0.0], [0.4, 0.4]], [8, 8], dolfinx.mesh.CellType.triangle
     )
-    solver = SolverOptions(newton_rtol=1e-13, newton_atol=1e-14)
+    solver = SolverOptions(newton_rtol=1e-13, newton_atol=1e-14, scheme=scheme)
     model = ParticleModel(
         mesh, PARAMETERS, solver=solver, quadrature_degree=4, options_prefix="oracle_forward_"
     )
@@ -37,7 +39,7 @@ def test_gradient_matches_dolfinx_adjoint():
     model.set_m(m)
     frames = [0.0, 100.0, 200.0]
     driving = Driving(frames, [-1.0, -2.0, -2.5])
-    traj = model.solve(frames, driving, c0, schedule=[0.0, 50.0, 100.0, 150.0, 200.0])
+    traj = model.solve(frames, driving, c0, schedule=[0.0, 40.0, 100.0, 130.0, 200.0])
     assert traj.n_steps == 4
     data = l2_data(model, traj)
     J, source = l2_misfit_source(model, traj, data)

@@ -3,7 +3,8 @@
 The functional is the production pixel misfit (:class:`femkin.misfit.PixelMisfit`)
 J = sum_frames |B c_n - d_n|^2 / (2 sigma^2) of one particle on a small square mesh; the
 forward is replayed with the step sequence of the reference run, so J is a smooth function of
-the parameters. Rates: |J(theta + h d) - J - h g.d| = O(h^2) and,
+the parameters. Both time schemes (BDF2 and backward Euler) are tested. Rates:
+|J(theta + h d) - J - h g.d| = O(h^2) and,
 with the full Hessian term, O(h^3).
 """
 
@@ -15,7 +16,7 @@ import pytest
 from femkin._fem import MPI, dolfinx
 from femkin.adjoint import Direction, ParticleDerivatives
 from femkin.driving import Driving
-from femkin.forward import ModelParameters, ParticleModel
+from femkin.forward import ModelParameters, ParticleModel, SolverOptions
 from femkin.misfit import PixelMisfit
 from femkin.observation import build_observation
 
@@ -39,12 +40,15 @@ BLOCKS = SCALARS + ("m", "mu_e", "initial")
 class Problem:
     """Model, data and derivative machinery of the misfit on one communicator."""
 
-    def __init__(self, comm):
+    def __init__(self, comm, scheme: str = "bdf2"):
         self.comm = comm
+        self.scheme = scheme
         mesh = dolfinx.mesh.create_rectangle(
             comm, [[0.0, 0.0], [0.6, 0.6]], [8, 8], dolfinx.mesh.CellType.triangle
         )
-        self.model = ParticleModel(mesh, PARAMS, options_prefix="femkin_test_taylor_")
+        self.model = ParticleModel(
+            mesh, PARAMS, solver=SolverOptions(scheme=scheme), options_prefix="femkin_test_taylor_"
+        )
         self.der = ParticleDerivatives(self.model)
         self.obs = build_observation(self.model.W.sub(0), np.ones((12, 12), dtype=int), 1, 0.05)
         self.x = self.model.V.tabulate_dof_coordinates()
@@ -144,9 +148,9 @@ def _perturbed(theta: dict, d: dict, h: float) -> dict:
     return {k: v + h * d[k] if k in d else v for k, v in theta.items()}
 
 
-@pytest.fixture(scope="module")
-def problem():
-    return Problem(MPI.COMM_WORLD)
+@pytest.fixture(scope="module", params=["bdf2", "euler"])
+def problem(request):
+    return Problem(MPI.COMM_WORLD, request.param)
 
 
 @pytest.mark.parametrize("block", BLOCKS)
@@ -192,7 +196,7 @@ def _gathered_m(problem: Problem, values: np.ndarray) -> np.ndarray:
 
 def test_derivatives_independent_of_rank_count(problem):
     """Gradient and a Hessian action on COMM_WORLD equal those on COMM_SELF (relative 1e-8)."""
-    ref = Problem(MPI.COMM_SELF)
+    ref = Problem(MPI.COMM_SELF, problem.scheme)
     d = _direction(problem, BLOCKS, seed=0.7)
     d_ref = _direction(ref, BLOCKS, seed=0.7)
     assert abs(problem.J0 - ref.J0) <= 1e-10 * abs(ref.J0)

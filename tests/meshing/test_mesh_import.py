@@ -21,7 +21,7 @@ from femkin.mesh_import import (
     read_triangles,
     write_mesh,
 )
-from femkin.meshing import _local_area, mesh_particle
+from femkin.meshing import mesh_area, mesh_particle
 
 PS = 0.05
 
@@ -35,7 +35,7 @@ def _disk_mask(shape=(24, 40), centres=((11.5, 11.0), (12.0, 28.5)), radius=7.0)
 
 
 def _area(mesh) -> float:
-    return mesh.comm.allreduce(_local_area(mesh))
+    return mesh_area(mesh)
 
 
 def _cells(mesh) -> int:

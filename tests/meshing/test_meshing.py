@@ -8,7 +8,7 @@ import pytest
 import femkin.meshing
 from femkin._fem import MPI
 from femkin.errors import InputError
-from femkin.meshing import _intersecting, mesh_particle, particle_polygons, plot_mesh
+from femkin.meshing import mesh_particle, particle_polygons, plot_mesh, rings_intersect
 
 PS = 0.05
 
@@ -46,7 +46,7 @@ def test_polygon_orientation_and_hole():
     outer, hole = particle_polygons(mask, 1, PS)
     assert _area(outer) > 0 > _area(hole)
     assert abs(_area(hole) / PS**2 + 36) < 4
-    assert not _intersecting([outer / PS, hole / PS])
+    assert not rings_intersect([outer / PS, hole / PS])
     # a 2x2 hole is filled when smaller than min_hole_area, kept otherwise
     mask[7:9, 13:15] = 0
     assert len(particle_polygons(mask, 1, PS, min_hole_area=5.0)) == 2
@@ -57,9 +57,9 @@ def test_polygon_orientation_and_hole():
 def test_intersection_check():
     square = np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
     bowtie = np.array([[0.0, 0.0], [1.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
-    assert not _intersecting([square])
-    assert _intersecting([bowtie])
-    assert _intersecting([square, square * 0.5 + 0.75])  # a "hole" crossing the outer ring
+    assert not rings_intersect([square])
+    assert rings_intersect([bowtie])
+    assert rings_intersect([square, square * 0.5 + 0.75])  # a "hole" crossing the outer ring
 
 
 def test_pieces_keep_largest():

@@ -53,7 +53,8 @@ def _ode_rate(c: float, mu_e: float, p: ModelParameters) -> float:
 
 
 @pytest.mark.mpi
-def test_uniform_state_follows_the_ode(comm):
+@pytest.mark.parametrize("scheme", ["bdf2", "euler"])
+def test_uniform_state_follows_the_ode(comm, scheme):
     """The particle mean of a uniform state matches solve_ivp of the scalar ODE to 1e-3."""
     c0 = 0.25
     frames = np.linspace(0.0, 60.0, 7)
@@ -63,7 +64,7 @@ def test_uniform_state_follows_the_ode(comm):
     model = ParticleModel(
         _unit_square(comm, 4),
         PARAMS,
-        solver=SolverOptions(dt_initial=0.05, dt_max=0.15, dc_max=5e-3),
+        solver=SolverOptions(scheme=scheme, dt_initial=0.05, dt_max=0.15, dc_max=5e-3),
     )
     traj = model.solve(frames, driving, _uniform(model, c0))
     mean = np.array([model.mean_c(traj.state(n)) for n in traj.frame_steps])
@@ -105,12 +106,12 @@ def test_equilibrium_state_stays_put(comm):
 
 
 @pytest.mark.mpi
-def test_frame_times_are_hit_exactly(comm):
+@pytest.mark.parametrize("scheme", ["bdf2", "euler"])
+def test_frame_times_are_hit_exactly(comm, scheme):
     """Adaptive steps land exactly on every (irregular) frame time, also when replayed."""
     frames = np.array([0.0, 0.7, 1.3, 5.1, 5.15, 11.0 / 3.0 + 6.0])
-    model = ParticleModel(
-        _unit_square(comm, 4), PARAMS, solver=SolverOptions(dt_initial=0.3, dc_max=0.01)
-    )
+    opts = SolverOptions(scheme=scheme, dt_initial=0.3, dc_max=0.01, time_tol=1e-4)
+    model = ParticleModel(_unit_square(comm, 4), PARAMS, solver=opts)
     xV = model.V.tabulate_dof_coordinates()
     c0 = 0.3 + 0.1 * np.cos(np.pi * xV[:, 0]) * np.cos(np.pi * xV[:, 1])
     driving = Driving([0.0, 10.0], [-1.0, -3.0])
@@ -144,12 +145,12 @@ def test_newton_failure_at_the_step_floor_raises(comm):
     assert "SNES reason" in msg and "dt_min = 100 s" in msg, msg
 
 
-def _gathered_observations(comm, n_cells: int, frames, driving):
+def _gathered_observations(comm, n_cells: int, frames, driving, scheme: str):
     mesh = _unit_square(comm, n_cells, length=0.6)
     model = ParticleModel(
         mesh,
         PARAMS,
-        solver=SolverOptions(dc_max=0.01),
+        solver=SolverOptions(scheme=scheme, dc_max=0.01),
         options_prefix=f"femkin_test_ranks{comm.size}_",
     )
     xV = model.V.tabulate_dof_coordinates()
@@ -165,12 +166,13 @@ def _gathered_observations(comm, n_cells: int, frames, driving):
 
 
 @pytest.mark.mpi
-def test_observations_independent_of_rank_count(comm):
+@pytest.mark.parametrize("scheme", ["bdf2", "euler"])
+def test_observations_independent_of_rank_count(comm, scheme):
     """The same forward run on COMM_WORLD and on COMM_SELF gives the same pixel values."""
     frames = np.linspace(0.0, 200.0, 5)
     driving = Driving(frames, 0.5 + 0.5 * np.arange(5))
-    pix, val, times = _gathered_observations(comm, 12, frames, driving)
-    pix_ref, val_ref, times_ref = _gathered_observations(MPI.COMM_SELF, 12, frames, driving)
+    pix, val, times = _gathered_observations(comm, 12, frames, driving, scheme)
+    pix_ref, val_ref, times_ref = _gathered_observations(MPI.COMM_SELF, 12, frames, driving, scheme)
     np.testing.assert_array_equal(pix, pix_ref)
     assert pix.size == 144
     np.testing.assert_allclose(times, times_ref, rtol=1e-8)  # adaptive steps: roundoff only
