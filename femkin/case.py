@@ -259,6 +259,36 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "oversampling": Key("int", 10, NON_NEGATIVE, "randomised eigensolver oversampling"),
         "samples": Key("int", 20, NON_NEGATIVE, "posterior samples"),
         "seed": Key("int", 0, NON_NEGATIVE, "sampling seed"),
+        "marginal_tolerance": Key(
+            "float", 0.01, POSITIVE, "relative variance gap of the exact coefficient marginals"
+        ),
+        "marginal_max_iterations": Key(
+            "int", 20, NON_NEGATIVE, "CG iterations (x coefficients Hessian actions) for them"
+        ),
+        "omitted_samples": Key(
+            "int",
+            10,
+            _each(lambda v: v == 0 or v >= 2, "0 (off) or an integer >= 2"),
+            "trace samples bounding what a capped rank leaves out",
+        ),
+    },
+    "sample": {
+        "chains": Key("int", 4, AT_LEAST_ONE, "MCMC chains (spread over MPI groups)"),
+        "steps": Key("int", 500, AT_LEAST_ONE, "steps per chain (more extends a finished run)"),
+        "burn": Key(
+            "float",
+            0.2,
+            _each(lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
+            "fraction of each chain discarded as burn-in",
+        ),
+        "beta": Key(
+            "float", 0.5, _each(lambda v: 0 < v <= 1, "a number in (0, 1]"), "gpCN/pCN step"
+        ),
+        "proposal": Key(
+            "str", "laplace", _one_of("laplace", "prior"), "gpCN (laplace) or plain pCN (prior)"
+        ),
+        "checkpoint_every": Key("int", 25, AT_LEAST_ONE, "steps between chain checkpoints"),
+        "seed": Key("int", 0, NON_NEGATIVE, "chain seed"),
     },
     "prepare": {
         "stacks": Key("list[str]", [], None, "raw STXM stacks"),
@@ -288,7 +318,8 @@ class Case:
     Attributes:
         dir: The case directory.
         file: The ``case.toml`` path.
-        data, mesh, model, solver, inversion, driving, uq, prepare, verify: Section dicts.
+        data, mesh, model, solver, inversion, driving, uq, sample, prepare, verify: Section
+            dicts.
         simulate: The ``[simulate]`` dict, or None when the section is absent.
     """
 
@@ -302,6 +333,7 @@ class Case:
     inversion: dict[str, Any]
     driving: dict[str, Any]
     uq: dict[str, Any]
+    sample: dict[str, Any]
     prepare: dict[str, Any]
     verify: dict[str, Any]
 

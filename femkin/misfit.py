@@ -91,6 +91,18 @@ class PixelMisfit:
             total += 0.5 * float(np.sum(self.weight[f] * r * r))
         return total
 
+    def standardised_residuals(self, traj) -> np.ndarray:
+        """``(B u_n - d_f) / sigma`` at this rank's observed pixels of the frames that count.
+
+        One flat array; the posterior predictive check compares it with N(0, 1).
+        """
+        out = []
+        for n, f in self.frames(traj).items():
+            seen = self.weight[f] > 0
+            r = self.obs.apply(traj.state(n)) - self.data[f]
+            out.append(r[seen] * np.sqrt(self.weight[f][seen]))
+        return np.concatenate(out) if out else np.zeros(0)
+
     def source(self, traj) -> Source:
         """dJ/du_n: adds ``B^T w (B u_n - d_f)`` at the frame steps."""
         frames = self.frames(traj)

@@ -410,7 +410,9 @@ def uq_figures(out: Path, result, payload: dict) -> list[str]:
         fig.savefig(out / "uq_c_t.png", dpi=110)
         plt.close(fig)
         names.append("uq_c_t.png")
-    return names
+    from femkin.uq_report import predictive_figure
+
+    return names + predictive_figure(out, payload)
 
 
 def plot_frames(noisy, clean, t, path, n_show: int = 5) -> None:
@@ -483,6 +485,7 @@ def write_report(out: Path, summary: dict, figure_names: list[str], uq: dict | N
         lines.append(f"| {label} | {p['n_pixels']} | {p['misfit_rms']:.4f} |")
     if uq:
         lines += ["", "## Uncertainty", "", f"- Hessian rank: {uq['rank']}"]
+        lines += [f"- {note}" for note in uq.get("notes", [])]
         for k, v in uq["coefficients"].items():
             name = "k0 (coordinate ln k0)" if k == "k0" else k
             lines.append(

@@ -140,11 +140,14 @@ def uq_at(
     from femkin.outputs import ResultSet, read_run_record, shared_run_id
     from femkin.report import write_uq_results
     from femkin.uq.laplace_study import analyse
+    from femkin.uq.sampling_study import save_laplace
 
     comm = problem.comm
     log = None if quiet else (lambda msg: print(f"uq: {msg}", flush=True))
     t0 = time.perf_counter()
     result = analyse(problem, prior, x, study.case.uq, log=log)
+    # the proposal of 'femkin sample'
+    save_laplace(study.case.dir / "checkpoints" / "laplace.npz", problem.space, result.posterior, x)
     timings = dict(extra_timings or {})
     timings.update(result.wall_time)
     timings["total"] = time.perf_counter() - t0 + timings.get("setup", 0.0)

@@ -38,7 +38,9 @@ from femkin.errors import ConvergenceError
 from femkin.physics.acr import legendre
 from femkin.progress import Progress
 from femkin.uq.laplace import LowRankPosterior, correlation
-from femkin.uq.randomized import adaptive_rank
+from femkin.uq.marginals import marginal_covariance
+from femkin.uq.predictive import average_noise_std, predictive_c_t, residual_check
+from femkin.uq.randomized import adaptive_rank, omitted_spectrum
 
 __all__ = [
     "EXACT_VARIANCE_LIMIT",
@@ -60,6 +62,8 @@ EXACT_VARIANCE_LIMIT = 6000
 #: Posterior sample ``i`` uses the normals of seed ``seed + SAMPLE_SEED_OFFSET + i`` (probes use
 #: ``seed + i``), so samples and probes never share numbers.
 SAMPLE_SEED_OFFSET = 1_000_003
+#: The trace samples bounding the omitted spectrum use seeds ``seed + OMITTED_SEED_OFFSET + i``.
+OMITTED_SEED_OFFSET = 2_000_003
 
 
 @dataclasses.dataclass
@@ -83,10 +87,19 @@ class UQResult:
             "observed"}}}`` (rank 0; ``None`` elsewhere or without samples).
         fitted: the fitted video at the MAP point (rank 0).
         variance_method: ``"exact"`` or ``"sampled(N)"``: how the prior diagonal was found.
-        hessian_actions: Hessian actions spent by the eigensolver.
+        hessian_actions: Hessian actions spent in all (eigensolver, omitted spectrum, marginals).
         wall_time: seconds per stage.
         ln_k_std_dofs: ``{label: values}`` of the posterior std of ln k on the P1 space of
             each particle held by this rank (owned + ghost values; for field output).
+        low_rank_covariance: the global coefficients' covariance from the low-rank posterior
+            alone (what a truncated Hessian gives; ``covariance`` is the exact marginal).
+        marginals: how ``covariance`` was found (``iterations``, ``hessian_actions``,
+            ``converged``, ``relative_gap``, ``tolerance``).
+        spectrum: the rank decision: ``truncated`` (the cap cut the spectrum above the
+            threshold), ``max_rank`` and, when truncated, ``omitted`` (estimates of the trace
+            and the largest eigenvalue of the part left out).
+        residuals: the standardised residuals at the MAP point
+            (:func:`femkin.uq.predictive.residual_check`).
     """
 
     posterior: LowRankPosterior
@@ -105,6 +118,10 @@ class UQResult:
     hessian_actions: int
     wall_time: dict[str, float]
     ln_k_std_dofs: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
+    low_rank_covariance: np.ndarray | None = None
+    marginals: dict = dataclasses.field(default_factory=dict)
+    spectrum: dict = dataclasses.field(default_factory=dict)
+    residuals: dict = dataclasses.field(default_factory=dict)
 
     @property
     def std(self) -> np.ndarray:
@@ -115,6 +132,11 @@ class UQResult:
         """The public ``results/uq.json`` content (see the module docstring of the command)."""
         std = self.std
         prior_std = np.sqrt(self.prior_variance)
+        low_rank_std = (
+            np.sqrt(np.maximum(np.diag(self.low_rank_covariance), 0.0))
+            if self.low_rank_covariance is not None
+            else std
+        )
         coefficients = {}
         i = 0
         for block, size in self.blocks:
@@ -122,6 +144,7 @@ class UQResult:
                 "mean": self.mean[i : i + size].tolist(),
                 "std": std[i : i + size].tolist(),
                 "prior_std": prior_std[i : i + size].tolist(),
+                "low_rank_std": low_rank_std[i : i + size].tolist(),
             }
             i += size
         out = {
@@ -144,10 +167,73 @@ class UQResult:
             "prior_pointwise_variance": self.variance_method,
             "hessian_actions": int(self.hessian_actions),
             "wall_time": dict(self.wall_time),
+            "marginals": dict(self.marginals),
+            "spectrum": dict(self.spectrum),
+            "notes": self.notes(settings),
+            "predictive_check": {"residuals": dict(self.residuals)},
         }
         if self.c_t is not None:
             out["c_t"] = self.c_t
+            out["predictive_check"]["c_t"] = {
+                "coverage": self.c_t.get("coverage"),
+                "z_rms": self.c_t.get("z_rms"),
+            }
         return out
+
+    def _ppc_note(self) -> list[str]:
+        r = self.residuals
+        if not r:
+            return []
+        line = (
+            f"Posterior predictive check: standardised residuals mean {r['mean']:.3g}, std "
+            f"{r['std']:.3g}, beyond 2 sigma {100 * r['beyond_2']:.2f}% (N(0,1): 4.55%), beyond "
+            f"3 sigma {100 * r['beyond_3']:.3f}% (0.27%)"
+        )
+        if self.c_t is not None and self.c_t.get("coverage") is not None:
+            line += (
+                f"; observed particle-average c(t) inside the 95% predictive band on "
+                f"{100 * self.c_t['coverage']:.0f}% of the frames (z rms {self.c_t['z_rms']:.2f})"
+            )
+        return [line + "."]
+
+    def notes(self, settings: dict) -> list[str]:
+        """One-line statements for the report: how the rank was chosen and what was cut."""
+        out = []
+        sp = self.spectrum
+        lam = self.eigenvalues
+        if sp.get("truncated"):
+            line = (
+                f"The rank cap max_rank = {sp['max_rank']} cut the spectrum at eigenvalue "
+                f"{lam[-1]:.3g} (threshold {settings['threshold']}): the field directions "
+                "beyond it fall back to the prior (ln k std maps and c(t) samples are "
+                "conservative)."
+            )
+            om = sp.get("omitted")
+            if om:
+                line += (
+                    f" Left out: largest eigenvalue ~{om['largest']:.3g}, trace "
+                    f"{om['trace']:.3g} +- {om['trace_error']:.2g} ({om['samples']} samples)."
+                )
+            out.append(line)
+        elif lam.size:
+            out.append(
+                f"Rank {lam.size} reached the threshold {settings['threshold']} "
+                f"(smallest eigenvalue {lam[-1]:.3g}): nothing above it was cut."
+            )
+        mg = self.marginals
+        if mg:
+            head = {
+                "certified": "Coefficient marginals exact (certified), independent of the rank",
+                "estimated": "Coefficient marginals exact to the CG error estimate "
+                f"({mg['estimated_error']:.2g}), independent of the rank",
+                "bound": "Coefficient marginals NOT converged: reported as the tightest upper "
+                "bound (conservative); lower bounds of their std in uq.json",
+            }[mg.get("method", "bound")]
+            out.append(
+                f"{head}: {mg['iterations']} CG iterations, {mg['hessian_actions']} Hessian "
+                f"actions, certified relative variance gap {mg['relative_gap']:.2g}."
+            )
+        return out + self._ppc_note()
 
 
 def _finite(a: np.ndarray) -> np.ndarray:
@@ -178,11 +264,11 @@ def _unit_functionals(space) -> list[PETSc.Vec]:
     """Unit vectors of every global coefficient (the entry lives on rank 0)."""
     out = []
     for name, size in coefficient_layout(space):
-        sl = space.local_slice(name)
         for n in range(size):
             e = space.create_vector()
-            if sl is not None:
-                e.getArray()[sl.start + n] = 1.0
+            view = space.scalar_view(e, name)
+            if view is not None:
+                view[n] = 1.0
             out.append(e)
     return out
 
@@ -273,11 +359,15 @@ def _ln_k_maps(
     *,
     samples: int,
     seed: int,
+    k0_column: PETSc.Vec | None = None,
 ):
     """Posterior and prior std of ln k = ln k0 + m on the pixels, per particle (rank 0).
 
     ``Var(ln k0 + m_i) = Var(ln k0) + Var(m_i) + 2 Cov(ln k0, m_i)`` with each term taken from
-    the posterior (``covariance`` holds the global coefficients' one).
+    the posterior (``covariance`` holds the global coefficients' one). ``k0_column``, when
+    given, is ``Gamma_post e_k0`` (exact, see :mod:`femkin.uq.marginals`): its field entries
+    are ``Cov(ln k0, m_i)``; otherwise they come from the low-rank eigenvectors. ``Var(m_i)``
+    is the low-rank one, an upper bound.
     """
     space = problem.space
     names = [b for b, _ in blocks]
@@ -301,9 +391,12 @@ def _ln_k_maps(
     method_names = sorted(set().union(*problem.comm.allgather(methods)))
     post_diag = posterior.pointwise_variance(prior_diag)
     # Cov(ln k0, m_i) = -sum_j d_j v_j[k0] v_j[i]: the prior has no cross covariance.
-    cross = space.create_vector()
-    for d, kv, v in zip(posterior.d, k0_v, posterior.eigenvectors, strict=True):
-        cross.axpy(-float(d * kv), v)
+    if k0_column is not None:
+        cross = k0_column.copy()
+    else:
+        cross = space.create_vector()
+        for d, kv, v in zip(posterior.d, k0_v, posterior.eigenvectors, strict=True):
+            cross.axpy(-float(d * kv), v)
     post_arrays: dict[int, np.ndarray] = {}
     prior_arrays: dict[int, np.ndarray] = {}
     has_m = "m" in problem.learn
@@ -367,6 +460,7 @@ def analyse(
     problem.gradient(x, g)
     g.destroy()
     fitted = problem.fitted_video()
+    residuals = residual_check(problem)
     timings["gradient"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -400,6 +494,38 @@ def analyse(
     hessian_actions = problem.counters["hessian"] - h_before
     timings["eigensolver"] = time.perf_counter() - t0
     lam = np.asarray(pairs.eigenvalues)
+    threshold = float(settings["threshold"])
+    # Cut by the cap (not by the spectrum falling below the threshold, nor by H's rank).
+    truncated = bool(lam.size >= max_rank and lam.size and lam[-1] >= threshold)
+    spectrum: dict[str, Any] = {"truncated": truncated, "max_rank": max_rank}
+    n_omitted = int(settings.get("omitted_samples", 10))
+    if truncated and n_omitted >= 2:
+        t1 = time.perf_counter()
+        h1 = problem.counters["hessian"]
+        bar = Progress("uq: omitted spectrum", n_omitted + 5, comm=comm, quiet=log is None)
+        om = omitted_spectrum(
+            apply_H,
+            prior.precision_mult,
+            prior.covariance_mult,
+            pairs,
+            lambda i: prior_sample(prior, space, seed + OMITTED_SEED_OFFSET + i),
+            samples=n_omitted,
+            power_steps=4,
+            apply_H_batch=apply_H_batch,
+        )
+        bar.close()
+        spectrum["omitted"] = {
+            "trace": om.trace,
+            "trace_error": om.trace_error,
+            "largest": om.largest,
+            "samples": om.samples,
+            "hessian_actions": problem.counters["hessian"] - h1,
+        }
+        timings["omitted_spectrum"] = time.perf_counter() - t1
+        say(
+            f"rank capped at {max_rank}: omitted trace {om.trace:.3g} +- {om.trace_error:.2g}, "
+            f"largest omitted eigenvalue ~{om.largest:.3g}"
+        )
     keep = [i for i, v in enumerate(lam) if v > -1.0 + 1e-8]
     say(f"eigenvalues ({hessian_actions} Hessian actions): " + " ".join(f"{v:.3g}" for v in lam))
     posterior = LowRankPosterior(
@@ -414,10 +540,42 @@ def analyse(
     names = coefficient_names(blocks)
     prior_var = scalar_prior_variances(prior, space)
     functionals = _unit_functionals(space)
-    # Exact here: the prior covariance of unit vectors is the diagonal coefficient prior.
-    covariance = posterior.covariance_matrix(functionals)
+    # The global coefficients' marginals, exact whatever the rank (femkin.uq.marginals).
+    h1 = problem.counters["hessian"]
+    bar = Progress("uq: coefficient marginals", None, comm=comm, quiet=log is None)
+    marg = marginal_covariance(
+        functionals,
+        apply_H,
+        prior.precision_mult,
+        posterior.covariance_mult,
+        apply_H_batch=apply_H_batch,
+        tolerance=float(settings.get("marginal_tolerance", 0.01)),
+        max_iterations=int(settings.get("marginal_max_iterations", 20)),
+    )
+    bar.close()
+    covariance = marg.covariance
+    marginals = {
+        "iterations": marg.iterations,
+        "hessian_actions": problem.counters["hessian"] - h1,
+        "converged": marg.converged,
+        "relative_gap": marg.relative_gap,
+        "estimated_error": marg.estimated_error,
+        "method": marg.method,
+        "tolerance": float(settings.get("marginal_tolerance", 0.01)),
+        "lower_std": np.sqrt(np.maximum(np.diag(marg.lower), 0.0)).tolist(),
+        "lower_variance_history": (
+            [] if marg.lower_history is None else marg.lower_history.tolist()
+        ),
+    }
+    say(
+        f"coefficient marginals: {marg.iterations} CG iterations, relative gap "
+        f"{marg.relative_gap:.2g}" + ("" if marg.converged else " (not converged)")
+    )
     for f in functionals:
         f.destroy()
+    k0_column = None
+    if "k0" in names and marg.converged:  # an unconverged column is no covariance
+        k0_column = marg.columns[names.index("k0")]
     mean = np.concatenate([space.get_scalars(x, b) for b, _ in blocks]) if blocks else np.zeros(0)
     bands = credible_bands(problem, x, blocks, covariance)
     ln_k_std, ln_k_prior_std, method, ln_k_std_dofs = _ln_k_maps(
@@ -429,7 +587,10 @@ def analyse(
         blocks,
         samples=variance_samples,
         seed=seed,
+        k0_column=k0_column,
     )
+    for v in marg.columns:
+        v.destroy()
     timings["posterior"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -437,6 +598,9 @@ def analyse(
         problem, prior, posterior, x, fitted, int(settings["samples"]), seed, say, quiet=log is None
     )
     timings["samples"] = time.perf_counter() - t0
+    noise_std = average_noise_std(problem)
+    if c_t is not None:
+        predictive_c_t(c_t, noise_std)
     return UQResult(
         posterior,
         lam,
@@ -451,9 +615,13 @@ def analyse(
         c_t,
         fitted,
         method,
-        hessian_actions,
+        problem.counters["hessian"] - h_before,
         timings,
-        ln_k_std_dofs,
+        ln_k_std_dofs=ln_k_std_dofs,
+        low_rank_covariance=marg.low_rank,
+        marginals=marginals,
+        spectrum=spectrum,
+        residuals=residuals,
     )
 
 

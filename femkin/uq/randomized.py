@@ -39,9 +39,12 @@ __all__ = [
     "ApplyBatch",
     "Eigenpairs",
     "adaptive_rank",
+    "apply_many",
+    "OmittedSpectrum",
     "as_apply",
     "b_orthonormalize",
     "double_pass_generalized",
+    "omitted_spectrum",
 ]
 
 
@@ -76,7 +79,8 @@ def as_apply(op) -> Apply:
     raise TypeError(f"operator must be callable, a PETSc Mat or a PETSc KSP; found {type(op)!r}")
 
 
-def _apply_many(apply: Apply, batch: ApplyBatch | None, xs: Sequence[PETSc.Vec]) -> list:
+def apply_many(apply: Apply, batch: ApplyBatch | None, xs: Sequence[PETSc.Vec]) -> list:
+    """New vectors ``apply(x)`` for every ``x`` in ``xs`` (through ``batch`` when given)."""
     outs = [x.duplicate() for x in xs]
     if not xs:
         return outs
@@ -239,8 +243,8 @@ def double_pass_generalized(
     apply_H = as_apply(apply_H)
     apply_B = as_apply(apply_B)
     apply_Binv = as_apply(apply_Binv)
-    h_omega = _apply_many(apply_H, apply_H_batch, probes)
-    y = _apply_many(apply_Binv, None, h_omega)
+    h_omega = apply_many(apply_H, apply_H_batch, probes)
+    y = apply_many(apply_Binv, None, h_omega)
     for h in h_omega:
         h.destroy()
     return _second_pass(apply_H, apply_H_batch, apply_B, y, k)
@@ -248,7 +252,7 @@ def double_pass_generalized(
 
 def _second_pass(apply_H, apply_H_batch, apply_B, y, k) -> Eigenpairs:
     q, _ = b_orthonormalize(y, apply_B)
-    hq = _apply_many(apply_H, apply_H_batch, q)
+    hq = apply_many(apply_H, apply_H_batch, q)
     return _rayleigh_ritz(q, hq, k)
 
 
@@ -305,8 +309,8 @@ def adaptive_rank(
     y: list[PETSc.Vec] = []
     while True:
         new = [make_probe(i) for i in range(len(y), k + oversampling)]
-        h_new = _apply_many(apply_H, apply_H_batch, new)
-        y.extend(_apply_many(apply_Binv, None, h_new))
+        h_new = apply_many(apply_H, apply_H_batch, new)
+        y.extend(apply_many(apply_Binv, None, h_new))
         for v in h_new:
             v.destroy()
         pairs = _second_pass(apply_H, apply_H_batch, apply_B, y, k)
@@ -314,3 +318,110 @@ def adaptive_rank(
         if found < k or pairs.eigenvalues[-1] < threshold or k >= max_rank:
             return pairs
         k = min(2 * k, max_rank)
+
+
+class OmittedSpectrum(NamedTuple):
+    """What a truncated eigendecomposition leaves out of ``Gamma_prior H``.
+
+    Attributes:
+        trace: randomized estimate of the trace of ``Gamma_prior H`` on the B-orthogonal
+            complement of the kept vectors: the sum of the omitted eigenvalues (the
+            information the low-rank posterior ignores).
+        trace_error: its standard error (the samples' std over sqrt(samples)).
+        largest: estimate of the largest omitted eigenvalue (a Rayleigh quotient of the
+            projected operator after a few power steps: a lower bound, up to sampling).
+        samples: prior samples used (Hessian actions: ``samples + power_steps + 1``).
+    """
+
+    trace: float
+    trace_error: float
+    largest: float
+    samples: int
+
+
+def omitted_spectrum(
+    apply_H,
+    apply_B,
+    apply_Binv,
+    pairs: Eigenpairs,
+    prior_sample: Callable[[int], PETSc.Vec],
+    *,
+    samples: int = 10,
+    power_steps: int = 4,
+    apply_H_batch: ApplyBatch | None = None,
+) -> OmittedSpectrum:
+    """Estimate the part of ``H v = lambda B v`` that ``pairs`` does not hold.
+
+    With ``Pi = I - V V^T B`` the B-orthogonal projector onto the complement of the kept
+    vectors, the omitted operator is ``T = Pi Gamma_prior H Pi`` (self-adjoint in the B inner
+    product, positive semi-definite for a semi-definite ``H``, and equal to the deflated
+    ``Gamma_prior H - V L V^T B`` when ``V`` holds exact eigenvectors; with Ritz vectors the
+    projection keeps it semi-definite). For ``z ~ N(0, Gamma_prior)``,
+    ``E[(Pi z)^T H (Pi z)] = tr(T)`` (Hutchinson's estimator in the prior's geometry, one
+    Hessian action per sample). The largest omitted eigenvalue is estimated by ``power_steps``
+    power iterations of ``T`` started from the sum of the projected samples (the Rayleigh
+    quotient ``x^T H x / x^T B x``: a lower bound up to sampling; the trace bounds it above).
+
+    Args:
+        apply_H: ``out = H x`` (or a ``Mat``).
+        apply_B: ``out = B x``, the prior precision (or a ``Mat``).
+        apply_Binv: ``out = B^{-1} x``, the prior covariance (or a ``KSP``).
+        pairs: the computed pairs (``V^T B V = I``).
+        prior_sample: ``prior_sample(i)``: the ``i``-th sample of ``N(0, Gamma_prior)``, seeded
+            from global indices (partition independent).
+        samples: trace samples (>= 2).
+        power_steps: power iterations for the largest omitted eigenvalue (>= 0).
+        apply_H_batch: optional batched Hessian action.
+
+    Returns:
+        :class:`OmittedSpectrum` (identical on every rank).
+
+    Raises:
+        ValueError: on ``samples < 2`` or ``power_steps < 0``.
+    """
+    if samples < 2 or power_steps < 0:
+        raise ValueError(f"need samples >= 2, power_steps >= 0; found {samples=}, {power_steps=}")
+    apply_H, apply_B, apply_Binv = as_apply(apply_H), as_apply(apply_B), as_apply(apply_Binv)
+    vs = list(pairs.eigenvectors)
+
+    def project(xs):
+        """``x <- Pi x`` in place (twice, for round-off); returns ``B x`` of the result."""
+        bx = apply_many(apply_B, None, xs)
+        for _ in range(2 if vs else 0):
+            coef = gram(vs, bx)
+            for j, x in enumerate(xs):
+                for c, v in zip(coef[:, j], vs, strict=True):
+                    x.axpy(-float(c), v)
+            for b in bx:
+                b.destroy()
+            bx = apply_many(apply_B, None, xs)
+        return bx
+
+    zs = [prior_sample(i) for i in range(samples)]
+    bzs = project(zs)
+    hzs = apply_many(apply_H, apply_H_batch, zs)
+    quad = np.array([z.dot(hz) for z, hz in zip(zs, hzs, strict=True)])
+    trace = float(np.mean(quad))
+    trace_error = float(np.std(quad, ddof=1) / np.sqrt(samples))
+    x = zs[0].duplicate()
+    x.set(0.0)
+    for z in zs:
+        x.axpy(1.0, z)
+    for v in (*zs, *hzs, *bzs):
+        v.destroy()
+    largest = 0.0
+    for step in range(power_steps + 1):
+        (bx,) = project([x])
+        (hx,) = apply_many(apply_H, apply_H_batch, [x])
+        bnorm2 = x.dot(bx)
+        largest = float(x.dot(hx) / bnorm2) if bnorm2 > 0 else 0.0
+        if step < power_steps and bnorm2 > 0:
+            y = x.duplicate()
+            apply_Binv(hx, y)  # Gamma_prior H x; projected at the next step
+            y.scale(1.0 / np.sqrt(bnorm2))
+            x.destroy()
+            x = y
+        bx.destroy()
+        hx.destroy()
+    x.destroy()
+    return OmittedSpectrum(trace, trace_error, largest, samples)

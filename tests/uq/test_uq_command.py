@@ -88,6 +88,50 @@ def test_uq_json_fields_and_shapes(inverted_case):
 
 
 @pytest.mark.mpi
+def test_exact_marginals_and_rank_decision_reported(inverted_case):
+    case, _ = inverted_case
+    uq = _uq_json(case)
+    mg, sp = uq["marginals"], uq["spectrum"]
+    assert mg["converged"] and mg["method"] in ("certified", "estimated")
+    assert mg["relative_gap"] <= mg["tolerance"] or mg["estimated_error"] <= mg["tolerance"]
+    assert np.all(np.array(mg["lower_std"]) > 0)
+    assert mg["hessian_actions"] >= 4  # at least one action per coefficient
+    for block, v in uq["coefficients"].items():
+        std, low = np.array(v["std"]), np.array(v["low_rank_std"])
+        # the exact marginal is never wider than the low-rank one (up to the Ritz error)
+        assert np.all(std <= low * (1 + 1e-6)), (block, std, low)
+    lam = np.array(uq["eigenvalues"])
+    assert sp["max_rank"] == 20
+    assert sp["truncated"] == bool(lam.size >= 20 and lam[-1] >= uq["threshold"])
+    if sp["truncated"]:
+        om = sp["omitted"]
+        # the Ritz values underestimate the tail, so the largest omitted one may exceed lam[-1]
+        assert 0 < om["largest"] <= om["trace"] + 4 * om["trace_error"]
+    report = (case / "results" / "report.md").read_text()
+    assert "Coefficient marginals exact" in report or "NOT converged" in report
+    assert ("cut the spectrum" in report) == sp["truncated"]
+
+
+@pytest.mark.mpi
+def test_posterior_predictive_check(inverted_case):
+    case, _ = inverted_case
+    uq = _uq_json(case)
+    res = uq["predictive_check"]["residuals"]
+    assert res["n"] > 100 and sum(res["histogram"]["counts"]) == res["n"]
+    # a twin with known noise: the residuals at the (nearly converged) MAP point are ~N(0, 1)
+    assert abs(res["mean"]) < 0.3 and 0.7 < res["std"] < 1.3, res
+    assert res["beyond_3"] < 0.03
+    p = uq["c_t"]["particles"]["1"]
+    assert np.all(np.array(p["pred_lo"]) <= np.array(p["map"]))
+    # the predictive band holds the model band's spread plus the noise of the average
+    model_half = np.array(p["std"]) * 1.959963984540054
+    assert np.all(np.array(p["pred_hi"]) - np.array(p["map"]) >= model_half - 1e-12)
+    assert 0.0 <= uq["predictive_check"]["c_t"]["coverage"] <= 1.0
+    assert (case / "results" / "uq_ppc.png").exists()
+    assert "Posterior predictive check" in (case / "results" / "report.md").read_text()
+
+
+@pytest.mark.mpi
 def test_ln_k_std_map(inverted_case):
     case, _ = inverted_case
     std = np.load(case / "results" / "k_std_1.npy")
@@ -239,3 +283,52 @@ def test_fitted_fields_for_paraview(inverted_case):
         assert std.min() > 0
         with h5py.File(out / f"particle_{label}_c_mu.h5") as f:
             assert len(f["Function/c"]) == n_frames and len(f["Function/mu"]) == n_frames
+
+
+@pytest.mark.mpi
+def test_sample_runs_resumes_and_reports(inverted_case):
+    """femkin sample: 2 chains (one MPI group each under mpirun -n 2), checkpointed; a longer
+    second run resumes them and equals an uninterrupted run of that length."""
+    case, _ = inverted_case
+    comm = MPI.COMM_WORLD
+
+    def set_steps(steps):
+        if comm.rank == 0:
+            text = (case / "case.toml").read_text().split("\n[sample]")[0]
+            text += (
+                f"\n[sample]\nchains = 2\nsteps = {steps}\nburn = 0.25\nbeta = 0.5\n"
+                "checkpoint_every = 5\nseed = 3\n"
+            )
+            (case / "case.toml").write_text(text)
+        comm.barrier()
+
+    set_steps(10)
+    assert main(["sample", str(case), "--quiet"]) == 0
+    first = json.loads((case / "results" / "mcmc.json").read_text())
+    assert first["chains"] == 2 and first["steps_per_chain"] == [10, 10]
+    assert (case / "checkpoints" / "mcmc_chain1.npz").exists()
+    set_steps(14)
+    assert main(["sample", str(case), "--quiet"]) == 0
+    resumed = json.loads((case / "results" / "mcmc.json").read_text())
+    assert resumed["resumed_from"] == {"0": 10, "1": 10}
+    comm.barrier()
+    if comm.rank == 0:
+        for c in (0, 1):
+            (case / "checkpoints" / f"mcmc_chain{c}.npz").unlink()
+    comm.barrier()
+    assert main(["sample", str(case), "--quiet"]) == 0
+    straight = json.loads((case / "results" / "mcmc.json").read_text())
+    assert straight["resumed_from"] == {"0": 0, "1": 0}
+    assert straight["acceptance"] == resumed["acceptance"]
+    for name, v in straight["coefficients"].items():
+        assert v["mean"] == resumed["coefficients"][name]["mean"], name
+    # the Laplace proposal is accepted often on this well-posed twin
+    assert straight["acceptance_overall"] > 0.2
+    uq = _uq_json(case)
+    for v in straight["coefficients"].values():
+        assert {"ess", "rhat", "laplace_std", "std_ratio"} <= set(v)
+    assert set(straight["coefficients"]) == set(uq["coefficient_names"])
+    data = np.genfromtxt(case / "results" / "mu_h.csv", delimiter=",", names=True)
+    assert {"lo", "hi", "mcmc_lo", "mcmc_hi"} <= set(data.dtype.names)
+    assert np.all(data["mcmc_lo"] <= data["mcmc_hi"])
+    assert (case / "results" / "mcmc_bands.png").exists()

@@ -1,0 +1,298 @@
+"""Markov chain Monte Carlo with the Laplace posterior as proposal, and chain diagnostics.
+
+The target is ``pi(x) ~ exp(-Phi(x) - 0.5 |x - m0|^2_B)`` (``Phi`` the data misfit, ``B`` the
+prior precision, ``m0`` the prior mean). The generalised preconditioned Crank-Nicolson kernel
+(gpCN; Rudolf & Sprungk 2018, used by hippylib2muq) proposes
+
+    v = m + sqrt(1 - beta^2) (u - m) + beta w,    w ~ N(0, Gamma),
+
+which is reversible with respect to the Gaussian ``N(m, Gamma)``; it is accepted with
+probability ``min(1, exp(eta(v) - eta(u)))``, ``eta = log pi - log N(m, Gamma)``:
+
+    eta(x) = -Phi(x) - 0.5 |x - m0|^2_B + 0.5 |x - m|^2_{Gamma^{-1}}.
+
+With ``(m, Gamma)`` the Laplace posterior (MAP point, ``Gamma_post = Gamma_prior - V D V^T``,
+``Gamma_post^{-1} = B + B V L V^T B``) the chain moves with the posterior's own scales; with
+``(m0, Gamma_prior)`` it is plain pCN (``eta = -Phi``), the dimension-robust baseline. When the
+posterior is Gaussian and the Laplace approximation exact, ``eta`` is constant and every
+proposal is accepted: the chain is an exact AR(1) process in the posterior.
+
+Every random number of step ``n`` of chain ``c`` comes from seeds computed from ``(seed, c,
+n)``: the prior sample behind ``w`` from ``prior_sample(seed_of(seed, c, n))`` (partition
+independent) and the uniform from ``numpy.random.default_rng([seed, c, n])``, so a chain
+restarted from a checkpoint reproduces the uninterrupted one exactly, on any number of ranks.
+
+Diagnostics (Gelman et al., *BDA3* sec. 11.4-11.5; Geyer 1992): split-R-hat and the effective
+sample size from the initial monotone sequence of autocorrelations, pooled over chains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import numpy as np
+
+from femkin._fem import PETSc
+from femkin.errors import ConvergenceError
+from femkin.uq.laplace import LowRankPosterior
+from femkin.uq.randomized import as_apply, gram
+
+__all__ = [
+    "ChainState",
+    "GpcnKernel",
+    "effective_sample_size",
+    "run_chain",
+    "seed_of",
+    "split_rhat",
+]
+
+#: Seeds of chain steps: ``seed + CHAIN_SEED_OFFSET + chain * CHAIN_STRIDE + step``.
+CHAIN_SEED_OFFSET = 7_000_003
+CHAIN_STRIDE = 10_000_000
+
+
+def seed_of(seed: int, chain: int, step: int) -> int:
+    """The seed of the prior sample behind step ``step`` of chain ``chain``."""
+    if not 0 <= step < CHAIN_STRIDE:
+        raise ValueError(f"step must be in [0, {CHAIN_STRIDE}); found {step}")
+    return int(seed) + CHAIN_SEED_OFFSET + int(chain) * CHAIN_STRIDE + int(step)
+
+
+class GpcnKernel:
+    """The gpCN proposal and acceptance for a target ``exp(-Phi - prior)``.
+
+    Args:
+        misfit: ``misfit(x) -> Phi(x)``; may raise :class:`~femkin.errors.ConvergenceError`
+            (the proposal is then rejected: a forward model that fails has zero likelihood).
+        apply_prior_precision: ``out = B x``.
+        prior_mean: ``m0`` (not modified).
+        reference: the Gaussian ``N(centre, Gamma)`` as a :class:`LowRankPosterior` (rank 0:
+            the prior itself, i.e. plain pCN); needs ``apply_prior_precision``.
+        centre: ``m`` (the MAP point for gpCN, the prior mean for pCN; not modified).
+        prior_sample: ``prior_sample(seed)``: a zero-mean prior sample.
+        beta: the step, in (0, 1].
+
+    Raises:
+        ValueError: on ``beta`` outside (0, 1].
+    """
+
+    def __init__(
+        self,
+        misfit: Callable[[PETSc.Vec], float],
+        apply_prior_precision,
+        prior_mean: PETSc.Vec,
+        reference: LowRankPosterior,
+        centre: PETSc.Vec,
+        prior_sample: Callable[[int], PETSc.Vec],
+        *,
+        beta: float,
+    ) -> None:
+        if not 0.0 < beta <= 1.0:
+            raise ValueError(f"beta must lie in (0, 1]; found {beta!r}")
+        self.misfit = misfit
+        self._B = as_apply(apply_prior_precision)
+        self.prior_mean = prior_mean
+        self.reference = reference
+        self.centre = centre
+        self.prior_sample = prior_sample
+        self.beta = float(beta)
+
+    def _b_norm2(self, d: PETSc.Vec) -> tuple[float, PETSc.Vec]:
+        bd = d.duplicate()
+        self._B(d, bd)
+        return float(d.dot(bd)), bd
+
+    def log_weight(self, x: PETSc.Vec) -> tuple[float, float]:
+        """``(eta(x), Phi(x))``; ``eta = -inf`` when the forward model fails."""
+        try:
+            phi = float(self.misfit(x))
+        except ConvergenceError:
+            return -np.inf, np.inf
+        d = x.copy()
+        d.axpy(-1.0, self.prior_mean)
+        prior2, bd = self._b_norm2(d)
+        d.destroy()
+        bd.destroy()
+        e = x.copy()
+        e.axpy(-1.0, self.centre)
+        ref2, be = self._b_norm2(e)
+        post = self.reference
+        if post.rank:
+            c = gram(post.eigenvectors, [be])[:, 0]
+            ref2 += float(np.sum(post.eigenvalues * c * c))
+        e.destroy()
+        be.destroy()
+        return -phi - 0.5 * prior2 + 0.5 * ref2, phi
+
+    def propose(self, u: PETSc.Vec, seed: int) -> PETSc.Vec:
+        """``v = m + sqrt(1 - beta^2)(u - m) + beta w`` with ``w`` from ``prior_sample(seed)``."""
+        z = self.prior_sample(seed)
+        w = self.reference.sample(z)
+        z.destroy()
+        v = u.copy()
+        v.axpy(-1.0, self.centre)
+        v.scale(np.sqrt(1.0 - self.beta**2))
+        v.axpy(1.0, self.centre)
+        v.axpy(self.beta, w)
+        w.destroy()
+        return v
+
+
+class ChainState(NamedTuple):
+    """Where a chain is: everything needed to continue it exactly.
+
+    Attributes:
+        chain: the global chain index.
+        step: steps done.
+        x: the current point.
+        eta: its log weight.
+        phi: its misfit.
+        accepted: proposals accepted so far.
+        failed: proposals whose forward model failed.
+        records: ``record(x)`` after every step, shape ``(step, n_q)``.
+    """
+
+    chain: int
+    step: int
+    x: PETSc.Vec
+    eta: float
+    phi: float
+    accepted: int
+    failed: int
+    records: np.ndarray
+
+
+def start_chain(kernel: GpcnKernel, chain: int, x0: PETSc.Vec, record) -> ChainState:
+    """The state before the first step, at ``x0`` (copied)."""
+    eta, phi = kernel.log_weight(x0)
+    if not np.isfinite(eta):
+        raise ConvergenceError(f"chain {chain}: the forward model fails at the starting point")
+    n_q = np.asarray(record(x0)).size
+    return ChainState(chain, 0, x0.copy(), eta, phi, 0, 0, np.zeros((0, n_q)))
+
+
+def run_chain(
+    kernel: GpcnKernel,
+    state: ChainState,
+    n_steps: int,
+    *,
+    seed: int,
+    record: Callable[[PETSc.Vec], np.ndarray],
+    checkpoint: Callable[[ChainState], None] | None = None,
+    every: int = 50,
+    progress: Callable[[], None] | None = None,
+) -> ChainState:
+    """Advance a chain to ``n_steps`` steps in total (from ``state.step``).
+
+    Args:
+        kernel: the proposal and acceptance.
+        state: where the chain is (from :func:`start_chain` or a checkpoint).
+        n_steps: the total number of steps wanted.
+        seed: the run's seed (see the module docstring).
+        record: the quantities to keep from each step (identical on every rank).
+        checkpoint: called with the state every ``every`` steps and at the end.
+        every: checkpoint interval, steps.
+        progress: called once per step.
+
+    Returns:
+        The final state.
+    """
+    x, eta, phi = state.x, state.eta, state.phi
+    accepted, failed = state.accepted, state.failed
+    records = [state.records] if state.records.size else []
+    rows = []
+    for n in range(state.step, n_steps):
+        v = kernel.propose(x, seed_of(seed, state.chain, n))
+        eta_v, phi_v = kernel.log_weight(v)
+        u = np.random.default_rng([int(seed), int(state.chain), n]).uniform()
+        if not np.isfinite(eta_v):
+            failed += 1
+            v.destroy()
+        elif np.log(u) < eta_v - eta:
+            x.destroy()
+            x, eta, phi = v, eta_v, phi_v
+            accepted += 1
+        else:
+            v.destroy()
+        rows.append(np.asarray(record(x), dtype=float).ravel())
+        if progress is not None:
+            progress()
+        done = n + 1
+        if checkpoint is not None and (done % every == 0 or done == n_steps):
+            records.append(np.array(rows))
+            rows = []
+            all_rec = np.concatenate(records)
+            records = [all_rec]
+            checkpoint(ChainState(state.chain, done, x, eta, phi, accepted, failed, all_rec))
+    if rows:
+        records.append(np.array(rows))
+    all_rec = np.concatenate(records) if records else state.records
+    return ChainState(state.chain, max(n_steps, state.step), x, eta, phi, accepted, failed, all_rec)
+
+
+# -- diagnostics ---------------------------------------------------------------------------
+def _autocovariance(x: np.ndarray) -> np.ndarray:
+    """Autocovariance of a 1-d series at all lags (FFT, biased estimator)."""
+    n = x.size
+    d = x - x.mean()
+    f = np.fft.rfft(d, n=2 * n)
+    acov = np.fft.irfft(f * np.conj(f))[:n] / n
+    return acov
+
+
+def effective_sample_size(chains: np.ndarray) -> float:
+    """ESS of one quantity from ``(n_chains, n_draws)`` draws.
+
+    Geyer's initial monotone sequence on the chain-averaged autocorrelation, combined with
+    the between-chain variance as in Stan / BDA3 eq. 11.8.
+
+    Returns:
+        The effective sample size (``n_chains * n_draws / tau``, ``tau`` the integrated
+        autocorrelation time); ``nan`` for fewer than 4 draws or a constant quantity.
+    """
+    chains = np.atleast_2d(np.asarray(chains, dtype=float))
+    m, n = chains.shape
+    if n < 4:
+        return float("nan")
+    acov = np.array([_autocovariance(c) for c in chains])
+    chain_var = acov[:, 0] * n / (n - 1.0)
+    w = chain_var.mean()
+    b_over_n = chains.mean(axis=1).var(ddof=1) if m > 1 else 0.0
+    var_plus = w * (n - 1.0) / n + b_over_n
+    if not var_plus > 0:
+        return float("nan")
+    rho = 1.0 - (w - acov.mean(axis=0)) / var_plus
+    rho[0] = 1.0
+    # Geyer: sums of adjacent pairs, truncated at the first negative, made monotone.
+    sums: list[float] = []
+    for t in range(0, n - 1, 2):
+        p = rho[t] + rho[t + 1]
+        if p < 0:
+            break
+        sums.append(float(p))
+    pairs = np.minimum.accumulate(np.array(sums)) if sums else np.array([1.0])
+    tau = -1.0 + 2.0 * float(pairs.sum())
+    tau = max(tau, 1.0 / np.log10(m * n + 10))  # Stan's guard against absurd antithetic values
+    return float(m * n / tau)
+
+
+def split_rhat(chains: np.ndarray) -> float:
+    """Split-R-hat of one quantity from ``(n_chains, n_draws)`` draws (BDA3 eq. 11.4).
+
+    Each chain is split in halves; ``R = sqrt(var_plus / W)`` over the ``2 n_chains`` halves.
+    Values near 1 (below ~1.01-1.05) mean the chains agree with each other and with
+    themselves over time.
+    """
+    chains = np.atleast_2d(np.asarray(chains, dtype=float))
+    m, n = chains.shape
+    half = n // 2
+    if half < 2:
+        return float("nan")
+    split = np.concatenate([chains[:, :half], chains[:, n - half :]])
+    w = split.var(axis=1, ddof=1).mean()
+    b_over_n = split.mean(axis=1).var(ddof=1)
+    if not w > 0:
+        return float("nan")
+    var_plus = w * (half - 1.0) / half + b_over_n
+    return float(np.sqrt(var_plus / w))

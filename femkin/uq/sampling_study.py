@@ -1,0 +1,452 @@
+"""MCMC of an inversion's posterior with the Laplace posterior as proposal (``femkin sample``).
+
+``femkin uq`` saves the MAP point and the eigenpairs of the Laplace posterior
+(:func:`save_laplace`, ``CASE/checkpoints/laplace.npz``, partition independent). :func:`sample`
+then
+
+1. splits the communicator into ``min(chains, size)`` groups; each group builds the problem
+   on its sub-communicator and runs the chains ``c`` with ``c % groups == group``;
+2. runs each chain with the gpCN kernel (:mod:`femkin.uq.mcmc`; ``[sample] proposal =
+   "prior"`` gives plain pCN), started from the MAP point plus a Laplace sample, recording the
+   global coefficients after every step;
+3. checkpoints every chain (``CASE/checkpoints/mcmc_chain<c>.npz``: the state, the records,
+   the settings' hash) every ``checkpoint_every`` steps; a later run resumes each chain where it
+   stopped (the same random numbers: the uninterrupted answer) and extends it when ``steps``
+   grew;
+4. gathers the records on rank 0 and computes, per global coefficient, the mean, std,
+   effective sample size, split-R-hat and their distance from the Laplace values, and the 95%
+   bands of ``mu_h(c)`` and ``j0(c)`` from the samples.
+
+All functions are collective on the communicator they are given.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from femkin._fem import MPI, PETSc
+from femkin.uq.laplace import LowRankPosterior
+from femkin.uq.mcmc import (
+    ChainState,
+    GpcnKernel,
+    effective_sample_size,
+    run_chain,
+    split_rhat,
+    start_chain,
+)
+
+__all__ = ["START_SEED_OFFSET", "load_laplace", "sample", "save_laplace", "summarise"]
+
+#: Chain ``c`` starts from the MAP point plus the Laplace sample of seed
+#: ``seed + START_SEED_OFFSET + c``.
+START_SEED_OFFSET = 6_000_011
+
+
+def _flatten(prefix: str, d: dict) -> dict:
+    return {f"{prefix}|{k}": v for k, v in d.items()}
+
+
+def _unflatten(prefix: str, data) -> dict:
+    p = prefix + "|"
+    return {k[len(p) :]: data[k] for k in data.files if k.startswith(p)}
+
+
+def save_laplace(path: Path, space, posterior: LowRankPosterior, x: PETSc.Vec) -> None:
+    """Write the MAP point and the eigenpairs (``V^T B V = I``) to ``path`` (collective)."""
+    from femkin.io.atomic import atomic_write
+
+    arrays = {"eigenvalues": np.asarray(posterior.eigenvalues, dtype=float)}
+    d = space.to_global_dict(x)
+    if d is not None:
+        arrays.update(_flatten("map", d))
+    for i, v in enumerate(posterior.eigenvectors):
+        d = space.to_global_dict(v)
+        if d is not None:
+            arrays.update(_flatten(f"v{i}", {k: a for k, a in d.items() if "coordinates" not in k}))
+    if space.comm.rank == 0:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)  # type: ignore[arg-type]
+
+        atomic_write(Path(path), write)
+    space.comm.barrier()
+
+
+def load_laplace(path: Path, space, prior) -> tuple[PETSc.Vec, LowRankPosterior]:
+    """The MAP point and the low-rank posterior saved by :func:`save_laplace`.
+
+    Collective; works on any number of ranks.
+    """
+    comm = space.comm
+    data = np.load(path) if comm.rank == 0 else None
+    lam = comm.bcast(data["eigenvalues"] if data is not None else None, root=0)
+    x = space.create_vector()
+    m = _unflatten("map", data) if data is not None else None
+    space.from_global_dict(m, x, source=str(path))
+    vs = []
+    for i in range(lam.size):
+        d = None
+        if data is not None and m is not None:
+            d = _unflatten(f"v{i}", data)
+            d.update({k: a for k, a in m.items() if k.endswith("/coordinates")})
+        v = space.create_vector()
+        space.from_global_dict(d, v, source=str(path))
+        vs.append(v)
+    post = LowRankPosterior(
+        lam, vs, prior.covariance_mult, apply_prior_precision=prior.precision_mult
+    )
+    return x, post
+
+
+def _settings_hash(settings: dict, laplace_path: Path) -> str:
+    keep = {k: v for k, v in settings.items() if k not in ("steps", "checkpoint_every")}
+    h = hashlib.sha256(json.dumps(keep, sort_keys=True).encode())
+    h.update(Path(laplace_path).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _chain_path(case_dir: Path, chain: int) -> Path:
+    return Path(case_dir) / "checkpoints" / f"mcmc_chain{chain}.npz"
+
+
+def _save_chain(path: Path, space, state: ChainState, digest: str) -> None:
+    from femkin.io.atomic import atomic_write
+
+    d = space.to_global_dict(state.x)
+    if space.comm.rank != 0:
+        return
+    arrays = _flatten("x", d)
+    arrays.update(
+        step=state.step,
+        eta=state.eta,
+        phi=state.phi,
+        accepted=state.accepted,
+        failed=state.failed,
+        records=state.records,
+        digest=np.array(digest),
+    )
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
+
+
+def _load_chain(path: Path, space, chain: int, digest: str) -> ChainState | None:
+    """The checkpointed state if it exists and belongs to these settings (collective)."""
+    comm = space.comm
+    data = None
+    if comm.rank == 0 and path.exists():
+        data = np.load(path)
+        if str(data["digest"]) != digest:
+            data = None
+    ok = comm.bcast(data is not None, root=0)
+    if not ok:
+        return None
+    x = space.create_vector()
+    space.from_global_dict(_unflatten("x", data) if data is not None else None, x, str(path))
+    meta = None
+    if data is not None:
+        meta = {k: data[k] for k in ("step", "eta", "phi", "accepted", "failed", "records")}
+    meta = comm.bcast(meta, root=0)
+    return ChainState(
+        chain,
+        int(meta["step"]),
+        x,
+        float(meta["eta"]),
+        float(meta["phi"]),
+        int(meta["accepted"]),
+        int(meta["failed"]),
+        np.asarray(meta["records"], dtype=float),
+    )
+
+
+def _record(space, blocks):
+    def record(x):
+        if not blocks:
+            return np.zeros(0)
+        return np.concatenate([space.get_scalars(x, b) for b, _ in blocks])
+
+    return record
+
+
+def run_group_chains(
+    problem, prior, laplace_path: Path, case_dir: Path, settings: dict, chains, *, log=None
+) -> dict[int, dict]:
+    """Run (or resume) the given chains on the problem's communicator.
+
+    Returns:
+        ``{chain: {"records", "accepted", "failed", "steps", "resumed_from"}}`` (every rank).
+    """
+    from femkin.uq.laplace_study import coefficient_layout, prior_sample
+
+    space = problem.space
+    comm = problem.comm
+    x_map, post = load_laplace(laplace_path, space, prior)
+    digest = comm.bcast(_settings_hash(settings, laplace_path) if comm.rank == 0 else None, 0)
+    seed = int(settings["seed"])
+    if settings["proposal"] == "prior":
+        reference = LowRankPosterior(
+            np.zeros(0), [], prior.covariance_mult, apply_prior_precision=prior.precision_mult
+        )
+        centre = prior.mean()
+    else:
+        reference, centre = post, x_map
+    kernel = GpcnKernel(
+        problem.misfit,
+        prior.precision_mult,
+        prior.mean(),
+        reference,
+        centre,
+        lambda s: prior_sample(prior, space, s),
+        beta=float(settings["beta"]),
+    )
+    record = _record(space, coefficient_layout(space))
+    out = {}
+    for c in chains:
+        path = _chain_path(case_dir, c)
+        state = _load_chain(path, space, c, digest)
+        resumed_from = 0 if state is None else state.step
+        if state is None:
+            z = prior_sample(prior, space, seed + START_SEED_OFFSET + c)
+            x0 = post.sample(z)
+            x0.axpy(1.0, x_map)
+            z.destroy()
+            state = start_chain(kernel, c, x0, record)
+            x0.destroy()
+        t0 = time.perf_counter()
+        state = run_chain(
+            kernel,
+            state,
+            int(settings["steps"]),
+            seed=seed,
+            record=record,
+            checkpoint=functools.partial(_save_chain, path, space, digest=digest),
+            every=int(settings["checkpoint_every"]),
+        )
+        if log is not None and comm.rank == 0:
+            log(
+                f"chain {c}: {state.step} steps (from {resumed_from}), acceptance "
+                f"{state.accepted / max(state.step, 1):.2f}, {time.perf_counter() - t0:.1f} s"
+            )
+        out[c] = {
+            "records": state.records,
+            "accepted": state.accepted,
+            "failed": state.failed,
+            "steps": state.step,
+            "resumed_from": resumed_from,
+        }
+        state.x.destroy()
+    # leave the problem at the MAP point
+    problem.misfit(x_map)
+    return out
+
+
+def summarise(chains: dict[int, dict], names: list[str], burn: float, laplace: dict | None) -> dict:
+    """Diagnostics per global coefficient from the gathered chains (rank 0).
+
+    Args:
+        chains: ``{chain: {"records": (steps, n_q), "accepted", "failed", "steps"}}``.
+        names: the coefficient names (columns of the records).
+        burn: the fraction of each chain discarded.
+        laplace: ``{"mean": (n_q,), "std": (n_q,)}`` of the Laplace posterior, or None.
+
+    Returns:
+        The ``mcmc.json`` content (without settings).
+    """
+    order = sorted(chains)
+    n = min(chains[c]["records"].shape[0] for c in order)
+    start = int(np.floor(burn * n))
+    draws = np.array([chains[c]["records"][start:n] for c in order])  # (chains, draws, q)
+    coefficients = {}
+    for q, name in enumerate(names):
+        d = draws[:, :, q]
+        entry = {
+            "mean": float(d.mean()),
+            "std": float(d.std(ddof=1)) if d.size > 1 else float("nan"),
+            "q025": float(np.percentile(d, 2.5)),
+            "q975": float(np.percentile(d, 97.5)),
+            "ess": effective_sample_size(d),
+            "rhat": split_rhat(d),
+        }
+        if laplace is not None:
+            ls = float(laplace["std"][q])
+            entry["laplace_mean"] = float(laplace["mean"][q])
+            entry["laplace_std"] = ls
+            entry["mean_difference_in_std"] = (entry["mean"] - entry["laplace_mean"]) / ls
+            entry["std_ratio"] = entry["std"] / ls
+        coefficients[name] = entry
+    steps = sum(chains[c]["steps"] for c in order)
+    ess = [v["ess"] for v in coefficients.values() if np.isfinite(v["ess"])]
+    return {
+        "chains": len(order),
+        "steps_per_chain": [int(chains[c]["steps"]) for c in order],
+        "draws_used_per_chain": int(n - start),
+        "burn_in_per_chain": start,
+        "acceptance": {str(c): chains[c]["accepted"] / max(chains[c]["steps"], 1) for c in order},
+        "acceptance_overall": sum(chains[c]["accepted"] for c in order) / max(steps, 1),
+        "failed_forward_runs": int(sum(chains[c]["failed"] for c in order)),
+        "forward_runs": int(steps),
+        "min_ess": float(min(ess)) if ess else float("nan"),
+        "max_rhat": float(max(v["rhat"] for v in coefficients.values())) if names else 0.0,
+        "forward_runs_per_effective_sample": float(steps / min(ess)) if ess else float("nan"),
+        "coefficients": coefficients,
+    }
+
+
+def sample_bands(
+    draws: np.ndarray, blocks, map_values: dict, j0_prefactor, c: np.ndarray
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """95% bands (2.5 and 97.5 percentiles) of mu_h(c) and j0(c) over the samples.
+
+    Args:
+        draws: ``(n_samples, n_q)`` global coefficients in the order of ``blocks``.
+        blocks: ``[(name, size)]``.
+        map_values: ``{"mu_h": a, "j0": b}`` used for blocks that are not learned.
+        j0_prefactor: ``(p, q)``.
+        c: the grid.
+    """
+    from femkin.physics.acr import ln_j0, mu_h
+
+    p, q = j0_prefactor
+    starts = {}
+    i = 0
+    for name, size in blocks:
+        starts[name] = (i, size)
+        i += size
+
+    def coeffs(row, name):
+        if name in starts:
+            a, size = starts[name]
+            return row[a : a + size]
+        return np.asarray(map_values[name])
+
+    out = {}
+    curves_mu = np.array([mu_h(c, coeffs(r, "mu_h"), np.log) for r in draws])
+    curves_j0 = np.array([np.exp(ln_j0(c, coeffs(r, "j0"), p, q, np.log)) for r in draws])
+    for name, curves in (("mu_h", curves_mu), ("j0", curves_j0)):
+        out[name] = (np.percentile(curves, 2.5, axis=0), np.percentile(curves, 97.5, axis=0))
+    return out
+
+
+def sample(case_path, comm=MPI.COMM_WORLD, *, quiet: bool = False) -> dict | None:
+    """``femkin sample``: run the chains of a case; returns ``mcmc.json`` on rank 0.
+
+    Raises:
+        InputError: when the case has no Laplace posterior (run ``femkin uq`` first).
+    """
+    from femkin.errors import InputError
+    from femkin.inversion.checkpoint import read_checkpoint
+    from femkin.inversion.fit import build_prior
+    from femkin.study import (
+        build_problem,
+        checkpoint_path,
+        checkpoint_settings,
+        collective,
+        open_study,
+    )
+    from femkin.uq.laplace_study import coefficient_layout, coefficient_names
+
+    t0 = time.perf_counter()
+    log = None if quiet else (lambda msg: print(f"sample: {msg}", flush=True))
+    study = open_study(case_path, comm)
+    case = study.case
+    settings = dict(case.sample)
+    laplace_path = case.dir / "checkpoints" / "laplace.npz"
+    uq_path = case.dir / "results" / "uq.json"
+
+    def check():
+        for path, what in ((laplace_path, "the Laplace posterior"), (uq_path, "uq results")):
+            if not path.exists():
+                raise InputError(path, None, f"{what} (run 'femkin uq CASE' first)", "no such file")
+
+    collective(comm, check)
+    n_chains = int(settings["chains"])
+    n_groups = min(n_chains, comm.size)
+    group = comm.rank * n_groups // comm.size
+    sub = comm.Split(group, comm.rank)
+    mine = [c for c in range(n_chains) if c % n_groups == group]
+    problem = build_problem(study, sub, quiet=True)
+    x = problem.initial_vector()
+    prior = build_prior(problem, case.inversion["prior"], x)
+    _, case_hash = checkpoint_settings(study, problem)
+    state = read_checkpoint(checkpoint_path(case), problem.space, x, case_hash=case_hash)
+    if state:
+        problem.set_schedules(state.get("schedules", {}))
+    problem.misfit(x)  # adapt and freeze the time steps at the MAP point, as the fit did
+    blocks = coefficient_layout(problem.space)
+    names = coefficient_names(blocks)
+    params = problem.parameters_at(x)
+    results = run_group_chains(problem, prior, laplace_path, case.dir, settings, mine, log=log)
+    gathered = comm.gather(results if sub.rank == 0 else {}, root=0)
+    payload = None
+    if comm.rank == 0:
+        chains = {}
+        for part in gathered:
+            chains.update(part)
+        uq = json.loads(uq_path.read_text())
+        lap_mean = np.concatenate([uq["coefficients"][b]["mean"] for b, _ in blocks])
+        lap_std = np.concatenate([uq["coefficients"][b]["std"] for b, _ in blocks])
+        payload = summarise(
+            chains, names, float(settings["burn"]), {"mean": lap_mean, "std": lap_std}
+        )
+        payload["settings"] = settings
+        payload["wall_time"] = time.perf_counter() - t0
+        payload["resumed_from"] = {str(c): chains[c]["resumed_from"] for c in sorted(chains)}
+        _write_results(case, payload, chains, blocks, params, settings)
+        if log is not None:
+            log(
+                f"{payload['chains']} chains, acceptance {payload['acceptance_overall']:.2f}, "
+                f"min ESS {payload['min_ess']:.1f}, max R-hat {payload['max_rhat']:.3f}; "
+                f"results in {case.dir / 'results' / 'mcmc.json'}"
+            )
+    comm.barrier()
+    return payload
+
+
+def _write_results(case, payload, chains, blocks, params, settings) -> None:
+    """mcmc.json, the sample band columns of mu_h.csv/j0.csv, mcmc_bands.png (rank 0)."""
+    from femkin.inversion import results as res
+    from femkin.uq_report import mcmc_figure
+
+    out = case.dir / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    n = min(chains[c]["records"].shape[0] for c in chains)
+    start = int(np.floor(float(settings["burn"]) * n))
+    draws = np.concatenate([chains[c]["records"][start:n] for c in sorted(chains)])
+    figure_bands = {}
+    for name in ("mu_h", "j0"):
+        path = out / f"{name}.csv"
+        if not path.exists():
+            continue
+        table = np.genfromtxt(path, delimiter=",", names=True)
+        c = np.atleast_1d(table["c"])
+        lo, hi = sample_bands(
+            draws, blocks, {"mu_h": params.mu_h, "j0": params.j0}, params.j0_prefactor, c
+        )[name]
+        columns = {k: np.atleast_1d(table[k]) for k in (table.dtype.names or ())}
+        columns["mcmc_lo"], columns["mcmc_hi"] = lo, hi
+        res.write_csv(path, columns)
+        payload.setdefault("bands", {})[name] = {
+            "c": c.tolist(),
+            "lo": lo.tolist(),
+            "hi": hi.tolist(),
+        }
+        if "lo" in columns:
+            figure_bands[name] = {
+                "c": c,
+                "value": columns[name],
+                "laplace": (columns["lo"], columns["hi"]),
+                "mcmc": (lo, hi),
+            }
+    res.write_json(out / "mcmc.json", payload)
+    mcmc_figure(out, figure_bands)
