@@ -23,6 +23,7 @@ DEMO = HERE.parent / "cases" / "demo"
 
 
 def main() -> None:
+    """Mesh every particle of the demo video with the schema's [mesh] defaults into meshes/."""
     options = {key: spec.default for key, spec in SCHEMA["mesh"].items()}
     video_path = DEMO / "data" / "video.npz"
     if (DEMO / "case.toml").is_file():

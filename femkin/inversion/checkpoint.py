@@ -97,7 +97,7 @@ def peek_state(path, comm) -> dict | None:
     Collective: rank 0 reads, every rank gets the state or raises the same error.
     """
     path = pathlib.Path(path)
-    result = None
+    result: tuple[str, Any] | None = None
     if comm.rank == 0:
         if not path.exists():
             result = ("absent", None)

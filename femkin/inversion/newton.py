@@ -231,17 +231,22 @@ def newton_cg(
     ):
         if int(value) < 1:
             raise InputError("<newton>", name, "an integer >= 1", value)
-    for name, value in (("decrement_tol", decrement_tol), ("gatol", gatol), ("gttol", gttol)):
-        if not (math.isfinite(value) and value >= 0):
-            raise InputError("<newton>", name, "a finite number >= 0", value)
+    for name, tol in (("decrement_tol", decrement_tol), ("gatol", gatol), ("gttol", gttol)):
+        if not (math.isfinite(tol) and tol >= 0):
+            raise InputError("<newton>", name, "a finite number >= 0", tol)
     space = rf.space
     n = space.global_size
     cg_cap = int(min(cg_max_iterations, n))
     resumed = state is not None
-    state = dict(state) if resumed else {}
+    state = dict(state) if state is not None else {}
     k = int(state.get("iteration", 0))
     history = [dict(h) for h in state.get("history", [])]
-    counters = {"value_gradient": 0, "hessian_actions": 0, "cg_iterations": 0, "backtracks": 0}
+    counters: dict[str, int] = {
+        "value_gradient": 0,
+        "hessian_actions": 0,
+        "cg_iterations": 0,
+        "backtracks": 0,
+    }
     counters.update(state.get("counters", {}))
     start = time.perf_counter() - float(state.get("elapsed", 0.0))
 
