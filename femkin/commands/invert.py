@@ -101,8 +101,15 @@ def invert(
     )
     from femkin.inversion.fit import build_prior, solve_map
     from femkin.inversion.tao import tao_types
+    from femkin.outputs import ResultSet, shared_run_id
     from femkin.report import write_fit_results
-    from femkin.study import build_problem, checkpoint_path, checkpoint_settings, open_study
+    from femkin.study import (
+        build_problem,
+        checkpoint_path,
+        checkpoint_settings,
+        open_study,
+        require_writable,
+    )
 
     comm = comm or MPI.COMM_WORLD
     timings = {}
@@ -131,6 +138,10 @@ def invert(
         state = _resume_state(ckpt, study, prints, required=resume, comm=comm)
         if isinstance(state, AlreadyFinished):
             return state
+    require_writable(comm, study, "meshes", "checkpoints", "results", ".femkin")
+    # a resumed fit is the same run (uq checks that results/ holds this run's fit)
+    run_id = state.get("run_id") if state is not None else None
+    run_id = run_id or shared_run_id(comm)
     problem = build_problem(study, comm, quiet=quiet, require_data=True)
     timings["setup"] = time.perf_counter() - t0
     x0 = problem.initial_vector()
@@ -165,6 +176,7 @@ def invert(
                     "history": snapshot["history"],
                     "solver": snapshot,
                     "schedules": problem.schedules(),
+                    "run_id": run_id,
                 },
             )
             exit_after_checkpoint_hook(int(snapshot["iteration"]), comm)
@@ -196,7 +208,9 @@ def invert(
     timings["fit"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     problem.misfit(result.x)
-    write_fit_results(study, problem, result, timings)
+    # One consistent set: results/ is replaced only once every file is written.
+    with ResultSet(case.dir, comm, verb="invert", run_id=run_id):
+        write_fit_results(study, problem, result, timings)
     write_checkpoint(
         ckpt,
         problem.space,
@@ -211,6 +225,7 @@ def invert(
             "done": True,
             "reason": result.reason,
             "schedules": problem.schedules(),
+            "run_id": run_id,
         },
     )
     comm.barrier()  # every rank returns once the result files exist
