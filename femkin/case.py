@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from femkin.blocks import BLOCKS
+from femkin.blocks import BLOCKS, KINETICS, blocks_unused_by
 from femkin.errors import CaseError, close_match_hint
 
 CASE_FILE = "case.toml"
@@ -131,6 +131,14 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "k0": Key("float", 1e-3, POSITIVE, "rate prefactor, 1/s"),
         "initial_smoothing": Key("float", 0.05, NON_NEGATIVE, "first-frame smoothing length, um"),
         "element": Key("str", "P1", _one_of("P1"), "Lagrange element of c and mu"),
+        "kinetics": Key(
+            "str",
+            "bv",
+            _one_of(*KINETICS),
+            "reaction law: bv (Butler-Volmer, learned ln j0), bv-constant (j0 = 1), bv-lim "
+            "(j0 = c^alpha (1-c)^(2-alpha), Lim 2016), ciet (coupled ion-electron transfer, MHC)",
+        ),
+        "lambda": Key("float", 8.3, POSITIVE, "ciet: reorganisation energy lambda, kT"),
     },
     "solver": {
         "dt_initial": Key("float?", None, POSITIVE, "first step, s (default: frame gap / 10)"),
@@ -191,6 +199,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
             "k0": Key("float?", None, POSITIVE, "true k0, 1/s (default: [model])"),
             "kappa": Key("float?", None, NON_NEGATIVE, "true kappa (default: [model])"),
             "coherency": Key("float?", None, NON_NEGATIVE, "true B (default: [model])"),
+            "kinetics": Key("str?", None, _one_of(*KINETICS), "true law (default: [model])"),
+            "lambda": Key("float?", None, POSITIVE, "true lambda, kT (default: [model])"),
         },
     },
     "inversion": {
@@ -243,6 +253,12 @@ SCHEMA: dict[str, dict[str, Any]] = {
             ),
             "kappa_std": Key("float", 0.02, POSITIVE, "prior std of kappa, kT um^2"),
             "coherency_std": Key("float", 2.0, POSITIVE, "prior std of the coherency B, kT"),
+            "lambda_std": Key(
+                "float",
+                0.5,
+                POSITIVE,
+                "prior std of the lambda block, whose coordinate is ln lambda (0.5: a factor 1.65)",
+            ),
             "mu_e_std": Key("float", 1.0, POSITIVE, "prior std of mu_e knots, kT"),
             "initial_std": Key("float", 0.1, POSITIVE, "prior std of the initial state"),
         },
@@ -380,6 +396,7 @@ def parse_sections(raw: dict[str, Any], file: str | os.PathLike) -> dict[str, An
             continue
         out[name] = _parse_table(raw.get(name, {}), schema, file, name)
     _check_driving(out["driving"], file)
+    _check_kinetics(out, file)
     return out
 
 
@@ -488,3 +505,21 @@ def _check_driving(driving: dict[str, Any], file) -> None:
         )
     if t is not None and len(t) != len(mu_e):
         raise CaseError(file, "driving.mu_e", f"{len(t)} values, one per knot time", len(mu_e))
+
+
+def _check_kinetics(sections: dict[str, Any], file) -> None:
+    """Learned blocks must enter the kinetic law: ``j0`` only ``bv``, ``lambda`` only ``ciet``."""
+    kinetics = sections["model"]["kinetics"]
+    for field, blocks in (
+        ("inversion.learn", sections["inversion"]["learn"]),
+        ("verify.blocks", sections["verify"]["blocks"] or []),
+    ):
+        unused = blocks_unused_by(kinetics, blocks)
+        if unused:
+            raise CaseError(
+                file,
+                field,
+                f"blocks that [model] kinetics = {kinetics!r} contains ('j0' belongs to 'bv', "
+                "'lambda' to 'ciet')",
+                repr(unused),
+            )
