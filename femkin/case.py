@@ -204,7 +204,13 @@ SCHEMA: dict[str, dict[str, Any]] = {
         },
     },
     "inversion": {
-        "learn": Key("list[str]", ["mu_h", "j0", "k0", "m"], _one_of(*BLOCKS), "fitted blocks"),
+        "learn": Key(
+            "list[str]",
+            ["mu_h", "j0", "k0", "m"],
+            _one_of(*BLOCKS),
+            "fitted blocks (default under kinetics = bv-constant/bv-lim: no j0; ciet: lambda "
+            "in place of j0)",
+        ),
         "method": Key(
             "str",
             "newton",
@@ -396,7 +402,7 @@ def parse_sections(raw: dict[str, Any], file: str | os.PathLike) -> dict[str, An
             continue
         out[name] = _parse_table(raw.get(name, {}), schema, file, name)
     _check_driving(out["driving"], file)
-    _check_kinetics(out, file)
+    _check_kinetics(out, "learn" in raw.get("inversion", {}), file)
     return out
 
 
@@ -507,11 +513,20 @@ def _check_driving(driving: dict[str, Any], file) -> None:
         raise CaseError(file, "driving.mu_e", f"{len(t)} values, one per knot time", len(mu_e))
 
 
-def _check_kinetics(sections: dict[str, Any], file) -> None:
-    """Learned blocks must enter the kinetic law: ``j0`` only ``bv``, ``lambda`` only ``ciet``."""
+def _check_kinetics(sections: dict[str, Any], learn_given: bool, file) -> None:
+    """Learned blocks must enter the kinetic law: ``j0`` only ``bv``, ``lambda`` only ``ciet``.
+
+    The default ``[inversion] learn`` follows the law: its ``j0`` is dropped under the fixed
+    Butler-Volmer laws and becomes ``lambda`` under ``ciet``; a ``learn`` given in the file is
+    taken as written, and refused if it names a block the law does not contain.
+    """
     kinetics = sections["model"]["kinetics"]
+    inversion = sections["inversion"]
+    if not learn_given and kinetics != "bv":
+        swap = ["lambda"] if kinetics == "ciet" else []
+        inversion["learn"] = [n for b in inversion["learn"] for n in (swap if b == "j0" else [b])]
     for field, blocks in (
-        ("inversion.learn", sections["inversion"]["learn"]),
+        ("inversion.learn", inversion["learn"]),
         ("verify.blocks", sections["verify"]["blocks"] or []),
     ):
         unused = blocks_unused_by(kinetics, blocks)
