@@ -14,7 +14,6 @@ The optimiser is inexact Newton–CG (:mod:`femkin.inversion.newton`, ``[inversi
 from __future__ import annotations
 
 import math
-
 import time
 from collections.abc import Callable
 from typing import NamedTuple
