@@ -171,3 +171,18 @@ def test_unknown_law_is_refused():
         acr.reaction_rate(
             0.5, 0.0, 0.0, acr.ACRCoefficients([], [], 0.5, 0.5, 0.0, 0.0, 0.0, 0.0, 0.5, "tafel")
         )
+
+
+@pytest.mark.parametrize("kinetics,block", [("ciet", "j0"), ("bv-lim", "j0"), ("bv", "lambda")])
+def test_inverse_problem_refuses_blocks_outside_the_law(kinetics, block):
+    """The library refuses what the case file refuses (before any mesh or video is touched)."""
+    from femkin.errors import InputError
+    from femkin.forward import SolverOptions
+    from femkin.problem import InverseProblem
+
+    params = ModelParameters(kinetics=kinetics)
+    with pytest.raises(InputError, match=f"kinetics '{kinetics}'") as info:
+        InverseProblem(
+            MPI.COMM_SELF, None, {}, None, params, ["k0", block], SolverOptions(), 0.1, {}
+        )
+    assert block in str(info.value)
