@@ -123,11 +123,13 @@ SCHEMA: dict[str, dict[str, Any]] = {
     },
     "model": {
         "kappa": Key("float", 0.02, NON_NEGATIVE, "gradient energy coefficient, kT um^2"),
-        "alpha": Key("float", 0.5, OPEN_UNIT, "charge transfer coefficient"),
+        "alpha": Key("float", 0.5, OPEN_UNIT, "charge transfer coefficient (bv laws)"),
         "coherency": Key("float", 0.0, NON_NEGATIVE, "coherency strain coefficient B, kT"),
         "mu_h": Key("list[float]", [3.2], FINITE, "Legendre coefficients a_1..a_N of mu_h, kT"),
-        "j0": Key("list[float]", [], FINITE, "Legendre coefficients b_1..b_M of ln j0"),
-        "j0_prefactor": Key("list[float]", [0.5, 0.5], _all(_length(2), FINITE), "p, q"),
+        "j0": Key("list[float]", [], FINITE, "Legendre coefficients b_1..b_M of ln j0 (bv)"),
+        "j0_prefactor": Key(
+            "list[float]", [0.5, 0.5], _all(_length(2), FINITE), "p, q of ln j0 (bv)"
+        ),
         "k0": Key("float", 1e-3, POSITIVE, "rate prefactor, 1/s"),
         "initial_smoothing": Key("float", 0.05, NON_NEGATIVE, "first-frame smoothing length, um"),
         "element": Key("str", "P1", _one_of("P1"), "Lagrange element of c and mu"),
