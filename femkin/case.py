@@ -108,6 +108,14 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "video": Key("str", REQUIRED, None, "the video file (.npz, .h5, TIFF folder)"),
         "truth": Key("str?", None, None, "a truth file (simulated data) for comparisons"),
         "sigma": Key("float?", None, POSITIVE, "noise std of c; overrides the video's sigma"),
+        "psf_fwhm": Key(
+            "float?",
+            None,
+            POSITIVE,
+            "FWHM of the instrument's Gaussian point-spread function, um: a pixel is the model "
+            "averaged over its footprint convolved with the PSF (default: the value at the "
+            "pixel centre)",
+        ),
     },
     "mesh": {
         "size": Key("float", 1.0, POSITIVE, "target element size, pixels"),
@@ -168,6 +176,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "noise": Key("float", 0.0, NON_NEGATIVE, "std of Gaussian noise added to c"),
         "seed": Key("int", 0, NON_NEGATIVE, "noise and random-field seed"),
         "mesh_size": Key("float?", None, POSITIVE, "data-generation element size, pixels"),
+        "psf_fwhm": Key(
+            "float?", None, POSITIVE, "PSF FWHM of the simulated data, um (default: [data])"
+        ),
         "m_std": Key("float?", None, NON_NEGATIVE, "std of a random smooth m (no k_map)"),
         "m_length": Key("float?", None, POSITIVE, "correlation length of that m, um"),
         "m_field": Key(

@@ -111,7 +111,7 @@ class PixelMisfit:
             f = frames.get(n)
             if f is not None:
                 r = self.obs.apply(traj.state(n)) - self.data[f]
-                out += self.obs.matrix.T @ (self.weight[f] * r)
+                self.obs.apply_transpose(self.weight[f] * r, out)
 
         return source
 
@@ -122,6 +122,6 @@ class PixelMisfit:
         def source(n: int, out: np.ndarray) -> None:
             f = frames.get(n)
             if f is not None:
-                out += self.obs.matrix.T @ (self.weight[f] * self.obs.apply(tangents[n]))
+                self.obs.apply_transpose(self.weight[f] * self.obs.apply(tangents[n]), out)
 
         return source

@@ -50,12 +50,16 @@ class Particle:
         initial_smoothing: float,
         *,
         include_first: bool = False,
+        psf_fwhm: float | None = None,
     ):
         self.label = label
         self.model = ParticleModel(mesh, parameters, solver=solver)
         self.derivs = ParticleDerivatives(self.model)
         ps = video.pixel_size
-        self.obs: Observation = build_observation(self.model.W.sub(0), video.mask, label, ps)
+        self.obs: Observation = build_observation(
+            self.model.W.sub(0), video.mask, label, ps, psf_fwhm=psf_fwhm
+        )
+        # Parameter fields (m, the initial state) are shown on the pixels, not observed.
         self.obs_V: Observation = build_observation(self.model.V, video.mask, label, ps)
         self.misfit = PixelMisfit.from_video(self.obs, video.c, sigma, include_first=include_first)
         self.n_observed = self.model.comm.allreduce(int(self.misfit.observed[1:].sum()), op=MPI.SUM)
@@ -94,6 +98,8 @@ class InverseProblem:
         driving: ``{label: Driving}`` initial mu_e(t) per particle, knots at the frame times
             when "mu_e" is learned.
         initial_smoothing: smoothing length (um) of the first-frame projection.
+        psf_fwhm: FWHM (um) of the instrument's PSF: blurred pixels
+            (:func:`~femkin.observation.blurred_observation`); None: point sampling.
     """
 
     #: Memory (MiB per particle) for the tangent states of one batch of Hessian actions.
@@ -111,6 +117,8 @@ class InverseProblem:
         sigma,
         driving: dict[int, Driving],
         initial_smoothing: float = 0.05,
+        *,
+        psf_fwhm: float | None = None,
     ):
         unknown = [b for b in learn if b not in BLOCKS]
         if unknown:
@@ -123,6 +131,7 @@ class InverseProblem:
         self.learn = tuple(b for b in BLOCKS if b in learn)
         self.include_first = "initial" in self.learn
         self.driving = driving
+        self.psf_fwhm = psf_fwhm
         self.particles: dict[int, Particle] = {}
         for i in distribution.mine:
             label = self.labels[i]
@@ -135,6 +144,7 @@ class InverseProblem:
                 sigma,
                 initial_smoothing,
                 include_first=self.include_first,
+                psf_fwhm=psf_fwhm,
             )
             # Only the learned blocks' sensitivities are assembled at every step.
             self.particles[label].derivs.active = {
