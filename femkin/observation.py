@@ -197,7 +197,7 @@ TRUNCATION = 6.0
 QUADRATURE_DEGREE = 8
 #: Sub-triangles per cell edge: ceil(RESOLUTION * h_max / sigma), each then at most 2.5 sigma
 #: across. Measured against 24 subdivisions (16 x 16 cells, random P1 field, h / sigma from 3 to
-#: 17): largest error of a pixel value 1e-10 (it is 2e-7 at 4 sigma and 8e-4 at 17 sigma).
+#: 17): largest error of a pixel value ~1e-9 (it is 2e-7 at 4 sigma and 8e-4 at 17 sigma).
 RESOLUTION = 0.4
 
 
@@ -274,7 +274,7 @@ def blurred_observation(
     ``K_i = k_x k_y`` is separable with the closed form of :func:`pixel_kernel`; the integrals
     are exact for the P1 basis up to the quadrature of the smooth kernel on each cell (a Gauss
     rule of degree :data:`QUADRATURE_DEGREE` on sub-triangles ``sigma / RESOLUTION`` across,
-    ~1e-10)
+    ~1e-9)
     and the cut :data:`TRUNCATION` sigma beyond the pixel.
 
     Each rank integrates over its owned cells; a pixel's rows are summed over the ranks in
