@@ -201,21 +201,24 @@ QUADRATURE_DEGREE = 8
 RESOLUTION = 0.4
 
 
-def pixel_kernel(x: np.ndarray, j: np.ndarray, pixel_size: float, sigma: float):
+def pixel_kernel(x: np.ndarray, j: np.ndarray, pixel_size: float, sigma: float, order: int = 0):
     """1-D pixel kernel: the box of pixel ``j`` (normalised) convolved with a Gaussian.
 
     ``k(x) = (Phi(((j + 1) a - x) / sigma) - Phi((j a - x) / sigma)) / a``: the density of
     ``U + sigma Z`` with ``U`` uniform on the pixel ``[j a, (j + 1) a]`` and ``Z ~ N(0, 1)``;
-    it integrates to 1 over the line.
+    it integrates to 1 over the line. With ``u = U / sigma``,
+    ``d Phi(u) / d sigma = -phi(u) u / sigma`` and
+    ``d^2 Phi(u) / d sigma^2 = phi(u) u (2 - u^2) / sigma^2``.
 
     Args:
         x: coordinates (um).
         j: pixel indices (broadcast with ``x``).
         pixel_size: ``a`` (um).
         sigma: the Gaussian's standard deviation (um), > 0.
+        order: the highest sigma-derivative returned (0, 1 or 2).
 
     Returns:
-        ``(k, dk/dsigma)`` at ``x``.
+        ``[k, dk/dsigma, d^2k/dsigma^2][: order + 1]`` at ``x``.
     """
     u1 = ((j + 1) * pixel_size - x) / sigma
     u0 = (j * pixel_size - x) / sigma
@@ -223,9 +226,15 @@ def pixel_kernel(x: np.ndarray, j: np.ndarray, pixel_size: float, sigma: float):
     diff = np.where(
         u0 > 0.0, special.ndtr(-u0) - special.ndtr(-u1), special.ndtr(u1) - special.ndtr(u0)
     )
-    pdf1 = np.exp(-0.5 * u1 * u1) / np.sqrt(2.0 * np.pi)
-    pdf0 = np.exp(-0.5 * u0 * u0) / np.sqrt(2.0 * np.pi)
-    return diff / pixel_size, (pdf0 * u0 - pdf1 * u1) / (pixel_size * sigma)
+    out = [diff / pixel_size]
+    if order >= 1:
+        pdf1 = np.exp(-0.5 * u1 * u1) / np.sqrt(2.0 * np.pi)
+        pdf0 = np.exp(-0.5 * u0 * u0) / np.sqrt(2.0 * np.pi)
+        out.append((pdf0 * u0 - pdf1 * u1) / (pixel_size * sigma))
+        if order >= 2:
+            second = pdf1 * u1 * (2.0 - u1 * u1) - pdf0 * u0 * (2.0 - u0 * u0)
+            out.append(second / (pixel_size * sigma * sigma))
+    return out
 
 
 def _composite_rule(m: int, degree: int) -> tuple[np.ndarray, np.ndarray]:
@@ -255,7 +264,7 @@ def blurred_observation(
     pixel_size: float,
     psf_fwhm: float,
     *,
-    derivative: bool = False,
+    derivatives: int = 0,
     subdivisions: int | None = None,
     chunk: int = 512,
 ):
@@ -287,17 +296,21 @@ def blurred_observation(
         label: the particle's label.
         pixel_size: ``a``, um.
         psf_fwhm: FWHM of the Gaussian PSF, um (> 0).
-        derivative: also return dB/d(psf_fwhm) as an :class:`Observation` (exact for the
-            assembled operator: the kernel's sigma-derivative on the same quadrature, with
-            the derivative of the renormalisation).
+        derivatives: also return dB/d(psf_fwhm) (1) and d^2B/d(psf_fwhm)^2 (2) as
+            :class:`Observation` objects: exact for the assembled operator (the kernel's
+            sigma-derivatives on the same quadrature points, with the derivatives of the
+            renormalisation).
         subdivisions: sub-triangles per cell edge (default from :data:`RESOLUTION`).
         chunk: cells per vectorised batch (memory).
 
     Returns:
-        The observation (collective operator), or ``(B, dB/dfwhm)`` with ``derivative``.
+        The observation (collective operator); with ``derivatives`` a tuple
+        ``(B, dB/dfwhm[, d^2B/dfwhm^2])``.
     """
     if not (np.isfinite(psf_fwhm) and psf_fwhm > 0):
         raise ValueError(f"{psf_fwhm=} must be a positive number (um)")
+    if derivatives not in (0, 1, 2):
+        raise ValueError(f"{derivatives=} must be 0, 1 or 2")
     mesh = V.mesh
     comm = mesh.comm
     a = float(pixel_size)
@@ -320,7 +333,9 @@ def blurred_observation(
     cell_dofs = V.dofmap.list[:n_cells]
     reach = TRUNCATION * sigma
 
-    rows_out, cols_out, vals_out, dvals_out = [], [], [], []
+    rows_out: list[np.ndarray] = []
+    cols_out: list[np.ndarray] = []
+    vals_out: list[list[np.ndarray]] = [[] for _ in range(derivatives + 1)]  # R, R', R''
     for first in range(0, n_cells, chunk):
         v = verts[first : first + chunk]
         e1, e2 = v[:, 1] - v[:, 0], v[:, 2] - v[:, 0]
@@ -343,55 +358,74 @@ def blurred_observation(
         i0 = np.floor((lo[:, 1] - reach) / a).astype(np.int64)
         i1 = np.floor((hi[:, 1] + reach) / a).astype(np.int64)
         kx = [
-            pixel_kernel(px, (j0 + d)[:, None], a, sigma) for d in range(int((j1 - j0).max()) + 1)
+            pixel_kernel(px, (j0 + d)[:, None], a, sigma, derivatives)
+            for d in range(int((j1 - j0).max()) + 1)
         ]
         ky = [
-            pixel_kernel(py, (i0 + d)[:, None], a, sigma) for d in range(int((i1 - i0).max()) + 1)
+            pixel_kernel(py, (i0 + d)[:, None], a, sigma, derivatives)
+            for d in range(int((i1 - i0).max()) + 1)
         ]
         dofs = cell_dofs[first : first + chunk]
-        for di, (kyv, dky) in enumerate(ky):
+        for di, kyd in enumerate(ky):
             row = i0 + di
-            for dj, (kxv, dkx) in enumerate(kx):
+            for dj, kxd in enumerate(kx):
                 col = j0 + dj
                 ok = (row <= i1) & (col <= j1) & (row >= 0) & (row < H) & (col >= 0) & (col < W)
                 pix = np.where(ok, index[np.clip(row, 0, H - 1), np.clip(col, 0, W - 1)], -1)
                 sel = np.nonzero(pix >= 0)[0]
                 if sel.size == 0:
                     continue
-                kw = kyv[sel] * kxv[sel] * wq[sel]
                 rows_out.append(np.repeat(pix[sel], 3))
                 cols_out.append(dofs[sel].ravel())
-                vals_out.append((kw @ phi).ravel())
-                if derivative:
-                    dkw = (dky[sel] * kxv[sel] + kyv[sel] * dkx[sel]) * wq[sel]
-                    dvals_out.append((dkw @ phi).ravel())
+                kxs, kys, ws = [k[sel] for k in kxd], [k[sel] for k in kyd], wq[sel]
+                # sigma-derivatives of K = k_x k_y (Leibniz)
+                kernels = [kys[0] * kxs[0]]
+                if derivatives >= 1:
+                    kernels.append(kys[1] * kxs[0] + kys[0] * kxs[1])
+                if derivatives >= 2:
+                    kernels.append(kys[2] * kxs[0] + 2.0 * kys[1] * kxs[1] + kys[0] * kxs[2])
+                for out, kern in zip(vals_out, kernels, strict=True):
+                    out.append(((kern * ws) @ phi).ravel())
     n_cols = _n_columns(V)
+    r = np.concatenate(rows_out) if rows_out else np.zeros(0, np.int64)
+    c = np.concatenate(cols_out) if cols_out else np.zeros(0, np.int64)
 
     def assembled(values):
-        r = np.concatenate(rows_out) if rows_out else np.zeros(0, np.int64)
-        c = np.concatenate(cols_out) if cols_out else np.zeros(0, np.int64)
         d = np.concatenate(values) if values else np.zeros(0)
         out = sp.csr_matrix((d, (r, c)), shape=(n_pix, n_cols))
         out.sum_duplicates()
-        return out
+        total = np.asarray(out.sum(axis=1)).ravel()
+        comm.Allreduce(MPI.IN_PLACE, total, op=MPI.SUM)
+        return out, total
 
-    raw = assembled(vals_out)
-    total = np.asarray(raw.sum(axis=1)).ravel()
-    comm.Allreduce(MPI.IN_PLACE, total, op=MPI.SUM)
-    if n_pix and total.min() <= 0.0:
-        bad = flat[int(np.argmin(total))]
+    raws, totals = zip(*(assembled(v) for v in vals_out), strict=True)
+    s0 = totals[0]
+    if n_pix and s0.min() <= 0.0:
+        bad = flat[int(np.argmin(s0))]
         raise ValueError(
             f"pixel {divmod(int(bad), W)} of particle {label}: its kernel does not reach the mesh"
         )
-    obs = Observation(flat[mine], sp.diags(1.0 / total) @ raw, n_pix, comm, mine)
-    if not derivative:
+
+    def scaled(terms):
+        out = sum(sp.diags(f) @ m for f, m in terms)
+        return Observation(flat[mine], sp.csr_matrix(out), n_pix, comm, mine)
+
+    # B = R / s with s the (global) row sums; derivatives in sigma, then d/dfwhm = d/dsigma / F.
+    obs = scaled([(1.0 / s0, raws[0])])
+    if not derivatives:
         return obs
-    draw = assembled(dvals_out)
-    dtotal = np.asarray(draw.sum(axis=1)).ravel()
-    comm.Allreduce(MPI.IN_PLACE, dtotal, op=MPI.SUM)
-    # B = R / s:  dB/dsigma = dR / s - R ds / s^2;  d/dfwhm = d/dsigma / FWHM_PER_SIGMA.
-    dmatrix = (
-        sp.diags(1.0 / (total * FWHM_PER_SIGMA)) @ draw
-        - sp.diags(dtotal / (total**2 * FWHM_PER_SIGMA)) @ raw
-    )
-    return obs, Observation(flat[mine], sp.csr_matrix(dmatrix), n_pix, comm, mine)
+    F = FWHM_PER_SIGMA
+    s1 = totals[1]
+    out = [obs, scaled([(1.0 / (s0 * F), raws[1]), (-s1 / (s0**2 * F), raws[0])])]
+    if derivatives == 2:
+        s2 = totals[2]
+        out.append(
+            scaled(
+                [
+                    (1.0 / (s0 * F**2), raws[2]),
+                    (-2.0 * s1 / (s0**2 * F**2), raws[1]),
+                    ((2.0 * s1**2 / s0**3 - s2 / s0**2) / F**2, raws[0]),
+                ]
+            )
+        )
+    return tuple(out)

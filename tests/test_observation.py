@@ -208,26 +208,33 @@ def test_transpose_is_the_adjoint(comm):
 
 @pytest.mark.mpi
 def test_fwhm_derivative_taylor(comm):
-    """dB/dfwhm (kernel derivative and renormalisation): Taylor remainder O(h^2)."""
+    """dB/dfwhm and d^2B/dfwhm^2 (kernel derivatives and renormalisation): Taylor O(h^2)."""
     n = 10
     V = _square(comm, 10, n * A, "crossed")
     mask = np.zeros((n, n), int)
-    mask[0:8, 1:10] = 1  # edge pixels: the renormalisation's derivative counts
+    mask[0:8, 1:10] = 1  # edge pixels: the renormalisation's derivatives count
     x = V.tabulate_dof_coordinates()
     u = _cosine(x[:, 0], x[:, 1], 2 * np.pi / 0.3) + 2 * x[:, 0]
     fwhm = 0.04
-    # a fixed quadrature for every fwhm: the operator is then a smooth function of fwhm
-    obs, dobs = blurred_observation(V, mask, 1, A, fwhm, derivative=True, subdivisions=3)
-    base, slope = obs.apply(u), dobs.apply(u)
+
+    def ops(f):  # a fixed quadrature for every fwhm: then B is a smooth function of fwhm
+        return blurred_observation(V, mask, 1, A, f, derivatives=2, subdivisions=3)
+
+    def norm(r):
+        return np.sqrt(comm.allreduce(float(np.sum(r**2))))
+
+    base = [op.apply(u) for op in ops(fwhm)]
     steps = np.array([4e-3, 2e-3, 1e-3, 5e-4])
-    rem0, rem1 = [], []
+    rems: dict[str, list[float]] = {"B0": [], "B1": [], "dB0": [], "dB1": []}
     for h in steps:
-        moved = blurred_observation(V, mask, 1, A, fwhm + h, subdivisions=3).apply(u)
-        rem0.append(np.sqrt(comm.allreduce(float(np.sum((moved - base) ** 2)))))
-        rem1.append(np.sqrt(comm.allreduce(float(np.sum((moved - base - h * slope) ** 2)))))
-    r0 = np.polyfit(np.log(steps), np.log(rem0), 1)[0]
-    r1 = np.polyfit(np.log(steps), np.log(rem1), 1)[0]
-    assert 0.9 < r0 < 1.1 and r1 > 1.9, f"rates {r0:.2f}, {r1:.2f}"
+        moved = [op.apply(u) for op in ops(fwhm + h)]
+        rems["B0"].append(norm(moved[0] - base[0]))
+        rems["B1"].append(norm(moved[0] - base[0] - h * base[1]))
+        rems["dB0"].append(norm(moved[1] - base[1]))
+        rems["dB1"].append(norm(moved[1] - base[1] - h * base[2]))
+    rates = {k: np.polyfit(np.log(steps), np.log(v), 1)[0] for k, v in rems.items()}
+    assert 0.9 < rates["B0"] < 1.1 and rates["B1"] > 1.9, rates
+    assert 0.9 < rates["dB0"] < 1.1 and rates["dB1"] > 1.9, rates
 
 
 @pytest.mark.mpi
@@ -241,7 +248,7 @@ def test_same_on_one_and_two_ranks(comm):
 
     def run(c):
         V = _square(c, 10, n * A, "crossed")
-        obs, dobs = blurred_observation(V, mask, 1, A, 0.045, derivative=True)
+        obs, dobs = blurred_observation(V, mask, 1, A, 0.045, derivatives=1)
         x = V.tabulate_dof_coordinates()
         u = _cosine(x[:, 0], x[:, 1], 2 * np.pi / 0.35)
         pix, vals = _gather(c, obs, obs.apply(u))
