@@ -254,6 +254,12 @@ SCHEMA: dict[str, dict[str, Any]] = {
             ),
             "kappa_std": Key("float", 0.02, POSITIVE, "prior std of kappa, kT um^2"),
             "coherency_std": Key("float", 2.0, POSITIVE, "prior std of the coherency B, kT"),
+            "psf_fwhm_std": Key(
+                "float",
+                0.5,
+                POSITIVE,
+                "prior std of ln psf_fwhm around ln [data] psf_fwhm (0.5: a factor e^0.5)",
+            ),
             "mu_e_std": Key("float", 1.0, POSITIVE, "prior std of mu_e knots, kT"),
             "initial_std": Key("float", 0.1, POSITIVE, "prior std of the initial state"),
         },
@@ -391,6 +397,7 @@ def parse_sections(raw: dict[str, Any], file: str | os.PathLike) -> dict[str, An
             continue
         out[name] = _parse_table(raw.get(name, {}), schema, file, name)
     _check_driving(out["driving"], file)
+    _check_psf(out, file)
     return out
 
 
@@ -488,6 +495,20 @@ def _toml_type(value: Any) -> str:
     if isinstance(value, dict):
         return "a table"
     return names.get(type(value), type(value).__name__) + f" ({value!r})"
+
+
+def _check_psf(sections: dict[str, Any], file) -> None:
+    for where, blocks in (
+        ("inversion.learn", sections["inversion"]["learn"]),
+        ("verify.blocks", sections["verify"]["blocks"] or []),
+    ):
+        if "psf_fwhm" in blocks and sections["data"]["psf_fwhm"] is None:
+            raise CaseError(
+                file,
+                where,
+                "[data] psf_fwhm (the starting PSF width and prior mean) with 'psf_fwhm'",
+                "no [data] psf_fwhm",
+            )
 
 
 def _check_driving(driving: dict[str, Any], file) -> None:

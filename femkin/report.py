@@ -162,6 +162,7 @@ def write_fit_results(study, problem, result, timings: dict) -> dict | None:
     out = _results_dir(study, comm)
     fitted = problem.fitted_video()
     params = problem.parameters_at(result.x)
+    psf_fwhm = problem.psf_at(result.x)
     m_pix = problem.field_on_pixels("m", result.x) if "m" in problem.learn else None
     field_files = write_particle_fields(problem, result.x, out)
     if comm.rank != 0:
@@ -191,6 +192,8 @@ def write_fit_results(study, problem, result, timings: dict) -> dict | None:
         "kappa": params.kappa,
         "coherency": params.coherency,
     }
+    if psf_fwhm is not None:
+        coeffs["psf_fwhm"] = psf_fwhm  # um; learned when "psf_fwhm" is in learn
     summary = {
         "misfit_rms": float(np.sqrt(np.mean(all_r**2))),
         "particles": summary_particles,

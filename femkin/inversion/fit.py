@@ -37,6 +37,7 @@ def build_prior(problem, prior_case: dict, x0: PETSc.Vec) -> Prior:
         "k0": prior_case["k0_std"],  # of ln k0, the block's coordinate
         "kappa": prior_case["kappa_std"],
         "coherency": prior_case["coherency_std"],
+        "psf_fwhm": prior_case["psf_fwhm_std"],  # of ln psf_fwhm, the block's coordinate
     }
     priors: dict[tuple[str, int | None], GaussianScalarPrior | BiLaplacianPrior | None] = {}
     for b in space.scalar_blocks:
