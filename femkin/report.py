@@ -217,13 +217,19 @@ def write_fit_results(study, problem, result, timings: dict) -> dict | None:
     if truth is not None:
         tv = curves(_truth_parameters(truth))
         sel = (cv["c"] >= 0.1) & (cv["c"] <= 0.9)
-        comp = {"mu_h_max_error_kT": float(np.max(np.abs(cv["mu_h"] - tv["mu_h"])[sel]))}
+        comp: dict[str, float] = {
+            "mu_h_max_error_kT": float(np.max(np.abs(cv["mu_h"] - tv["mu_h"])[sel]))
+        }
         if m_pix is not None:
             inside = video.mask > 0
             comp["ln_k_pearson"] = float(
                 np.corrcoef(np.log(params.k0) + m_pix[inside], np.log(truth["k"][inside]))[0, 1]
             )
         comp["noise"] = float(truth.get("noise", np.nan))
+        true_psf = float(truth.get("psf_fwhm", np.nan))  # NaN: point-sampled data
+        if np.isfinite(true_psf) or psf_fwhm is not None:
+            comp["psf_fwhm_true_um"] = true_psf  # NaN where one side is point sampling
+            comp["psf_fwhm_fitted_um"] = np.nan if psf_fwhm is None else psf_fwhm
         summary["truth_comparison"] = comp
     np.savez(out / "fitted.npz", c=fitted, t=video.t)
     write_csv(out / "mu_h.csv", {"c": cv["c"], "mu_h": cv["mu_h"]})
@@ -490,7 +496,7 @@ def write_report(out: Path, summary: dict, figure_names: list[str], uq: dict | N
         lines += ["", "## Uncertainty", "", f"- Hessian rank: {uq['rank']}"]
         lines += [f"- {note}" for note in uq.get("notes", [])]
         for k, v in uq["coefficients"].items():
-            name = "k0 (coordinate ln k0)" if k == "k0" else k
+            name = f"{k} (coordinate ln {k})" if k in ("k0", "psf_fwhm") else k
             lines.append(
                 f"- {name}: mean {np.round(v['mean'], 4).tolist()}, "
                 f"std {np.round(v['std'], 4).tolist()}"
