@@ -1,9 +1,17 @@
-"""Pixel observation of a P1 field: values at the centres of a particle's pixels.
+"""Pixel observation of a P1 field: point values at pixel centres, or blurred pixels.
 
-The operator is a sparse matrix assembled once. Each pixel is evaluated by exactly one rank
-(the lowest rank whose owned cells contain its centre; a centre that falls outside the smoothed
-mesh boundary is evaluated at the closest point of the closest cell), so that sums over pixels
-need one ``allreduce`` and the transpose needs one reverse ghost update.
+Point sampling (the default, :func:`build_observation`): the value at the centre of each of a
+particle's pixels. The operator is a sparse matrix assembled once. Each pixel is evaluated by
+exactly one rank (the lowest rank whose owned cells contain its centre; a centre that falls
+outside the smoothed mesh boundary is evaluated at the closest point of the closest cell), so
+that sums over pixels need one ``allreduce`` and the transpose needs one reverse ghost update.
+
+Blurred pixels (``[data] psf_fwhm``, :func:`blurred_observation`): the field averaged over the
+pixel's square convolved with a Gaussian point-spread function, renormalised over the particle.
+Still one sparse matrix, linear in the field; a pixel's kernel reaches cells of several ranks,
+so each rank holds its part of every row and :meth:`Observation.apply` sums the parts (one
+``Allreduce`` of the particle's pixel values). Its derivatives in the PSF width are assembled
+on the same quadrature (a learned width, block ``psf_fwhm``).
 """
 
 from __future__ import annotations
