@@ -43,16 +43,12 @@ def _edit(case: pathlib.Path, data_psf: float | None, learn: list[str] | None = 
     (case / "case.toml").write_text(text)
 
 
-@pytest.fixture(scope="module")
-def blurred_twin():
-    """A simulated twin case with blurred data (shared by the tests of this module)."""
+def _simulated(root: pathlib.Path, n_frames: int) -> pathlib.Path:
+    """Write and simulate the blurred twin case under ``root`` (collective)."""
     comm = MPI.COMM_WORLD
-    root = pathlib.Path(
-        comm.bcast(tempfile.mkdtemp(prefix="femkin-psf-") if comm.rank == 0 else None)
-    )
     case = root / "case"
     if comm.rank == 0:
-        write_case(case, n_frames=4, max_iterations=60)
+        write_case(case, n_frames=n_frames, max_iterations=60)
         text = (case / "case.toml").read_text()
         text = text.replace("noise = 0.05", f"noise = {NOISE}")
         # BDF2: the fits converge (backward Euler with dc_max = 0.08 stalls in line searches
@@ -65,7 +61,17 @@ def blurred_twin():
         _edit(case, TRUE_PSF)
     comm.barrier()
     assert main(["simulate", str(case), "--quiet"]) == 0
-    yield case
+    return case
+
+
+@pytest.fixture(scope="module")
+def blurred_twin():
+    """A simulated twin case with blurred data, 4 frames (shared by the fast tests)."""
+    comm = MPI.COMM_WORLD
+    root = pathlib.Path(
+        comm.bcast(tempfile.mkdtemp(prefix="femkin-psf-") if comm.rank == 0 else None)
+    )
+    yield _simulated(root, 4)
     comm.barrier()
     if comm.rank == 0:
         shutil.rmtree(root, ignore_errors=True)
@@ -139,10 +145,14 @@ def test_misfit_at_truth_needs_the_psf(blurred_twin):
 
 @pytest.mark.slow
 @pytest.mark.mpi
-def test_fits_with_and_without_the_psf(blurred_twin, capsys):
-    """The fit with the true PSF reaches the noise; point sampling cannot; the width is learned."""
+def test_fits_with_and_without_the_psf(mpi_tmp_path, capsys):
+    """The fit with the true PSF reaches the noise; point sampling cannot; the width is learned.
+
+    Six frames (a full lithiation of the tiny particle), every fit converged.
+    """
     comm = MPI.COMM_WORLD
-    root = blurred_twin.parent
+    root = mpi_tmp_path
+    source = _simulated(root, 6)
     results = {}
     for name, psf, learn in (
         ("psf", TRUE_PSF, None),
@@ -152,19 +162,20 @@ def test_fits_with_and_without_the_psf(blurred_twin, capsys):
         case = root / name
         if comm.rank == 0:
             shutil.rmtree(case, ignore_errors=True)
-            shutil.copytree(blurred_twin, case, ignore=shutil.ignore_patterns("meshes", "results"))
+            shutil.copytree(source, case, ignore=shutil.ignore_patterns("meshes", "results"))
             _edit(case, psf, learn)
         comm.barrier()
         assert main(["invert", str(case), "--quiet"]) == 0
         results[name] = json.loads((case / "results" / "summary.json").read_text())
     capsys.readouterr()
     summary = {
-        k: (v["misfit_rms"], v["converged"], v["coefficients"].get("psf_fwhm"))
+        k: (v["misfit_rms"], v["stop_reason"], v["iterations"], v["coefficients"].get("psf_fwhm"))
         for k, v in results.items()
     }
     with capsys.disabled():  # the numbers of the report (misfit RMS, converged, width)
         if comm.rank == 0:
             print(f"\nblurred twin fits (noise {NOISE}, true PSF {TRUE_PSF} um): {summary}")
+    assert all(r["converged"] for r in results.values()), summary
     assert results["psf"]["misfit_rms"] < 1.3 * NOISE, summary
     assert results["point"]["misfit_rms"] > 1.3 * results["psf"]["misfit_rms"], summary
-    assert abs(results["learned"]["coefficients"]["psf_fwhm"] - TRUE_PSF) < 0.25 * TRUE_PSF, summary
+    assert abs(results["learned"]["coefficients"]["psf_fwhm"] - TRUE_PSF) < 0.1 * TRUE_PSF, summary
