@@ -309,7 +309,8 @@ def blurred_observation(
             sigma-derivatives on the same quadrature points, with the derivatives of the
             renormalisation).
         subdivisions: sub-triangles per cell edge (default from :data:`RESOLUTION`).
-        chunk: cells per vectorised batch (memory).
+        chunk: largest number of cells per vectorised batch (memory; batches also hold at
+            most 2^17 quadrature points).
 
     Returns:
         The observation (collective operator); with ``derivatives`` a tuple
@@ -339,6 +340,7 @@ def blurred_observation(
     ref_p, ref_w = _composite_rule(m, QUADRATURE_DEGREE)
     phi = np.c_[1.0 - ref_p[:, 0] - ref_p[:, 1], ref_p]  # P1 basis at the points (nq, 3)
     cell_dofs = V.dofmap.list[:n_cells]
+    chunk = max(1, min(chunk, 2**17 // len(ref_w)))  # at most 2^17 points per batch
     reach = TRUNCATION * sigma
 
     rows_out: list[np.ndarray] = []
