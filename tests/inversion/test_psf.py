@@ -138,6 +138,7 @@ def test_misfit_at_truth_needs_the_psf(blurred_twin):
             view[:] = m[: len(view)]
         J = problem.misfit(x)
         rms[name] = NOISE * np.sqrt(2.0 * J / problem.n_observed)
+    assert float(np.load(blurred_twin / "simulated" / "truth.npz")["psf_fwhm"]) == TRUE_PSF
     # the fitting mesh (1.5 pixels) is coarser than the simulation's (1 pixel): a little above
     assert rms["psf"] < 1.4 * NOISE, rms
     assert rms["point"] > 4.0 * rms["psf"], rms
