@@ -13,6 +13,7 @@ The optimiser is inexact Newton–CG (:mod:`femkin.inversion.newton`, ``[inversi
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -236,7 +237,8 @@ def solve_map(
         stats = {
             "method": "newton-cg",
             "hessian": "gauss-newton" if gauss_newton else "full",
-            "decrement": res.decrement,
+            # null (not NaN, which is not JSON) when no Newton system was solved at the result
+            "decrement": res.decrement if math.isfinite(res.decrement) else None,
             "decrement_tol": decrement_tol,
             "gradient_norm": res.gradient_norm,
             "relative_gradient": res.relative_gradient,
