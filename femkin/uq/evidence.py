@@ -40,10 +40,16 @@ global coefficients (:mod:`femkin.uq.marginals`) gives a third lower bound: the 
 precision ``P_k = B + B V L V^T B`` satisfies ``P_k <= P``, ``Delta = log det(P_k^{-1} P)``, and
 compressing ``P_k^{1/2} P^{-1} P_k^{1/2}`` onto the coefficients' directions (Cauchy interlacing)
 gives ``Delta >= log det C_k - log det C`` (``C_k`` the low-rank marginal; any upper bound of
-``C`` keeps it valid). The reported evidence takes ``Delta`` at the middle of
-``[max(lower bounds), T]`` and carries the half-width as its uncertainty; the bounds use
-``T +- 2`` standard errors. A spectrum computed to full rank has no tail (exact). With the full
-Hessian the tail's sign is not known and the bracket assumes it non-negative.
+``C`` keeps it valid). When this bracket is wider than :data:`LANCZOS_WIDTH` (a field such
+as k(x) leaves a long tail), the tail is estimated by stochastic Lanczos quadrature
+(:func:`tail_log_det_lanczos`, ``[uq] evidence_lanczos`` steps on ``[uq] omitted_samples``
+probes) and the bracket narrowed to the estimate's two standard errors; Gauss quadrature
+overestimates ``log(1 + x)`` forms (its even derivatives are negative), so with too few steps
+the estimate errs towards a lower, conservative evidence. Otherwise the reported evidence takes
+``Delta`` at the middle of the bracket. In either case half the bracket is the evidence's
+stated uncertainty; the bounds use ``T +- 2`` standard errors. A spectrum computed to full rank
+has no tail (exact). With the full Hessian the tail's sign is not known and the bracket assumes
+it non-negative.
 
 **Effective number of data-informed directions**: ``sum_i lambda_i / (1 + lambda_i)`` (each
 direction counts by how far the data shrink its prior variance), with the tail's part bracketed
@@ -76,6 +82,11 @@ __all__ = [
 ]
 
 LOG_2PI = math.log(2.0 * math.pi)
+#: The tail's log det is estimated by stochastic Lanczos quadrature when its bracket is wider
+#: than this (nats; half of it is the evidence's uncertainty).
+LANCZOS_WIDTH = 1.0
+#: The Lanczos probes use seeds ``seed + LANCZOS_SEED_OFFSET + i`` (apart from the others).
+LANCZOS_SEED_OFFSET = 3_000_017
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +125,7 @@ def tail_bounds(
     last_kept: float | None = None,
     largest: float | None = None,
     marginal_bound: float | None = None,
+    lanczos: dict | None = None,
 ) -> TailBounds:
     """Bracket the omitted part of ``log det(I + H~)`` (see the module docstring).
 
@@ -123,6 +135,8 @@ def tail_bounds(
         last_kept: the smallest kept eigenvalue (the tail lies below it for exact pairs).
         largest: estimate of the largest omitted eigenvalue (power steps).
         marginal_bound: ``log det C_k - log det C`` from the coefficients' exact marginals.
+        lanczos: a :func:`tail_log_det_lanczos` estimate; the bracket is then narrowed to its
+            two-standard-error interval and the estimate is its value.
 
     Returns:
         The :class:`TailBounds`.
@@ -139,10 +153,19 @@ def tail_bounds(
     if marginal_bound is not None and np.isfinite(marginal_bound):
         lower = max(lower, float(marginal_bound))
     upper = max(t_hi, lower)
+    estimate = 0.5 * (lower + upper)
+    details: dict[str, Any] = {}
+    if lanczos is not None:
+        est, se = float(lanczos["estimate"]), float(lanczos["standard_error"])
+        lo, hi = max(lower, est - 2.0 * se), min(upper, est + 2.0 * se)
+        if lo <= hi:
+            lower, upper = lo, hi
+        estimate = min(max(est, lower), upper)
+        details["lanczos"] = dict(lanczos)
     return TailBounds(
         lower=lower,
         upper=upper,
-        estimate=0.5 * (lower + upper),
+        estimate=estimate,
         effective_lower=t_lo / (1.0 + lam_bar) if lam_bar > 0 else t_lo,
         effective_upper=t_hi,
         method="bracket",
@@ -152,6 +175,7 @@ def tail_bounds(
             "lambda_bar": float(lam_bar),
             "spectral_lower": None if spectral is None else float(spectral),
             "marginal_lower": None if marginal_bound is None else float(marginal_bound),
+            **details,
         },
     )
 
@@ -334,6 +358,7 @@ def problem_evidence(
     omitted: dict | None = None,
     estimate_omitted=None,
     marginal_bound: float | None = None,
+    estimate_lanczos=None,
 ) -> Evidence:
     """The Laplace evidence of an inverse problem at its MAP point ``x`` (collective).
 
@@ -348,6 +373,8 @@ def problem_evidence(
         estimate_omitted: ``() -> dict`` making that record when ``omitted`` is ``None`` and the
             spectrum is not of full rank (a few Hessian actions).
         marginal_bound: :func:`marginal_tail_bound` of the coefficient marginals.
+        estimate_lanczos: ``() -> dict`` (:func:`tail_log_det_lanczos`), called when the
+            bracket of the tail is wider than :data:`LANCZOS_WIDTH` nats; ``None``: bracket only.
 
     Returns:
         The :class:`Evidence` (identical on every rank).
@@ -365,13 +392,19 @@ def problem_evidence(
                 f"{lam.size} of {n} eigenvalues and no omitted-spectrum estimate: the tail of "
                 "log det(I + H~) cannot be bounded"
             )
-        tail = tail_bounds(
-            float(omitted["trace"]),
-            float(omitted["trace_error"]),
-            last_kept=float(lam[-1]) if lam.size else None,
-            largest=float(omitted["largest"]),
-            marginal_bound=marginal_bound,
-        )
+        kw: dict[str, Any] = {
+            "last_kept": float(lam[-1]) if lam.size else None,
+            "largest": float(omitted["largest"]),
+            "marginal_bound": marginal_bound,
+        }
+        tail = tail_bounds(float(omitted["trace"]), float(omitted["trace_error"]), **kw)
+        if estimate_lanczos is not None and tail.upper - tail.lower > LANCZOS_WIDTH:
+            tail = tail_bounds(
+                float(omitted["trace"]),
+                float(omitted["trace_error"]),
+                lanczos=estimate_lanczos(),
+                **kw,
+            )
     return laplace_log_evidence(
         misfit, penalty, n_data, sum_log_sigma, lam, n_parameters=n, tail=tail
     )
@@ -520,6 +553,19 @@ def analyse_evidence(
         )
         return {"trace": om.trace, "trace_error": om.trace_error, "largest": om.largest}
 
+    def lanczos() -> dict:
+        return tail_log_det_lanczos(
+            apply_H,
+            prior.precision_mult,
+            prior.covariance_mult,
+            posterior.eigenvectors,
+            lambda i: prior_sample(prior, problem.space, seed + LANCZOS_SEED_OFFSET + i),
+            samples=max(int(settings.get("omitted_samples", 10)), 2),
+            steps=min(steps, problem.space.global_size),
+            apply_H_batch=apply_H_batch,
+        )
+
+    steps = int(settings.get("evidence_lanczos", 20))
     bound = None
     if gauss_newton and marginals is not None and marginals.method in ("certified", "bound"):
         bound = marginal_tail_bound(marginals.low_rank, marginals.covariance)
@@ -532,4 +578,124 @@ def analyse_evidence(
         omitted=spectrum.get("omitted"),
         estimate_omitted=estimate,
         marginal_bound=bound,
+        estimate_lanczos=lanczos if steps > 0 else None,
     )
+
+
+def tail_log_det_lanczos(
+    apply_H,
+    apply_B,
+    apply_Binv,
+    eigenvectors,
+    prior_sample,
+    *,
+    samples: int = 10,
+    steps: int = 20,
+    apply_H_batch=None,
+) -> dict[str, float]:
+    """Stochastic Lanczos quadrature of the omitted ``sum_{j > k} log(1 + lambda_j)``.
+
+    The omitted operator ``A = Pi Gamma_prior H Pi`` (``Pi = I - V V^T B``, self-adjoint in the
+    B inner product; see :func:`femkin.uq.randomized.omitted_spectrum`) has the omitted
+    eigenvalues and zeros on the kept directions, so ``tr log(I + A)`` is the tail. For
+    ``z ~ N(0, Gamma_prior)``, ``E[(Pi z)^T B log(I + A) (Pi z)] = tr log(I + A)`` (Hutchinson in
+    the prior's geometry), and each quadratic form is the Gauss quadrature of ``steps`` Lanczos
+    steps of ``A`` from ``Pi z`` in the B inner product (Ubaru, Chen & Saad 2017):
+    ``|Pi z|_B^2 sum_i tau_i^2 log(1 + theta_i)`` with ``theta_i``, ``tau_i`` the Ritz values and
+    the first components of the tridiagonal matrix's eigenvectors (full reorthogonalisation).
+    The probes run in lock step: one batched Hessian action per Lanczos step.
+
+    Args:
+        apply_H: ``out = H x`` (or a ``Mat``).
+        apply_B: ``out = B x``, the prior precision.
+        apply_Binv: ``out = B^{-1} x``, the prior covariance.
+        eigenvectors: the kept vectors ``V`` (``V^T B V = I``).
+        prior_sample: ``prior_sample(i)``: the ``i``-th sample of ``N(0, Gamma_prior)``.
+        samples: probes (>= 2).
+        steps: Lanczos steps per probe (Hessian actions per probe).
+        apply_H_batch: optional batched Hessian action.
+
+    Returns:
+        ``{"estimate", "standard_error", "samples", "steps", "trace"}`` (``trace``: the
+        Hutchinson estimate of the omitted trace from the same probes), identical on every rank.
+    """
+    from femkin.uq.randomized import apply_many, as_apply, gram
+
+    if samples < 2 or steps < 1:
+        raise ValueError(f"need samples >= 2 and steps >= 1; found {samples=}, {steps=}")
+    apply_H, apply_B, apply_Binv = as_apply(apply_H), as_apply(apply_B), as_apply(apply_Binv)
+    vs = list(eigenvectors)
+
+    def project(x: PETSc.Vec) -> None:
+        for _ in range(2 if vs else 0):
+            bx = x.duplicate()
+            apply_B(x, bx)
+            coef = gram(vs, [bx])[:, 0]
+            bx.destroy()
+            for c, v in zip(coef, vs, strict=True):
+                x.axpy(-float(c), v)
+
+    def b_dot(x: PETSc.Vec, y: PETSc.Vec) -> float:
+        by = y.duplicate()
+        apply_B(y, by)
+        value = x.dot(by)
+        by.destroy()
+        return float(value)
+
+    basis: list[list[PETSc.Vec]] = []
+    norms2 = np.zeros(samples)
+    for i in range(samples):
+        z = prior_sample(i)
+        project(z)
+        norms2[i] = b_dot(z, z)
+        z.scale(1.0 / math.sqrt(norms2[i]) if norms2[i] > 0 else 0.0)
+        basis.append([z])
+    alpha = np.zeros((samples, steps))
+    beta = np.zeros((samples, steps))
+    done = np.array([n <= 0 for n in norms2])
+    used = np.zeros(samples, dtype=int)
+    for j in range(steps):
+        active = [i for i in range(samples) if not done[i]]
+        if not active:
+            break
+        hq = apply_many(apply_H, apply_H_batch, [basis[i][j] for i in active])
+        for i, h in zip(active, hq, strict=True):
+            q = basis[i][j]
+            alpha[i, j] = float(q.dot(h))  # q^T B (Gamma H q) = q^T H q
+            w = q.duplicate()
+            apply_Binv(h, w)
+            h.destroy()
+            project(w)
+            for _ in range(2):  # full reorthogonalisation against this probe's basis
+                for u in basis[i]:
+                    w.axpy(-b_dot(u, w), u)
+            used[i] = j + 1
+            b = math.sqrt(max(b_dot(w, w), 0.0))
+            if j + 1 == steps or b <= 1e-12 * max(abs(alpha[i, j]), 1e-300):
+                done[i] = True
+                w.destroy()
+                continue
+            beta[i, j] = b
+            w.scale(1.0 / b)
+            basis[i].append(w)
+    values = np.zeros(samples)
+    traces = np.zeros(samples)
+    for i in range(samples):
+        m = int(used[i])
+        if m == 0 or norms2[i] <= 0:
+            continue
+        t = np.diag(alpha[i, :m]) + np.diag(beta[i, : m - 1], 1) + np.diag(beta[i, : m - 1], -1)
+        theta, w = np.linalg.eigh(t)
+        theta = np.maximum(theta, -1.0 + 1e-12)
+        values[i] = norms2[i] * float(np.sum(w[0] ** 2 * np.log1p(theta)))
+        traces[i] = norms2[i] * alpha[i, 0]
+    for qs in basis:
+        for q in qs:
+            q.destroy()
+    return {
+        "estimate": float(np.mean(values)),
+        "standard_error": float(np.std(values, ddof=1) / math.sqrt(samples)),
+        "samples": int(samples),
+        "steps": int(steps),
+        "trace": float(np.mean(traces)),
+    }
