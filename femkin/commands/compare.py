@@ -69,15 +69,20 @@ def compare(cases, *, out=None, run_missing: bool = True, quiet: bool = False, c
 
     loaded = collective(comm, load_all)
     out_dir = Path(out) if out is not None else loaded[0].dir / "compare"
-    check_writable(comm, out_dir)
     # The data first (a twin's simulated video), so that differing data stop before any fit.
     for path, case in zip(cases, loaded, strict=True):
         if case.simulate is not None and not (case.dir / "simulated" / "video.npz").exists():
             if not run_missing:
-                raise InputError(case.dir / "simulated" / "video.npz", None, "a video", "none")
+                raise InputError(
+                    case.dir / "simulated" / "video.npz",
+                    None,
+                    "the simulated video of this twin (compare without --no-run simulates it)",
+                    "no such file",
+                )
             simulate(path, comm, quiet=quiet)
     studies = [open_study(path, comm) for path in cases]
     collective(comm, check_same_data, studies)
+    check_writable(comm, out_dir)  # before any fit
     for path, study in zip(cases, studies, strict=True):
         state = peek_state(checkpoint_path(study.case), comm)
         changed = bool(
