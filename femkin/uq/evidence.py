@@ -249,7 +249,13 @@ class Evidence:
         width = 0.5 * (self.upper - self.lower)
         line = (
             f"Laplace log evidence {self.log_evidence:.2f} nats"
-            + (f" +- {width:.2g} (truncated tail)" if width > 0 else " (full spectrum)")
+            + (
+                f" +- {width:.2g} (the truncated tail, "
+                + ("by Lanczos quadrature" if "lanczos" in self.tail.details else "bracketed")
+                + ")"
+                if width > 0
+                else " (full spectrum)"
+            )
             + f": log-likelihood {self.log_likelihood:.2f} at the MAP point, prior penalty "
             f"{self.prior_penalty:.2f}, 1/2 log det(I + H~) "
             f"{0.5 * (self.log_det_kept + self.tail.estimate):.2f}; {self.n_data} data, "

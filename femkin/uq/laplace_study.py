@@ -580,6 +580,7 @@ def analyse(
     )
     for f in functionals:
         f.destroy()
+    t_evidence = time.perf_counter()
     evidence = analyse_evidence(
         problem,
         prior,
@@ -593,6 +594,7 @@ def analyse(
         apply_H_batch=apply_H_batch,
     )
     say(evidence.note())
+    timings["evidence"] = time.perf_counter() - t_evidence
     k0_column = None
     if "k0" in names and marg.converged:  # an unconverged column is no covariance
         k0_column = marg.columns[names.index("k0")]
@@ -611,7 +613,7 @@ def analyse(
     )
     for v in marg.columns:
         v.destroy()
-    timings["posterior"] = time.perf_counter() - t0
+    timings["posterior"] = time.perf_counter() - t0 - timings["evidence"]
 
     t0 = time.perf_counter()
     c_t = _sample_band(
