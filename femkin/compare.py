@@ -197,7 +197,12 @@ def read_entry(study, name: str | None = None) -> Entry:
             "the Laplace evidence (rerun 'femkin uq CASE' with this femkin)",
             "none",
         )
-    curve_data = {n: _read_curve(results / f"{n}.csv", n) for n in ("mu_h", "j0")}
+    # a kinetic law without a j0(c) curve (or a case without a curve file) plots what it has
+    curve_data = {
+        n: _read_curve(results / f"{n}.csv", n)
+        for n in ("mu_h", "j0")
+        if (results / f"{n}.csv").exists()
+    }
     truth = None
     t = read_truth(study)
     if t is not None and {"mu_h", "j0", "j0_prefactor"} <= set(t):
@@ -333,7 +338,9 @@ def curves_figure(path: Path, entries: list[Entry]) -> None:
     for i, e in enumerate(entries):
         colour = f"C{i % 10}"
         for ax, name in zip(axes, ("mu_h", "j0"), strict=True):
-            cv = e.curves[name]
+            cv = e.curves.get(name)
+            if cv is None:
+                continue
             ax.plot(cv["c"], cv["value"], color=colour, lw=1.3, label=e.name)
             if "lo" in cv:
                 ax.fill_between(cv["c"], cv["lo"], cv["hi"], color=colour, alpha=0.18, lw=0)

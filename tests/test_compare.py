@@ -242,3 +242,42 @@ def test_laplace_evidence_against_importance_sampling(mpi_tmp_path, learn, toler
     print("laplace", laplace, "importance sampling", brute)
     assert brute["failed"] == 0 and brute["ess"] > min_ess
     assert abs(laplace - brute["log_evidence"]) < tolerance + 3 * brute["standard_error"]
+
+
+def test_table_arithmetic_and_words(tmp_path):
+    """Sorting, Bayes factors with the tails' brackets, Kass & Raftery's words, the files."""
+    from femkin.compare import Entry, compare_table, strength, write_comparison
+
+    c = np.linspace(0.01, 0.99, 5)
+
+    def entry(name, log_z, half):
+        ev = {
+            "log_evidence": log_z,
+            "bounds": [log_z - half, log_z + half],
+            "n_parameters": 3,
+            "n_data": 100,
+            "effective_parameters": 2.5,
+            "log_likelihood": log_z + 10,
+            "prior_penalty": 1.0,
+            "log_det_kept": 18.0,
+            "log_det_tail": {"estimate": 0.0},
+        }
+        curves = {n: {"c": c, "value": 1 + c} for n in ("mu_h", "j0")}
+        return Entry(name, tmp_path, name, ev, 0.07, True, "converged", curves)
+
+    table = compare_table([entry("b", 10.0, 0.0), entry("a", 14.5, 0.5), entry("c", 13.0, 0.0)])
+    assert [r["case"] for r in table["rows"]] == ["a", "c", "b"]
+    rows = {r["case"]: r for r in table["rows"]}
+    assert rows["b"]["log_bf_vs_best"] == pytest.approx(4.5)
+    assert rows["b"]["log_bf_bounds"] == pytest.approx([4.0, 5.0])
+    assert rows["c"]["log_bf_bounds"] == pytest.approx([1.0, 2.0])
+    assert rows["b"]["strength"] == "strong" and rows["c"]["strength"] == "positive"
+    assert not table["decisive"]  # c is within 3 nats
+    assert strength(0.5) == "not worth more than a mention" and strength(7.0) == "very strong"
+    assert compare_table([entry("a", 20.0, 0.1), entry("b", 10.0, 0.1)])["decisive"]
+    out = tmp_path / "cmp"
+    write_comparison(out, [entry("a", 20.0, 0.1), entry("b", 10.0, 0.0)])
+    assert json.loads((out / "compare.json").read_text())["best"] == "a"
+    md = (out / "compare.md").read_text()
+    assert "| a | a | 20.00 ± 0.1 | 0.00 | best |" in md and "Decisive" in md
+    assert (out / "compare_curves.png").exists()
