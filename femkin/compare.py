@@ -137,6 +137,7 @@ class Entry:
     stop_reason: str
     curves: dict[str, dict[str, np.ndarray]]
     truth: dict[str, np.ndarray] | None = None
+    k0: float = 1.0
 
 
 def _read_json(path: Path) -> dict:
@@ -213,7 +214,8 @@ def read_entry(study, name: str | None = None) -> Entry:
                 mu_h=tuple(t["mu_h"]), j0=tuple(t["j0"]), j0_prefactor=tuple(t["j0_prefactor"])
             )
         )
-        truth = {"c": tv["c"], "mu_h": tv["mu_h"], "j0": tv["j0"]}
+        k0_true = float(t["k0"]) if "k0" in t else 1.0
+        truth = {"c": tv["c"], "mu_h": tv["mu_h"], "j0": k0_true * tv["j0"]}
     return Entry(
         name=name or case.dir.name,
         case_dir=case.dir,
@@ -224,6 +226,7 @@ def read_entry(study, name: str | None = None) -> Entry:
         stop_reason=str(summary.get("stop_reason", "")),
         curves=curve_data,
         truth=truth,
+        k0=float(summary.get("coefficients", {}).get("k0", 1.0)),
     )
 
 
@@ -327,7 +330,12 @@ def markdown(table: dict[str, Any]) -> str:
 
 
 def curves_figure(path: Path, entries: list[Entry]) -> None:
-    """``compare_curves.png``: the learned mu_h(c) and j0(c) of every case, with 95% bands."""
+    """``compare_curves.png``: the learned mu_h(c) and k0 j0(c) of every case, 95% bands.
+
+    The rate prefactor is drawn as ``k0 j0(c)`` (1/s): each law normalises j0 its own way and
+    k0 absorbs the scale, so only the product compares across laws (the band is that of j0's
+    coefficients, at the MAP k0).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -341,15 +349,18 @@ def curves_figure(path: Path, entries: list[Entry]) -> None:
             cv = e.curves.get(name)
             if cv is None:
                 continue
-            ax.plot(cv["c"], cv["value"], color=colour, lw=1.3, label=e.name)
+            scale = e.k0 if name == "j0" else 1.0
+            ax.plot(cv["c"], scale * cv["value"], color=colour, lw=1.3, label=e.name)
             if "lo" in cv:
-                ax.fill_between(cv["c"], cv["lo"], cv["hi"], color=colour, alpha=0.18, lw=0)
+                ax.fill_between(
+                    cv["c"], scale * cv["lo"], scale * cv["hi"], color=colour, alpha=0.18, lw=0
+                )
         if e.truth is not None and not truth_drawn:
             for ax, name in zip(axes, ("mu_h", "j0"), strict=True):
                 ax.plot(e.truth["c"], e.truth[name], "k:", lw=1.2, label="truth")
             truth_drawn = True
     axes[0].set_ylabel("mu_h (kT)")
-    axes[1].set_ylabel("j0")
+    axes[1].set_ylabel("k0 j0 (1/s)")
     axes[1].set_yscale("log")
     for ax in axes:
         ax.set_xlabel("c")
