@@ -74,11 +74,14 @@ from femkin._fem import MPI, PETSc
 __all__ = [
     "Evidence",
     "TailBounds",
+    "analyse_evidence",
     "importance_log_evidence",
     "laplace_log_evidence",
+    "marginal_tail_bound",
     "noise_normalisation",
     "problem_evidence",
     "tail_bounds",
+    "tail_log_det_lanczos",
 ]
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -96,10 +99,11 @@ class TailBounds:
     Attributes:
         lower: a lower bound of ``Delta = sum_{j > k} log(1 + lambda_j)``.
         upper: an upper bound (the omitted trace plus two standard errors).
-        estimate: the value used (middle of the bracket; 0 for an exact spectrum).
+        estimate: the value used (the Lanczos estimate, else the middle of the bracket; 0 for an
+            exact spectrum).
         effective_lower: lower bound of the tail's ``sum lambda_j / (1 + lambda_j)``.
         effective_upper: its upper bound.
-        method: ``"exact"`` (full rank: no tail) or ``"bracket"``.
+        method: ``"exact"`` (full rank: no tail), ``"bracket"`` or ``"lanczos"``.
         details: the numbers behind the bounds (trace, its error, lambda_bar, the bound of the
             coefficient marginals), for ``uq.json``.
     """
@@ -154,21 +158,30 @@ def tail_bounds(
         lower = max(lower, float(marginal_bound))
     upper = max(t_hi, lower)
     estimate = 0.5 * (lower + upper)
+    eff_lo = t_lo / (1.0 + lam_bar) if lam_bar > 0 else t_lo
+    eff_hi = t_hi
     details: dict[str, Any] = {}
+    method = "bracket"
     if lanczos is not None:
         est, se = float(lanczos["estimate"]), float(lanczos["standard_error"])
         lo, hi = max(lower, est - 2.0 * se), min(upper, est + 2.0 * se)
         if lo <= hi:
             lower, upper = lo, hi
         estimate = min(max(est, lower), upper)
+        if "effective" in lanczos:
+            e, e_se = float(lanczos["effective"]), float(lanczos["effective_error"])
+            lo, hi = max(eff_lo, e - 2.0 * e_se), min(eff_hi, e + 2.0 * e_se)
+            if lo <= hi:
+                eff_lo, eff_hi = lo, hi
         details["lanczos"] = dict(lanczos)
+        method = "lanczos"
     return TailBounds(
         lower=lower,
         upper=upper,
         estimate=estimate,
-        effective_lower=t_lo / (1.0 + lam_bar) if lam_bar > 0 else t_lo,
-        effective_upper=t_hi,
-        method="bracket",
+        effective_lower=eff_lo,
+        effective_upper=eff_hi,
+        method=method,
         details={
             "trace": float(trace),
             "trace_error": float(trace_error),
@@ -622,8 +635,10 @@ def tail_log_det_lanczos(
         apply_H_batch: optional batched Hessian action.
 
     Returns:
-        ``{"estimate", "standard_error", "samples", "steps", "trace"}`` (``trace``: the
-        Hutchinson estimate of the omitted trace from the same probes), identical on every rank.
+        ``{"estimate", "standard_error", "samples", "steps", "trace", "effective",
+        "effective_error"}`` (``trace``: the Hutchinson estimate of the omitted trace from the
+        same probes; ``effective``: the same quadrature of ``sum lambda_j / (1 + lambda_j)``),
+        identical on every rank.
     """
     from femkin.uq.randomized import apply_many, as_apply, gram
 
@@ -685,6 +700,7 @@ def tail_log_det_lanczos(
             w.scale(1.0 / b)
             basis[i].append(w)
     values = np.zeros(samples)
+    effective = np.zeros(samples)
     traces = np.zeros(samples)
     for i in range(samples):
         m = int(used[i])
@@ -694,6 +710,7 @@ def tail_log_det_lanczos(
         theta, w = np.linalg.eigh(t)
         theta = np.maximum(theta, -1.0 + 1e-12)
         values[i] = norms2[i] * float(np.sum(w[0] ** 2 * np.log1p(theta)))
+        effective[i] = norms2[i] * float(np.sum(w[0] ** 2 * theta / (1.0 + theta)))
         traces[i] = norms2[i] * alpha[i, 0]
     for qs in basis:
         for q in qs:
@@ -704,4 +721,6 @@ def tail_log_det_lanczos(
         "samples": int(samples),
         "steps": int(steps),
         "trace": float(np.mean(traces)),
+        "effective": float(np.mean(effective)),
+        "effective_error": float(np.std(effective, ddof=1) / math.sqrt(samples)),
     }

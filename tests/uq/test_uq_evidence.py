@@ -177,6 +177,9 @@ def test_lanczos_estimate_of_the_tail(field_problem):
         exact_tail,
     )
     assert slq["standard_error"] < 0.2 * exact_tail
+    tail = np.clip(lam_all[3:], 0.0, None)
+    exact_eff = float(np.sum(tail / (1 + tail)))
+    assert abs(slq["effective"] - exact_eff) < 3 * slq["effective_error"] + 0.02 * exact_eff
     values = p.comm.allgather(slq["estimate"])
     assert all(v == values[0] for v in values)
     om = omitted_spectrum(
@@ -185,7 +188,9 @@ def test_lanczos_estimate_of_the_tail(field_problem):
     kw = {"last_kept": float(pairs.eigenvalues[-1]), "largest": om.largest}
     wide = tail_bounds(om.trace, om.trace_error, **kw)
     narrow = tail_bounds(om.trace, om.trace_error, lanczos=slq, **kw)
+    assert narrow.method == "lanczos"
     assert narrow.upper - narrow.lower < 0.5 * (wide.upper - wide.lower)
+    assert narrow.effective_lower <= exact_eff <= narrow.effective_upper
     capped = laplace_log_evidence(
         misfit, penalty, n, 0.0, pairs.eigenvalues, n_parameters=n, tail=narrow
     )
