@@ -273,7 +273,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         ),
         "evidence_lanczos": Key(
             "int",
-            20,
+            12,
             NON_NEGATIVE,
             "Lanczos steps per probe (omitted_samples probes) estimating the omitted spectrum's "
             "log det in the evidence, when its bracket is wider than 1 nat (0: bracket only)",

@@ -584,7 +584,7 @@ def analyse_evidence(
             apply_H_batch=apply_H_batch,
         )
 
-    steps = int(settings.get("evidence_lanczos", 20))
+    steps = int(settings.get("evidence_lanczos", 12))
     bound = None
     if gauss_newton and marginals is not None and marginals.method in ("certified", "bound"):
         bound = marginal_tail_bound(marginals.low_rank, marginals.covariance)
