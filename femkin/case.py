@@ -312,6 +312,13 @@ SCHEMA: dict[str, dict[str, Any]] = {
             _each(lambda v: v == 0 or v >= 2, "0 (off) or an integer >= 2"),
             "trace samples bounding what a capped rank leaves out",
         ),
+        "evidence_lanczos": Key(
+            "int",
+            12,
+            NON_NEGATIVE,
+            "Lanczos steps per probe (omitted_samples probes) estimating the omitted spectrum's "
+            "log det in the evidence, when its bracket is wider than 1 nat (0: bracket only)",
+        ),
     },
     "sample": {
         "chains": Key("int", 4, AT_LEAST_ONE, "MCMC chains (spread over MPI groups)"),

@@ -28,7 +28,18 @@ import traceback
 MPI_ERROR_WAIT = 3.0
 
 # Order is the order shown by ``femkin --help``.
-VERBS = ("init", "prepare", "mesh", "simulate", "verify", "invert", "uq", "sample", "run")
+VERBS = (
+    "init",
+    "prepare",
+    "mesh",
+    "simulate",
+    "verify",
+    "invert",
+    "uq",
+    "sample",
+    "run",
+    "compare",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

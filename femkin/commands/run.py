@@ -32,33 +32,9 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     """Prepare (when needed), mesh, (simulate), invert and sample the posterior of a case."""
     from femkin._fem import MPI
-    from femkin.case import load_case
-    from femkin.commands.invert import invert
-    from femkin.commands.prepare import prepare_case
-    from femkin.commands.simulate import simulate
-    from femkin.study import collective
 
     comm = MPI.COMM_WORLD
-    case = collective(comm, load_case, args.case)
-    if case.prepare["stacks"]:
-        _check_prepare_target(case)
-        prepare_case(args.case, comm, quiet=args.quiet)
-    if case.simulate is not None and not (case.dir / "simulated" / "video.npz").exists():
-        simulate(args.case, comm, quiet=args.quiet)
-    out = invert(args.case, resume=args.resume, quiet=args.quiet)
-    from femkin.commands.invert import AlreadyFinished
-    from femkin.commands.uq import uq, uq_at
-    from femkin.study import open_study
-
-    if isinstance(out, AlreadyFinished):  # the fit had finished: UQ from its checkpoint
-        if comm.rank == 0 and not args.quiet:
-            print(f"invert: already finished ({out.iterations} iterations, {out.reason})")
-        uq(args.case, quiet=args.quiet)
-    else:  # the UQ step on the in-memory problem at the MAP point (see femkin.commands.uq)
-        problem, result, timings, prior = out
-        uq_at(
-            open_study(args.case, comm), problem, prior, result.x, result.history, quiet=args.quiet
-        )
+    case = run_case(args.case, resume=args.resume, quiet=args.quiet, comm=comm)
     if comm.rank == 0 and not args.quiet:
         import json
 
@@ -70,6 +46,38 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
     return 0
+
+
+def run_case(
+    case_path, *, resume: bool = False, resume_or_start: bool = False, quiet: bool = False, comm
+):
+    """The whole study of one case (collective): (prepare), (simulate), invert, uq.
+
+    ``resume_or_start`` continues a fit from its checkpoint when there is one (``femkin
+    compare``); a fit that had finished goes straight to the UQ step. Returns the loaded case.
+    """
+    from femkin.case import load_case
+    from femkin.commands.invert import AlreadyFinished, invert
+    from femkin.commands.prepare import prepare_case
+    from femkin.commands.simulate import simulate
+    from femkin.commands.uq import uq, uq_at
+    from femkin.study import collective, open_study
+
+    case = collective(comm, load_case, case_path)
+    if case.prepare["stacks"]:
+        _check_prepare_target(case)
+        prepare_case(case_path, comm, quiet=quiet)
+    if case.simulate is not None and not (case.dir / "simulated" / "video.npz").exists():
+        simulate(case_path, comm, quiet=quiet)
+    out = invert(case_path, resume=resume, resume_or_start=resume_or_start, quiet=quiet, comm=comm)
+    if isinstance(out, AlreadyFinished):  # the fit had finished: UQ from its checkpoint
+        if comm.rank == 0 and not quiet:
+            print(f"invert: already finished ({out.iterations} iterations, {out.reason})")
+        uq(case_path, quiet=quiet, comm=comm)
+    else:  # the UQ step on the in-memory problem at the MAP point (see femkin.commands.uq)
+        problem, result, timings, prior = out
+        uq_at(open_study(case_path, comm), problem, prior, result.x, result.history, quiet=quiet)
+    return case
 
 
 def _check_prepare_target(case) -> None:

@@ -9,7 +9,10 @@ and the low-rank posterior (:mod:`femkin.uq.laplace_study`), and writes into ``C
   "prior_std"}}``, ``k0`` in its coordinate ln k0, see :mod:`femkin.blocks`),
   ``coefficient_names`` and ``correlation`` (in the order of ``coefficients``), ``ln_k_std``
   summaries, ``c_t`` (the 95% band of the particle-average c(t) from ``[uq] samples``
-  posterior samples), ``hessian_actions`` and ``wall_time``;
+  posterior samples), ``hessian_actions`` and ``wall_time``; ``evidence``: the Laplace log
+  evidence of the fit (``log_evidence``, ``bounds`` and ``uncertainty`` from the truncated
+  spectrum's tail, its terms, ``n_data``, ``n_parameters``, ``effective_parameters``; see
+  :mod:`femkin.uq.evidence`), which ``femkin compare`` ranks;
 - ``mu_h.csv`` and ``j0.csv`` with the 95% band columns ``lo`` and ``hi``;
 - ``k_std_<label>.npy`` (posterior std of ln k on the pixel grid, NaN outside) and
   ``k_prior_std_<label>.npy`` (the prior's);

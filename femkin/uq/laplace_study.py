@@ -37,6 +37,7 @@ from femkin._fem import PETSc, dolfinx
 from femkin.errors import ConvergenceError
 from femkin.physics.acr import legendre
 from femkin.progress import Progress
+from femkin.uq.evidence import analyse_evidence
 from femkin.uq.laplace import LowRankPosterior, correlation
 from femkin.uq.marginals import marginal_covariance
 from femkin.uq.predictive import average_noise_std, predictive_c_t, residual_check
@@ -100,6 +101,7 @@ class UQResult:
             and the largest eigenvalue of the part left out).
         residuals: the standardised residuals at the MAP point
             (:func:`femkin.uq.predictive.residual_check`).
+        evidence: the Laplace log evidence (:class:`femkin.uq.evidence.Evidence`).
     """
 
     posterior: LowRankPosterior
@@ -122,6 +124,7 @@ class UQResult:
     marginals: dict = dataclasses.field(default_factory=dict)
     spectrum: dict = dataclasses.field(default_factory=dict)
     residuals: dict = dataclasses.field(default_factory=dict)
+    evidence: Any = None
 
     @property
     def std(self) -> np.ndarray:
@@ -172,6 +175,8 @@ class UQResult:
             "notes": self.notes(settings),
             "predictive_check": {"residuals": dict(self.residuals)},
         }
+        if self.evidence is not None:
+            out["evidence"] = self.evidence.to_json()
         if self.c_t is not None:
             out["c_t"] = self.c_t
             out["predictive_check"]["c_t"] = {
@@ -233,6 +238,8 @@ class UQResult:
                 f"{head}: {mg['iterations']} CG iterations, {mg['hessian_actions']} Hessian "
                 f"actions, certified relative variance gap {mg['relative_gap']:.2g}."
             )
+        if self.evidence is not None:
+            out.append(self.evidence.note())
         return out + self._ppc_note()
 
 
@@ -457,7 +464,7 @@ def analyse(
 
     t0 = time.perf_counter()
     g = space.create_vector()
-    problem.gradient(x, g)
+    misfit_value = problem.gradient(x, g)
     g.destroy()
     fitted = problem.fitted_video()
     residuals = residual_check(problem)
@@ -573,6 +580,21 @@ def analyse(
     )
     for f in functionals:
         f.destroy()
+    t_evidence = time.perf_counter()
+    evidence = analyse_evidence(
+        problem,
+        prior,
+        x,
+        misfit_value,
+        posterior,
+        spectrum,
+        marg,
+        settings,
+        apply_H=apply_H,
+        apply_H_batch=apply_H_batch,
+    )
+    say(evidence.note())
+    timings["evidence"] = time.perf_counter() - t_evidence
     k0_column = None
     if "k0" in names and marg.converged:  # an unconverged column is no covariance
         k0_column = marg.columns[names.index("k0")]
@@ -591,7 +613,7 @@ def analyse(
     )
     for v in marg.columns:
         v.destroy()
-    timings["posterior"] = time.perf_counter() - t0
+    timings["posterior"] = time.perf_counter() - t0 - timings["evidence"]
 
     t0 = time.perf_counter()
     c_t = _sample_band(
@@ -622,6 +644,7 @@ def analyse(
         marginals=marginals,
         spectrum=spectrum,
         residuals=residuals,
+        evidence=evidence,
     )
 
 

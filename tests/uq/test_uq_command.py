@@ -332,3 +332,28 @@ def test_sample_runs_resumes_and_reports(inverted_case):
     assert {"lo", "hi", "mcmc_lo", "mcmc_hi"} <= set(data.dtype.names)
     assert np.all(data["mcmc_lo"] <= data["mcmc_hi"])
     assert (case / "results" / "mcmc_bands.png").exists()
+
+
+@pytest.mark.mpi
+def test_evidence_of_a_field_case(inverted_case):
+    """With k(x) learned the spectrum is cut: the evidence carries the tail's estimate and
+    bracket, consistent with the omitted trace, and its terms add up."""
+    case, _ = inverted_case
+    uq = _uq_json(case)
+    ev = uq["evidence"]
+    tail = ev["log_det_tail"]
+    assert ev["n_parameters"] > ev["rank"] == len(uq["eigenvalues"])
+    assert tail["method"] in ("bracket", "lanczos")
+    assert tail["lower"] <= tail["estimate"] <= tail["upper"]
+    t_hi = tail["trace"] + 2 * tail["trace_error"]
+    assert np.log1p(max(tail["trace"] - 2 * tail["trace_error"], 0)) <= tail["upper"] <= t_hi
+    lo, hi = ev["bounds"]
+    assert lo <= ev["log_evidence"] <= hi
+    assert hi - lo == pytest.approx(0.5 * (tail["upper"] - tail["lower"]), rel=1e-9)
+    total = (
+        ev["log_likelihood"] - ev["prior_penalty"] - 0.5 * (ev["log_det_kept"] + tail["estimate"])
+    )
+    assert ev["log_evidence"] == pytest.approx(total, rel=1e-12)
+    lam = np.array(uq["eigenvalues"])
+    assert ev["effective_parameters"] >= float(np.sum(lam / (1 + lam)))
+    assert "Laplace log evidence" in (case / "results" / "report.md").read_text()
