@@ -139,3 +139,20 @@ def test_unknown_jacobian_option_is_refused():
     mesh = dolfinx.mesh.create_unit_square(MPI.COMM_SELF, 2, 2)
     with pytest.raises(ValueError, match='jacobian must be "exact" or "lagged"'):
         ParticleModel(mesh, PARAMS, solver=SolverOptions(jacobian="chord"))
+
+
+def test_case_file_selects_the_jacobian(tmp_path):
+    """``[solver] jacobian`` reaches the model's options; a wrong value is one clear error."""
+    from femkin.case import load_case
+    from femkin.errors import CaseError
+    from femkin.study import solver_options
+
+    path = tmp_path / "case.toml"
+    path.write_text('[data]\nvideo = "v.npz"\n[solver]\njacobian = "lagged"\n')
+    assert solver_options(load_case(path).solver).jacobian == "lagged"
+    path.write_text('[data]\nvideo = "v.npz"\n')
+    assert solver_options(load_case(path).solver).jacobian == SolverOptions().jacobian
+    path.write_text('[data]\nvideo = "v.npz"\n[solver]\njacobian = "chord"\n')
+    with pytest.raises(CaseError) as info:
+        load_case(path)
+    assert info.value.field == "solver.jacobian" and "'lagged'" in str(info.value)
