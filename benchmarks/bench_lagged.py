@@ -24,7 +24,8 @@ particle-average difference). Speed-ups are exact / variant in the same run, on 
 machine is shared; wall time is reported too).
 
 Run: ``python benchmarks/bench_lagged.py [--size 0.32] [--cycle-size 1.5] [--cases window
-cycle]`` (about 10 minutes on one busy core); under ``mpirun -n 2`` for two ranks.
+cycle] [--variants exact lagged ...]`` (about 10 minutes on one busy core); under ``mpirun -n
+2`` for two ranks (``exact`` always runs: it is the reference).
 """
 
 from __future__ import annotations
@@ -106,10 +107,10 @@ def run_variant(label: str, build, frames, driving, c0) -> tuple[dict, tuple]:
     }, _frame_values(model, traj)
 
 
-def run_case(build, frames, driving, c0, comm) -> dict:
+def run_case(build, frames, driving, c0, comm, labels) -> dict:
     out: dict = {}
     ref = None
-    for label in VARIANTS:
+    for label in ["exact"] + [v for v in labels if v != "exact"]:
         res, (c, mu, avg) = run_variant(label, build, frames, driving, c0)
         if ref is None:
             ref = (c, mu, avg)
@@ -124,7 +125,7 @@ def run_case(build, frames, driving, c0, comm) -> dict:
     return out
 
 
-def window_case(size: float) -> tuple[dict, dict]:
+def window_case(size: float, labels) -> tuple[dict, dict]:
     problem = make_problem(size, prefix="bench_lagged_probe_")
     n_dofs = problem.n_dofs
     counter = iter(range(100))
@@ -133,10 +134,10 @@ def window_case(size: float) -> tuple[dict, dict]:
         return make_problem(size, solver=solver, prefix=f"bench_lagged_w{next(counter)}_").model
 
     info = {"mesh_size_px": size, "dofs": n_dofs, "frames": [float(t) for t in FRAMES]}
-    return info, run_case(build, FRAMES, problem.driving, problem.c0, problem.model.comm)
+    return info, run_case(build, FRAMES, problem.driving, problem.c0, problem.model.comm, labels)
 
 
-def cycle_case(size: float) -> tuple[dict, dict]:
+def cycle_case(size: float, labels) -> tuple[dict, dict]:
     from _common import demo_mask
 
     from femkin.meshing import mesh_particle
@@ -162,7 +163,7 @@ def cycle_case(size: float) -> tuple[dict, dict]:
     build(SolverOptions())  # fills c0 (same mesh and space for every variant)
     info = {"mesh_size_px": size, "dofs": holder["dofs"], "frames": len(CYCLE_FRAMES)}
 
-    return info, run_case(build, CYCLE_FRAMES, DRIVING, holder["c0"], mesh.comm)
+    return info, run_case(build, CYCLE_FRAMES, DRIVING, holder["c0"], mesh.comm, labels)
 
 
 def main() -> None:
@@ -170,6 +171,7 @@ def main() -> None:
     ap.add_argument("--size", type=float, default=0.32)
     ap.add_argument("--cycle-size", type=float, default=1.5)
     ap.add_argument("--cases", nargs="+", default=["window", "cycle"])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = ap.parse_args()
     PETSc.Log.begin()
     comm = MPI.COMM_WORLD
@@ -186,7 +188,10 @@ def main() -> None:
         "cases": {},
     }
     for name in args.cases:
-        info, res = window_case(args.size) if name == "window" else cycle_case(args.cycle_size)
+        if name == "window":
+            info, res = window_case(args.size, args.variants)
+        else:
+            info, res = cycle_case(args.cycle_size, args.variants)
         out["cases"][name] = {**info, "variants": res}
     out["total_wall_s"] = time.perf_counter() - t0
     if comm.rank == 0:

@@ -159,7 +159,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
             "exact",
             _one_of("exact", "lagged"),
             "forward Newton: exact (J factorised every iteration) or lagged (a factorised J "
-            "reused across iterations and steps while it converges; same tolerances)",
+            "reused across iterations and steps while it converges; same tolerances; bdf2 only)",
         ),
         "factor_cache_mb": Key(
             "float",

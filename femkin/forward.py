@@ -16,6 +16,13 @@ Two schemes (``[solver] scheme``):
   steps land on every frame time and every mu_e knot.
 - ``"euler"``: backward Euler with the step chosen so that c changes by about ``dc_max`` per
   step (first order; the scheme of femkin <= 0.x, kept for comparison).
+
+Each step's nonlinear system is solved by the SNES with exact Newton (``[solver] jacobian =
+"exact"``, the default) or with a lagged Jacobian (``"lagged"``, BDF2: a factorised J is
+reused across iterations and steps while it contracts the residual; see
+:meth:`ParticleModel.newton_step`). Either way the solve stops on the same residual
+tolerances, and the derivative solves of :mod:`femkin.adjoint` assemble and factorise the
+exact J at the converged states.
 """
 
 from __future__ import annotations
@@ -89,8 +96,9 @@ class SolverOptions:
     or ``"euler"`` (steps from the change of c, ``dc_max``). ``jacobian`` is ``"exact"``
     (Newton: J assembled and factorised at every iteration) or ``"lagged"`` (modified Newton:
     a factorised J is reused across iterations and steps while it contracts the residual
-    fast enough, see :meth:`ParticleModel.newton_step`); derivative solves always use the
-    exact J at the converged states.
+    fast enough, see :meth:`ParticleModel.newton_step`; BDF2 only: backward Euler's step
+    growth counts Newton iterations, so it keeps exact Newton); derivative solves always use
+    the exact J at the converged states.
     """
 
     dt_initial: float | None = None
@@ -352,7 +360,9 @@ class ParticleModel:
         self._jac_stale = True  # the kept J must not be reused (a new solve, a fallback)
         self._jac_gamma = 1.0  # a0 / dt of the kept J
         self._fnorm_prev = 0.0
-        self._exact_newton = self.solver_options.jacobian == "exact"
+        # Backward Euler's step growth counts Newton iterations, which lagging changes (and
+        # with them the step schedule): lagging serves the BDF2 scheme only.
+        self._exact_newton = self.solver_options.jacobian == "exact" or self.scheme == "euler"
         self._step_fresh = True  # the last Newton update used a J of its own iterate
         o = self.solver_options
         opts = PETSc.Options()

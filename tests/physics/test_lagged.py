@@ -1,4 +1,4 @@
-"""The lagged forward Jacobian (`[solver] jacobian = "lagged"`): same answer, fewer LU.
+"""The lagged forward Jacobian (`[solver] jacobian = "lagged"`): same answer, fewer LU factors.
 
 A lagged solve must converge to the same residual tolerance as exact Newton (checked here by
 re-assembling the residual of every stored step, independently of what SNES reported), so
@@ -133,6 +133,13 @@ def test_lagged_then_exact_failure_cuts_the_step_and_raises_at_the_floor(comm):
     with pytest.raises(ConvergenceError, match="dt_min = 100 s"):
         model.solve([0.0, 100.0], Driving([0.0], [60.0]), np.full(n, 0.05))
     assert model.jacobian_fallbacks == 1
+
+
+def test_backward_euler_keeps_exact_newton(comm):
+    """Euler's step growth counts Newton iterations: lagging would change its schedule."""
+    model, c0 = _model(comm, "lagged", "euler", scheme="euler")
+    traj = model.solve(FRAMES[:2], DRIVING, c0)
+    assert traj.factorisations == traj.newton_total > 0
 
 
 def test_unknown_jacobian_option_is_refused():
