@@ -18,6 +18,7 @@ import numpy as np
 
 import femkin._fem  # noqa: F401  (dolfinx_solver before dolfinx)
 from femkin._fem import MPI, PETSc, dolfinx, ufl
+from femkin.blocks import blocks_unused_by
 from femkin.driving import Driving
 from femkin.forward import ModelParameters, ParticleModel, SolverOptions
 from femkin.meshing import mesh_particle
@@ -199,7 +200,10 @@ class TapedProblem:
             "k0": [C(np.log(p.k0))],
             "kappa": [C(p.kappa)],
             "coherency": [C(p.coherency)],
+            "lambda": [C(np.log(p.lambda_))],  # ln lambda, like the femkin block
         }
+        for name in blocks_unused_by(p.kinetics, list(self.blocks)):
+            del self.blocks[name]  # not in this law's residual
         self.m = dxa.Function(model.V, name="m")
         dt, mu_e, cbar = C(1.0), C(0.0), C(0.0)
         weights = [C(1.0), C(-1.0), C(0.0)]  # BDF weights, assigned per step like dt
@@ -210,7 +214,7 @@ class TapedProblem:
             self.u.x.array[:] = traj.state(0)
         coeffs = acr.ACRCoefficients(
             a=self.blocks["mu_h"],
-            b=self.blocks["j0"],
+            b=self.blocks.get("j0", []),
             p=fixed(p.j0_prefactor[0]),
             q=fixed(p.j0_prefactor[1]),
             ln_k0=self.blocks["k0"][0],
@@ -218,6 +222,10 @@ class TapedProblem:
             kappa=self.blocks["kappa"][0],
             coherency=self.blocks["coherency"][0],
             alpha=fixed(p.alpha),
+            kinetics=p.kinetics,
+            reorganization=ufl.exp(self.blocks["lambda"][0])
+            if "lambda" in self.blocks
+            else fixed(p.lambda_),
         )
         dx = model.dx
         tests = ufl.split(ufl.TestFunction(W))

@@ -38,8 +38,8 @@ class Sensitivities(NamedTuple):
     """Derivatives of a functional with respect to one particle's parameters.
 
     Attributes:
-        scalars: {block: array} for mu_h, j0, k0 (w.r.t. ln k0), kappa, coherency; summed
-            over the particle's ranks (identical on each).
+        scalars: {block: array} for mu_h, j0, k0 (w.r.t. ln k0), kappa, coherency, lambda
+            (w.r.t. ln lambda); summed over the particle's ranks (identical on each).
         m: dual vector (owned dofs of V) w.r.t. the nodal values of m.
         mu_e: derivative w.r.t. mu_e at each trajectory time (index 0 unused).
         c0: dual vector (owned dofs of V) w.r.t. the nodal values of the initial c.

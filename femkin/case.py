@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from femkin.blocks import BLOCKS
+from femkin.blocks import BLOCKS, KINETICS, blocks_unused_by
 from femkin.errors import CaseError, close_match_hint
 
 CASE_FILE = "case.toml"
@@ -123,14 +123,24 @@ SCHEMA: dict[str, dict[str, Any]] = {
     },
     "model": {
         "kappa": Key("float", 0.02, NON_NEGATIVE, "gradient energy coefficient, kT um^2"),
-        "alpha": Key("float", 0.5, OPEN_UNIT, "charge transfer coefficient"),
+        "alpha": Key("float", 0.5, OPEN_UNIT, "charge transfer coefficient (bv laws)"),
         "coherency": Key("float", 0.0, NON_NEGATIVE, "coherency strain coefficient B, kT"),
         "mu_h": Key("list[float]", [3.2], FINITE, "Legendre coefficients a_1..a_N of mu_h, kT"),
-        "j0": Key("list[float]", [], FINITE, "Legendre coefficients b_1..b_M of ln j0"),
-        "j0_prefactor": Key("list[float]", [0.5, 0.5], _all(_length(2), FINITE), "p, q"),
+        "j0": Key("list[float]", [], FINITE, "Legendre coefficients b_1..b_M of ln j0 (bv)"),
+        "j0_prefactor": Key(
+            "list[float]", [0.5, 0.5], _all(_length(2), FINITE), "p, q of ln j0 (bv)"
+        ),
         "k0": Key("float", 1e-3, POSITIVE, "rate prefactor, 1/s"),
         "initial_smoothing": Key("float", 0.05, NON_NEGATIVE, "first-frame smoothing length, um"),
         "element": Key("str", "P1", _one_of("P1"), "Lagrange element of c and mu"),
+        "kinetics": Key(
+            "str",
+            "bv",
+            _one_of(*KINETICS),
+            "reaction law: bv (Butler-Volmer, learned ln j0), bv-constant (j0 = 1), bv-lim "
+            "(j0 = c^alpha (1-c)^(2-alpha), Lim 2016), ciet (coupled ion-electron transfer, MHC)",
+        ),
+        "lambda": Key("float", 8.3, POSITIVE, "ciet: reorganisation energy lambda, kT"),
     },
     "solver": {
         "dt_initial": Key("float?", None, POSITIVE, "first step, s (default: frame gap / 10)"),
@@ -198,10 +208,18 @@ SCHEMA: dict[str, dict[str, Any]] = {
             "k0": Key("float?", None, POSITIVE, "true k0, 1/s (default: [model])"),
             "kappa": Key("float?", None, NON_NEGATIVE, "true kappa (default: [model])"),
             "coherency": Key("float?", None, NON_NEGATIVE, "true B (default: [model])"),
+            "kinetics": Key("str?", None, _one_of(*KINETICS), "true law (default: [model])"),
+            "lambda": Key("float?", None, POSITIVE, "true lambda, kT (default: [model])"),
         },
     },
     "inversion": {
-        "learn": Key("list[str]", ["mu_h", "j0", "k0", "m"], _one_of(*BLOCKS), "fitted blocks"),
+        "learn": Key(
+            "list[str]",
+            ["mu_h", "j0", "k0", "m"],
+            _one_of(*BLOCKS),
+            "fitted blocks (default under kinetics = bv-constant/bv-lim: no j0; ciet: lambda "
+            "in place of j0)",
+        ),
         "method": Key(
             "str",
             "newton",
@@ -250,6 +268,12 @@ SCHEMA: dict[str, dict[str, Any]] = {
             ),
             "kappa_std": Key("float", 0.02, POSITIVE, "prior std of kappa, kT um^2"),
             "coherency_std": Key("float", 2.0, POSITIVE, "prior std of the coherency B, kT"),
+            "lambda_std": Key(
+                "float",
+                0.5,
+                POSITIVE,
+                "prior std of the lambda block, whose coordinate is ln lambda (0.5: a factor 1.65)",
+            ),
             "mu_e_std": Key("float", 1.0, POSITIVE, "prior std of mu_e knots, kT"),
             "initial_std": Key("float", 0.1, POSITIVE, "prior std of the initial state"),
         },
@@ -387,6 +411,7 @@ def parse_sections(raw: dict[str, Any], file: str | os.PathLike) -> dict[str, An
             continue
         out[name] = _parse_table(raw.get(name, {}), schema, file, name)
     _check_driving(out["driving"], file)
+    _check_kinetics(out, "learn" in raw.get("inversion", {}), file)
     return out
 
 
@@ -495,3 +520,30 @@ def _check_driving(driving: dict[str, Any], file) -> None:
         )
     if t is not None and len(t) != len(mu_e):
         raise CaseError(file, "driving.mu_e", f"{len(t)} values, one per knot time", len(mu_e))
+
+
+def _check_kinetics(sections: dict[str, Any], learn_given: bool, file) -> None:
+    """Learned blocks must enter the kinetic law: ``j0`` only ``bv``, ``lambda`` only ``ciet``.
+
+    The default ``[inversion] learn`` follows the law: its ``j0`` is dropped under the fixed
+    Butler-Volmer laws and becomes ``lambda`` under ``ciet``; a ``learn`` given in the file is
+    taken as written, and refused if it names a block the law does not contain.
+    """
+    kinetics = sections["model"]["kinetics"]
+    inversion = sections["inversion"]
+    if not learn_given and kinetics != "bv":
+        swap = ["lambda"] if kinetics == "ciet" else []
+        inversion["learn"] = [n for b in inversion["learn"] for n in (swap if b == "j0" else [b])]
+    for field, blocks in (
+        ("inversion.learn", inversion["learn"]),
+        ("verify.blocks", sections["verify"]["blocks"] or []),
+    ):
+        unused = blocks_unused_by(kinetics, blocks)
+        if unused:
+            raise CaseError(
+                file,
+                field,
+                f"blocks that [model] kinetics = {kinetics!r} contains ('j0' belongs to 'bv', "
+                "'lambda' to 'ciet')",
+                repr(unused),
+            )

@@ -51,7 +51,10 @@ class ModelParameters:
         k0: rate prefactor (1/s).
         kappa: gradient-energy coefficient (kT um^2).
         coherency: coherency coefficient B (kT).
-        alpha: charge-transfer symmetry factor.
+        alpha: charge-transfer symmetry factor (the Butler-Volmer laws).
+        kinetics: the kinetic law (:data:`femkin.physics.acr.KINETICS`); fixed per model.
+        lambda_: reorganisation energy lambda of ``"ciet"`` (kT); the ``lambda`` block's
+            coordinate is ln lambda.
     """
 
     mu_h: Sequence[float] = (3.2,)
@@ -61,19 +64,42 @@ class ModelParameters:
     kappa: float = 0.02
     coherency: float = 0.0
     alpha: float = 0.5
+    kinetics: str = "bv"
+    lambda_: float = 8.3
 
     def block_values(self) -> dict[str, np.ndarray]:
-        """Values per learnable scalar block (``k0`` as ln k0)."""
+        """Values per learnable scalar block (``k0`` as ln k0, ``lambda`` as ln lambda)."""
         return {
             "mu_h": np.array(self.mu_h, float),
             "j0": np.array(self.j0, float),
             "k0": np.array([np.log(self.k0)]),
             "kappa": np.array([self.kappa]),
             "coherency": np.array([self.coherency]),
+            "lambda": np.array([np.log(self.lambda_)]),
         }
 
+    def coefficients(self) -> acr.ACRCoefficients:
+        """The global coefficients as numbers (``ln_k0`` and ``m`` zero), for NumPy curves."""
+        return acr.ACRCoefficients(
+            a=tuple(self.mu_h),
+            b=tuple(self.j0),
+            p=float(self.j0_prefactor[0]),
+            q=float(self.j0_prefactor[1]),
+            ln_k0=0.0,
+            m=0.0,
+            kappa=self.kappa,
+            coherency=self.coherency,
+            alpha=self.alpha,
+            kinetics=self.kinetics,
+            reorganization=self.lambda_,
+        )
+
+    def j0_curve(self, c) -> np.ndarray:
+        """The exchange factor j0(c) of the kinetic law (:func:`femkin.physics.acr.j0_curve`)."""
+        return acr.j0_curve(c, self.coefficients())
+
     def with_blocks(self, values: dict[str, np.ndarray]) -> ModelParameters:
-        """A copy with some blocks replaced (``k0`` given as ln k0)."""
+        """A copy with some blocks replaced (``k0`` given as ln k0, ``lambda`` as ln lambda)."""
         new = dataclasses.replace(self)
         for name, v in values.items():
             v = np.asarray(v, dtype=float)
@@ -81,6 +107,8 @@ class ModelParameters:
                 setattr(new, name, tuple(v.tolist()))
             elif name == "k0":  # given as ln k0; kept where exp neither under- nor overflows
                 new.k0 = float(np.exp(np.clip(v[0], -700.0, 700.0)))
+            elif name == "lambda":  # given as ln lambda
+                new.lambda_ = float(np.exp(np.clip(v[0], -700.0, 700.0)))
             elif name in ("kappa", "coherency"):
                 setattr(new, name, float(v[0]))
             else:
@@ -241,6 +269,12 @@ class ParticleModel:
 
         self.n_a = len(parameters.mu_h)
         self.n_b = len(parameters.j0)
+        if parameters.kinetics not in acr.KINETICS:
+            raise ValueError(
+                f"kinetics must be one of {acr.KINETICS}, found {parameters.kinetics!r}"
+            )
+        #: The kinetic law, compiled into the forms (fixed for the model's life).
+        self.kinetics = parameters.kinetics
         # Named scalar constants: learnable blocks, plus the per-step mu_e and cbar.
         self.constants: dict[str, list] = {
             "mu_h": [const(0.0) for _ in range(self.n_a)],
@@ -248,6 +282,7 @@ class ParticleModel:
             "k0": [const(0.0)],
             "kappa": [const(0.0)],
             "coherency": [const(0.0)],
+            "lambda": [const(0.0)],  # ln lambda
             "mu_e": [const(0.0)],
             "cbar": [const(0.0)],
         }
@@ -267,6 +302,8 @@ class ParticleModel:
             kappa=var["kappa"][0],
             coherency=var["coherency"][0],
             alpha=self.alpha,
+            kinetics=parameters.kinetics,
+            reorganization=ufl.exp(var["lambda"][0]),
         )
         #: BDF weights (a0, a1, a2) of the current step (fixed by the step schedule).
         self.bdf = [const(1.0), const(-1.0), const(0.0)]
@@ -319,6 +356,11 @@ class ParticleModel:
             raise ValueError(
                 f"expected {self.n_a} mu_h and {self.n_b} j0 coefficients, found "
                 f"{len(parameters.mu_h)} and {len(parameters.j0)}"
+            )
+        if parameters.kinetics != self.kinetics:
+            raise ValueError(
+                f"the model was compiled with kinetics {self.kinetics!r}, "
+                f"found {parameters.kinetics!r}"
             )
         self.parameters = dataclasses.replace(parameters)
         for name, values in parameters.block_values().items():

@@ -20,7 +20,7 @@ import numpy as np
 
 from femkin._fem import MPI, PETSc, dolfinx
 from femkin.adjoint import Direction, ParticleDerivatives, Sensitivities
-from femkin.blocks import BLOCKS, GLOBAL_BLOCKS, PARTICLE_FIELD_BLOCKS
+from femkin.blocks import BLOCKS, GLOBAL_BLOCKS, PARTICLE_FIELD_BLOCKS, blocks_unused_by
 from femkin.driving import Driving
 from femkin.errors import ConvergenceError, InputError
 from femkin.forward import ModelParameters, ParticleModel, SolverOptions, Trajectory
@@ -115,6 +115,14 @@ class InverseProblem:
         unknown = [b for b in learn if b not in BLOCKS]
         if unknown:
             raise InputError("<inverse problem>", "learn", f"blocks among {list(BLOCKS)}", unknown)
+        unused = blocks_unused_by(parameters.kinetics, learn)
+        if unused:
+            raise InputError(
+                "<inverse problem>",
+                "learn",
+                f"blocks that kinetics {parameters.kinetics!r} contains",
+                unused,
+            )
         self.comm = comm
         self.video = video
         self.labels = [int(lb) for lb in video.labels]

@@ -27,7 +27,7 @@ import numpy as np
 from femkin.inversion.results import write_csv, write_json
 from femkin.io.atomic import atomic_write
 from femkin.outputs import results_dir
-from femkin.physics.acr import C_GRID, ln_j0, mu_h
+from femkin.physics.acr import C_GRID, mu_h
 
 __all__ = [
     "C_GRID",
@@ -44,23 +44,76 @@ __all__ = [
 
 
 def curves(params) -> dict[str, np.ndarray]:
-    """mu_h(c) and j0(c) on :data:`C_GRID`."""
-    p, q = params.j0_prefactor
+    """mu_h(c) and j0(c) on :data:`C_GRID`.
+
+    j0(c) is the exchange factor of the model's kinetic law (the insertion rate at eta = 0 per
+    unit k, :func:`femkin.physics.acr.j0_curve`): the learned ln j0 of ``"bv"``, the fixed
+    closed forms of ``"bv-constant"`` and ``"bv-lim"``, or the CIET curve at its lambda.
+    """
     return {
         "c": C_GRID,
         "mu_h": mu_h(C_GRID, params.mu_h, np.log),
-        "j0": np.exp(ln_j0(C_GRID, params.j0, p, q, np.log)),
+        "j0": params.j0_curve(C_GRID),
     }
 
 
 def _truth_parameters(truth: dict):
     from femkin.forward import ModelParameters
 
+    # truth files written before the kinetic laws hold the default law ("bv")
     return ModelParameters(
         mu_h=tuple(truth["mu_h"]),
         j0=tuple(truth["j0"]),
         j0_prefactor=tuple(truth["j0_prefactor"]),
+        alpha=float(truth.get("alpha", 0.5)),
+        kinetics=str(truth.get("kinetics", "bv")),
+        lambda_=float(truth.get("lambda", 8.3)),
     )
+
+
+def coefficient_summary(params) -> dict:
+    """The global coefficients for ``summary.json``: k0 in 1/s, lambda in kT.
+
+    ``kinetics`` names the law; ``j0`` (the ln j0 Legendre coefficients) is only listed for the
+    law that contains them (``"bv"``; empty otherwise), ``lambda`` only for ``"ciet"``.
+    """
+    out = {
+        "kinetics": params.kinetics,
+        "mu_h": list(params.mu_h),
+        "j0": list(params.j0) if params.kinetics == "bv" else [],
+        "k0": params.k0,
+        "kappa": params.kappa,
+        "coherency": params.coherency,
+    }
+    if params.kinetics == "ciet":
+        out["lambda"] = params.lambda_
+    return out
+
+
+def law_j0_band(params, blocks, covariance, c: np.ndarray, z: float) -> tuple:
+    """The j0(c) band of a fixed law: none, or from the posterior of ln lambda (CIET).
+
+    ``blocks`` and ``covariance`` are the global coefficients' layout and posterior
+    covariance (:class:`femkin.uq.laplace_study.LaplaceResult`). The curve of ``"ciet"``
+    depends on lambda alone, so ``Var ln j0(c) = (d ln j0 / d ln lambda)^2 Var ln lambda``
+    (linear propagation, as for the learned laws' bands; the derivative by central
+    differences, step 1e-4 in ln lambda, error ~1e-9). Returns (value, lo, hi).
+    """
+    import dataclasses
+
+    value = params.j0_curve(c)
+    start, var = 0, 0.0
+    for name, size in blocks:
+        if name == "lambda" and params.kinetics == "ciet":
+            var = float(covariance[start, start])
+        start += size
+    if var <= 0.0:
+        return value, value.copy(), value.copy()
+    h = 1e-4
+    up = dataclasses.replace(params, lambda_=params.lambda_ * np.exp(h)).j0_curve(c)
+    down = dataclasses.replace(params, lambda_=params.lambda_ * np.exp(-h)).j0_curve(c)
+    std = np.abs(np.log(up) - np.log(down)) / (2 * h) * np.sqrt(var)
+    return value, value * np.exp(-z * std), value * np.exp(z * std)
 
 
 def read_truth(study) -> dict | None:
@@ -184,13 +237,7 @@ def write_fit_results(study, problem, result, timings: dict) -> dict | None:
         k_maps[label] = k
         np.save(out / f"k_{label}.npy", k)
     all_r = resid[np.isfinite(resid)]
-    coeffs = {
-        "mu_h": list(params.mu_h),
-        "j0": list(params.j0),
-        "k0": params.k0,
-        "kappa": params.kappa,
-        "coherency": params.coherency,
-    }
+    coeffs = coefficient_summary(params)
     summary = {
         "misfit_rms": float(np.sqrt(np.mean(all_r**2))),
         "particles": summary_particles,
@@ -215,6 +262,9 @@ def write_fit_results(study, problem, result, timings: dict) -> dict | None:
         tv = curves(_truth_parameters(truth))
         sel = (cv["c"] >= 0.1) & (cv["c"] <= 0.9)
         comp = {"mu_h_max_error_kT": float(np.max(np.abs(cv["mu_h"] - tv["mu_h"])[sel]))}
+        truth_params = _truth_parameters(truth)
+        if params.kinetics == truth_params.kinetics == "ciet":
+            comp["lambda_relative_error"] = float(params.lambda_ / truth_params.lambda_ - 1.0)
         if m_pix is not None:
             inside = video.mask > 0
             comp["ln_k_pearson"] = float(
@@ -248,7 +298,11 @@ def write_uq_results(study, problem, x, result, payload: dict | None, history: l
         return
     video = study.video
     write_json(out / "uq.json", payload)
-    bands = result.bands
+    bands = dict(result.bands)
+    if params.kinetics != "bv":  # the bands of the uq step are those of the learned ln j0
+        from femkin.uq.laplace_study import Z95
+
+        bands["j0"] = law_j0_band(params, result.blocks, result.covariance, bands["c"], Z95)
     for name in ("mu_h", "j0"):
         value, lo, hi = bands[name]
         write_csv(out / f"{name}.csv", {"c": bands["c"], name: value, "lo": lo, "hi": hi})
@@ -277,6 +331,10 @@ def write_uq_results(study, problem, x, result, payload: dict | None, history: l
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
         write_report(out, summary, names, uq=payload)
+
+
+#: Blocks whose coordinate is not the quantity itself, as the report names them.
+_COORDINATE_NAMES = {"k0": "k0 (coordinate ln k0)", "lambda": "lambda (coordinate ln lambda)"}
 
 
 # -- figures and the report ----------------------------------------------------------------------
@@ -487,7 +545,7 @@ def write_report(out: Path, summary: dict, figure_names: list[str], uq: dict | N
         lines += ["", "## Uncertainty", "", f"- Hessian rank: {uq['rank']}"]
         lines += [f"- {note}" for note in uq.get("notes", [])]
         for k, v in uq["coefficients"].items():
-            name = "k0 (coordinate ln k0)" if k == "k0" else k
+            name = _COORDINATE_NAMES.get(k, k)
             lines.append(
                 f"- {name}: mean {np.round(v['mean'], 4).tolist()}, "
                 f"std {np.round(v['std'], 4).tolist()}"

@@ -51,6 +51,8 @@ def model_parameters(model: dict) -> ModelParameters:
         kappa=float(model["kappa"]),
         coherency=float(model["coherency"]),
         alpha=float(model["alpha"]),
+        kinetics=str(model.get("kinetics", "bv")),
+        lambda_=float(model.get("lambda", 8.3)),
     )
 
 

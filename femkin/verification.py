@@ -31,7 +31,13 @@ from femkin._fem import PETSc
 NOISE = 1e-11
 
 #: Scale of the probe direction per block (the initial state must stay inside (0, 1)).
-DIRECTION_SCALE = {"initial": 0.02, "kappa": 0.002, "coherency": 0.5, "k0": 0.3}
+DIRECTION_SCALE = {
+    "initial": 0.02,
+    "kappa": 0.002,
+    "coherency": 0.5,
+    "k0": 0.3,
+    "lambda": 0.2,
+}
 
 
 #: A pair's rate must reach ``order - RATE_TOLERANCE`` to count as asymptotic.

@@ -51,6 +51,8 @@ def test_good_case_defaults_and_paths(tmp_path):
     assert case.mesh["smoothing"] == 0.5 and case.mesh["min_hole_area"] == 4.0
     assert case.model["mu_h"] == [3.2, 0.0, 0.6] and case.model["j0_prefactor"] == [0.5, 0.0]
     assert case.model["alpha"] == 0.5 and case.model["element"] == "P1"
+    assert case.model["kinetics"] == "bv" and case.model["lambda"] == 8.3
+    assert case.simulate["model"]["kinetics"] is None and case.simulate["model"]["lambda"] is None
     assert case.simulate["noise"] == 0.07 and case.simulate["seed"] == 1
     assert case.simulate["outputs"] == ["npz", "xdmf", "png"] and case.simulate["m_std"] is None
     assert case.inversion["learn"] == ["m", "k0"] and case.inversion["tao_type"] == "bnls"
@@ -61,6 +63,7 @@ def test_good_case_defaults_and_paths(tmp_path):
         "k0_std": 2.0,
         "kappa_std": 0.02,
         "coherency_std": 2.0,
+        "lambda_std": 0.5,
         "mu_e_std": 1.0,
         "initial_std": 0.1,
     }
@@ -164,6 +167,32 @@ BAD = {
         "length 4",
     ),
     "empty steps": ('[data]\nvideo="v"\n[verify]\nsteps=[]\n', "verify.steps", "non-empty"),
+    "unknown kinetics": (
+        '[data]\nvideo="v"\n[model]\nkinetics="marcus"\n',
+        "model.kinetics",
+        "one of 'bv', 'bv-constant', 'bv-lim', 'ciet'",
+    ),
+    "unknown true kinetics": (
+        '[data]\nvideo="v"\n[simulate.model]\nkinetics="BV"\n',
+        "simulate.model.kinetics",
+        "'bv-lim'",
+    ),
+    "zero lambda": ('[data]\nvideo="v"\n[model]\nlambda=0.0\n', "model.lambda", "positive"),
+    "j0 learned under a fixed law": (
+        '[data]\nvideo="v"\n[model]\nkinetics="ciet"\n[inversion]\nlearn=["j0","lambda"]\n',
+        "inversion.learn",
+        "found ['j0']",
+    ),
+    "lambda learned under bv": (
+        '[data]\nvideo="v"\n[inversion]\nlearn=["mu_h","lambda"]\n',
+        "inversion.learn",
+        "found ['lambda']",
+    ),
+    "lambda verified under bv-lim": (
+        '[data]\nvideo="v"\n[model]\nkinetics="bv-lim"\n[verify]\nblocks=["k0","lambda"]\n',
+        "verify.blocks",
+        "kinetics = 'bv-lim'",
+    ),
     "zero checkpoint": (
         '[data]\nvideo="v"\n[inversion]\ncheckpoint_every=0\n',
         "inversion.checkpoint_every",
@@ -191,3 +220,32 @@ def test_missing_case_file(tmp_path):
     with pytest.raises(CaseError, match="no such file") as info:
         load_case(tmp_path)
     assert info.value.field is None and "case.toml" in str(info.value)
+
+
+def test_kinetic_laws(tmp_path):
+    """Each law parses; lambda is learnable under ciet, and [simulate.model] picks the truth's."""
+    for law in ("bv", "bv-constant", "bv-lim", "ciet"):
+        learn = '["mu_h","k0","m","lambda"]' if law == "ciet" else '["mu_h","k0","m"]'
+        case = load_case(
+            _write(
+                tmp_path,
+                f'[data]\nvideo="v"\n[model]\nkinetics="{law}"\nlambda=6.0\n'
+                f'[inversion]\nlearn={learn}\n[simulate.model]\nkinetics="ciet"\nlambda=9.0\n',
+            )
+        )
+        assert case.model["kinetics"] == law and case.model["lambda"] == 6.0
+        default = load_case(_write(tmp_path, f'[data]\nvideo="v"\n[model]\nkinetics="{law}"\n'))
+        assert (
+            default.inversion["learn"]
+            == {
+                "bv": ["mu_h", "j0", "k0", "m"],
+                "bv-constant": ["mu_h", "k0", "m"],
+                "bv-lim": ["mu_h", "k0", "m"],
+                "ciet": ["mu_h", "lambda", "k0", "m"],
+            }[law]
+        )
+        assert case.simulate["model"] == {
+            **case.simulate["model"],
+            "kinetics": "ciet",
+            "lambda": 9.0,
+        }

@@ -34,3 +34,39 @@ def test_simulate_writes_the_requested_field_formats(tmp_path):
     bp = sim / "particle_1.bp"
     assert bp.is_dir() and sum(p.stat().st_size for p in bp.iterdir()) > 1000
     assert not (sim / "frames.png").exists()
+
+
+def test_curves_and_bands_of_each_kinetic_law():
+    """j0.csv's curve is the law's; the CIET band follows the posterior of ln lambda.
+
+    The band is linear propagation; j0(c) is monotone in lambda, so the exact 95% interval of
+    j0(c) under ln lambda ~ N(mean, s^2) is j0 at lambda exp(+-1.96 s): the two agree to
+    O(s^2) (here s = 0.01: 4.4e-4 relative, checked to 1e-3).
+    """
+    from femkin.forward import ModelParameters
+    from femkin.physics.acr import C_GRID, ln_j0
+    from femkin.report import coefficient_summary, curves, law_j0_band
+
+    bv = ModelParameters(mu_h=(3.0,), j0=(-0.4, 0.2), j0_prefactor=(0.5, 0.5))
+    np.testing.assert_array_equal(
+        curves(bv)["j0"], np.exp(ln_j0(C_GRID, bv.j0, 0.5, 0.5, np.log))
+    )  # the default law's curve is the learned ln j0, as before the laws
+    lim = ModelParameters(kinetics="bv-lim", alpha=0.5, j0=(1.0,))
+    np.testing.assert_allclose(curves(lim)["j0"], C_GRID**0.5 * (1 - C_GRID) ** 1.5, rtol=1e-13)
+    assert coefficient_summary(lim)["j0"] == [] and "lambda" not in coefficient_summary(lim)
+    value, lo, hi = law_j0_band(lim, [("k0", 1)], np.eye(1), C_GRID, 1.96)
+    assert np.array_equal(lo, value) and np.array_equal(hi, value)  # nothing learned in j0
+
+    ciet = ModelParameters(kinetics="ciet", lambda_=8.3)
+    assert coefficient_summary(ciet)["lambda"] == 8.3
+    s = 0.01
+    cov = np.diag([0.3**2, s**2, 0.2**2])  # k0, lambda, kappa: only lambda's variance counts
+    value, lo, hi = law_j0_band(ciet, [("k0", 1), ("lambda", 1), ("kappa", 1)], cov, C_GRID, 1.96)
+    ends = [
+        ModelParameters(kinetics="ciet", lambda_=8.3 * np.exp(sign * 1.96 * s)).j0_curve(C_GRID)
+        for sign in (-1, 1)
+    ]
+    exact_lo, exact_hi = np.minimum(*ends), np.maximum(*ends)
+    np.testing.assert_allclose(lo, exact_lo, rtol=1e-3)
+    np.testing.assert_allclose(hi, exact_hi, rtol=1e-3)
+    assert np.all(hi / lo > 1.05)  # the band has width

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 
 def register(subparsers) -> None:
@@ -135,6 +136,7 @@ def simulate(case_path, comm=None, *, quiet: bool = False) -> Path:
             ),
         )
         m_pix = m_pix.reshape(H, W)
+        law: dict[str, Any] = {"lambda": params.lambda_}  # a keyword in Python
         np.savez(
             out_dir / "truth.npz",
             c=c,
@@ -147,7 +149,9 @@ def simulate(case_path, comm=None, *, quiet: bool = False) -> Path:
             kappa=params.kappa,
             coherency=params.coherency,
             alpha=params.alpha,
+            kinetics=params.kinetics,
             noise=noise,
+            **law,
         )
         if "png" in outputs:
             plot_frames(noisy, c, video.t, out_dir / "frames.png")

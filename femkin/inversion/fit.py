@@ -38,6 +38,7 @@ def build_prior(problem, prior_case: dict, x0: PETSc.Vec) -> Prior:
         "k0": prior_case["k0_std"],  # of ln k0, the block's coordinate
         "kappa": prior_case["kappa_std"],
         "coherency": prior_case["coherency_std"],
+        "lambda": prior_case["lambda_std"],  # of ln lambda, the block's coordinate
     }
     priors: dict[tuple[str, int | None], GaussianScalarPrior | BiLaplacianPrior | None] = {}
     for b in space.scalar_blocks:

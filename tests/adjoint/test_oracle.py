@@ -6,10 +6,13 @@ extrapolated cbar)) is recorded on
 pyadjoint's tape. Point evaluation of pixels is not taped by dolfinx-adjoint, so the
 functional is the L2 misfit J = sum_f 1/2 int (c_f - d_f)^2 / sigma^2 dx, and femkin's adjoint
 is driven by the same functional through its ``source`` callback. Gradients with respect to
-every scalar block (mu_h, j0, ln k0, kappa, coherency) and the nodal values of m agree to 1e-8.
+every scalar block (mu_h, j0, ln k0, kappa, coherency) and the nodal values of m agree to 1e-8,
+under the default kinetic law and under CIET (with ln lambda, and without the j0 block).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -21,19 +24,26 @@ from _common import PARAMETERS, TapedProblem, initial_fields, l2_data, l2_misfit
 
 from femkin._fem import MPI, dolfinx
 from femkin.adjoint import ParticleDerivatives
+from femkin.blocks import blocks_unused_by
 from femkin.driving import Driving
 from femkin.forward import ParticleModel, SolverOptions
 
+CIET = dataclasses.replace(PARAMETERS, kinetics="ciet", j0=(), k0=4e-2, lambda_=8.3)
 
-@pytest.mark.parametrize("scheme", ["bdf2", "euler"])
-def test_gradient_matches_dolfinx_adjoint(scheme):
+
+@pytest.mark.parametrize(
+    "scheme,params",
+    [("bdf2", PARAMETERS), ("euler", PARAMETERS), ("bdf2", CIET)],
+    ids=["bdf2", "euler", "bdf2-ciet"],
+)
+def test_gradient_matches_dolfinx_adjoint(scheme, params):
     comm = MPI.COMM_WORLD
     mesh = dolfinx.mesh.create_rectangle(
         comm, [[0.0, 0.0], [0.4, 0.4]], [8, 8], dolfinx.mesh.CellType.triangle
     )
     solver = SolverOptions(newton_rtol=1e-13, newton_atol=1e-14, scheme=scheme)
     model = ParticleModel(
-        mesh, PARAMETERS, solver=solver, quadrature_degree=4, options_prefix="oracle_forward_"
+        mesh, params, solver=solver, quadrature_degree=4, options_prefix="oracle_forward_"
     )
     c0, m = initial_fields(model.V)
     model.set_m(m)
@@ -48,8 +58,14 @@ def test_gradient_matches_dolfinx_adjoint(scheme):
     taped = TapedProblem(model, traj, data, driving)
     assert abs(float(taped.J) - J) <= 1e-10 * abs(J)  # the same forward trajectory
     scalars, g_m = taped.gradient()
-    for name, ours in sens.scalars.items():
-        ref = scalars[name]
+    # the blocks outside the law are not taped; their femkin sensitivity is exactly zero
+    unused = set(sens.scalars) - set(scalars)
+    assert unused <= set(blocks_unused_by(params.kinetics, sens.scalars)), unused
+    assert ("lambda" in scalars) == (params.kinetics == "ciet")
+    for name in unused:
+        assert not np.any(sens.scalars[name]), name
+    for name, ref in scalars.items():
+        ours = sens.scalars[name]
         assert ref.shape == ours.shape, name
         scale = np.max(np.abs(ref))
         assert scale > 0.0, name  # every block has a nonzero gradient here

@@ -34,20 +34,23 @@ SIGMA = 0.05
 FRAMES = np.linspace(0.0, 240.0, 5)
 KNOTS = Driving(FRAMES, 0.3 + 0.4 * np.arange(5))
 SCALARS = ("mu_h", "j0", "k0", "kappa", "coherency")
+#: Every global block (``lambda`` only enters the CIET law, see test_taylor_kinetics.py).
+ALL_SCALARS = SCALARS + ("lambda",)
 BLOCKS = SCALARS + ("m", "mu_e", "initial")
 
 
 class Problem:
     """Model, data and derivative machinery of the misfit on one communicator."""
 
-    def __init__(self, comm, scheme: str = "bdf2"):
+    def __init__(self, comm, scheme: str = "bdf2", params: ModelParameters = PARAMS):
         self.comm = comm
         self.scheme = scheme
+        self.params = params
         mesh = dolfinx.mesh.create_rectangle(
             comm, [[0.0, 0.0], [0.6, 0.6]], [8, 8], dolfinx.mesh.CellType.triangle
         )
         self.model = ParticleModel(
-            mesh, PARAMS, solver=SolverOptions(scheme=scheme), options_prefix="femkin_test_taylor_"
+            mesh, params, solver=SolverOptions(scheme=scheme), options_prefix="femkin_test_taylor_"
         )
         self.der = ParticleDerivatives(self.model)
         self.obs = build_observation(self.model.W.sub(0), np.ones((12, 12), dtype=int), 1, 0.05)
@@ -74,13 +77,13 @@ class Problem:
         self.grad, self.lambdas = self.der.adjoint(self.traj, self.source, store=True)
 
     def base(self) -> dict:
-        theta = dict(PARAMS.block_values())
+        theta = dict(self.params.block_values())
         theta.update(m=self.m.copy(), mu_e=KNOTS.values.copy(), initial=self.c0.copy())
         return theta
 
     def misfit(self, theta: dict):
         model = self.model
-        model.set_parameters(PARAMS.with_blocks({k: theta[k] for k in SCALARS}))
+        model.set_parameters(self.params.with_blocks({k: theta[k] for k in ALL_SCALARS}))
         model.set_m(theta["m"])
         traj = model.solve(
             FRAMES, Driving(FRAMES, theta["mu_e"]), theta["initial"], schedule=self.schedule
@@ -93,7 +96,7 @@ class Problem:
 
     def direction(self, d: dict) -> Direction:
         return Direction(
-            {k: d[k] for k in SCALARS if k in d},
+            {k: d[k] for k in ALL_SCALARS if k in d},
             m=d.get("m"),
             mu_e=KNOTS.step_values(self.traj.times, d["mu_e"]) if "mu_e" in d else None,
             c0=d.get("initial"),
@@ -101,7 +104,7 @@ class Problem:
 
     def pair(self, sens, d: dict) -> float:
         """<sensitivities, direction> with mu_e chained to the knots."""
-        total = sum(float(np.dot(sens.scalars[k], d[k])) for k in SCALARS if k in d)
+        total = sum(float(np.dot(sens.scalars[k], d[k])) for k in ALL_SCALARS if k in d)
         if "mu_e" in d:
             knot_grad = KNOTS.knot_gradient(self.traj.times, sens.mu_e)
             total += float(np.dot(knot_grad, d["mu_e"]))
@@ -113,7 +116,7 @@ class Problem:
         return total + self.comm.allreduce(local, op=MPI.SUM)
 
     def hessian(self, d: dict, gauss_newton: bool = False):
-        self.model.set_parameters(PARAMS)  # a Taylor evaluation may have left others set
+        self.model.set_parameters(self.params)  # a Taylor evaluation may have left others set
         self.model.set_m(self.m)
         direction = self.direction(d)
         tangents = self.der.tangent(self.traj, direction)
@@ -132,13 +135,14 @@ def _direction(problem: Problem, blocks, seed: float = 0.0) -> dict:
         "k0": np.array([0.3]),
         "kappa": np.array([0.004]),
         "coherency": np.array([0.3]),
+        "lambda": np.array([0.25]),
         "m": 0.5 * np.sin(3 * x + seed) * np.cos(2 * y),
         "mu_e": 0.3 * np.cos(np.arange(KNOTS.values.size) + seed),
         "initial": 0.05 * np.cos(5 * x - seed) * np.sin(3 * y + 1.0),
     }
     out = {k: full[k] for k in blocks}
     if seed:
-        for k in SCALARS:
+        for k in ALL_SCALARS:
             if k in out:
                 out[k] = out[k] * np.cos(seed + np.arange(out[k].size))
     return out
