@@ -166,7 +166,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "storage": Key("str", "memory", _one_of("memory", "disk"), "where step states are kept"),
         "jacobian": Key(
             "str",
-            "exact",
+            "lagged",
             _one_of("exact", "lagged"),
             "forward Newton: exact (J factorised every iteration) or lagged (a factorised J "
             "reused across iterations and steps while it converges; same tolerances; bdf2 only)",

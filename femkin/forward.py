@@ -17,10 +17,10 @@ Two schemes (``[solver] scheme``):
 - ``"euler"``: backward Euler with the step chosen so that c changes by about ``dc_max`` per
   step (first order; the scheme of femkin <= 0.x, kept for comparison).
 
-Each step's nonlinear system is solved by the SNES with exact Newton (``[solver] jacobian =
-"exact"``, the default) or with a lagged Jacobian (``"lagged"``, BDF2: a factorised J is
-reused across iterations and steps while it contracts the residual; see
-:meth:`ParticleModel.newton_step`). Either way the solve stops on the same residual
+Each step's nonlinear system is solved by the SNES with a lagged Jacobian (``[solver]
+jacobian = "lagged"``, the default; BDF2 only: a factorised J is reused across iterations and
+steps while it contracts the residual, see :meth:`ParticleModel.newton_step`) or with exact
+Newton (``"exact"``, and always for backward Euler). Either way the solve stops on the same residual
 tolerances, and the derivative solves of :mod:`femkin.adjoint` assemble and factorise the
 exact J at the converged states.
 """
@@ -139,7 +139,7 @@ class SolverOptions:
     scheme: str = "bdf2"
     time_tol: float = 5e-4
     storage: str = "memory"
-    jacobian: str = "exact"
+    jacobian: str = "lagged"
     factor_cache_mb: float = 1024.0
     petsc_options: dict = dataclasses.field(default_factory=dict)
 
