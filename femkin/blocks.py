@@ -16,7 +16,10 @@ parameter vector, checkpoints, ``summary.json`` and ``uq.json``. Each name is a 
   ln lambda); ``summary.json`` and ``[model] lambda`` give lambda itself (kT);
 - ``m``: the log-rate field ln(k / k0) of each particle (P1);
 - ``initial``: the initial c of each particle (P1);
-- ``mu_e``: the knots of mu_e(t) of each particle (kT), when ``[driving] mode = "fitted"``.
+- ``mu_e``: the knots of mu_e(t) of each particle (kT), when ``[driving] mode = "fitted"``;
+- ``psf_fwhm``: the FWHM of the instrument's Gaussian point-spread function (um), shared by
+  all particles of the video. **Its coordinate is ln psf_fwhm** (like k0); it enters only the
+  observation (:func:`femkin.observation.blurred_observation`), not the model.
 
 The order of :data:`BLOCKS` is the order of the blocks in the parameter vector.
 
@@ -33,8 +36,10 @@ GLOBAL_BLOCKS = ("mu_h", "j0", "k0", "kappa", "coherency", "lambda")
 PARTICLE_FIELD_BLOCKS = ("m", "initial")
 #: Scalar vectors of each particle.
 PARTICLE_SCALAR_BLOCKS = ("mu_e",)
+#: Scalars of the observation shared by all particles (stored on rank 0).
+OBSERVATION_BLOCKS = ("psf_fwhm",)
 #: Every block, in parameter-vector order.
-BLOCKS = GLOBAL_BLOCKS + PARTICLE_FIELD_BLOCKS + PARTICLE_SCALAR_BLOCKS
+BLOCKS = GLOBAL_BLOCKS + OBSERVATION_BLOCKS + PARTICLE_FIELD_BLOCKS + PARTICLE_SCALAR_BLOCKS
 
 #: The kinetic laws (``[model] kinetics``, :mod:`femkin.physics.acr`); the first is the default.
 KINETICS = ("bv", "bv-constant", "bv-lim", "ciet")

@@ -108,6 +108,14 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "video": Key("str", REQUIRED, None, "the video file (.npz, .h5, TIFF folder)"),
         "truth": Key("str?", None, None, "a truth file (simulated data) for comparisons"),
         "sigma": Key("float?", None, POSITIVE, "noise std of c; overrides the video's sigma"),
+        "psf_fwhm": Key(
+            "float?",
+            None,
+            POSITIVE,
+            "FWHM of the instrument's Gaussian point-spread function, um: a pixel is the model "
+            "averaged over its footprint convolved with the PSF (default: the value at the "
+            "pixel centre)",
+        ),
     },
     "mesh": {
         "size": Key("float", 1.0, POSITIVE, "target element size, pixels"),
@@ -185,6 +193,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "noise": Key("float", 0.0, NON_NEGATIVE, "std of Gaussian noise added to c"),
         "seed": Key("int", 0, NON_NEGATIVE, "noise and random-field seed"),
         "mesh_size": Key("float?", None, POSITIVE, "data-generation element size, pixels"),
+        "psf_fwhm": Key(
+            "float?", None, POSITIVE, "PSF FWHM of the simulated data, um (default: [data])"
+        ),
         "m_std": Key("float?", None, NON_NEGATIVE, "std of a random smooth m (no k_map)"),
         "m_length": Key("float?", None, POSITIVE, "correlation length of that m, um"),
         "m_field": Key(
@@ -273,6 +284,12 @@ SCHEMA: dict[str, dict[str, Any]] = {
                 0.5,
                 POSITIVE,
                 "prior std of the lambda block, whose coordinate is ln lambda (0.5: a factor 1.65)",
+            ),
+            "psf_fwhm_std": Key(
+                "float",
+                0.5,
+                POSITIVE,
+                "prior std of ln psf_fwhm around ln [data] psf_fwhm (0.5: a factor e^0.5)",
             ),
             "mu_e_std": Key("float", 1.0, POSITIVE, "prior std of mu_e knots, kT"),
             "initial_std": Key("float", 0.1, POSITIVE, "prior std of the initial state"),
@@ -412,6 +429,7 @@ def parse_sections(raw: dict[str, Any], file: str | os.PathLike) -> dict[str, An
         out[name] = _parse_table(raw.get(name, {}), schema, file, name)
     _check_driving(out["driving"], file)
     _check_kinetics(out, "learn" in raw.get("inversion", {}), file)
+    _check_psf(out, file)
     return out
 
 
@@ -509,6 +527,20 @@ def _toml_type(value: Any) -> str:
     if isinstance(value, dict):
         return "a table"
     return names.get(type(value), type(value).__name__) + f" ({value!r})"
+
+
+def _check_psf(sections: dict[str, Any], file) -> None:
+    for where, blocks in (
+        ("inversion.learn", sections["inversion"]["learn"]),
+        ("verify.blocks", sections["verify"]["blocks"] or []),
+    ):
+        if "psf_fwhm" in blocks and sections["data"]["psf_fwhm"] is None:
+            raise CaseError(
+                file,
+                where,
+                "[data] psf_fwhm (the starting PSF width and prior mean) with 'psf_fwhm'",
+                "no [data] psf_fwhm",
+            )
 
 
 def _check_driving(driving: dict[str, Any], file) -> None:

@@ -111,7 +111,7 @@ class PixelMisfit:
             f = frames.get(n)
             if f is not None:
                 r = self.obs.apply(traj.state(n)) - self.data[f]
-                out += self.obs.matrix.T @ (self.weight[f] * r)
+                self.obs.apply_transpose(self.weight[f] * r, out)
 
         return source
 
@@ -122,6 +122,84 @@ class PixelMisfit:
         def source(n: int, out: np.ndarray) -> None:
             f = frames.get(n)
             if f is not None:
-                out += self.obs.matrix.T @ (self.weight[f] * self.obs.apply(tangents[n]))
+                self.obs.apply_transpose(self.weight[f] * self.obs.apply(tangents[n]), out)
 
         return source
+
+    # -- a learned observation parameter s (the PSF width): B = B(s) -----------------------------
+    # With dB = dB/ds and ddB = d^2B/ds^2 (:func:`femkin.observation.blurred_observation`), the
+    # misfit's derivatives in s and their directional derivatives in (du, ds) follow; the state
+    # does not depend on s, so no forward or adjoint solve is needed for them.
+
+    def observation_gradient(self, traj, dobs: Observation) -> float:
+        """This rank's part of dJ/ds: ``sum_f (w r_f) . (dB u_n)``."""
+        total = 0.0
+        for n, f in self.frames(traj).items():
+            u = traj.state(n)
+            r = self.obs.apply(u) - self.data[f]
+            total += float(np.sum(self.weight[f] * r * dobs.apply(u)))
+        return total
+
+    def tangent_source(
+        self,
+        traj,
+        tangents: Sequence[np.ndarray] | None,
+        ds: float,
+        dobs: Observation,
+        *,
+        second_order: bool,
+    ) -> Source:
+        """The derivative of the adjoint source in a direction (du, ds).
+
+        Adds ``B^T w (B du_n + ds dB u_n)`` (Gauss-Newton), and ``ds dB^T w r_n`` with
+        ``second_order`` (full Hessian). ``tangents`` None: du = 0.
+        """
+        frames = self.frames(traj)
+
+        def source(n: int, out: np.ndarray) -> None:
+            f = frames.get(n)
+            if f is None:
+                return
+            u = traj.state(n)
+            jv = ds * dobs.apply(u)
+            if tangents is not None:
+                jv = jv + self.obs.apply(tangents[n])
+            self.obs.apply_transpose(self.weight[f] * jv, out)
+            if second_order and ds != 0.0:
+                r = self.obs.apply(u) - self.data[f]
+                dobs.apply_transpose(ds * self.weight[f] * r, out)
+
+        return source
+
+    def observation_hessian(
+        self,
+        traj,
+        tangents: Sequence[np.ndarray] | None,
+        ds: float,
+        dobs: Observation,
+        ddobs: Observation | None,
+        *,
+        second_order: bool,
+    ) -> float:
+        """This rank's part of the s-row of the Hessian action in a direction (du, ds).
+
+        ``sum_f (B du_n + ds dB u_n) . w (dB u_n)`` (Gauss-Newton), plus
+        ``r_n . w (dB du_n + ds ddB u_n)`` with ``second_order``.
+        """
+        total = 0.0
+        for n, f in self.frames(traj).items():
+            u = traj.state(n)
+            du_obs = dobs.apply(u)
+            jv = ds * du_obs
+            if tangents is not None:
+                jv = jv + self.obs.apply(tangents[n])
+            total += float(np.sum(jv * self.weight[f] * du_obs))
+            if second_order:
+                if ddobs is None:
+                    raise ValueError("the full Hessian needs d^2B/ds^2 (ddobs)")
+                r = self.obs.apply(u) - self.data[f]
+                curv = ds * ddobs.apply(u)
+                if tangents is not None:
+                    curv = curv + dobs.apply(tangents[n])
+                total += float(np.sum(r * self.weight[f] * curv))
+        return total

@@ -20,13 +20,19 @@ import numpy as np
 
 from femkin._fem import MPI, PETSc, dolfinx
 from femkin.adjoint import Direction, ParticleDerivatives, Sensitivities
-from femkin.blocks import BLOCKS, GLOBAL_BLOCKS, PARTICLE_FIELD_BLOCKS, blocks_unused_by
+from femkin.blocks import (
+    BLOCKS,
+    GLOBAL_BLOCKS,
+    OBSERVATION_BLOCKS,
+    PARTICLE_FIELD_BLOCKS,
+    blocks_unused_by,
+)
 from femkin.driving import Driving
 from femkin.errors import ConvergenceError, InputError
 from femkin.forward import ModelParameters, ParticleModel, SolverOptions, Trajectory
 from femkin.io.video import Video
 from femkin.misfit import PixelMisfit
-from femkin.observation import Observation, build_observation
+from femkin.observation import Observation, blurred_observation, build_observation
 from femkin.parallel import Distribution
 from femkin.parameters import FieldBlock, ParameterSpace, ParticleScalarBlock, ScalarBlock
 from femkin.projection import initial_state
@@ -50,12 +56,20 @@ class Particle:
         initial_smoothing: float,
         *,
         include_first: bool = False,
+        psf_fwhm: float | None = None,
+        learn_psf: bool = False,
     ):
         self.label = label
         self.model = ParticleModel(mesh, parameters, solver=solver)
         self.derivs = ParticleDerivatives(self.model)
         ps = video.pixel_size
-        self.obs: Observation = build_observation(self.model.W.sub(0), video.mask, label, ps)
+        self._mask, self._pixel_size = video.mask, ps
+        self.learn_psf = learn_psf
+        #: dB/ds and d^2B/ds^2 in the PSF block's coordinate s = ln psf_fwhm (when learned).
+        self.dobs: Observation | None = None
+        self.ddobs: Observation | None = None
+        self.obs: Observation = self._observation(psf_fwhm)
+        # Parameter fields (m, the initial state) are shown on the pixels, not observed.
         self.obs_V: Observation = build_observation(self.model.V, video.mask, label, ps)
         self.misfit = PixelMisfit.from_video(self.obs, video.c, sigma, include_first=include_first)
         self.n_observed = self.model.comm.allreduce(int(self.misfit.observed[1:].sum()), op=MPI.SUM)
@@ -65,6 +79,27 @@ class Particle:
         self._trajectory: Trajectory | None = None
         self.lambdas: list | None = None
         self.schedule: list[float] | None = None
+
+    def _observation(self, psf_fwhm: float | None) -> Observation:
+        W0, mask, label, ps = self.model.W.sub(0), self._mask, self.label, self._pixel_size
+        if not self.learn_psf or psf_fwhm is None:
+            return build_observation(W0, mask, label, ps, psf_fwhm=psf_fwhm)
+        obs, d1, d2 = blurred_observation(W0, mask, label, ps, psf_fwhm, derivatives=2)
+        f = psf_fwhm  # d/ds = f d/df, d^2/ds^2 = f d/df + f^2 d^2/df^2
+        self.dobs = d1._replace(matrix=(f * d1.matrix).tocsr())
+        self.ddobs = d2._replace(matrix=(f * d1.matrix + f * f * d2.matrix).tocsr())
+        return obs
+
+    def psf_derivatives(self) -> tuple[Observation, Observation]:
+        """dB/ds and d^2B/ds^2, s = ln psf_fwhm (the PSF width must be learned)."""
+        if self.dobs is None or self.ddobs is None:
+            raise RuntimeError(f"particle {self.label}: the PSF width is not learned")
+        return self.dobs, self.ddobs
+
+    def set_psf(self, psf_fwhm: float) -> None:
+        """Observe with another PSF width (um; collective on the particle's communicator)."""
+        self.obs = self._observation(psf_fwhm)
+        self.misfit.obs = self.obs  # same pixels, same owners: the data stay as they are
 
     @property
     def trajectory(self) -> Trajectory:
@@ -94,6 +129,8 @@ class InverseProblem:
         driving: ``{label: Driving}`` initial mu_e(t) per particle, knots at the frame times
             when "mu_e" is learned.
         initial_smoothing: smoothing length (um) of the first-frame projection.
+        psf_fwhm: FWHM (um) of the instrument's PSF: blurred pixels
+            (:func:`~femkin.observation.blurred_observation`); None: point sampling.
     """
 
     #: Memory (MiB per particle) for the tangent states of one batch of Hessian actions.
@@ -111,6 +148,8 @@ class InverseProblem:
         sigma,
         driving: dict[int, Driving],
         initial_smoothing: float = 0.05,
+        *,
+        psf_fwhm: float | None = None,
     ):
         unknown = [b for b in learn if b not in BLOCKS]
         if unknown:
@@ -123,6 +162,13 @@ class InverseProblem:
                 f"blocks that kinetics {parameters.kinetics!r} contains",
                 unused,
             )
+        if "psf_fwhm" in learn and psf_fwhm is None:
+            raise InputError(
+                "<inverse problem>",
+                "psf_fwhm",
+                "a starting PSF FWHM ([data] psf_fwhm) when 'psf_fwhm' is learned",
+                None,
+            )
         self.comm = comm
         self.video = video
         self.labels = [int(lb) for lb in video.labels]
@@ -131,6 +177,9 @@ class InverseProblem:
         self.learn = tuple(b for b in BLOCKS if b in learn)
         self.include_first = "initial" in self.learn
         self.driving = driving
+        self.psf_fwhm = psf_fwhm  # the current PSF width (um), None: point sampling
+        self.psf_fwhm_start = float(psf_fwhm) if psf_fwhm is not None else float("nan")
+        self.learn_psf = "psf_fwhm" in self.learn
         self.particles: dict[int, Particle] = {}
         for i in distribution.mine:
             label = self.labels[i]
@@ -143,6 +192,8 @@ class InverseProblem:
                 sigma,
                 initial_smoothing,
                 include_first=self.include_first,
+                psf_fwhm=psf_fwhm,
+                learn_psf=self.learn_psf,
             )
             # Only the learned blocks' sensitivities are assembled at every step.
             self.particles[label].derivs.active = {
@@ -150,6 +201,7 @@ class InverseProblem:
             }
         sizes = parameters.block_values()
         scalar_blocks = [ScalarBlock(b, len(sizes[b])) for b in GLOBAL_BLOCKS if b in self.learn]
+        scalar_blocks += [ScalarBlock(b, 1) for b in OBSERVATION_BLOCKS if b in self.learn]
         field_blocks = []
         for name in PARTICLE_FIELD_BLOCKS:
             if name in self.learn:
@@ -180,6 +232,8 @@ class InverseProblem:
         for b in GLOBAL_BLOCKS:
             if b in self.learn:
                 self.space.set_scalars(x, b, values[b])
+        if self.learn_psf:
+            self.space.set_scalars(x, "psf_fwhm", [np.log(self.psf_fwhm_start)])
         for label, p in self.particles.items():
             if "initial" in self.learn:
                 self.space.field_view(x, "initial", label)[:] = p.c0_data[
@@ -194,8 +248,20 @@ class InverseProblem:
         values = {b: self.space.get_scalars(x, b) for b in GLOBAL_BLOCKS if b in self.learn}
         return self.parameters.with_blocks(values)
 
+    def psf_at(self, x: PETSc.Vec) -> float | None:
+        """The PSF FWHM (um) at x, learned (the block holds its log) or fixed (collective)."""
+        if not self.learn_psf:
+            return self.psf_fwhm
+        return float(np.exp(np.clip(self.space.get_scalars(x, "psf_fwhm")[0], -700.0, 700.0)))
+
     def _apply(self, x: PETSc.Vec) -> None:
         params = self.parameters_at(x)
+        fwhm = self.psf_at(x)
+        if self.learn_psf and fwhm is not None:
+            if fwhm != self.psf_fwhm:
+                for p in self.particles.values():
+                    p.set_psf(fwhm)
+                self.psf_fwhm = fwhm
         knots = {}
         if "mu_e" in self.learn:
             for label in self.labels:
@@ -259,6 +325,11 @@ class InverseProblem:
                 p.trajectory, p.misfit.source(p.trajectory), store=True
             )
         self._pack(sens, g)
+        if self.learn_psf:
+            local = 0.0
+            for p in self.particles.values():
+                local += p.misfit.observation_gradient(p.trajectory, p.psf_derivatives()[0])
+            self.space.set_scalars(g, "psf_fwhm", [self.comm.allreduce(local, op=MPI.SUM)])
         self.counters["gradient"] += 1
         return value
 
@@ -304,9 +375,24 @@ class InverseProblem:
         if any(p.trajectory is None for p in self.particles.values()):
             raise RuntimeError("hessian_mult needs a gradient evaluation first")
         directions = [self._direction(v) for v in vs]
+        # the PSF block: its direction, and this rank's part of its row of each action
+        ds = [self.space.get_scalars(v, "psf_fwhm")[0] if self.learn_psf else 0.0 for v in vs]
+        psf_rows = np.zeros(len(vs))
         sens: list[dict] = [{} for _ in vs]
         for label, p in self.particles.items():
             dirs = [d[label] for d in directions]
+
+            def source(k, tang, *, second_order, p=p):
+                if not self.learn_psf:
+                    return p.misfit.gauss_newton_source(p.trajectory, tang)
+                dobs, ddobs = p.psf_derivatives()
+                psf_rows[k] += p.misfit.observation_hessian(
+                    p.trajectory, tang, ds[k], dobs, ddobs, second_order=second_order
+                )
+                return p.misfit.tangent_source(
+                    p.trajectory, tang, ds[k], dobs, second_order=second_order
+                )
+
             if gauss_newton:
                 # The tangent states of a batch are held in memory: at most BATCH_MB of them.
                 state_bytes = 8.0 * len(p.model.u.x.array) * (p.trajectory.n_steps + 1)
@@ -316,7 +402,8 @@ class InverseProblem:
                     chunk = dirs[first : first + size]
                     tangs = p.derivs.tangent_many(p.trajectory, chunk)
                     results = p.derivs.adjoint_many(
-                        p.trajectory, [p.misfit.gauss_newton_source(p.trajectory, t) for t in tangs]
+                        p.trajectory,
+                        [source(first + i, t, second_order=False) for i, t in enumerate(tangs)],
                     )
                     for k, (s_k, _) in enumerate(results, start=first):
                         sens[k][label] = s_k
@@ -330,10 +417,13 @@ class InverseProblem:
                         d,
                         p.lambdas,
                         tang,
-                        p.misfit.gauss_newton_source(p.trajectory, tang),
+                        source(k, tang, second_order=True),
                     )
-        for sens_k, out in zip(sens, outs, strict=True):
+        for k, (sens_k, out) in enumerate(zip(sens, outs, strict=True)):
             self._pack(sens_k, out)
+            if self.learn_psf:
+                row = self.comm.allreduce(float(psf_rows[k]), op=MPI.SUM)
+                self.space.set_scalars(out, "psf_fwhm", [row])
         self.counters["hessian"] += len(vs)
 
     def _pack(self, sens: dict[int, Sensitivities], g: PETSc.Vec) -> None:

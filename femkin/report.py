@@ -215,6 +215,7 @@ def write_fit_results(study, problem, result, timings: dict) -> dict | None:
     out = _results_dir(study, comm)
     fitted = problem.fitted_video()
     params = problem.parameters_at(result.x)
+    psf_fwhm = problem.psf_at(result.x)
     m_pix = problem.field_on_pixels("m", result.x) if "m" in problem.learn else None
     field_files = write_particle_fields(problem, result.x, out)
     if comm.rank != 0:
@@ -238,6 +239,8 @@ def write_fit_results(study, problem, result, timings: dict) -> dict | None:
         np.save(out / f"k_{label}.npy", k)
     all_r = resid[np.isfinite(resid)]
     coeffs = coefficient_summary(params)
+    if psf_fwhm is not None:
+        coeffs["psf_fwhm"] = psf_fwhm  # um; learned when "psf_fwhm" is in learn
     summary = {
         "misfit_rms": float(np.sqrt(np.mean(all_r**2))),
         "particles": summary_particles,
@@ -261,7 +264,9 @@ def write_fit_results(study, problem, result, timings: dict) -> dict | None:
     if truth is not None:
         tv = curves(_truth_parameters(truth))
         sel = (cv["c"] >= 0.1) & (cv["c"] <= 0.9)
-        comp = {"mu_h_max_error_kT": float(np.max(np.abs(cv["mu_h"] - tv["mu_h"])[sel]))}
+        comp: dict[str, float] = {
+            "mu_h_max_error_kT": float(np.max(np.abs(cv["mu_h"] - tv["mu_h"])[sel]))
+        }
         truth_params = _truth_parameters(truth)
         if params.kinetics == truth_params.kinetics == "ciet":
             comp["lambda_relative_error"] = float(params.lambda_ / truth_params.lambda_ - 1.0)
@@ -271,6 +276,10 @@ def write_fit_results(study, problem, result, timings: dict) -> dict | None:
                 np.corrcoef(np.log(params.k0) + m_pix[inside], np.log(truth["k"][inside]))[0, 1]
             )
         comp["noise"] = float(truth.get("noise", np.nan))
+        true_psf = float(truth.get("psf_fwhm", np.nan))  # NaN: point-sampled data
+        if np.isfinite(true_psf) or psf_fwhm is not None:
+            comp["psf_fwhm_true_um"] = true_psf  # NaN where one side is point sampling
+            comp["psf_fwhm_fitted_um"] = np.nan if psf_fwhm is None else psf_fwhm
         summary["truth_comparison"] = comp
     np.savez(out / "fitted.npz", c=fitted, t=video.t)
     write_csv(out / "mu_h.csv", {"c": cv["c"], "mu_h": cv["mu_h"]})
@@ -334,7 +343,11 @@ def write_uq_results(study, problem, x, result, payload: dict | None, history: l
 
 
 #: Blocks whose coordinate is not the quantity itself, as the report names them.
-_COORDINATE_NAMES = {"k0": "k0 (coordinate ln k0)", "lambda": "lambda (coordinate ln lambda)"}
+_COORDINATE_NAMES = {
+    "k0": "k0 (coordinate ln k0)",
+    "lambda": "lambda (coordinate ln lambda)",
+    "psf_fwhm": "psf_fwhm (coordinate ln psf_fwhm)",
+}
 
 
 # -- figures and the report ----------------------------------------------------------------------

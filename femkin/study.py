@@ -374,6 +374,7 @@ def build_problem(
         sigma,
         driving,
         initial_smoothing=case.model["initial_smoothing"],
+        psf_fwhm=case.data["psf_fwhm"],
     )
     _warn_resolution(problem, comm)
     return problem

@@ -128,7 +128,15 @@ class ParticleTwin(NamedTuple):
 
 
 def simulate_particle(
-    model, video, label: int, driving, truth: TrueField, *, smoothing: float, on_frame=None
+    model,
+    video,
+    label: int,
+    driving,
+    truth: TrueField,
+    *,
+    smoothing: float,
+    on_frame=None,
+    psf_fwhm: float | None = None,
 ) -> ParticleTwin:
     """Run one particle from the video's first frame with the true m; observe it on the pixels.
 
@@ -140,12 +148,13 @@ def simulate_particle(
         truth: how the true m is made.
         smoothing: the first-frame smoothing length (um), as in the inversion.
         on_frame: called after every frame (progress).
+        psf_fwhm: FWHM (um) of the PSF that blurs the pixels; None: point sampling.
     """
     ps = video.pixel_size
     model.set_m(true_m(model.V, truth, model.parameters.k0, video.mask, label, ps))
     c0 = initial_state(model.V, video.c[0], video.mask == label, ps, smoothing)
     traj = model.solve(video.t, driving, c0, on_frame=on_frame)
-    obs = build_observation(model.W.sub(0), video.mask, label, ps)
+    obs = build_observation(model.W.sub(0), video.mask, label, ps, psf_fwhm=psf_fwhm)
     obs_V = build_observation(model.V, video.mask, label, ps)
     clean = np.stack([obs.apply(traj.state(n)) for n in traj.frame_steps])
     return ParticleTwin(traj, obs.pixels, clean, obs_V.pixels, obs_V.apply(model.m.x.array))

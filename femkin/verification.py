@@ -37,6 +37,7 @@ DIRECTION_SCALE = {
     "coherency": 0.5,
     "k0": 0.3,
     "lambda": 0.2,
+    "psf_fwhm": 0.3,
 }
 
 

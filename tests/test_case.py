@@ -64,6 +64,7 @@ def test_good_case_defaults_and_paths(tmp_path):
         "kappa_std": 0.02,
         "coherency_std": 2.0,
         "lambda_std": 0.5,
+        "psf_fwhm_std": 0.5,
         "mu_e_std": 1.0,
         "initial_std": 0.1,
     }
@@ -165,6 +166,11 @@ BAD = {
         '[data]\nvideo="v"\n[prepare]\ni0_region=[0,1,2]\n',
         "prepare.i0_region",
         "length 4",
+    ),
+    "learned psf without a width": (
+        '[data]\nvideo="v"\n[inversion]\nlearn=["m", "psf_fwhm"]\n',
+        "inversion.learn",
+        "[data] psf_fwhm",
     ),
     "empty steps": ('[data]\nvideo="v"\n[verify]\nsteps=[]\n', "verify.steps", "non-empty"),
     "unknown kinetics": (

@@ -2,7 +2,9 @@
 
 Reads the mask, ``t``, ``pixel_size``, ``mu_e`` and the first frame from the case's video,
 simulates every particle (on the ``[simulate] mesh_size`` mesh, finer than the fitting mesh
-for an honest twin experiment) with k(x) from ``k_map`` or a random smooth field, and writes
+for an honest twin experiment) with k(x) from ``k_map`` or a random smooth field, observes it
+on the pixels (blurred by the PSF of ``[simulate] psf_fwhm``, else ``[data] psf_fwhm``, when
+one is given; point values otherwise), and writes
 ``CASE/simulated/video.npz`` (noisy ``c``, NaN outside particles, ``sigma`` = noise),
 ``CASE/simulated/truth.npz`` (noise-free ``c``, ``k`` and ``m`` on pixels, the parameters), an
 XDMF (or VTX) time series of c and mu per particle for ParaView, and PNG frames
@@ -70,6 +72,7 @@ def simulate(case_path, comm=None, *, quiet: bool = False) -> Path:
         sim.get("seed", 0),
     )
     dist, meshes = build_meshes(comm, study, labels, size=sim.get("mesh_size"), quiet=quiet)
+    psf_fwhm = sim.get("psf_fwhm") or case.data["psf_fwhm"]
     solver = solver_options(case.solver)
     outputs = sim.get("outputs", ["npz", "xdmf", "png"])
     T, H, W = video.c.shape
@@ -96,6 +99,7 @@ def simulate(case_path, comm=None, *, quiet: bool = False) -> Path:
             true_field,
             smoothing=case.model["initial_smoothing"],
             on_frame=lambda _: bar.update(),
+            psf_fwhm=psf_fwhm,
         )
         local.append((twin.pixels, twin.clean, twin.m_pixels, twin.m))
         for fmt, suffix in (("xdmf", "xdmf"), ("vtx", "bp")):
@@ -152,6 +156,7 @@ def simulate(case_path, comm=None, *, quiet: bool = False) -> Path:
             kinetics=params.kinetics,
             noise=noise,
             **law,
+            psf_fwhm=np.nan if psf_fwhm is None else psf_fwhm,  # NaN: point sampling
         )
         if "png" in outputs:
             plot_frames(noisy, c, video.t, out_dir / "frames.png")

@@ -81,6 +81,8 @@ def fingerprint(case, video) -> dict[str, str]:
     for name, (section, key) in _PROBLEM_KEYS.items():
         table = getattr(case, section)
         parts[name] = _digest(table if key is None else table.get(key))
+    if case.data.get("psf_fwhm") is not None:  # absent: the fingerprints of older runs hold
+        parts["[data] psf_fwhm"] = _digest(case.data["psf_fwhm"])
     return parts
 
 

@@ -39,6 +39,7 @@ def build_prior(problem, prior_case: dict, x0: PETSc.Vec) -> Prior:
         "kappa": prior_case["kappa_std"],
         "coherency": prior_case["coherency_std"],
         "lambda": prior_case["lambda_std"],  # of ln lambda, the block's coordinate
+        "psf_fwhm": prior_case["psf_fwhm_std"],  # of ln psf_fwhm, the block's coordinate
     }
     priors: dict[tuple[str, int | None], GaussianScalarPrior | BiLaplacianPrior | None] = {}
     for b in space.scalar_blocks:

@@ -303,37 +303,38 @@ def summarise(chains: dict[int, dict], names: list[str], burn: float, laplace: d
     }
 
 
-def sample_bands(
-    draws: np.ndarray, blocks, map_values: dict, j0_prefactor, c: np.ndarray
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def sample_bands(draws: np.ndarray, blocks, params, c: np.ndarray) -> dict[str, tuple]:
     """95% bands (2.5 and 97.5 percentiles) of mu_h(c) and j0(c) over the samples.
+
+    Each draw's curves are those of the case's kinetic law
+    (:meth:`femkin.forward.ModelParameters.j0_curve`): the learned ln j0 of ``"bv"``, a fixed
+    law's curve (no spread), or CIET's at the draw's lambda.
 
     Args:
         draws: ``(n_samples, n_q)`` global coefficients in the order of ``blocks``.
         blocks: ``[(name, size)]``.
-        map_values: ``{"mu_h": a, "j0": b}`` used for blocks that are not learned.
-        j0_prefactor: ``(p, q)``.
+        params: the MAP :class:`~femkin.forward.ModelParameters` (blocks not in ``blocks``
+            keep their values).
         c: the grid.
     """
-    from femkin.physics.acr import ln_j0, mu_h
+    from femkin.blocks import GLOBAL_BLOCKS
+    from femkin.physics.acr import mu_h
 
-    p, q = j0_prefactor
     starts = {}
     i = 0
     for name, size in blocks:
         starts[name] = (i, size)
         i += size
-
-    def coeffs(row, name):
-        if name in starts:
-            a, size = starts[name]
-            return row[a : a + size]
-        return np.asarray(map_values[name])
-
+    curves_mu, curves_j0 = [], []
+    for row in draws:
+        values = {
+            name: row[a : a + size] for name, (a, size) in starts.items() if name in GLOBAL_BLOCKS
+        }
+        drawn = params.with_blocks(values)
+        curves_mu.append(mu_h(c, drawn.mu_h, np.log))
+        curves_j0.append(drawn.j0_curve(c))
     out = {}
-    curves_mu = np.array([mu_h(c, coeffs(r, "mu_h"), np.log) for r in draws])
-    curves_j0 = np.array([np.exp(ln_j0(c, coeffs(r, "j0"), p, q, np.log)) for r in draws])
-    for name, curves in (("mu_h", curves_mu), ("j0", curves_j0)):
+    for name, curves in (("mu_h", np.array(curves_mu)), ("j0", np.array(curves_j0))):
         out[name] = (np.percentile(curves, 2.5, axis=0), np.percentile(curves, 97.5, axis=0))
     return out
 
@@ -430,9 +431,7 @@ def _write_results(case, payload, chains, blocks, params, settings) -> None:
             continue
         table = np.genfromtxt(path, delimiter=",", names=True)
         c = np.atleast_1d(table["c"])
-        lo, hi = sample_bands(
-            draws, blocks, {"mu_h": params.mu_h, "j0": params.j0}, params.j0_prefactor, c
-        )[name]
+        lo, hi = sample_bands(draws, blocks, params, c)[name]
         columns = {k: np.atleast_1d(table[k]) for k in (table.dtype.names or ())}
         columns["mcmc_lo"], columns["mcmc_hi"] = lo, hi
         res.write_csv(path, columns)

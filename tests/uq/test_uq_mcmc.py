@@ -128,3 +128,31 @@ def test_bad_beta(comm):
         GpcnKernel(
             kernel.misfit, p.apply_B, centre, kernel.reference, centre, p.prior_sample, beta=0.0
         )
+
+
+def test_sample_bands_follow_the_kinetic_law():
+    """mcmc bands of j0: the learned ln j0 of "bv", no spread for a fixed law, CIET at lambda."""
+    from femkin.forward import ModelParameters
+    from femkin.physics.acr import ln_j0
+    from femkin.uq.sampling_study import sample_bands
+
+    rng = np.random.default_rng(7)
+    c = np.linspace(0.05, 0.95, 7)
+    draws = rng.normal(size=(200, 3)) * [0.3, 0.2, 0.1] + [3.0, -0.5, 0.2]
+    bv = ModelParameters(mu_h=(3.0,), j0=(-0.5, 0.2), j0_prefactor=(0.5, 0.5))
+    lo, hi = sample_bands(draws, [("mu_h", 1), ("j0", 2)], bv, c)["j0"]
+    curves = np.exp([ln_j0(c, r[1:], 0.5, 0.5, np.log) for r in draws])
+    np.testing.assert_allclose(lo, np.percentile(curves, 2.5, axis=0), rtol=1e-12)
+    np.testing.assert_allclose(hi, np.percentile(curves, 97.5, axis=0), rtol=1e-12)
+    lim = ModelParameters(mu_h=(3.0,), kinetics="bv-lim")
+    lo, hi = sample_bands(draws[:, :1], [("mu_h", 1)], lim, c)["j0"]
+    np.testing.assert_allclose(lo, lim.j0_curve(c), rtol=1e-12)
+    np.testing.assert_allclose(hi, lim.j0_curve(c), rtol=1e-12)
+    ciet = ModelParameters(mu_h=(3.0,), kinetics="ciet", lambda_=8.3)
+    ln_lam = np.log(8.3) + 0.1 * rng.normal(size=(200, 1))
+    lo, hi = sample_bands(ln_lam, [("lambda", 1)], ciet, c)["j0"]
+    curves = np.array(
+        [ModelParameters(kinetics="ciet", lambda_=float(np.exp(v[0]))).j0_curve(c) for v in ln_lam]
+    )
+    np.testing.assert_allclose(lo, np.percentile(curves, 2.5, axis=0), rtol=1e-12)
+    assert np.all(hi > lo)
