@@ -172,6 +172,13 @@ SCHEMA: dict[str, dict[str, Any]] = {
         ),
         "dc_max": Key("float", 0.02, POSITIVE, "euler: largest change of c per step (accuracy)"),
         "storage": Key("str", "memory", _one_of("memory", "disk"), "where step states are kept"),
+        "jacobian": Key(
+            "str",
+            "lagged",
+            _one_of("exact", "lagged"),
+            "forward Newton: exact (J factorised every iteration) or lagged (a factorised J "
+            "reused across iterations and steps while it converges; same tolerances; bdf2 only)",
+        ),
         "factor_cache_mb": Key(
             "float",
             1024.0,

@@ -16,6 +16,13 @@ Two schemes (``[solver] scheme``):
   steps land on every frame time and every mu_e knot.
 - ``"euler"``: backward Euler with the step chosen so that c changes by about ``dc_max`` per
   step (first order; the scheme of femkin <= 0.x, kept for comparison).
+
+Each step's nonlinear system is solved by the SNES with a lagged Jacobian (``[solver]
+jacobian = "lagged"``, the default; BDF2 only: a factorised J is reused across iterations and
+steps while it contracts the residual, see :meth:`ParticleModel.newton_step`) or with exact
+Newton (``"exact"``, and always for backward Euler). Either way the solve stops on the same residual
+tolerances, and the derivative solves of :mod:`femkin.adjoint` assemble and factorise the
+exact J at the converged states.
 """
 
 from __future__ import annotations
@@ -114,7 +121,12 @@ class SolverOptions:
     """Time stepping and Newton settings (``[solver]``, see :func:`femkin.study.solver_options`).
 
     ``scheme`` is ``"bdf2"`` (steps from the local error estimate, ``time_tol`` in units of c)
-    or ``"euler"`` (steps from the change of c, ``dc_max``).
+    or ``"euler"`` (steps from the change of c, ``dc_max``). ``jacobian`` is ``"exact"``
+    (Newton: J assembled and factorised at every iteration) or ``"lagged"`` (modified Newton:
+    a factorised J is reused across iterations and steps while it contracts the residual
+    fast enough, see :meth:`ParticleModel.newton_step`; BDF2 only: backward Euler's step
+    growth counts Newton iterations, so it keeps exact Newton); derivative solves always use
+    the exact J at the converged states.
     """
 
     dt_initial: float | None = None
@@ -127,6 +139,7 @@ class SolverOptions:
     scheme: str = "bdf2"
     time_tol: float = 5e-4
     storage: str = "memory"
+    jacobian: str = "lagged"
     factor_cache_mb: float = 1024.0
     petsc_options: dict = dataclasses.field(default_factory=dict)
 
@@ -146,6 +159,10 @@ class Trajectory:
         #: Work of the run, rejected steps and failed Newton solves included.
         self.newton_total = 0
         self.rejected = 0
+        #: Forward Jacobians assembled and factorised (one per Newton iteration when exact).
+        self.factorisations = 0
+        #: Lagged-Jacobian solves that failed and were redone with exact Newton.
+        self.jacobian_fallbacks = 0
         self.times: list[float] = []
         self.mu_e: list[float] = []
         self.cbar: list[float] = []
@@ -235,6 +252,10 @@ class ParticleModel:
         self.scheme = self.solver_options.scheme
         if self.scheme not in ("bdf2", "euler"):
             raise ValueError(f'scheme must be "bdf2" or "euler", found {self.scheme!r}')
+        if self.solver_options.jacobian not in ("exact", "lagged"):
+            raise ValueError(
+                f'jacobian must be "exact" or "lagged", found {self.solver_options.jacobian!r}'
+            )
         #: The level t_{n-2} of a BDF2 step (None for backward Euler).
         self.u_old2 = (
             dolfinx.fem.Function(self.W, name="state_old2") if self.scheme == "bdf2" else None
@@ -373,12 +394,18 @@ class ParticleModel:
             self.b,
             kargs={"u": self.u, "residual": self.F, "jacobian": self.J, "bcs": []},
         )
-        snes.setJacobian(
-            dolfinx.fem.petsc.assemble_jacobian,
-            self.A,
-            None,
-            kargs={"u": self.u, "jacobian": self.J, "preconditioner": None, "bcs": []},
-        )
+        snes.setJacobian(self._jacobian, self.A, None)
+        #: Forward Jacobians assembled (each is factorised at the next linear solve), and
+        #: lagged-Jacobian solves redone with exact Newton, over the model's life.
+        self.factorisations = 0
+        self.jacobian_fallbacks = 0
+        self._jac_stale = True  # the kept J must not be reused (a new solve, a fallback)
+        self._jac_gamma = 1.0  # a0 / dt of the kept J
+        self._fnorm_prev = 0.0
+        # Backward Euler's step growth counts Newton iterations, which lagging changes (and
+        # with them the step schedule): lagging serves the BDF2 scheme only.
+        self._exact_newton = self.solver_options.jacobian == "exact" or self.scheme == "euler"
+        self._step_fresh = True  # the last Newton update used a J of its own iterate
         o = self.solver_options
         opts = PETSc.Options()
         # Plain Newton: its Jacobian keeps one sparsity pattern, so MUMPS reuses its analysis
@@ -396,6 +423,11 @@ class ParticleModel:
                 opts[prefix + k] = v
         snes.setTolerances(rtol=o.newton_rtol, atol=o.newton_atol, max_it=o.newton_max_it)
         snes.setFromOptions()
+        #: SNES's step-length tolerance of exact Newton; a lagged solve runs without that
+        #: test (the size of a modified-Newton update does not bound its error).
+        self._stol = snes.getTolerances()[2]
+        if not self._exact_newton:
+            snes.setTolerances(stol=0.0)
         # With -femkin_forward_snes_type vinewtonrsls: c stays inside (0, 1); mu is free.
         self.lower = self.x.duplicate()
         self.upper = self.x.duplicate()
@@ -421,6 +453,40 @@ class ParticleModel:
                 opts[key] = defaults[k]
         self.ksp.setFromOptions()
 
+    #: Lagged Jacobian: the kept factorisation is refreshed when a modified-Newton update
+    #: reduced the residual norm by less than this factor, ...
+    LAG_MAX_RATE = 0.1
+    #: ... or, at the start of a step, when a0/dt differs from that of the kept J by more than
+    #: this fraction (the mass term of J scales with a0/dt).
+    LAG_MAX_GAMMA_CHANGE = 0.3
+
+    def _jacobian(self, snes, x, J, P) -> None:
+        """SNES Jacobian callback: assemble J at ``x``, or keep the factorised one (lagged).
+
+        With ``jacobian = "lagged"`` the J of an earlier iterate (of this or an earlier step
+        of the same solve) is kept while it contracts: the update from iterate i-1 to i must
+        have reduced the residual norm by the factor :attr:`LAG_MAX_RATE`, and a step starts
+        with it only when its a0/dt is within :attr:`LAG_MAX_GAMMA_CHANGE` of the kept one.
+        Not assembling leaves the matrix unchanged, so the linear solver keeps its factors.
+        The decision depends on global norms only, so every rank takes it alike.
+        """
+        it = snes.getIterationNumber()
+        fnorm = snes.getFunctionNorm()
+        gamma = float(self.bdf[0].value) / float(self.dt.value)
+        reuse = not (self._exact_newton or self._jac_stale)
+        if reuse and it == 0:
+            reuse = abs(gamma / self._jac_gamma - 1.0) <= self.LAG_MAX_GAMMA_CHANGE
+        elif reuse:
+            reuse = fnorm <= self.LAG_MAX_RATE * self._fnorm_prev
+        self._fnorm_prev = fnorm
+        self._step_fresh = not reuse
+        if reuse:
+            return
+        dolfinx.fem.petsc.assemble_jacobian(snes, x, J, P, self.u, self.J, None, [])
+        self.factorisations += 1
+        self._jac_gamma = gamma
+        self._jac_stale = False
+
     def set_weights(self, weights: Sequence[float]) -> None:
         """Set the BDF weights (a0, a1, a2) of the next step (BDF2 scheme only)."""
         for c, v in zip(self.bdf, weights, strict=True):
@@ -431,15 +497,33 @@ class ParticleModel:
     ) -> tuple[bool, int, int]:
         """Solve one step from ``u_old``; returns (converged, iterations, SNES reason).
 
-        ``guess`` (owned values of W) starts Newton; default the previous state.
+        ``guess`` (owned values of W) starts Newton; default the previous state. With a
+        lagged Jacobian the solve converges on the residual tests only (``newton_rtol``,
+        ``newton_atol``; SNES's step-length test is off, since the size of a modified-Newton
+        update does not bound its error as a Newton update's does), and a solve that fails
+        (iteration limit, NaN, a diverging update) is redone from the same guess with exact
+        Newton; the iterations of both count, and if that fails too the caller cuts the step.
         """
         self.dt.value = dt
         self.constants["mu_e"][0].value = mu_e
         self.constants["cbar"][0].value = cbar
-        if guess is None:
-            self.x.array[:] = self.u_old.x.petsc_vec.array  # predictor: previous state
-        else:
-            self.x.array[:] = guess
+        start = self.u_old.x.petsc_vec.array if guess is None else guess
+        ok, its, reason = self._newton_solve(start)
+        if self._exact_newton or ok:
+            return ok, its, reason
+        self.jacobian_fallbacks += 1
+        self._exact_newton, self._jac_stale = True, True
+        self.snes.setTolerances(stol=self._stol)
+        try:
+            ok, its2, reason = self._newton_solve(start)
+        finally:
+            self._exact_newton = False
+            self.snes.setTolerances(stol=0.0)
+        return ok, its + its2, reason
+
+    def _newton_solve(self, start: np.ndarray) -> tuple[bool, int, int]:
+        """One SNES solve from ``start``; the state ``u`` is set where it converged."""
+        self.x.array[:] = start
         try:
             self.snes.solve(None, self.x)
         except PETSc.Error as err:
@@ -455,6 +539,12 @@ class ParticleModel:
         # convergence at iteration 0 when the update vanishes) must have a small residual.
         if ok and its == 0:
             ok = self.snes.getFunctionNorm() <= self.solver_options.newton_atol
+        if (
+            ok
+            and not self._step_fresh
+            and reason == PETSc.SNES.ConvergedReason.CONVERGED_SNORM_RELATIVE
+        ):
+            ok = False  # a small modified-Newton update is no proof of convergence
         ok = self.comm.allreduce(bool(ok), op=MPI.LAND)
         if ok:
             self.x.ghostUpdate(PETSc.InsertMode.INSERT, PETSc.ScatterMode.FORWARD)
@@ -508,8 +598,21 @@ class ParticleModel:
         cbar = self.mean_c()
         traj.append(t, driving(t), cbar, self.u.x.array)
         traj.frame_steps.append(0)
-        if self.scheme == "bdf2":
-            return self._solve_bdf2(traj, frame_times, driving, schedule, on_frame)
+        self._jac_stale = True  # parameters, m or the matrix (derivative solves) may differ
+        f0, fb0 = self.factorisations, self.jacobian_fallbacks
+        try:
+            if self.scheme == "bdf2":
+                return self._solve_bdf2(traj, frame_times, driving, schedule, on_frame)
+            return self._solve_euler(traj, frame_times, driving, schedule, on_frame)
+        finally:
+            traj.factorisations = self.factorisations - f0
+            traj.jacobian_fallbacks = self.jacobian_fallbacks - fb0
+
+    def _solve_euler(self, traj, frame_times, driving, schedule, on_frame) -> Trajectory:
+        """Backward Euler from the state in ``traj`` (see :meth:`solve`)."""
+        o = self.solver_options
+        t = float(frame_times[0])
+        cbar = traj.cbar[0]
         gaps = np.diff(frame_times)
         dt = o.dt_initial or (gaps[0] / 10.0 if gaps.size else 1.0)
         dt_max = o.dt_max or np.inf
