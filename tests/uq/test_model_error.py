@@ -208,12 +208,17 @@ def test_identity_refinement_adds_nothing_and_real_error_widens(twin):
         same,
         lambda: _problem(twin, refined=(1.0, 1.0, "uq.model_error_mesh"))[1],
     )
-    assert summary["added_error_zero"] and summary["difference_max"] == 0.0
-    np.testing.assert_array_equal(result.eigenvalues, plain.eigenvalues)
-    np.testing.assert_array_equal(result.covariance, plain.covariance)
+    assert summary["added_error_zero"]
+    if MPI.COMM_WORLD.size == 1:
+        assert summary["difference_max"] == 0.0
+    # Serially the same bits; in parallel two runs of the plain analysis already differ in the
+    # last bits (parallel reductions), so the comparison allows round-off there.
+    rtol = 0.0 if MPI.COMM_WORLD.size == 1 else 1e-12
+    np.testing.assert_allclose(result.eigenvalues, plain.eigenvalues, rtol=rtol, atol=0)
+    np.testing.assert_allclose(result.covariance, plain.covariance, rtol=rtol, atol=0)
     np.testing.assert_array_equal(result.mean, plain.mean)
     for name in ("mu_h", "j0"):
-        np.testing.assert_array_equal(result.bands[name], plain.bands[name])
+        np.testing.assert_allclose(result.bands[name], plain.bands[name], rtol=rtol, atol=0)
 
     real = {
         **settings,
@@ -235,7 +240,8 @@ def test_identity_refinement_adds_nothing_and_real_error_widens(twin):
     assert min(ratios.values()) > 0.99, ratios
     assert max(ratios.values()) > 1.05, ratios  # ln k0: the error biases the overall rate
     for name in plain.names:  # the analysis without the term is the plain one
-        assert summary["std_without"][name] == plain.std[plain.names.index(name)]
+        expected = plain.std[plain.names.index(name)]
+        assert summary["std_without"][name] == pytest.approx(expected, rel=rtol, abs=0)
     widths = band_widths(result.bands)
     assert summary["band_median_width"]["mu_h"]["with"] == widths["mu_h"]
     assert summary["band_median_width"]["mu_h"]["ratio"] > 0.99
