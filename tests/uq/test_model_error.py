@@ -239,9 +239,10 @@ def test_identity_refinement_adds_nothing_and_real_error_widens(twin):
     ratios = {n: s / summary["std_without"][n] for n, s in summary["std_with"].items()}
     assert min(ratios.values()) > 0.99, ratios
     assert max(ratios.values()) > 1.05, ratios  # ln k0: the error biases the overall rate
-    for name in plain.names:  # the analysis without the term is the plain one
+    assert summary["without"]["converged"]
+    for name in plain.names:  # the marginals without the term: the plain ones (1% in variance)
         expected = plain.std[plain.names.index(name)]
-        assert summary["std_without"][name] == pytest.approx(expected, rel=rtol, abs=0)
+        assert summary["std_without"][name] == pytest.approx(expected, rel=0.01, abs=0)
     widths = band_widths(result.bands)
     assert summary["band_median_width"]["mu_h"]["with"] == widths["mu_h"]
     assert summary["band_median_width"]["mu_h"]["ratio"] > 0.99
