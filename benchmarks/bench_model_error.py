@@ -86,6 +86,10 @@ def one(seed: int, directory: pathlib.Path, args) -> dict:
     text = (case / "case.toml").read_text()
     text = _set(text, "simulate", "seed", str(seed))
     text = _set(text, "simulate", "noise", str(args.noise))
+    if args.truth == "prior":  # the true m: a draw of the inversion's own prior
+        text = _set(text, "simulate", "m_std", "0.5")
+        text = _set(text, "simulate", "m_length", "0.15")
+        text = _set(text, "simulate", "m_field", '"prior"')
     text = _set(text, "simulate", "mesh_size", str(args.truth_mesh))
     text = _set(text, "solver", "scheme", '"bdf2"')
     text = _set(text, "solver", "time_tol", str(args.truth_tol))
@@ -195,6 +199,13 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--frames", type=int, default=21, help="frames over 0..400 s")
     parser.add_argument("--noise", type=float, default=0.02, help="noise std of c")
+    parser.add_argument(
+        "--truth",
+        choices=("fourier", "prior"),
+        default="fourier",
+        help="true m: smooth Fourier-feature field (std 0.4, length 0.2 um, not the prior's "
+        "law) or a draw of the inversion's prior (std 0.5, length 0.15 um)",
+    )
     parser.add_argument("--truth-mesh", type=float, default=0.5, help="truth element size, px")
     parser.add_argument("--truth-tol", type=float, default=1e-5, help="truth BDF2 time_tol")
     parser.add_argument("--fit-mesh", type=float, default=1.5, help="fit element size, px")
