@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from femkin._fem import PETSc, dolfinx
+from femkin.errors import ConvergenceError
 from femkin.uq.laplace_study import (
     SAMPLE_SEED_OFFSET,
     UQResult,
@@ -102,15 +103,25 @@ def transfer(problem, refined, x: PETSc.Vec) -> PETSc.Vec:
 
 
 def difference_videos(problem, refined, points: Sequence[PETSc.Vec]) -> np.ndarray:
-    """``F_ref(x_k) - F(x_k)`` on the pixel grid, (K, T, H, W), NaN outside (every rank)."""
+    """``F_ref(x_k) - F(x_k)`` on the pixel grid, (K, T, H, W), NaN outside (every rank).
+
+    A point where either model fails (a posterior draw too far out) is left out; the MAP point
+    (the first) may not fail.
+    """
     comm = problem.comm
     out: list[Any] = []
-    for x in points:
-        problem.misfit(x)
-        coarse = problem.fitted_video()
+    for i, x in enumerate(points):
         xr = transfer(problem, refined, x)
-        refined.misfit(xr)
-        xr.destroy()
+        try:
+            problem.misfit(x)
+            coarse = problem.fitted_video()
+            refined.misfit(xr)
+        except ConvergenceError:  # raised on every rank together
+            if i == 0:
+                raise
+            continue
+        finally:
+            xr.destroy()
         fine = refined.fitted_video()
         out.append(fine - coarse if comm.rank == 0 else None)
     diffs = comm.bcast(np.stack(out) if comm.rank == 0 else None, root=0)
@@ -146,6 +157,16 @@ def band_widths(bands: dict, c_range: tuple[float, float] = C_RANGE) -> dict[str
     _, lo, hi = bands["j0"]
     out["ln_j0"] = float(np.median((np.log(hi) - np.log(lo))[inside]))
     return out
+
+
+def _global_dofs(problem) -> int:
+    """P1 dofs of c over all particles (every rank)."""
+    local = sum(
+        p.model.V.dofmap.index_map.size_global
+        for p in problem.particles.values()
+        if p.model.comm.rank == 0
+    )
+    return int(problem.comm.allreduce(local))
 
 
 def _noise_rms(problem) -> float:
@@ -223,8 +244,7 @@ def analyse_with_model_error(
     problem.set_schedules(schedules)
     for v in points[1:]:
         v.destroy()
-    n_refined = sum(p.model.V.dofmap.index_map.size_global for p in refined.particles.values())
-    n_fit = sum(p.model.V.dofmap.index_map.size_global for p in problem.particles.values())
+    n_refined, n_fit = (_global_dofs(pr) for pr in (refined, problem))
     del refined
     gc.collect()  # its PETSc objects go together on every rank
     finite = np.nan_to_num(diffs)
@@ -235,8 +255,10 @@ def analyse_with_model_error(
         "mesh_factor": mesh_factor,
         "time_factor": time_factor,
         "scale": scale,
-        "points": len(points),
-        "rank": len(points),
+        "points": len(diffs),
+        "failed_points": len(points) - len(diffs),
+        "rank": len(diffs),
+        "mesh_refined": n_refined > n_fit,
         "p1_dofs": {"fit": int(n_fit), "refined": int(n_refined)},
         "difference_rms": rms,
         "difference_max": float(np.max(np.abs(finite))),
@@ -244,7 +266,7 @@ def analyse_with_model_error(
         "added_error_zero": bool(np.max(np.abs(finite)) <= ROUNDOFF),
     }
     say(
-        f"model error: {len(points)} refined run(s), rms difference "
+        f"model error: {len(diffs)} refined run(s), rms difference "
         + ", ".join(f"{r:.3g}" for r in rms)
         + f" (noise {noise:.3g})"
     )
@@ -254,7 +276,7 @@ def analyse_with_model_error(
         without = with_ = band_widths(result.bands)
         std_without = result.std
     else:
-        replaced = install(problem, scale * finite / np.sqrt(len(points)))
+        replaced = install(problem, scale * finite / np.sqrt(len(diffs)))
         try:
             t1 = time.perf_counter()
             result = analyse(problem, prior, x, settings, log=log)
@@ -341,6 +363,8 @@ def model_error_note(summary: dict) -> str:
         f"tolerance x{summary['time_factor']:g}, {summary['points']} point(s)): refined minus "
         f"fit model rms {max(rms):.3g} in c against noise {summary['noise_rms']:.3g}"
     )
+    if not summary["mesh_refined"] and summary["mesh_factor"] < 1:
+        head += " (own meshes: only the steps were refined)"
     if summary["added_error_zero"]:
         return head + "; the refined model gives the same result, nothing added."
     return head + (
