@@ -248,3 +248,31 @@ def test_identity_refinement_adds_nothing_and_real_error_widens(twin):
     assert summary["band_median_width"]["mu_h"]["ratio"] > 0.99
     # the problem's misfits are the plain ones again
     assert all(p.misfit.model_error is None for p in problem.particles.values())
+
+
+def test_samples_mode_uses_posterior_draws(twin):
+    from femkin.uq.model_error import analyse_with_model_error
+
+    study, problem, prior, x = _problem(twin)
+    settings = {
+        **study.case.uq,
+        "model_error": "samples",
+        "model_error_samples": 2,
+        "model_error_scale": 3.0,
+    }
+    result, summary = analyse_with_model_error(
+        problem,
+        prior,
+        x,
+        settings,
+        lambda: _problem(twin, refined=(0.5, 0.1, "uq.model_error_mesh"))[1],
+    )
+    assert summary["points"] + summary["failed_points"] == 3 and summary["points"] >= 2
+    assert summary["rank"] == summary["points"] and summary["mesh_refined"]
+    assert summary["without"]["method"] == "Laplace analysis"
+    # the draws differ from the MAP point: their differences are not the MAP point's
+    rms = summary["difference_rms"]
+    assert len(set(rms)) == len(rms) and min(rms) > 1e-4
+    ratios = {n: s / summary["std_without"][n] for n, s in summary["std_with"].items()}
+    assert min(ratios.values()) > 0.99 and max(ratios.values()) > 1.05, ratios
+    assert all(p.misfit.model_error is None for p in problem.particles.values())
