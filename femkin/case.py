@@ -293,6 +293,13 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "model_error_samples": Key(
             "int", 4, AT_LEAST_ONE, "model_error = 'samples': posterior draws besides the MAP"
         ),
+        "model_error_form": Key(
+            "str",
+            "low-rank",
+            _one_of("low-rank", "diagonal"),
+            "the added covariance: the refined-minus-fit differences' outer products, or only "
+            "their diagonal (pixel variances)",
+        ),
         "model_error_scale": Key(
             "float",
             1.0,

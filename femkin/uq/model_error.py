@@ -11,7 +11,9 @@ enters the noise model as the low-rank covariance
     Gamma_e = s^2 / K sum_k e_k e_k^T        (s = [uq] model_error_scale)
 
 added per particle to the pixel noise (:meth:`femkin.misfit.PixelMisfit.with_model_error`;
-couplings between particles are left out). The second moment, not the centred covariance, is
+couplings between particles are left out), or with ``[uq] model_error_form = "diagonal"`` only
+its diagonal (each pixel's variance grows by ``s^2 / K sum_k e_k^2``; correlations dropped).
+The second moment, not the centred covariance, is
 used because the MAP point was fitted without the mean ``E[e]``: its systematic part counts
 as uncertainty, which by Woodbury widens the posterior in the directions the error biases.
 With one point and ``e^T W e >> 1`` the posterior variance of a quantity ``q`` grows by about
@@ -19,7 +21,8 @@ With one point and ``e^T W e >> 1`` the posterior variance of a quantity ``q`` g
 
 :func:`analyse_with_model_error` runs the Laplace analysis with the term and, for the
 comparison, the exact marginals of the global coefficients without it (CG preconditioned by
-the posterior with it: the two Hessians differ by rank ``K``; ``"samples"`` runs the full
+the posterior with it: in the low-rank form the two Hessians differ by rank ``K``; it bounds
+the posterior without it from above in either form; ``"samples"`` runs the full
 analysis without it anyway, for its draws). It returns the result with the term and a summary:
 the size of ``e`` against the noise and how much the bands of mu_h and ln j0 widen (median
 widths over c in [0.1, 0.9]). Refined = fit settings
@@ -37,6 +40,7 @@ import numpy as np
 
 from femkin._fem import PETSc, dolfinx
 from femkin.errors import ConvergenceError
+from femkin.misfit import PixelMisfit
 from femkin.uq.laplace_study import (
     SAMPLE_SEED_OFFSET,
     UQResult,
@@ -48,6 +52,7 @@ from femkin.uq.laplace_study import (
 from femkin.uq.marginals import marginal_covariance
 
 __all__ = [
+    "FORMS",
     "MODES",
     "ROUNDOFF",
     "SEED_OFFSET",
@@ -62,6 +67,8 @@ __all__ = [
 
 #: ``[uq] model_error`` values.
 MODES = ("none", "map", "samples")
+#: ``[uq] model_error_form`` values: the low-rank covariance, or only its diagonal.
+FORMS = ("low-rank", "diagonal")
 #: Posterior draw ``i`` of the ``"samples"`` estimate uses the normals of seed
 #: ``seed + SEED_OFFSET + i`` (other offsets: :mod:`femkin.uq.laplace_study`).
 SEED_OFFSET = 3 * SAMPLE_SEED_OFFSET
@@ -128,17 +135,37 @@ def difference_videos(problem, refined, points: Sequence[PETSc.Vec]) -> np.ndarr
     return np.asarray(diffs, dtype=float)
 
 
-def install(problem, directions: np.ndarray) -> dict:
-    """Add ``Gamma_e = U U^T`` (``directions``: (K, T, H, W) columns of ``U``) to every
-    particle's noise model (collective); returns the misfits it replaced, for :func:`restore`.
+def install(problem, directions: np.ndarray, *, form: str = "low-rank") -> dict:
+    """Add the model error to every particle's noise model (collective).
+
+    Args:
+        problem: the inverse problem.
+        directions: (K, T, H, W) the columns of ``U`` on the pixel grid.
+        form: ``"low-rank"``: ``Gamma_e = U U^T``; ``"diagonal"``: only its diagonal, the
+            pixel variances ``sum_k U_k^2`` (correlations dropped).
+
+    Returns:
+        The misfits it replaced, for :func:`restore`.
     """
+    if form not in FORMS:
+        raise ValueError(f"{form=} is not one of {FORMS}")
     replaced = {}
     for label, p in problem.particles.items():
         U = np.stack(
             [np.stack([d[f].ravel()[p.obs.pixels] for f in range(d.shape[0])]) for d in directions]
         )
+        U = np.nan_to_num(U)
         replaced[label] = p.misfit
-        p.misfit = p.misfit.with_model_error(np.nan_to_num(U), p.model.comm)
+        if form == "low-rank":
+            p.misfit = p.misfit.with_model_error(U, p.model.comm)
+        else:
+            m = p.misfit
+            seen = m.weight > 0
+            variance = np.where(seen, 1.0 / np.where(seen, m.weight, 1.0), 0.0)
+            weight = np.where(seen, 1.0 / (variance + np.sum(U**2, axis=0)), 0.0)
+            p.misfit = PixelMisfit(
+                m.obs, m.data, weight, include_first=m.include_first, observed=m.observed
+            )
     return replaced
 
 
@@ -255,6 +282,7 @@ def analyse_with_model_error(
         "mesh_factor": mesh_factor,
         "time_factor": time_factor,
         "scale": scale,
+        "form": settings.get("model_error_form", "low-rank"),
         "points": len(diffs),
         "failed_points": len(points) - len(diffs),
         "rank": len(diffs),
@@ -276,7 +304,11 @@ def analyse_with_model_error(
         without = with_ = band_widths(result.bands)
         std_without = result.std
     else:
-        replaced = install(problem, scale * finite / np.sqrt(len(diffs)))
+        replaced = install(
+            problem,
+            scale * finite / np.sqrt(len(diffs)),
+            form=settings.get("model_error_form", "low-rank"),
+        )
         try:
             t1 = time.perf_counter()
             result = analyse(problem, prior, x, settings, log=log)

@@ -276,3 +276,25 @@ def test_samples_mode_uses_posterior_draws(twin):
     ratios = {n: s / summary["std_without"][n] for n, s in summary["std_with"].items()}
     assert min(ratios.values()) > 0.99 and max(ratios.values()) > 1.05, ratios
     assert all(p.misfit.model_error is None for p in problem.particles.values())
+
+
+def test_diagonal_form_adds_pixel_variances(twin):
+    from femkin.uq.model_error import install, restore
+
+    _, problem, _, _ = _problem(twin)
+    T, H, W = problem.video.c.shape
+    rng = np.random.default_rng(4)
+    directions = rng.normal(scale=0.01, size=(2, T, H, W))
+    replaced = install(problem, directions, form="diagonal")
+    for label, p in problem.particles.items():
+        old = replaced[label]
+        assert p.misfit.model_error is None
+        added = sum(d.reshape(T, -1)[:, p.obs.pixels] ** 2 for d in directions)
+        seen = old.weight > 0
+        np.testing.assert_allclose(
+            1.0 / p.misfit.weight[seen], 1.0 / old.weight[seen] + added[seen], rtol=1e-13
+        )
+        assert np.all(p.misfit.weight[~seen] == 0.0)
+    restore(problem, replaced)
+    with pytest.raises(ValueError, match="form"):
+        install(problem, directions, form="dense")
