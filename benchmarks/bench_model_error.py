@@ -7,8 +7,9 @@ case of the workflow tests (``twin_case.write_case``, one ~60-pixel particle, 5 
    BDF2 ``--truth-tol``): the truth is not femkin's discretisation at the fitting settings;
 2. fit at the coarse settings (``--fit-mesh`` px, ``--fit-scheme`` with ``--fit-tol``: BDF2
    ``time_tol`` or Euler ``dc_max``), Newton-CG up to ``--max-iterations``;
-3. ``femkin uq`` with ``[uq] model_error`` = each of ``--modes`` (``none``, ``map``, ``samples``)
-   at the same MAP point (refined model: ``[uq] model_error_mesh`` / ``model_error_time``);
+3. ``femkin uq`` with ``[uq] model_error`` = each of ``--modes`` (``none``, ``map``, ``samples``;
+   ``map-diagonal`` etc. with ``model_error_form = "diagonal"``) at the same MAP point
+   (refined model: ``[uq] model_error_mesh`` / ``model_error_time``);
 4. per mode: the fraction of c in [0.1, 0.9] (grid of 0.01) where the 95% bands of mu_h and
    j0 (``results/mu_h.csv``, ``j0.csv``) hold the true curve, the median mu_h band width, and
    the z-scores ``(MAP - truth) / std`` of the global coefficients.
@@ -119,7 +120,11 @@ def one(seed: int, directory: pathlib.Path, args) -> dict:
     true_coef = np.concatenate([truth["mu_h"], truth["j0"], [np.log(float(truth["k0"]))]])
     modes = {}
     for mode in args.modes:
-        (case / "case.toml").write_text(_set(text, "uq", "model_error", f'"{mode}"'))
+        me_mode, _, form = mode.partition("-")  # e.g. "map-diagonal"
+        mode_text = _set(text, "uq", "model_error", f'"{me_mode}"')
+        (case / "case.toml").write_text(
+            _set(mode_text, "uq", "model_error_form", f'"{form or "low-rank"}"')
+        )
         t0 = time.perf_counter()
         flags = [] if summary["converged"] else ["--allow-unfinished"]
         assert main(["uq", str(case), "--quiet", *flags]) == 0
