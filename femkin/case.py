@@ -326,6 +326,42 @@ SCHEMA: dict[str, dict[str, Any]] = {
             "Lanczos steps per probe (omitted_samples probes) estimating the omitted spectrum's "
             "log det in the evidence, when its bracket is wider than 1 nat (0: bracket only)",
         ),
+        "model_error": Key(
+            "str",
+            "none",
+            _one_of("none", "map", "samples"),
+            "discretisation error in the noise model (approximation-error approach): none, "
+            "estimated at the MAP point (one refined forward run), or at it and posterior samples",
+        ),
+        "model_error_mesh": Key(
+            "float",
+            0.5,
+            _each(lambda v: 0 < v <= 1, "a factor in (0, 1]"),
+            "refined model: [mesh] size times this",
+        ),
+        "model_error_time": Key(
+            "float",
+            0.1,
+            _each(lambda v: 0 < v <= 1, "a factor in (0, 1]"),
+            "refined model: [solver] time_tol and dc_max times this (1: the fit's own steps)",
+        ),
+        "model_error_samples": Key(
+            "int", 4, AT_LEAST_ONE, "model_error = 'samples': posterior draws besides the MAP"
+        ),
+        "model_error_form": Key(
+            "str",
+            "low-rank",
+            _one_of("low-rank", "diagonal"),
+            "the added covariance: the refined-minus-fit differences' outer products, or only "
+            "their diagonal (pixel variances)",
+        ),
+        "model_error_scale": Key(
+            "float",
+            1.0,
+            POSITIVE,
+            "std of the added error in units of the refined-minus-fit difference (>1 when the "
+            "refined model is itself far from converged)",
+        ),
     },
     "sample": {
         "chains": Key("int", 4, AT_LEAST_ONE, "MCMC chains (spread over MPI groups)"),

@@ -5,6 +5,16 @@
 over the frames ``f`` (frame 0 only when the initial state is learned: otherwise it is the
 data the run starts from) and this rank's pixels ``p`` of the particle (``B`` the observation
 operator, :mod:`femkin.observation`). Sums over ranks are the caller's (one ``allreduce``).
+
+With a model-error term (:meth:`PixelMisfit.with_model_error`, the approximation-error approach
+of Kaipio and Somersalo) the noise covariance of the particle's counted pixels becomes
+``W^{-1} + U U^T`` with ``U`` a few (``K``) directions over all its frames and pixels, and by
+the Woodbury identity
+
+    J = 1/2 r^T W r - 1/2 s^T M^{-1} s,    s = U^T W r,    M = I_K + U^T W U,
+
+where ``r`` stacks the residuals ``B c(t_f) - d_f``. ``s`` is reduced over the particle's
+communicator, and the correction counted once (on its rank 0).
 The sources are the callbacks that :class:`femkin.adjoint.ParticleDerivatives` adds to the
 right-hand side of the adjoint at every step ``n`` of a trajectory.
 """
@@ -12,6 +22,7 @@ right-hand side of the adjoint at every step ``n`` of a trajectory.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -49,6 +60,48 @@ class PixelMisfit:
             )
         self.include_first = include_first
         self.observed = self.weight > 0 if observed is None else np.asarray(observed, dtype=bool)
+        #: ``(U, M^{-1}, comm)`` of a model-error term, or None (noise only).
+        self.model_error: tuple[np.ndarray, np.ndarray, Any] | None = None
+
+    def with_model_error(self, directions: np.ndarray, comm) -> PixelMisfit:
+        """A copy whose noise covariance is ``W^{-1} + U U^T`` (collective on ``comm``).
+
+        Args:
+            directions: (K, T, n) the columns of ``U`` at this rank's pixels (units of c);
+                entries at pixels or frames that do not count are ignored.
+            comm: the particle's communicator (``U`` spans all its ranks' pixels).
+
+        Returns:
+            The new misfit; with ``K = 0`` one without a model-error term.
+        """
+        out = PixelMisfit(
+            self.obs,
+            self.data,
+            self.weight,
+            include_first=self.include_first,
+            observed=self.observed,
+        )
+        U = np.asarray(directions, dtype=float)
+        if U.ndim != 3 or U.shape[1:] != self.data.shape:
+            raise ValueError(f"{U.shape=} must be (K, {self.data.shape[0]}, {self.data.shape[1]})")
+        if U.shape[0] == 0:
+            return out
+        counted = self.weight > 0
+        if not self.include_first:
+            counted[0] = False
+        U = np.where(counted[None], U, 0.0)
+        gram = comm.allreduce(np.einsum("ktn,tn,jtn->kj", U, self.weight, U))
+        M = np.eye(U.shape[0]) + gram
+        out.model_error = (U, np.linalg.inv(0.5 * (M + M.T)), comm)
+        return out
+
+    def _projected(self, traj, values) -> np.ndarray:
+        """``M^{-1} U^T W v`` for ``v`` given per frame step by ``values(n, f)`` (collective)."""
+        U, M_inv, comm = self.model_error  # type: ignore[misc]
+        local = np.zeros(U.shape[0])
+        for n, f in self.frames(traj).items():
+            local += U[:, f] @ (self.weight[f] * values(n, f))
+        return M_inv @ comm.allreduce(local)
 
     @classmethod
     def from_video(
@@ -89,6 +142,11 @@ class PixelMisfit:
         for n, f in self.frames(traj).items():
             r = self.obs.apply(traj.state(n)) - self.data[f]
             total += 0.5 * float(np.sum(self.weight[f] * r * r))
+        if self.model_error is not None:
+            _, M_inv, comm = self.model_error
+            a = self._projected(traj, lambda n, f: self.obs.apply(traj.state(n)) - self.data[f])
+            if comm.rank == 0:  # s^T M^{-1} s = a^T M a, counted once per particle
+                total -= 0.5 * float(a @ np.linalg.solve(M_inv, a))
         return total
 
     def standardised_residuals(self, traj) -> np.ndarray:
@@ -104,8 +162,23 @@ class PixelMisfit:
         return np.concatenate(out) if out else np.zeros(0)
 
     def source(self, traj) -> Source:
-        """dJ/du_n: adds ``B^T w (B u_n - d_f)`` at the frame steps."""
+        """dJ/du_n: adds ``B^T w (B u_n - d_f)`` at the frame steps.
+
+        With a model-error term ``B^T w (B u_n - d_f - U_f a)``, ``a = M^{-1} U^T W r``
+        (collective on the particle's communicator when built).
+        """
         frames = self.frames(traj)
+        if self.model_error is not None:
+            U = self.model_error[0]
+            a = self._projected(traj, lambda n, f: self.obs.apply(traj.state(n)) - self.data[f])
+
+            def corrected(n: int, out: np.ndarray) -> None:
+                f = frames.get(n)
+                if f is not None:
+                    r = self.obs.apply(traj.state(n)) - self.data[f] - a @ U[:, f]
+                    out += self.obs.matrix.T @ (self.weight[f] * r)
+
+            return corrected
 
         def source(n: int, out: np.ndarray) -> None:
             f = frames.get(n)
@@ -116,8 +189,23 @@ class PixelMisfit:
         return source
 
     def gauss_newton_source(self, traj, tangents: Sequence[np.ndarray]) -> Source:
-        """The Gauss-Newton source of a tangent trajectory: adds ``B^T w B du_n``."""
+        """The Gauss-Newton source of a tangent trajectory: adds ``B^T w B du_n``.
+
+        With a model-error term ``B^T w (B du_n - U_f a)``, ``a = M^{-1} U^T W B du``
+        (collective on the particle's communicator when built).
+        """
         frames = self.frames(traj)
+        if self.model_error is not None:
+            U = self.model_error[0]
+            a = self._projected(traj, lambda n, f: self.obs.apply(tangents[n]))
+
+            def corrected(n: int, out: np.ndarray) -> None:
+                f = frames.get(n)
+                if f is not None:
+                    r = self.obs.apply(tangents[n]) - a @ U[:, f]
+                    out += self.obs.matrix.T @ (self.weight[f] * r)
+
+            return corrected
 
         def source(n: int, out: np.ndarray) -> None:
             f = frames.get(n)

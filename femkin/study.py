@@ -277,10 +277,19 @@ def require_writable(comm, study_or_dir, *names: str) -> None:
     check_writable(comm, *(case_dir / n for n in names))
 
 
-def build_meshes(comm, study: Study, labels, *, size: float | None = None, quiet: bool = True):
+def build_meshes(
+    comm,
+    study: Study,
+    labels,
+    *,
+    size: float | None = None,
+    quiet: bool = True,
+    size_field: str = "simulate.mesh_size",
+):
     """Distribute the particles and mesh those of this rank's group (cached in CASE/meshes).
 
-    With ``quiet=False`` rank 0 shows a progress bar over its group's particles.
+    With ``quiet=False`` rank 0 shows a progress bar over its group's particles. ``size``
+    overrides ``[mesh] size`` (the case-file field ``size_field`` set it, for error messages).
     """
     video = study.video
     weights = [int((video.mask == lb).sum()) for lb in labels]
@@ -295,7 +304,7 @@ def build_meshes(comm, study: Study, labels, *, size: float | None = None, quiet
             opts["size"],
             opts["max_cells"],
             str(study.case.file),
-            "mesh.size" if size is None else "simulate.mesh_size",
+            "mesh.size" if size is None else size_field,
         )
     meshes = {}
     bar = Progress(f"mesh: {len(dist.mine)} particle(s)", len(dist.mine), comm=comm, quiet=quiet)
@@ -329,11 +338,15 @@ def build_problem(
     learn=None,
     quiet: bool = True,
     require_data: bool = False,
+    refined: tuple[float, float, str] | None = None,
 ) -> InverseProblem:
     """The inverse problem of a case (meshes cached, particles distributed).
 
     ``quiet=False`` shows a progress bar while meshing; ``require_data=True`` (the verbs that
     fit) refuses a video with nothing observed after the first frame (:func:`check_fit_data`).
+    ``refined = (mesh_factor, time_factor, field)``: the same problem with ``[mesh] size`` and
+    the step control (``[solver] time_tol`` and ``dc_max``) multiplied by those factors
+    (``field`` names the case-file setting, for error messages).
     """
     case, video = study.case, study.video
     labels = [int(lb) for lb in video.labels]
@@ -355,9 +368,18 @@ def build_problem(
     if comm.rank == 0:
         for note in notes:
             print(f"femkin: warning: {note}", flush=True)
-    dist, meshes = build_meshes(comm, study, labels, quiet=quiet)
+    solver_section = dict(case.solver)
+    size = None
+    if refined is not None:
+        mesh_factor, time_factor, field = refined
+        size = float(case.mesh["size"]) * mesh_factor
+        solver_section["time_tol"] = float(case.solver["time_tol"]) * time_factor
+        solver_section["dc_max"] = float(case.solver["dc_max"]) * time_factor
+    dist, meshes = build_meshes(
+        comm, study, labels, quiet=quiet, size=size, size_field=refined[2] if refined else ""
+    )
     params = model_parameters(case.model)
-    solver = solver_options(case.solver)
+    solver = solver_options(solver_section)
     learn = case.inversion["learn"] if learn is None else learn
     if "mu_e" in learn and case.driving["mode"] != "fitted":
         learn = [b for b in learn if b != "mu_e"]

@@ -13,6 +13,9 @@ and the low-rank posterior (:mod:`femkin.uq.laplace_study`), and writes into ``C
   evidence of the fit (``log_evidence``, ``bounds`` and ``uncertainty`` from the truncated
   spectrum's tail, its terms, ``n_data``, ``n_parameters``, ``effective_parameters``; see
   :mod:`femkin.uq.evidence`), which ``femkin compare`` ranks;
+  with ``[uq] model_error``
+  (:mod:`femkin.uq.model_error`) also ``model_error``: the refined-minus-fit difference
+  against the noise and the median band widths of mu_h and ln j0 without and with it;
 - ``mu_h.csv`` and ``j0.csv`` with the 95% band columns ``lo`` and ``hi``;
 - ``k_std_<label>.npy`` (posterior std of ln k on the pixel grid, NaN outside) and
   ``k_prior_std_<label>.npy`` (the prior's);
@@ -143,12 +146,32 @@ def uq_at(
     from femkin.outputs import ResultSet, read_run_record, shared_run_id
     from femkin.report import write_uq_results
     from femkin.uq.laplace_study import analyse
+    from femkin.uq.model_error import analyse_with_model_error, model_error_note
     from femkin.uq.sampling_study import save_laplace
 
     comm = problem.comm
     log = None if quiet else (lambda msg: print(f"uq: {msg}", flush=True))
     t0 = time.perf_counter()
-    result = analyse(problem, prior, x, study.case.uq, log=log)
+    settings = study.case.uq
+    model_error = None
+    if settings["model_error"] == "none":
+        result = analyse(problem, prior, x, settings, log=log)
+    else:
+        from femkin.study import build_problem
+
+        factors = (
+            settings["model_error_mesh"],
+            settings["model_error_time"],
+            "uq.model_error_mesh",
+        )
+        result, model_error = analyse_with_model_error(
+            problem,
+            prior,
+            x,
+            settings,
+            lambda: build_problem(study, comm, learn=problem.learn, refined=factors),
+            log=log,
+        )
     # the proposal of 'femkin sample'
     save_laplace(study.case.dir / "checkpoints" / "laplace.npz", problem.space, result.posterior, x)
     timings = dict(extra_timings or {})
@@ -161,6 +184,9 @@ def uq_at(
         fit = {"run_id": runs.get("invert", {}).get("run_id"), "finished": True}
     if payload is not None:
         payload["fit"] = fit
+        if model_error is not None:
+            payload["model_error"] = model_error
+            payload["notes"].append(model_error_note(model_error))
     # One consistent set: the fit's results plus these replace results/ together.
     with ResultSet(
         study.case.dir,
