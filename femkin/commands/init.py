@@ -75,20 +75,9 @@ def init_case(args: argparse.Namespace) -> str:
     file.write_text(render_case(values, notes, []))  # prepare reads its [prepare] section
     lines: list[str] = []
     if prepared:
-        from femkin.commands.prepare import _work
+        from femkin.commands.prepare import case_arguments, prepare_video
 
-        prep = argparse.Namespace(
-            case=case,
-            stacks=[],
-            references=None,
-            out=None,
-            i0_region=None,
-            threshold=None,
-            min_size=None,
-            times=None,
-            bootstrap=None,
-        )
-        lines.append(_work(prep)[0])
+        lines.append(prepare_video(case_arguments(case))[0])
     facts, values2, notes2 = data_facts(video_path, case)
     values.update(values2)
     notes.update(notes2)

@@ -126,7 +126,22 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
 RECORDED = ("i0_region", "threshold", "min_size", "times", "bootstrap")
 
 
-def _work(args: argparse.Namespace, *, if_stale: bool = False) -> tuple[str, bool]:
+def case_arguments(case) -> argparse.Namespace:
+    """``femkin prepare CASE``'s arguments without overrides: all from the case's [prepare]."""
+    return argparse.Namespace(
+        case=Path(case),
+        stacks=[],
+        references=None,
+        out=None,
+        i0_region=None,
+        threshold=None,
+        min_size=None,
+        times=None,
+        bootstrap=None,
+    )
+
+
+def prepare_video(args: argparse.Namespace, *, if_stale: bool = False) -> tuple[str, bool]:
     """Prepare (rank 0); with ``if_stale``, only when the video is not current.
 
     Returns the report and whether a video was written.
@@ -199,18 +214,7 @@ def prepare_case(case: Path, comm, *, quiet: bool = False) -> bool:
     Returns:
         Whether the video was (re)made, on every rank.
     """
-    args = argparse.Namespace(
-        case=Path(case),
-        stacks=[],
-        references=None,
-        out=None,
-        i0_region=None,
-        threshold=None,
-        min_size=None,
-        times=None,
-        bootstrap=None,
-    )
-    result = run_on_root(comm, _work, args, if_stale=True)
+    result = run_on_root(comm, prepare_video, case_arguments(case), if_stale=True)
     if comm.rank == 0 and not quiet:
         print(result[0], flush=True)
     return bool(comm.bcast(result[1] if comm.rank == 0 else None, root=0))
@@ -221,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
     from femkin._fem import MPI
 
     comm = MPI.COMM_WORLD
-    report = run_on_root(comm, _work, args)
+    report = run_on_root(comm, prepare_video, args)
     if comm.rank == 0:
         print(report[0], flush=True)
     return 0
