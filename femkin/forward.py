@@ -40,6 +40,14 @@ from femkin.errors import ConvergenceError
 from femkin.physics import acr
 
 
+def _step_failure(t: float, step: float, reason, its: int, dt_min: float) -> ConvergenceError:
+    """The error of a time step whose Newton solve failed at the step floor (or replay)."""
+    return ConvergenceError(
+        f"Newton did not converge at t = {t:.6g} s with step {step:.3g} s "
+        f"(SNES reason {reason}, {its} iterations); the step floor is dt_min = {dt_min:g} s"
+    )
+
+
 @dataclasses.dataclass
 class ModelParameters:
     """Numerical values of the global model parameters.
@@ -639,11 +647,7 @@ class ParticleModel:
                 traj.rejected += 1
                 self.u.x.array[:] = self.u_old.x.array
                 if schedule is not None or step / 2 < o.dt_min:
-                    raise ConvergenceError(
-                        f"Newton did not converge at t = {t:.6g} s with step {step:.3g} s "
-                        f"(SNES reason {reason}, {its} iterations); the step floor is "
-                        f"dt_min = {o.dt_min:g} s"
-                    )
+                    raise _step_failure(t, step, reason, its, o.dt_min)
                 dt = step / 2
                 continue
             t = t_new
@@ -738,11 +742,7 @@ class ParticleModel:
                 traj.rejected += 1
                 self.u.x.array[:] = hist[-1]
                 if schedule is not None or step / 2 < o.dt_min:
-                    raise ConvergenceError(
-                        f"Newton did not converge at t = {t:.6g} s with step {step:.3g} s "
-                        f"(SNES reason {reason}, {its} iterations); the step floor is "
-                        f"dt_min = {o.dt_min:g} s"
-                    )
+                    raise _step_failure(t, step, reason, its, o.dt_min)
                 h = step / 2
                 continue
             if schedule is None:
