@@ -108,10 +108,8 @@ def model_description(case) -> str:
     """One line naming the model variant of a case: kinetics, j0 form, learned blocks."""
     model, learn = case.model, list(case.inversion["learn"])
     parts = []
-    kinetics = model.get("kinetics")
-    if kinetics and kinetics != "butler-volmer":
-        parts.append(str(kinetics))
-    else:
+    kinetics = model.get("kinetics", "bv")
+    if kinetics == "bv":  # Butler-Volmer with j0 = c^p (1-c)^q exp(sum b_n P_n)
         p, q = model["j0_prefactor"]
         n = len(model["j0"])
         form = f"c^{p:g}(1-c)^{q:g}"
@@ -120,6 +118,13 @@ def model_description(case) -> str:
         else:
             form += " fixed"
         parts.append(f"BV, j0 = {form}")
+    elif kinetics == "bv-constant":
+        parts.append("BV, j0 constant")
+    elif kinetics == "bv-lim":
+        parts.append("BV, j0 = c^alpha (1-c)^(1-alpha) / gamma (Lim et al. 2016)")
+    else:
+        lam = "learned" if "lambda" in learn else f"{model.get('lambda', float('nan')):g} kT"
+        parts.append(f"{kinetics.upper()}, lambda {lam}")
     parts.append("learn " + ",".join(learn))
     return "; ".join(parts)
 
