@@ -113,6 +113,8 @@ def timed_fit(case, comm=None) -> dict:
         "groups": problem.distribution.n_groups,
         "iterations": int(result.iterations),
         "tao_reason": str(result.reason),
+        "converged": summary.get("converged"),
+        "convergence": summary.get("convergence"),
         "wall_s": {"total": wall, **{k: float(v) for k, v in timings.items()}},
         "cpu_s": {
             "sum_over_ranks": comm.allreduce(cpu, op=MPI.SUM),

@@ -40,7 +40,9 @@ def main(argv=None) -> int:
     parser.add_argument("--particles", type=int, default=40)
     parser.add_argument("--pixels", type=float, default=450.0, help="pixels per particle")
     parser.add_argument("--frames", type=int, default=11, help="frames incl. the initial one")
-    parser.add_argument("--iterations", type=int, default=30, help="TAO iteration limit")
+    parser.add_argument(
+        "--iterations", type=int, default=60, help="iteration budget (a cap is not convergence)"
+    )
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--keep", type=pathlib.Path, help="work directory to keep")
     args = parser.parse_args(argv)
@@ -68,7 +70,9 @@ def main(argv=None) -> int:
         "observed_pixel_values": fit["n_observed"],
         "ranks": fit["ranks"],
         "iterations": fit["iterations"],
-        "tao_reason": fit["tao_reason"],
+        "stop_reason": fit["tao_reason"],
+        "converged": fit["converged"],
+        "convergence": fit["convergence"],
         "simulate_s": t_sim,
         "fit_wall_s": fit["wall_s"]["fit"],
         "total_wall_s": fit["wall_s"]["total"],
