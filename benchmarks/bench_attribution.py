@@ -1,0 +1,193 @@
+"""Attribution of twin data to the law (and observation) that made them, by the Laplace evidence.
+
+Each twin is the tiny disc particle of the workflow tests (~60 pixels of 0.05 um, fitting mesh
+1.5 pixels, simulation mesh 1 pixel, uniform k, noise 0.07, 13 frames over a 1200 s
+lithiation-delithiation cycle) simulated with one kinetic law or observation; every variant is
+a case directory that fits the twin's simulated video with another model
+(``tests/compare_cases.py``), and ``femkin compare`` ranks them. Twins and variants:
+
+* ``ciet``: CIET truth (lambda = 6 kT, k0 = 0.06 1/s) under a strong drive (mu_e 1 -> 5.5 ->
+  -6 kT, overpotentials up to ~8 kT, where the Marcus-Hush-Chidsey rate saturates);
+* ``lim``: Butler-Volmer with Lim et al.'s j0 = c^(1/2) (1-c)^(3/2) (k0 = 2e-3 1/s), the same
+  drive;
+
+  both fitted by ``ciet`` (mu_h, k0 and lambda learned, lambda's prior 8.3 kT, std 0.5 in
+  ln lambda), ``bv-lim`` and ``bv-constant`` (mu_h, k0) and ``bv-flex`` (Lim's j0 times a learned
+  exp(b_0 P_0 + b_1 P_1); mu_h, j0, k0);
+* ``psf``: Lim's law under the milder cycle of ``tests/test_compare.py`` (mu_e 1 -> 4 -> -3 kT)
+  observed through a Gaussian PSF of FWHM 0.075 um (1.5 pixels), with a rough true k(x)
+  (``m_std`` 1.0, ``m_length`` 0.1 um) so that c has structure at the pixel scale, every fit
+  learning m; fitted by ``point`` (point sampling), ``psf`` (the true width, fixed) and
+  ``psf-learned`` (the width learned from a prior around 0.05 um);
+* ``point``: the same without the PSF, fitted by ``point`` and ``psf-learned``.
+
+Prints one JSON object: per twin, per variant the log evidence, log Bayes factor against the
+twin's own model (positive: the twin's model wins), misfit RMS, parameters, N_eff, converged
+flag, stop reason and the wall time of the variant's fit + UQ step.
+
+Run: ``.venv/bin/python benchmarks/bench_attribution.py [--twins ciet lim psf point]``
+(about 5-15 min per twin on one core; ``--keep DIR`` keeps the case directories).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shutil
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # compare_cases and workflow_case
+
+from compare_cases import write_twin, write_variant  # noqa: E402
+
+#: The strong lithiation-delithiation cycle of the kinetic-law twins.
+STRONG = {
+    "n_frames": 13,
+    "t_end": 1200.0,
+    "knots": (0.0, 600.0, 1200.0),
+    "mu_e": (1.0, 5.5, -6.0),
+    "dc_max": 0.03,
+    "time_tol": 5e-4,
+}
+#: The milder cycle of tests/test_compare.py (the PSF twins).
+CYCLE = {**STRONG, "mu_e": (1.0, 4.0, -3.0)}
+LIM = (0.5, 1.5)
+#: The kinetic-law variants: (name, write_variant keywords).
+LAWS = {
+    "ciet": {"kinetics": "ciet", "k0": 0.03, "learn": ["mu_h", "k0", "lambda"]},
+    "bv-lim": {"kinetics": "bv-lim", "learn": ["mu_h", "k0"]},
+    "bv-constant": {"kinetics": "bv-constant", "learn": ["mu_h", "k0"]},
+    "bv-flex": {"j0": [0.0, 0.0], "learn": ["mu_h", "j0", "k0"]},
+}
+TRUE_LAMBDA, CIET_K0 = 6.0, 0.06
+TRUE_PSF, PSF_PRIOR = 0.075, 0.05
+
+
+def _cycle(cycle, *keys):
+    return {k: cycle[k] for k in keys or ("knots", "mu_e", "dc_max", "time_tol")}
+
+
+def write_law_twin(root: pathlib.Path, truth: str) -> list[pathlib.Path]:
+    """The twin made with ``truth`` ("ciet" or "bv-lim") and its variants; the twin first."""
+    law = LAWS[truth]
+    extra = {"lam": TRUE_LAMBDA, "true_k0": CIET_K0} if truth == "ciet" else {}
+    write_twin(
+        root / truth,
+        LIM,
+        kinetics=law["kinetics"],
+        k0=law.get("k0"),
+        learn=law["learn"],
+        **extra,
+        **STRONG,
+    )
+    cases = [root / truth]
+    for name, kw in LAWS.items():
+        if name == truth:
+            continue
+        kw = dict(kw)
+        write_variant(
+            root / name, truth, LIM, kw.pop("j0", []), kw.pop("learn"), **kw, **_cycle(STRONG)
+        )
+        cases.append(root / name)
+    return cases
+
+
+def write_psf_twin(root: pathlib.Path, blurred: bool) -> list[pathlib.Path]:
+    """The Lim twin with (``psf``) or without (``point``) the PSF and its observation variants."""
+    from compare_cases import with_rough_k
+
+    twin = "psf" if blurred else "point"
+    learn = ["mu_h", "k0", "m"]
+    write_twin(
+        root / twin,
+        LIM,
+        psf_fwhm=TRUE_PSF if blurred else None,
+        data_psf_fwhm=TRUE_PSF if blurred else None,
+        learn=learn,
+        **CYCLE,
+    )
+    with_rough_k(root / twin)
+    cases = [root / twin]
+    variants = {"psf-learned": PSF_PRIOR}
+    if blurred:
+        variants = {"point": None, **variants}
+    for name, psf in variants.items():
+        var_learn = learn + ["psf_fwhm"] if name == "psf-learned" else learn
+        write_variant(root / name, twin, LIM, [], var_learn, psf_fwhm=psf, **_cycle(CYCLE))
+        with_rough_k(root / name, twin=False)
+        cases.append(root / name)
+    return cases
+
+
+def run_twin(root: pathlib.Path, name: str) -> dict:
+    """Write, fit and compare one twin's variants; the record."""
+    from femkin._fem import MPI
+    from femkin.commands.compare import compare
+    from femkin.commands.run import run_case
+
+    comm = MPI.COMM_WORLD
+    if name in ("ciet", "lim"):
+        cases = write_law_twin(root, "bv-lim" if name == "lim" else "ciet")
+    else:
+        cases = write_psf_twin(root, name == "psf")
+    wall = {}
+    for case in cases:
+        t0 = time.perf_counter()
+        run_case(case, quiet=True, comm=comm)
+        wall[case.name] = time.perf_counter() - t0
+    table = compare(cases, run_missing=False, quiet=True, comm=comm)
+    rows = {r["case"]: r for r in table["rows"]}
+    own = rows[cases[0].name]["log_evidence"]
+    out = {}
+    for case in cases:
+        r = rows[case.name]
+        summary = json.loads((case / "results" / "summary.json").read_text())
+        out[case.name] = {
+            "model": r["model"],
+            "log_evidence": r["log_evidence"],
+            "log_bf_own_vs_this": own - r["log_evidence"],
+            "log_likelihood": r["log_likelihood"],
+            "misfit_rms": r["misfit_rms"],
+            "n_parameters": r["n_parameters"],
+            "effective_parameters": r["effective_parameters"],
+            "converged": r["converged"],
+            "stop_reason": r["stop_reason"],
+            "coefficients": {
+                k: v
+                for k, v in summary["coefficients"].items()
+                if k in ("k0", "lambda", "psf_fwhm", "mu_h", "j0")
+            },
+            "wall_s": wall[case.name],
+        }
+    return {"truth_model": cases[0].name, "best": table["best"], "variants": out}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--twins", nargs="+", default=["ciet", "lim", "psf", "point"])
+    parser.add_argument("--keep", type=pathlib.Path, default=None, help="keep the cases here")
+    args = parser.parse_args(argv)
+    record = {
+        "case": "tiny disc twin: ~60 pixels of 0.05 um, mesh 1.5 px (simulation 1 px), "
+        "13 frames over 1200 s, noise 0.07",
+        "twins": {},
+    }
+    for name in args.twins:
+        root = args.keep / name if args.keep else pathlib.Path(tempfile.mkdtemp())
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            record["twins"][name] = run_twin(root, name)
+        finally:
+            if args.keep is None:
+                shutil.rmtree(root, ignore_errors=True)
+        print(json.dumps({name: record["twins"][name]}), file=sys.stderr, flush=True)
+    print(json.dumps(record, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
