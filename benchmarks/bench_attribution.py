@@ -13,13 +13,13 @@ a case directory that fits the twin's simulated video with another model
 
   both fitted by ``ciet`` (mu_h, k0 and lambda learned, lambda's prior 8.3 kT, std 0.5 in
   ln lambda), ``bv-lim`` and ``bv-constant`` (mu_h, k0) and ``bv-flex`` (Lim's j0 times a learned
-  exp(b_0 P_0 + b_1 P_1); mu_h, j0, k0);
+  exp(b_1 P_1 + b_2 P_2) of 1 - 2c; mu_h, j0, k0);
 * ``psf``: Lim's law under the milder cycle of ``tests/test_compare.py`` (mu_e 1 -> 4 -> -3 kT)
-  observed through a Gaussian PSF of FWHM 0.075 um (1.5 pixels), with a rough true k(x)
-  (``m_std`` 1.0, ``m_length`` 0.1 um) so that c has structure at the pixel scale, every fit
-  learning m; fitted by ``point`` (point sampling), ``psf`` (the true width, fixed) and
-  ``psf-learned`` (the width learned from a prior around 0.05 um);
-* ``point``: the same without the PSF, fitted by ``point`` and ``psf-learned``.
+  observed through a Gaussian PSF of FWHM 0.075 um (1.5 pixels), with a rough true ln k(x)
+  drawn from the fits' BiLaplacian prior (std 0.7, length 0.1 um) so that c has structure at
+  the pixel scale, every fit learning m; fitted by ``point`` (point sampling), ``psf`` (the true
+  width, fixed) and ``psf-learned`` (the width learned, prior median 0.05 um, std 0.5 in ln);
+* ``point``: the same without the PSF, fitted by the same three.
 
 Prints one JSON object: per twin, per variant the log evidence, log Bayes factor against the
 twin's own model (positive: the twin's model wins), misfit RMS, parameters, N_eff, converged
@@ -42,85 +42,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # compare_cases and workflow_case
 
-from compare_cases import write_twin, write_variant  # noqa: E402
-
-#: The strong lithiation-delithiation cycle of the kinetic-law twins.
-STRONG = {
-    "n_frames": 13,
-    "t_end": 1200.0,
-    "knots": (0.0, 600.0, 1200.0),
-    "mu_e": (1.0, 5.5, -6.0),
-    "dc_max": 0.03,
-    "time_tol": 5e-4,
-}
-#: The milder cycle of tests/test_compare.py (the PSF twins).
-CYCLE = {**STRONG, "mu_e": (1.0, 4.0, -3.0)}
-LIM = (0.5, 1.5)
-#: The kinetic-law variants: (name, write_variant keywords).
-LAWS = {
-    "ciet": {"kinetics": "ciet", "k0": 0.03, "learn": ["mu_h", "k0", "lambda"]},
-    "bv-lim": {"kinetics": "bv-lim", "learn": ["mu_h", "k0"]},
-    "bv-constant": {"kinetics": "bv-constant", "learn": ["mu_h", "k0"]},
-    "bv-flex": {"j0": [0.0, 0.0], "learn": ["mu_h", "j0", "k0"]},
-}
-TRUE_LAMBDA, CIET_K0 = 6.0, 0.06
-TRUE_PSF, PSF_PRIOR = 0.075, 0.05
-
-
-def _cycle(cycle, *keys):
-    return {k: cycle[k] for k in keys or ("knots", "mu_e", "dc_max", "time_tol")}
-
-
-def write_law_twin(root: pathlib.Path, truth: str) -> list[pathlib.Path]:
-    """The twin made with ``truth`` ("ciet" or "bv-lim") and its variants; the twin first."""
-    law = LAWS[truth]
-    extra = {"lam": TRUE_LAMBDA, "true_k0": CIET_K0} if truth == "ciet" else {}
-    write_twin(
-        root / truth,
-        LIM,
-        kinetics=law["kinetics"],
-        k0=law.get("k0"),
-        learn=law["learn"],
-        **extra,
-        **STRONG,
-    )
-    cases = [root / truth]
-    for name, kw in LAWS.items():
-        if name == truth:
-            continue
-        kw = dict(kw)
-        write_variant(
-            root / name, truth, LIM, kw.pop("j0", []), kw.pop("learn"), **kw, **_cycle(STRONG)
-        )
-        cases.append(root / name)
-    return cases
-
-
-def write_psf_twin(root: pathlib.Path, blurred: bool) -> list[pathlib.Path]:
-    """The Lim twin with (``psf``) or without (``point``) the PSF and its observation variants."""
-    from compare_cases import with_rough_k
-
-    twin = "psf" if blurred else "point"
-    learn = ["mu_h", "k0", "m"]
-    write_twin(
-        root / twin,
-        LIM,
-        psf_fwhm=TRUE_PSF if blurred else None,
-        data_psf_fwhm=TRUE_PSF if blurred else None,
-        learn=learn,
-        **CYCLE,
-    )
-    with_rough_k(root / twin)
-    cases = [root / twin]
-    variants = {"psf-learned": PSF_PRIOR}
-    if blurred:
-        variants = {"point": None, **variants}
-    for name, psf in variants.items():
-        var_learn = learn + ["psf_fwhm"] if name == "psf-learned" else learn
-        write_variant(root / name, twin, LIM, [], var_learn, psf_fwhm=psf, **_cycle(CYCLE))
-        with_rough_k(root / name, twin=False)
-        cases.append(root / name)
-    return cases
+from compare_cases import write_law_twin, write_psf_twin  # noqa: E402
 
 
 def run_twin(root: pathlib.Path, name: str) -> dict:
