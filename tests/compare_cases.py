@@ -220,8 +220,8 @@ MILD = {**STRONG, "mu_e": (1.0, 4.0, -3.0)}
 #: Lim et al.'s j0 = c^(1/2) (1 - c)^(3/2) as the ``j0_prefactor`` (p, q).
 LIM = (0.5, 1.5)
 #: The kinetic-law variants by case name: CIET with lambda learned (prior median 8.3 kT, the
-#: literature value; std 0.5 in ln lambda) and fixed at 8.3 kT, the two fixed Butler-Volmer laws, and Lim's j0
-#: times a learned exp(b_1 P_1 + b_2 P_2) of 1 - 2c (the flexible family).
+#: literature value; std 0.5 in ln lambda) and fixed at 8.3 kT, the two fixed Butler-Volmer
+#: laws, and Lim's j0 times a learned exp(b_1 P_1 + b_2 P_2) of 1 - 2c (the flexible family).
 LAWS = {
     "ciet": {"kinetics": "ciet", "k0": 0.03, "learn": ["mu_h", "k0", "lambda"]},
     "ciet-8.3": {"kinetics": "ciet", "k0": 0.03, "learn": ["mu_h", "k0"]},
