@@ -39,8 +39,9 @@ knots, initial states), then takes an Armijo backtracking step along ``p``:
   point differed by 60 nats between the two schedules, and every halving failed). So a trial
   that changed the schedule ends the line search: ``x_k`` is evaluated again on the new
   schedule (saved as the iterate's record, so a resumed run sees the same), and the step is
-  recomputed; at most ``max_reschedules`` times per iteration (counted in ``reschedules``),
-  after which the line search goes on as usual.
+  recomputed; at most ``max_reschedules`` times per iteration (counted in ``reschedules``; the
+  discarded step's CG iterations in the record's ``discarded_cg_iterations``), after which
+  the line search goes on as usual.
 
 Why a loop of our own rather than TAO's ``bnls``/``bntr`` with a custom KSP: TAO exposes
 neither the Newton decrement as a stopping test nor a forcing term relative to the first
@@ -376,7 +377,11 @@ def newton_cg(
                         f"the forward model failed at iterate {k} on its re-adapted step schedule"
                     )
                 g_norm, g_norm_c = space.dual_norm(g), c_norm(g)
-                save(record())  # the iterate's record (and checkpoint) on the new schedule
+                rec = record()  # the iterate's record (and checkpoint) on the new schedule
+                rec["discarded_cg_iterations"] = (
+                    history[-1].get("discarded_cg_iterations", 0) + cg.iterations
+                )
+                save(rec)
                 continue
             if not accepted:
                 history[-1].update(step_info)
