@@ -28,8 +28,8 @@ and per variant the log evidence, log Bayes factor against the twin's own model 
 twin's model wins), misfit RMS, parameters, N_eff, converged flag, stop reason, the learned
 global coefficients and the wall time of the variant's fit + UQ step.
 
-Measured 2026-12-03 (one rank, 2-core machine shared with other jobs; 7-30 s per fit, ~4 min
-in all): every fit converged and every target met. CIET twin: ciet 867.18, bv-flex -10.6,
+Measured 2026-12-03 (one rank, 2-core machine shared with other jobs; 7-95 s per fit, ~6 min
+in all): every fit converged and every target met. CIET twin: ciet 867.18, bv-flex -11.3,
 ciet-8.3 -19.5, bv-lim -53.7, bv-constant -815.8 (lambda 5.02 kT, k0 0.046 1/s). bv-lim twin:
 bv-lim 870.12, bv-flex -3.2, ciet -14.5 (lambda 2.0 kT), ciet-8.3 -38.9, bv-constant -1603.
 PSF twin: psf 1726.49, psf-learned -3.0 (width 0.027 um), point -9.0. Point twin: point

@@ -224,9 +224,9 @@ def test_kinetic_law_attribution(mpi_tmp_path, truth):
 
     Measured (13 frames, ~60 pixels; log BF of the twin's law against each other variant):
     CIET twin: against ciet-8.3 19.5, bv-lim 53.7, bv-constant 815.8, the learned-j0 family
-    10.6 (lambda 5.02 kT, k0 0.046 1/s against the true 6 kT, 0.06 1/s: the two trade off);
+    11.3 (lambda 5.02 kT, k0 0.046 1/s against the true 6 kT, 0.06 1/s: the two trade off);
     bv-lim twin: against CIET 14.5 (lambda ran to 2.0 kT), ciet-8.3 38.9, bv-constant 1603,
-    the learned-j0 family 3.2. Every fit converged (7-24 s each)."""
+    the learned-j0 family 3.2. Every fit converged (8-95 s each)."""
     root = mpi_tmp_path
     cases = write_law_twin(root, truth) if MPI.COMM_WORLD.rank == 0 else None
     cases = MPI.COMM_WORLD.bcast(cases, root=0)
