@@ -87,6 +87,8 @@ class MapFunctional:
         self.gauss_newton = gauss_newton
         self.last_misfit = np.nan
         self._gradient_at: PETSc.Vec | None = None
+        #: How many evaluations re-adapted the frozen step schedule (read by the line search).
+        self.schedule_changes = 0
 
     def value(self, x: PETSc.Vec) -> float:
         """Misfit + prior at ``x``; a failed forward solve gives a large value (TAO backtracks)."""
@@ -103,12 +105,15 @@ class MapFunctional:
         schedule it froze: the value and gradient are then those of a replay, exactly what a
         run resumed from a checkpoint (which holds the schedule) computes at ``x``.
         """
+        before = self.problem.schedules()
         try:
-            before = self.problem.schedules()
             self.last_misfit = self.problem.gradient(x, g)
             if self.problem.schedules() != before:
+                self.schedule_changes += 1
                 self.last_misfit = self.problem.gradient(x, g)
-        except ConvergenceError:
+        except ConvergenceError:  # raised on every rank together: schedules() is safe here
+            if self.problem.schedules() != before:
+                self.schedule_changes += 1
             g.set(0.0)
             self._gradient_at = None
             return FAILED_OBJECTIVE
@@ -247,6 +252,7 @@ def solve_map(
             "hessian_actions": res.counters["hessian_actions"],
             "cg_iterations": res.counters["cg_iterations"],
             "backtracks": res.counters["backtracks"],
+            "reschedules": res.counters["reschedules"],  # line searches restarted (newton.py)
         }
         if res.reason == "DIVERGED_LINE_SEARCH":
             misfit = float(rf.last_misfit)

@@ -31,6 +31,18 @@ knots, initial states), then takes an Armijo backtracking step along ``p``:
   halvings (``DIVERGED_LINE_SEARCH``). A decrement of 1e-3 nats means the MAP point is about
   ``sqrt(2e-3) = 0.045`` posterior standard deviations away along the Newton direction.
 
+- **Re-adapted step schedules**: a reduced functional with a frozen time-step schedule (femkin's
+  :class:`~femkin.inversion.fit.MapFunctional`) re-adapts it where a trial point's forward
+  solve fails on the frozen steps, and counts that in ``rf.schedule_changes``. The objective
+  then is a different discretisation, and the Armijo test against ``f(x_k)`` of the old
+  schedule compares two functions (on a fast CIET cycle with backward Euler the misfit at one
+  point differed by 60 nats between the two schedules, and every halving failed). So a trial
+  that changed the schedule ends the line search: ``x_k`` is evaluated again on the new
+  schedule (saved as the iterate's record, so a resumed run sees the same), and the step is
+  recomputed; at most ``max_reschedules`` times per iteration (counted in ``reschedules``; the
+  discarded step's CG iterations in the record's ``discarded_cg_iterations``), after which
+  the line search goes on as usual.
+
 Why a loop of our own rather than TAO's ``bnls``/``bntr`` with a custom KSP: TAO exposes
 neither the Newton decrement as a stopping test nor a forcing term relative to the first
 gradient (its ``-tao_bnk_ksp_rtol`` is fixed), its line-search and trust-region state cannot
@@ -192,6 +204,7 @@ def newton_cg(
     cg_max_iterations: int = 200,
     armijo_c1: float = 1e-4,
     max_backtracks: int = 12,
+    max_reschedules: int = 3,
     state: dict | None = None,
     on_iteration: Callable[[dict, PETSc.Vec, dict], None] | None = None,
     annotate: Callable[[], dict] | None = None,
@@ -211,6 +224,8 @@ def newton_cg(
         cg_max_iterations: CG cap per Newton step (also bounded by the parameter dimension).
         armijo_c1: sufficient-decrease constant of the Armijo test.
         max_backtracks: step halvings before the line search fails.
+        max_reschedules: per iteration, how many times a trial point's re-adapted step
+            schedule (``rf.schedule_changes``) restarts the step from ``x_k`` evaluated anew.
         state: the dict from a previous run's ``on_iteration`` (resume): ``iteration``,
             ``g0_norm``, ``history``, ``counters``, ``elapsed``; ``x0`` is then its iterate.
         on_iteration: ``on_iteration(record, x, state)`` after the starting point and after
@@ -246,6 +261,7 @@ def newton_cg(
         "hessian_actions": 0,
         "cg_iterations": 0,
         "backtracks": 0,
+        "reschedules": 0,
     }
     counters.update(state.get("counters", {}))
     start = time.perf_counter() - float(state.get("elapsed", 0.0))
@@ -309,6 +325,7 @@ def newton_cg(
         if not resumed:
             save(record())
         decrement = math.nan
+        reschedules = 0  # of this iteration
         while True:
             if gatol > 0 and g_norm <= gatol:
                 reason = "CONVERGED_GATOL"
@@ -337,16 +354,35 @@ def newton_cg(
                 reason = "CONVERGED_DECREMENT"
                 break
             slope = g.dot(p)  # < 0 for a descent direction
-            alpha, accepted = 1.0, False
+            alpha, accepted, rescheduled = 1.0, False, False
+            epoch = getattr(rf, "schedule_changes", 0)
             for _ in range(max_backtracks + 1):
                 x.copy(x_trial)
                 x_trial.axpy(alpha, p)
                 f_trial = evaluate(x_trial, g_trial)
+                if getattr(rf, "schedule_changes", 0) != epoch and reschedules < max_reschedules:
+                    rescheduled = True  # f(x_k) belongs to the old schedule: start again
+                    break
                 if f_trial <= f + armijo_c1 * alpha * slope:
                     accepted = True
                     break
                 counters["backtracks"] += 1
                 alpha *= 0.5
+            if rescheduled:
+                reschedules += 1
+                counters["reschedules"] += 1
+                f = evaluate(x, g)
+                if not math.isfinite(f) or f >= 1e29:
+                    raise ConvergenceError(
+                        f"the forward model failed at iterate {k} on its re-adapted step schedule"
+                    )
+                g_norm, g_norm_c = space.dual_norm(g), c_norm(g)
+                rec = record()  # the iterate's record (and checkpoint) on the new schedule
+                rec["discarded_cg_iterations"] = (
+                    history[-1].get("discarded_cg_iterations", 0) + cg.iterations
+                )
+                save(rec)
+                continue
             if not accepted:
                 history[-1].update(step_info)
                 reason = "DIVERGED_LINE_SEARCH"
@@ -359,6 +395,7 @@ def newton_cg(
             g_trial.copy(g)
             f = f_trial
             k += 1
+            reschedules = 0
             g_norm, g_norm_c = space.dual_norm(g), c_norm(g)
             decrement = math.nan
             save(record())

@@ -181,6 +181,52 @@ def test_line_search_failure_is_reported():
     assert r.x.equal(x0)
 
 
+class _Rescheduling:
+    """The toy functional plus a constant that jumps (once) when a trial point first lies
+    beyond ``radius`` of the start: a frozen step schedule re-adapted there, a different
+    discretisation of the same problem (the minimiser does not move)."""
+
+    def __init__(self, p, x0, radius, jump, counts=True):
+        self.p, self.space, self.x0 = p, p.space, x0
+        self.radius, self.jump, self.counts = radius, jump, counts
+        self.schedule = 0
+        self.schedule_changes = 0
+
+    def value_gradient(self, x, g):
+        d = x.copy()
+        d.axpy(-1.0, self.x0)
+        if self.schedule == 0 and d.norm() > self.radius:
+            self.schedule = 1
+            self.schedule_changes += 1 if self.counts else 0
+        return self.p.value_gradient(x, g) + self.jump * self.schedule
+
+    def hessian_mult(self, x, v, out):
+        self.p.hessian_mult(x, v, out)
+
+
+@pytest.mark.mpi
+def test_line_search_restarts_on_a_readapted_schedule(comm):
+    """A trial point that changes the schedule restarts the step from x_k evaluated anew; an
+    Armijo test against f(x_k) of the old schedule would fail at every halving."""
+    p = problem(comm, 12)
+    x0 = p.space.create_vector()
+    g = x0.duplicate()
+    jump = 10.0 * abs(p.value_gradient(x0, g)) + 1e3  # more than any decrease
+    stale = newton_cg(
+        _Rescheduling(p, x0, 1e-3, jump, counts=False), x0, prior=p.prior, decrement_tol=1e-12
+    )
+    assert stale.reason == "DIVERGED_LINE_SEARCH" and stale.iterations == 0
+    rf = _Rescheduling(p, x0, 1e-3, jump)
+    r = newton_cg(rf, x0, prior=p.prior, decrement_tol=1e-12, gttol=0.0)
+    assert r.converged and r.counters["reschedules"] == 1 and r.counters["backtracks"] == 0
+    assert r.history[0]["objective"] > jump  # the start's record: on the new schedule
+    d = p.space.to_global_dict(r.x)
+    err = relative_error(d, serial_map(12)) if comm.rank == 0 else 0.0
+    assert comm.bcast(err, root=0) < 1e-7
+    plain = newton_cg(p, x0, prior=p.prior, decrement_tol=1e-12, gttol=0.0)
+    assert r.iterations == plain.iterations and plain.counters["reschedules"] == 0
+
+
 class _Failing:
     def __init__(self, p, error):
         self.space, self.error = p.space, error
