@@ -116,7 +116,7 @@ def main(argv=None) -> None:
     from femkin.inversion.checkpoint import read_checkpoint
     from femkin.inversion.fit import build_prior
     from femkin.study import build_problem, checkpoint_path, checkpoint_settings, open_study
-    from femkin.uq.laplace_study import coefficient_layout, coefficient_names
+    from femkin.uq.laplace_study import analyse, coefficient_layout, coefficient_names
     from femkin.uq.sampling_study import _record, field_agreement, laplace_check, summarise
 
     tmp = None
@@ -209,6 +209,23 @@ def main(argv=None) -> None:
         }
         out[name] = entry
         print(json.dumps({name: {k: entry[k] for k in ("wall_s", "min_ess", "max_rhat")}}))
+    # The Laplace approximation with the full Hessian (second-order residual terms included)
+    # against the same gpCN samples: which part of a disagreement is the Gauss-Newton Hessian's.
+    t0 = time.perf_counter()
+    full = analyse(problem, prior, x, {**study.case.uq, "hessian": "full"})
+    wall["laplace_full_hessian"] = time.perf_counter() - t0
+    out["laplace_full_hessian"] = {
+        "rank": int(full.posterior.rank),
+        "coefficients": {
+            q: {
+                "laplace_std": float(full.std[i]),
+                "mean_difference_in_std": (out["gpcn"]["coefficients"][q]["mean"] - full.mean[i])
+                / float(full.std[i]),
+                "std_ratio": out["gpcn"]["coefficients"][q]["std"] / float(full.std[i]),
+            }
+            for i, q in enumerate(names)
+        },
+    }
     g, p = out["gpcn"], out["pcn"]
     out["cost_ratio_pcn_over_gpcn"] = {
         "forward_runs_per_effective_sample": p["forward_runs_per_effective_sample"]

@@ -187,6 +187,26 @@ def _record(space, blocks):
     return record
 
 
+def _fixed_steps_misfit(problem):
+    """``problem.misfit`` on the step times frozen now (at the MAP point), whatever ran before.
+
+    A forward run whose frozen steps are too long re-adapts them and keeps the new ones
+    (:meth:`femkin.problem.InverseProblem.misfit`, right for a fit). In a chain that would make
+    the target depend on the chain's history (not a Markov chain, and a resumed chain would not
+    be the uninterrupted one): the MAP point's steps are restored after every run, so each
+    proposal is judged by one fixed discrete model (re-adapted only for itself where it fails).
+    """
+    saved = problem.schedules()
+
+    def misfit(x):
+        try:
+            return problem.misfit(x)
+        finally:
+            problem.set_schedules(saved)
+
+    return misfit
+
+
 def run_group_chains(
     problem,
     prior,
@@ -222,7 +242,7 @@ def run_group_chains(
     else:
         reference, centre = post, x_map
     kernel = GpcnKernel(
-        problem.misfit,
+        _fixed_steps_misfit(problem),
         prior.precision_mult,
         prior.mean(),
         reference,
