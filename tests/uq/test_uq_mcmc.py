@@ -215,3 +215,37 @@ def test_field_agreement_over_informed_points():
     assert inf["within"] == pytest.approx(2 / 3)
     assert out["all"]["max"] == 2.0 and out["all"]["within"] == 0.5
     assert field_agreement(np.ones(2), np.ones(2), np.ones(2))["informed"] is None
+
+
+def test_chain_misfit_keeps_the_map_steps():
+    """A run that re-adapts its steps (as InverseProblem.misfit does on a failure) must not
+    change the steps later proposals are judged on."""
+    from femkin.uq.sampling_study import _fixed_steps_misfit
+
+    class Problem:
+        def __init__(self):
+            self.schedule = [0.0, 1.0, 2.0]
+
+        def schedules(self):
+            return {"1": list(self.schedule)}
+
+        def set_schedules(self, s):
+            self.schedule = list(s["1"])
+
+        def misfit(self, x):
+            cost = float(len(self.schedule)) + x
+            if x > 1.0:  # "too long steps": re-adapt and keep, then fail or not
+                self.schedule = [0.0, 0.5, 1.0, 1.5, 2.0]
+            if x > 2.0:
+                raise RuntimeError("diverged")
+            return cost
+
+    p = Problem()
+    f = _fixed_steps_misfit(p)
+    assert f(0.0) == 3.0
+    assert f(1.5) == 4.5
+    assert p.schedule == [0.0, 1.0, 2.0]
+    with pytest.raises(RuntimeError):
+        f(3.0)
+    assert f(0.0) == 3.0  # unchanged target: the bare misfit would now give 5.0
+    assert Problem().misfit(1.5) == 4.5 and p.misfit(1.5) == 4.5 and p.misfit(0.0) == 5.0
