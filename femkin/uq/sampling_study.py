@@ -646,6 +646,7 @@ def sample(case_path, comm=MPI.COMM_WORLD, *, quiet: bool = False) -> dict | Non
 def _write_results(case, payload, chains, blocks, params, settings) -> None:
     """mcmc.json, the sample band columns of mu_h.csv/j0.csv, mcmc_bands.png (rank 0)."""
     from femkin.inversion import results as res
+    from femkin.report import add_mcmc_section
     from femkin.uq_report import mcmc_figure
 
     out = case.dir / "results"
@@ -678,3 +679,4 @@ def _write_results(case, payload, chains, blocks, params, settings) -> None:
             }
     res.write_json(out / "mcmc.json", payload)
     mcmc_figure(out, figure_bands)
+    add_mcmc_section(out, payload)
