@@ -226,6 +226,20 @@ def main(argv=None) -> None:
             for i, q in enumerate(names)
         },
     }
+    # Where the truth lies in each posterior: z = (mean - truth) / std, and the MCMC interval.
+    truth = np.load(case / "simulated" / "truth.npz")
+    true_coef = np.concatenate([truth["mu_h"], truth["j0"], [np.log(float(truth["k0"]))]])
+    out["truth"] = {}
+    for i, q in enumerate(names):
+        mc = out["gpcn"]["coefficients"][q]
+        t = float(true_coef[i])
+        out["truth"][q] = {
+            "value": t,
+            "z_laplace": float((result.mean[i] - t) / result.std[i]),
+            "z_laplace_full_hessian": float((full.mean[i] - t) / full.std[i]),
+            "z_mcmc": (mc["mean"] - t) / mc["std"],
+            "in_mcmc_95": bool(mc["q025"] <= t <= mc["q975"]),
+        }
     g, p = out["gpcn"], out["pcn"]
     out["cost_ratio_pcn_over_gpcn"] = {
         "forward_runs_per_effective_sample": p["forward_runs_per_effective_sample"]
