@@ -14,8 +14,12 @@ then
    stopped (the same random numbers: the uninterrupted answer) and extends it when ``steps``
    grew;
 4. gathers the records on rank 0 and computes, per global coefficient, the mean, std,
-   effective sample size, split-R-hat and their distance from the Laplace values, and the 95%
-   bands of ``mu_h(c)`` and ``j0(c)`` from the samples.
+   effective sample size, split-R-hat, skewness and excess kurtosis and their distance from the
+   Laplace values, the verdict of :func:`laplace_check` (where the Laplace approximation fails,
+   and which is right), and the 95% bands of ``mu_h(c)`` and ``j0(c)`` from the samples.
+
+Each proposal is judged on the step times frozen at the MAP point (:func:`_fixed_steps_misfit`):
+a forward run that had to re-adapt them does not change the target of later steps.
 
 All functions are collective on the communicator they are given.
 """
@@ -498,7 +502,8 @@ def field_agreement(
     A point is *informed* by the data where ``laplace_std / prior_std < informed``.
 
     Returns:
-        ``{"points", "informed_points", "informed_threshold", "informed", "all"}``; the last
+        ``{"points", "informed_points", "informed_threshold", "tolerance", "informed",
+        "all"}``; the last
         two hold the ratio's ``median``, ``q10``, ``q90``, ``min``, ``max`` and the fraction of
         points with ``|ratio - 1| <= tolerance`` (``within``), None where there are no points.
     """
