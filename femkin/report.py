@@ -31,8 +31,10 @@ from femkin.physics.acr import C_GRID, mu_h
 
 __all__ = [
     "C_GRID",
+    "add_mcmc_section",
     "curves",
     "figures",
+    "mcmc_report_lines",
     "plot_frames",
     "read_truth",
     "write_fit_results",
@@ -576,3 +578,56 @@ def write_report(out: Path, summary: dict, figure_names: list[str], uq: dict | N
         lines += [f"- `{name}`" for name in summary["fields"]]
     lines += [""] + [f"![{n}]({n})" for n in figure_names]
     atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+
+
+#: The heading of the section ``femkin sample`` adds to ``report.md``.
+MCMC_HEADING = "## MCMC check of the Laplace approximation"
+
+
+def mcmc_report_lines(payload: dict) -> list[str]:
+    """The ``report.md`` section of ``femkin sample`` (``payload``: the ``mcmc.json`` content)."""
+    check = payload.get("laplace_check", {})
+    lines = [
+        MCMC_HEADING,
+        "",
+        f"- {payload['chains']} chains of {max(payload['steps_per_chain'])} steps "
+        f"({payload['settings']['proposal']} proposal, beta {payload['settings']['beta']}), "
+        f"acceptance {payload['acceptance_overall']:.2f}, min ESS {payload['min_ess']:.0f}, "
+        f"max split-R-hat {payload['max_rhat']:.3f}, "
+        f"{payload['forward_runs_per_effective_sample']:.1f} forward runs per effective sample",
+        f"- verdict: {check.get('verdict', 'no Laplace values to compare with')}",
+        "",
+        "| coefficient | Laplace mean | Laplace std | MCMC mean | MCMC std | dmean / std | "
+        "std ratio | skewness | ESS | R-hat |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, v in payload["coefficients"].items():
+        lap = f"{v['laplace_mean']:.4g} | {v['laplace_std']:.3g}" if "laplace_std" in v else "- | -"
+        cmp = (
+            f"{v['mean_difference_in_std']:+.2f} | {v['std_ratio']:.2f}"
+            if "std_ratio" in v
+            else "- | -"
+        )
+        lines.append(
+            f"| {name} | {lap} | {v['mean']:.4g} | {v['std']:.3g} | {cmp} | "
+            f"{v['skewness']:+.2f} | {v['ess']:.0f} | {v['rhat']:.3f} |"
+        )
+    lines += ["", "![mcmc_bands.png](mcmc_bands.png)"]
+    return lines
+
+
+def add_mcmc_section(out: Path, payload: dict) -> None:
+    """Put the MCMC section into ``out/report.md`` (replacing an earlier one; rank 0).
+
+    Does nothing when there is no report (``femkin uq`` writes it).
+    """
+    path = Path(out) / "report.md"
+    if not path.exists():
+        return
+    text = path.read_text()
+    start = text.find(MCMC_HEADING)
+    if start >= 0:
+        end = text.find("\n## ", start + len(MCMC_HEADING))
+        text = text[:start] + (text[end + 1 :] if end >= 0 else "")
+    text = text.rstrip("\n") + "\n\n" + "\n".join(mcmc_report_lines(payload)) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -70,3 +70,41 @@ def test_curves_and_bands_of_each_kinetic_law():
     np.testing.assert_allclose(lo, exact_lo, rtol=1e-3)
     np.testing.assert_allclose(hi, exact_hi, rtol=1e-3)
     assert np.all(hi / lo > 1.05)  # the band has width
+
+
+def test_mcmc_section_replaces_the_earlier_one(tmp_path):
+    from femkin.report import MCMC_HEADING, add_mcmc_section
+
+    coefficient = {
+        "mean": 1.25,
+        "std": 0.5,
+        "laplace_mean": 1.0,
+        "laplace_std": 0.4,
+        "mean_difference_in_std": 0.625,
+        "std_ratio": 1.25,
+        "skewness": 0.3,
+        "ess": 210.0,
+        "rhat": 1.01,
+    }
+    payload = {
+        "chains": 4,
+        "steps_per_chain": [500, 500, 500, 500],
+        "settings": {"proposal": "laplace", "beta": 0.5},
+        "acceptance_overall": 0.41,
+        "min_ess": 210.0,
+        "max_rhat": 1.01,
+        "forward_runs_per_effective_sample": 9.5,
+        "coefficients": {"k0": coefficient},
+        "laplace_check": {"verdict": "first verdict"},
+    }
+    (tmp_path / "report.md").write_text("# femkin results\n\n## Particles\n\nrow\n")
+    add_mcmc_section(tmp_path, payload)
+    payload["laplace_check"] = {"verdict": "second verdict"}
+    add_mcmc_section(tmp_path, payload)
+    text = (tmp_path / "report.md").read_text()
+    assert text.count(MCMC_HEADING) == 1 and "## Particles\n\nrow\n" in text
+    assert "second verdict" in text and "first verdict" not in text
+    assert "| k0 | 1 | 0.4 | 1.25 | 0.5 | +0.62 | 1.25 | +0.30 | 210 | 1.010 |" in text
+    assert "acceptance 0.41, min ESS 210, max split-R-hat 1.010" in text
+    add_mcmc_section(tmp_path / "absent", payload)  # no report: nothing written
+    assert not (tmp_path / "absent").exists()

@@ -7,8 +7,10 @@ raising it extends finished chains), ``burn`` (fraction discarded), ``beta`` (th
 ``seed``. Chains run in parallel over MPI groups (``mpirun -n N``: ``min(N, chains)`` groups),
 are checkpointed in ``CASE/checkpoints/mcmc_chain<c>.npz`` and resumed by a later run with the
 same settings. Writes ``CASE/results/mcmc.json`` (acceptance, and per global coefficient the
-mean, std, ESS, split-R-hat and the distance from the Laplace values), the columns
-``mcmc_lo``/``mcmc_hi`` of ``mu_h.csv`` and ``j0.csv``, and ``mcmc_bands.png``. The numerics
+mean, std, ESS, split-R-hat, skewness, excess kurtosis and the distance from the Laplace values;
+``laplace_check``: whether Laplace and MCMC agree within 0.3 std in the mean and 25% in the std,
+and where they do not, which is right and why), the columns ``mcmc_lo``/``mcmc_hi`` of
+``mu_h.csv`` and ``j0.csv``, ``mcmc_bands.png`` and a section of ``report.md``. The numerics
 live in :mod:`femkin.uq.sampling_study`.
 """
 

@@ -14,8 +14,12 @@ then
    stopped (the same random numbers: the uninterrupted answer) and extends it when ``steps``
    grew;
 4. gathers the records on rank 0 and computes, per global coefficient, the mean, std,
-   effective sample size, split-R-hat and their distance from the Laplace values, and the 95%
-   bands of ``mu_h(c)`` and ``j0(c)`` from the samples.
+   effective sample size, split-R-hat, skewness and excess kurtosis and their distance from the
+   Laplace values, the verdict of :func:`laplace_check` (where the Laplace approximation fails,
+   and which is right), and the 95% bands of ``mu_h(c)`` and ``j0(c)`` from the samples.
+
+Each proposal is judged on the step times frozen at the MAP point (:func:`_fixed_steps_misfit`):
+a forward run that had to re-adapt them does not change the target of later steps.
 
 All functions are collective on the communicator they are given.
 """
@@ -41,7 +45,15 @@ from femkin.uq.mcmc import (
     start_chain,
 )
 
-__all__ = ["START_SEED_OFFSET", "load_laplace", "sample", "save_laplace", "summarise"]
+__all__ = [
+    "START_SEED_OFFSET",
+    "field_agreement",
+    "laplace_check",
+    "load_laplace",
+    "sample",
+    "save_laplace",
+    "summarise",
+]
 
 #: Chain ``c`` starts from the MAP point plus the Laplace sample of seed
 #: ``seed + START_SEED_OFFSET + c``.
@@ -179,10 +191,42 @@ def _record(space, blocks):
     return record
 
 
+def _fixed_steps_misfit(problem):
+    """``problem.misfit`` on the step times frozen now (at the MAP point), whatever ran before.
+
+    A forward run whose frozen steps are too long re-adapts them and keeps the new ones
+    (:meth:`femkin.problem.InverseProblem.misfit`, right for a fit). In a chain that would make
+    the target depend on the chain's history (not a Markov chain, and a resumed chain would not
+    be the uninterrupted one): the MAP point's steps are restored after every run, so each
+    proposal is judged by one fixed discrete model (re-adapted only for itself where it fails).
+    """
+    saved = problem.schedules()
+
+    def misfit(x):
+        try:
+            return problem.misfit(x)
+        finally:
+            problem.set_schedules(saved)
+
+    return misfit
+
+
 def run_group_chains(
-    problem, prior, laplace_path: Path, case_dir: Path, settings: dict, chains, *, log=None
+    problem,
+    prior,
+    laplace_path: Path,
+    case_dir: Path,
+    settings: dict,
+    chains,
+    *,
+    log=None,
+    record=None,
 ) -> dict[int, dict]:
     """Run (or resume) the given chains on the problem's communicator.
+
+    ``record(x)``: what to keep after every step (default: the global coefficients, in the
+    order of :func:`~femkin.uq.laplace_study.coefficient_layout`); it must be right on the
+    communicator's rank 0, whose records are returned.
 
     Returns:
         ``{chain: {"records", "accepted", "failed", "steps", "resumed_from"}}`` (every rank).
@@ -202,7 +246,7 @@ def run_group_chains(
     else:
         reference, centre = post, x_map
     kernel = GpcnKernel(
-        problem.misfit,
+        _fixed_steps_misfit(problem),
         prior.precision_mult,
         prior.mean(),
         reference,
@@ -210,7 +254,8 @@ def run_group_chains(
         lambda s: prior_sample(prior, space, s),
         beta=float(settings["beta"]),
     )
-    record = _record(space, coefficient_layout(space))
+    if record is None:
+        record = _record(space, coefficient_layout(space))
     out = {}
     for c in chains:
         path = _chain_path(case_dir, c)
@@ -277,7 +322,9 @@ def summarise(chains: dict[int, dict], names: list[str], burn: float, laplace: d
             "q975": float(np.percentile(d, 97.5)),
             "ess": effective_sample_size(d),
             "rhat": split_rhat(d),
+            **_shape(d.ravel()),
         }
+        entry["mean_mcse"] = entry["std"] / np.sqrt(entry["ess"]) if entry["ess"] > 0 else np.nan
         if laplace is not None:
             ls = float(laplace["std"][q])
             entry["laplace_mean"] = float(laplace["mean"][q])
@@ -300,6 +347,191 @@ def summarise(chains: dict[int, dict], names: list[str], burn: float, laplace: d
         "max_rhat": float(max(v["rhat"] for v in coefficients.values())) if names else 0.0,
         "forward_runs_per_effective_sample": float(steps / min(ess)) if ess else float("nan"),
         "coefficients": coefficients,
+    }
+
+
+def _shape(d: np.ndarray) -> dict[str, float]:
+    """Skewness and excess kurtosis of samples (0 and 0 for a Gaussian)."""
+    if d.size < 4:
+        return {"skewness": float("nan"), "excess_kurtosis": float("nan")}
+    z = d - d.mean()
+    var = float(np.mean(z * z))
+    if not var > 0:
+        return {"skewness": 0.0, "excess_kurtosis": 0.0}
+    return {
+        "skewness": float(np.mean(z**3) / var**1.5),
+        "excess_kurtosis": float(np.mean(z**4) / var**2 - 3.0),
+    }
+
+
+#: The issue's agreement targets: means within 0.3 Laplace std, stds within 25%.
+MEAN_TOLERANCE = 0.3
+STD_TOLERANCE = 0.25
+#: Chains count as converged below this split-R-hat and above this effective sample size.
+RHAT_MAX = 1.05
+ESS_MIN = 100.0
+
+
+def laplace_check(
+    summary: dict,
+    *,
+    mean_tolerance: float = MEAN_TOLERANCE,
+    std_tolerance: float = STD_TOLERANCE,
+    rhat_max: float = RHAT_MAX,
+    ess_min: float = ESS_MIN,
+) -> dict:
+    """Where the Laplace approximation agrees with the chains, and which is right where not.
+
+    A coefficient agrees when ``|mean_mcmc - mean_laplace| <= mean_tolerance * std_laplace``
+    and ``|std_mcmc / std_laplace - 1| <= std_tolerance``. The chains are trusted when every
+    coefficient's split-R-hat is below ``rhat_max`` and its ESS above ``ess_min``: they then
+    sample the actual posterior, and where the two disagree the MCMC is right; the Laplace
+    approximation is a Gaussian at the MAP point, and the samples' skewness and excess kurtosis
+    (each against its standard error ``sqrt(6/ESS)``, ``sqrt(24/ESS)``) tell whether the
+    posterior is non-Gaussian there. Untrusted chains give no verdict.
+
+    Args:
+        summary: the output of :func:`summarise` with Laplace values.
+        mean_tolerance: largest ``|dmean|`` in Laplace stds that agrees.
+        std_tolerance: largest ``|std ratio - 1|`` that agrees.
+        rhat_max: split-R-hat below which the chains count as converged.
+        ess_min: effective sample size above which they do.
+
+    Returns:
+        ``{"trusted", "agree", "disagreeing": {name: {...}}, "tolerances", "verdict"}``
+        (``agree`` is None when the chains are not trusted or no Laplace values were given).
+    """
+    coefficients = summary["coefficients"]
+    tolerances = {
+        "mean_in_laplace_std": mean_tolerance,
+        "std_ratio": std_tolerance,
+        "rhat_max": rhat_max,
+        "ess_min": ess_min,
+    }
+    rhat = [v["rhat"] for v in coefficients.values()]
+    ess = [v["ess"] for v in coefficients.values()]
+    trusted = bool(
+        coefficients
+        and all(np.isfinite(r) and r < rhat_max for r in rhat)
+        and all(np.isfinite(e) and e >= ess_min for e in ess)
+    )
+    has_laplace = all("std_ratio" in v for v in coefficients.values())
+    disagreeing = {}
+    for name, v in coefficients.items():
+        if not has_laplace:
+            break
+        dm, ratio = float(v["mean_difference_in_std"]), float(v["std_ratio"])
+        if abs(dm) <= mean_tolerance and abs(ratio - 1.0) <= std_tolerance:
+            continue
+        e = max(float(v["ess"]), 1.0)
+        disagreeing[name] = {
+            "mean_difference_in_std": dm,
+            "std_ratio": ratio,
+            "skewness": v["skewness"],
+            "skewness_error": float(np.sqrt(6.0 / e)),
+            "excess_kurtosis": v["excess_kurtosis"],
+            "excess_kurtosis_error": float(np.sqrt(24.0 / e)),
+        }
+    if not has_laplace:
+        verdict = "no Laplace values to compare with"
+        agree = None
+    elif not trusted:
+        verdict = (
+            f"the chains have not converged (max split-R-hat {max(rhat):.3f}, target "
+            f"< {rhat_max}; min ESS {min(ess):.0f}, target >= {ess_min:.0f}): no verdict on "
+            "the Laplace approximation; run more steps ([sample] steps)"
+        )
+        agree = None
+    elif not disagreeing:
+        verdict = (
+            f"Laplace and MCMC agree on every global coefficient (means within "
+            f"{mean_tolerance} Laplace std, stds within {100 * std_tolerance:.0f}%): the "
+            "Laplace bands describe the posterior"
+        )
+        agree = True
+    else:
+        parts = []
+        for name, d in disagreeing.items():
+            what = []
+            if abs(d["mean_difference_in_std"]) > mean_tolerance:
+                what.append(f"mean shifted {d['mean_difference_in_std']:+.2f} Laplace std")
+            if abs(d["std_ratio"] - 1.0) > std_tolerance:
+                what.append(f"std {d['std_ratio']:.2f}x Laplace's")
+            shape = []
+            if abs(d["skewness"]) > 2.0 * d["skewness_error"]:
+                shape.append(f"skewness {d['skewness']:+.2f} +- {d['skewness_error']:.2f}")
+            if abs(d["excess_kurtosis"]) > 2.0 * d["excess_kurtosis_error"]:
+                shape.append(
+                    f"excess kurtosis {d['excess_kurtosis']:+.2f} +- "
+                    f"{d['excess_kurtosis_error']:.2f}"
+                )
+            why = (
+                "non-Gaussian marginal (" + ", ".join(shape) + ")"
+                if shape
+                else "Gaussian-shaped marginal of another mean/width than the Hessian at the "
+                "MAP point gives (the curvature changes over the posterior's width)"
+            )
+            parts.append(f"{name}: {', '.join(what)}; {why}")
+        verdict = (
+            "Laplace and MCMC disagree on "
+            + "; ".join(parts)
+            + ". The converged chains sample the actual posterior: trust the MCMC values and "
+            "bands (mcmc_lo/mcmc_hi); the Laplace approximation, a Gaussian at the MAP point, "
+            "does not hold over the posterior's width for these coefficients"
+        )
+        agree = False
+    return {
+        "trusted": trusted,
+        "agree": agree,
+        "disagreeing": disagreeing,
+        "tolerances": tolerances,
+        "verdict": verdict,
+    }
+
+
+def field_agreement(
+    mcmc_std: np.ndarray,
+    laplace_std: np.ndarray,
+    prior_std: np.ndarray,
+    *,
+    informed: float = 0.5,
+    tolerance: float = STD_TOLERANCE,
+) -> dict:
+    """The ratio MCMC/Laplace of pointwise posterior stds (e.g. of ln k at the dofs).
+
+    A point is *informed* by the data where ``laplace_std / prior_std < informed``.
+
+    Returns:
+        ``{"points", "informed_points", "informed_threshold", "tolerance", "informed",
+        "all"}``; the last
+        two hold the ratio's ``median``, ``q10``, ``q90``, ``min``, ``max`` and the fraction of
+        points with ``|ratio - 1| <= tolerance`` (``within``), None where there are no points.
+    """
+    mcmc_std, laplace_std, prior_std = (
+        np.asarray(a, dtype=float).ravel() for a in (mcmc_std, laplace_std, prior_std)
+    )
+    ratio = mcmc_std / laplace_std
+    mask = laplace_std / prior_std < informed
+
+    def stats(r: np.ndarray) -> dict | None:
+        if r.size == 0:
+            return None
+        return {
+            "median": float(np.median(r)),
+            "q10": float(np.percentile(r, 10)),
+            "q90": float(np.percentile(r, 90)),
+            "min": float(r.min()),
+            "max": float(r.max()),
+            "within": float(np.mean(np.abs(r - 1.0) <= tolerance)),
+        }
+
+    return {
+        "points": int(ratio.size),
+        "informed_points": int(mask.sum()),
+        "informed_threshold": float(informed),
+        "tolerance": float(tolerance),
+        "informed": stats(ratio[mask]),
+        "all": stats(ratio),
     }
 
 
@@ -400,6 +632,7 @@ def sample(case_path, comm=MPI.COMM_WORLD, *, quiet: bool = False) -> dict | Non
         payload = summarise(
             chains, names, float(settings["burn"]), {"mean": lap_mean, "std": lap_std}
         )
+        payload["laplace_check"] = laplace_check(payload)
         payload["settings"] = settings
         payload["wall_time"] = time.perf_counter() - t0
         payload["resumed_from"] = {str(c): chains[c]["resumed_from"] for c in sorted(chains)}
@@ -410,6 +643,7 @@ def sample(case_path, comm=MPI.COMM_WORLD, *, quiet: bool = False) -> dict | Non
                 f"min ESS {payload['min_ess']:.1f}, max R-hat {payload['max_rhat']:.3f}; "
                 f"results in {case.dir / 'results' / 'mcmc.json'}"
             )
+            log(payload["laplace_check"]["verdict"])
     comm.barrier()
     return payload
 
@@ -417,6 +651,7 @@ def sample(case_path, comm=MPI.COMM_WORLD, *, quiet: bool = False) -> dict | Non
 def _write_results(case, payload, chains, blocks, params, settings) -> None:
     """mcmc.json, the sample band columns of mu_h.csv/j0.csv, mcmc_bands.png (rank 0)."""
     from femkin.inversion import results as res
+    from femkin.report import add_mcmc_section
     from femkin.uq_report import mcmc_figure
 
     out = case.dir / "results"
@@ -449,3 +684,4 @@ def _write_results(case, payload, chains, blocks, params, settings) -> None:
             }
     res.write_json(out / "mcmc.json", payload)
     mcmc_figure(out, figure_bands)
+    add_mcmc_section(out, payload)

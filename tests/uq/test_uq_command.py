@@ -332,6 +332,15 @@ def test_sample_runs_resumes_and_reports(inverted_case):
     assert {"lo", "hi", "mcmc_lo", "mcmc_hi"} <= set(data.dtype.names)
     assert np.all(data["mcmc_lo"] <= data["mcmc_hi"])
     assert (case / "results" / "mcmc_bands.png").exists()
+    # 14 steps: too few for a verdict, and the report says so (once, after three runs)
+    check = straight["laplace_check"]
+    assert check["trusted"] is False and check["agree"] is None
+    assert "not converged" in check["verdict"]
+    from femkin.report import MCMC_HEADING
+
+    report = (case / "results" / "report.md").read_text()
+    assert report.count(MCMC_HEADING) == 1
+    assert f"| {uq['coefficient_names'][0]} |" in report.split(MCMC_HEADING)[1]
 
 
 @pytest.mark.mpi

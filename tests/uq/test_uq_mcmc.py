@@ -156,3 +156,96 @@ def test_sample_bands_follow_the_kinetic_law():
     )
     np.testing.assert_allclose(lo, np.percentile(curves, 2.5, axis=0), rtol=1e-12)
     assert np.all(hi > lo)
+
+
+def _chain(draws: np.ndarray) -> dict:
+    return {"records": draws, "accepted": draws.shape[0], "failed": 0, "steps": draws.shape[0]}
+
+
+def test_laplace_check_names_the_non_gaussian_coefficient():
+    from femkin.uq.sampling_study import laplace_check, summarise
+
+    rng = np.random.default_rng(5)
+    n = 3000
+    chains = {}
+    for c in range(4):
+        gauss = rng.normal(1.0, 2.0, n)
+        skewed = rng.exponential(1.0, n)  # skewness 2, excess kurtosis 6; mean 1, std 1
+        chains[c] = _chain(np.column_stack([gauss, skewed]))
+    laplace = {"mean": np.array([1.0, 0.0]), "std": np.array([2.0, 0.7])}
+    s = summarise(chains, ["a", "b"], 0.0, laplace)
+    b = s["coefficients"]["b"]
+    all_b = np.concatenate([chains[c]["records"][:, 1] for c in range(4)])
+    assert b["mean_difference_in_std"] == pytest.approx((all_b.mean() - 0.0) / 0.7)
+    assert b["std_ratio"] == pytest.approx(all_b.std(ddof=1) / 0.7)
+    assert b["skewness"] == pytest.approx(2.0, abs=0.3)
+    assert b["excess_kurtosis"] == pytest.approx(6.0, abs=2.0)
+    assert abs(s["coefficients"]["a"]["skewness"]) < 0.1
+    check = laplace_check(s)
+    assert check["trusted"] and check["agree"] is False
+    assert list(check["disagreeing"]) == ["b"]
+    assert "b: mean shifted +1.4" in check["verdict"] and "(skewness +" in check["verdict"]
+    assert "trust the MCMC" in check["verdict"]
+    # Laplace right on both: agreement
+    laplace["mean"][1], laplace["std"][1] = all_b.mean() + 0.2 * all_b.std(), all_b.std() * 1.2
+    assert laplace_check(summarise(chains, ["a", "b"], 0.0, laplace))["agree"] is True
+
+
+def test_laplace_check_gives_no_verdict_on_chains_that_disagree():
+    from femkin.uq.sampling_study import laplace_check, summarise
+
+    rng = np.random.default_rng(6)
+    chains = {c: _chain(rng.normal(3.0 * c, 1.0, (400, 1))) for c in range(2)}
+    s = summarise(chains, ["a"], 0.0, {"mean": np.array([1.5]), "std": np.array([1.0])})
+    check = laplace_check(s)
+    assert s["max_rhat"] > 1.5
+    assert not check["trusted"] and check["agree"] is None
+    assert "not converged" in check["verdict"]
+
+
+def test_field_agreement_over_informed_points():
+    from femkin.uq.sampling_study import field_agreement
+
+    out = field_agreement(
+        np.array([1.0, 1.2, 2.0, 0.5]), np.ones(4), np.array([4.0, 4.0, 1.0, 4.0]), informed=0.5
+    )
+    assert out["points"] == 4 and out["informed_points"] == 3
+    inf = out["informed"]
+    assert (inf["median"], inf["min"], inf["max"]) == (1.0, 0.5, 1.2)
+    assert inf["within"] == pytest.approx(2 / 3)
+    assert out["all"]["max"] == 2.0 and out["all"]["within"] == 0.5
+    assert field_agreement(np.ones(2), np.ones(2), np.ones(2))["informed"] is None
+
+
+def test_chain_misfit_keeps_the_map_steps():
+    """A run that re-adapts its steps (as InverseProblem.misfit does on a failure) must not
+    change the steps later proposals are judged on."""
+    from femkin.uq.sampling_study import _fixed_steps_misfit
+
+    class Problem:
+        def __init__(self):
+            self.schedule = [0.0, 1.0, 2.0]
+
+        def schedules(self):
+            return {"1": list(self.schedule)}
+
+        def set_schedules(self, s):
+            self.schedule = list(s["1"])
+
+        def misfit(self, x):
+            cost = float(len(self.schedule)) + x
+            if x > 1.0:  # "too long steps": re-adapt and keep, then fail or not
+                self.schedule = [0.0, 0.5, 1.0, 1.5, 2.0]
+            if x > 2.0:
+                raise RuntimeError("diverged")
+            return cost
+
+    p = Problem()
+    f = _fixed_steps_misfit(p)
+    assert f(0.0) == 3.0
+    assert f(1.5) == 4.5
+    assert p.schedule == [0.0, 1.0, 2.0]
+    with pytest.raises(RuntimeError):
+        f(3.0)
+    assert f(0.0) == 3.0  # unchanged target: the bare misfit would now give 5.0
+    assert Problem().misfit(1.5) == 4.5 and p.misfit(1.5) == 4.5 and p.misfit(0.0) == 5.0
