@@ -59,16 +59,18 @@ def _common(
     j0,
     learn,
     *,
-    knots,
-    mu_e,
-    dc_max,
-    max_iterations,
+    knots=(0.0, 400.0),
+    mu_e=(1.0, 2.5),
+    dc_max: float = 0.08,
+    max_iterations: int = 60,
     k0: float | None = None,
     kinetics: str | None = None,
     lam: float | None = None,
     time_tol: float | None = None,
     rough_k: tuple[float, float] | None = None,
 ) -> str:
+    """The fit's part of a case.toml (model, driving, solver, inversion); ``write_twin`` and
+    ``write_variant`` pass their fit settings through unchanged."""
     # backward Euler with dc_max; with time_tol, the variable-step BDF2 scheme at that tolerance
     solver = (
         f'scheme = "euler"\ndc_max = {dc_max}'
@@ -101,24 +103,20 @@ def write_twin(
     *,
     n_frames: int = 5,
     t_end: float = 400.0,
-    knots=(0.0, 400.0),
-    mu_e=(1.0, 2.5),
     noise: float = 0.07,
-    dc_max: float = 0.08,
-    max_iterations: int = 60,
     learn=("mu_h", "k0"),
     kinetics: str | None = None,
     lam: float | None = None,
-    k0: float | None = None,
     true_k0: float | None = None,
     psf_fwhm: float | None = None,
-    time_tol: float | None = None,
     rough_k: tuple[float, float] | None = None,
+    **fit,
 ) -> pathlib.Path:
     """A twin whose truth is ``kinetics`` (default BV with ``j0 = c^p (1 - c)^q``) with CIET's
     ``lam``, rate constant ``true_k0`` (default 2e-3 1/s), the PSF ``psf_fwhm`` and (with
     ``rough_k``) a random m; it fits the same law and observation from ``k0`` (default 1e-3
-    1/s) and ``[model] lambda`` at its default, 8.3 kT."""
+    1/s) and ``[model] lambda`` at its default, 8.3 kT; ``fit``: the fit's settings (``knots``,
+    ``mu_e``, ``dc_max``, ``max_iterations``, ``k0``, ``time_tol``) of :func:`_common`."""
     case = write_case(root, n_frames=n_frames)
     v = read_video(case / "data" / "video.npz")
     t = np.linspace(0.0, t_end, n_frames)
@@ -128,19 +126,7 @@ def write_twin(
     (case / "case.toml").write_text(
         '[data]\nvideo = "data/video.npz"\n'
         + psf
-        + _common(
-            pq,
-            [],
-            learn,
-            knots=knots,
-            mu_e=mu_e,
-            dc_max=dc_max,
-            max_iterations=max_iterations,
-            k0=k0,
-            kinetics=kinetics,
-            time_tol=time_tol,
-            rough_k=rough_k,
-        )
+        + _common(pq, [], learn, kinetics=kinetics, rough_k=rough_k, **fit)
         + f"""
 [simulate]
 noise = {noise}
@@ -163,39 +149,17 @@ def write_variant(
     j0,
     learn,
     *,
-    knots=(0.0, 400.0),
-    mu_e=(1.0, 2.5),
-    dc_max: float = 0.08,
-    max_iterations: int = 60,
-    kinetics: str | None = None,
-    lam: float | None = None,
-    k0: float | None = None,
     psf_fwhm: float | None = None,
-    time_tol: float | None = None,
-    rough_k: tuple[float, float] | None = None,
+    **fit,
 ) -> pathlib.Path:
     """A case fitting the simulated video of the sibling case ``twin`` with another model
-    (``kinetics``, CIET's starting ``lam``, the starting ``k0``, ``[data] psf_fwhm``)."""
+    (``[data] psf_fwhm``; ``fit``: ``kinetics``, CIET's starting ``lam``, the starting ``k0`` and
+    the other settings of :func:`_common`)."""
     root.mkdir(parents=True, exist_ok=True)
     psf = "" if psf_fwhm is None else f"psf_fwhm = {psf_fwhm}\n"
     (root / "case.toml").write_text(
         f'[data]\nvideo = "../{twin}/simulated/video.npz"\n'
-        f'truth = "../{twin}/simulated/truth.npz"\n'
-        + psf
-        + _common(
-            pq,
-            j0,
-            learn,
-            knots=knots,
-            mu_e=mu_e,
-            dc_max=dc_max,
-            max_iterations=max_iterations,
-            k0=k0,
-            kinetics=kinetics,
-            lam=lam,
-            time_tol=time_tol,
-            rough_k=rough_k,
-        )
+        f'truth = "../{twin}/simulated/truth.npz"\n' + psf + _common(pq, j0, learn, **fit)
     )
     return root
 

@@ -22,11 +22,9 @@ import numpy as np
 
 from femkin._fem import PETSc
 from femkin.errors import ConvergenceError, InputError
+from femkin.inversion.newton import FAILED_OBJECTIVE
 from femkin.inversion.tao import minimize
 from femkin.prior import BiLaplacianPrior, GaussianScalarPrior, Prior
-
-#: Objective returned where the forward model fails, so that line searches step back.
-FAILED_OBJECTIVE = 1e30
 
 
 def build_prior(problem, prior_case: dict, x0: PETSc.Vec) -> Prior:

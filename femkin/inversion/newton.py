@@ -70,6 +70,10 @@ import numpy as np
 from femkin._fem import PETSc
 from femkin.errors import ConvergenceError, InputError
 
+#: Objective returned where the forward model fails, so that line searches step back; any value
+#: at or above it (or not finite) counts as a failed evaluation.
+FAILED_OBJECTIVE = 1e30
+
 #: Stop reasons that count as converged.
 CONVERGED = ("CONVERGED_GATOL", "CONVERGED_GTTOL", "CONVERGED_DECREMENT")
 
@@ -287,7 +291,7 @@ def newton_cg(
     g_trial = x.duplicate()
     try:
         f = evaluate(x, g)
-        if not math.isfinite(f) or f >= 1e29:
+        if not math.isfinite(f) or f >= FAILED_OBJECTIVE:
             raise ConvergenceError(
                 f"the objective is not finite at the {'resumed' if resumed else 'starting'} "
                 f"point (iteration {k}): the forward model failed there"
@@ -372,7 +376,7 @@ def newton_cg(
                 reschedules += 1
                 counters["reschedules"] += 1
                 f = evaluate(x, g)
-                if not math.isfinite(f) or f >= 1e29:
+                if not math.isfinite(f) or f >= FAILED_OBJECTIVE:
                     raise ConvergenceError(
                         f"the forward model failed at iterate {k} on its re-adapted step schedule"
                     )
