@@ -313,6 +313,14 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "marginal_max_iterations": Key(
             "int", 20, NON_NEGATIVE, "CG iterations (x coefficients Hessian actions) for them"
         ),
+        "coefficient_mean": Key(
+            "str",
+            "map",
+            _one_of("map", "marginal"),
+            "centre of the coefficients and their bands: the joint MAP point, or the mode of "
+            "their Laplace marginal (the fields' posterior volume included; one Newton step, "
+            "2 forward runs and 2 x rank Hessian actions per coefficient)",
+        ),
         "omitted_samples": Key(
             "int",
             10,

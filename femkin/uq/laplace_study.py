@@ -41,7 +41,8 @@ from femkin.uq.evidence import analyse_evidence
 from femkin.uq.laplace import LowRankPosterior, correlation
 from femkin.uq.marginals import marginal_covariance
 from femkin.uq.predictive import average_noise_std, predictive_c_t, residual_check
-from femkin.uq.randomized import adaptive_rank, omitted_spectrum
+from femkin.uq.randomized import adaptive_rank, combine, gram, omitted_spectrum
+from femkin.uq.volume import field_basis, volume_correction
 
 __all__ = [
     "EXACT_VARIANCE_LIMIT",
@@ -102,6 +103,10 @@ class UQResult:
         residuals: the standardised residuals at the MAP point
             (:func:`femkin.uq.predictive.residual_check`).
         evidence: the Laplace log evidence (:class:`femkin.uq.evidence.Evidence`).
+        map_values: the joint MAP values of the global coefficients (``mean`` unless
+            ``[uq] coefficient_mean = "marginal"``).
+        marginal_mode: with ``coefficient_mean = "marginal"``: how ``mean`` moved from the MAP
+            point to the Laplace-marginal mode (:func:`marginal_mode`); None otherwise.
     """
 
     posterior: LowRankPosterior
@@ -125,6 +130,8 @@ class UQResult:
     spectrum: dict = dataclasses.field(default_factory=dict)
     residuals: dict = dataclasses.field(default_factory=dict)
     evidence: Any = None
+    map_values: np.ndarray | None = None
+    marginal_mode: dict | None = None
 
     @property
     def std(self) -> np.ndarray:
@@ -143,8 +150,10 @@ class UQResult:
         coefficients = {}
         i = 0
         for block, size in self.blocks:
+            map_values = self.mean if self.map_values is None else self.map_values
             coefficients[block] = {
                 "mean": self.mean[i : i + size].tolist(),
+                "map": map_values[i : i + size].tolist(),
                 "std": std[i : i + size].tolist(),
                 "prior_std": prior_std[i : i + size].tolist(),
                 "low_rank_std": low_rank_std[i : i + size].tolist(),
@@ -177,6 +186,11 @@ class UQResult:
         }
         if self.evidence is not None:
             out["evidence"] = self.evidence.to_json()
+        if self.marginal_mode is not None:
+            out["marginal_mode"] = {
+                k: (v.tolist() if isinstance(v, np.ndarray) else v)
+                for k, v in self.marginal_mode.items()
+            }
         if self.c_t is not None:
             out["c_t"] = self.c_t
             out["predictive_check"]["c_t"] = {
@@ -240,6 +254,19 @@ class UQResult:
             )
         if self.evidence is not None:
             out.append(self.evidence.note())
+        mm = self.marginal_mode
+        if mm is not None:
+            out.append(
+                "Coefficient means at the mode of their Laplace marginal (the fields' posterior "
+                "volume included), moved from the joint MAP point by "
+                + ", ".join(
+                    f"{n} {s:+.2f}" for n, s in zip(self.names, mm["shift_over_std"], strict=True)
+                )
+                + f" posterior std ({mm['hessian_actions']} Hessian actions, "
+                f"{mm['forward_runs']} forward runs"
+                + (f"; no slope for {', '.join(mm['failed'])}" if mm["failed"] else "")
+                + ")."
+            )
         return out + self._ppc_note()
 
 
@@ -598,8 +625,30 @@ def analyse(
     k0_column = None
     if "k0" in names and marg.converged:  # an unconverged column is no covariance
         k0_column = marg.columns[names.index("k0")]
-    mean = np.concatenate([space.get_scalars(x, b) for b, _ in blocks]) if blocks else np.zeros(0)
-    bands = credible_bands(problem, x, blocks, covariance)
+    map_values = (
+        np.concatenate([space.get_scalars(x, b) for b, _ in blocks]) if blocks else np.zeros(0)
+    )
+    mean = map_values
+    volume = None
+    centre = x
+    if settings.get("coefficient_mean", "map") == "marginal" and names:
+        t_volume = time.perf_counter()
+        bar = Progress("uq: marginal mode", None, comm=comm, quiet=log is None)
+        volume = marginal_mode(problem, prior, x, posterior, marg, covariance)
+        bar.close()
+        timings["marginal_mode"] = time.perf_counter() - t_volume
+        mean = map_values + volume["shift"]
+        centre = x.copy()
+        for (b, _), values in zip(blocks, _split(mean, blocks), strict=True):
+            space.set_scalars(centre, b, values)
+        say(
+            "marginal mode: the coefficients move by "
+            + " ".join(f"{s:+.2f}" for s in volume["shift_over_std"])
+            + " posterior std from the joint MAP point"
+        )
+    bands = credible_bands(problem, centre, blocks, covariance)
+    if centre is not x:
+        centre.destroy()
     ln_k_std, ln_k_prior_std, method, ln_k_std_dofs = _ln_k_maps(
         problem,
         prior,
@@ -645,7 +694,74 @@ def analyse(
         spectrum=spectrum,
         residuals=residuals,
         evidence=evidence,
+        map_values=map_values,
+        marginal_mode=volume,
     )
+
+
+def _split(values: np.ndarray, blocks) -> list[np.ndarray]:
+    """``values`` in storage order, cut into one array per block."""
+    out, start = [], 0
+    for _, size in blocks:
+        out.append(values[start : start + size])
+        start += size
+    return out
+
+
+def marginal_mode(problem, prior, x, posterior, marg, covariance) -> dict:
+    """The coefficients' Laplace-marginal mode, one Newton step from the MAP point ``x``
+    (:mod:`femkin.uq.volume`; the log det of the Gauss-Newton field block). The forward state
+    is at ``x`` again afterwards.
+    """
+    space = problem.space
+    blocks = coefficient_layout(space)
+    h0 = problem.counters["hessian"]
+
+    def zero_coefficients(v):
+        for b, _ in blocks:
+            view = space.scalar_view(v, b)
+            if view is not None:
+                view[:] = 0.0
+
+    basis = field_basis(posterior.eigenvectors, zero_coefficients, prior.precision_mult)
+    # t_j = X (F^T X)^{-1} e_j: coefficient j moves by one, the fields follow their
+    # conditional mean (X = Gamma F, the marginals' columns).
+    functionals = _unit_functionals(space)
+    ftx = gram(functionals, marg.columns)
+    for f in functionals:
+        f.destroy()
+    directions = combine(marg.columns, np.linalg.inv(0.5 * (ftx + ftx.T)))
+    std = np.sqrt(np.maximum(np.diag(covariance), 0.0))
+    schedules = problem.schedules()
+
+    def set_point(y) -> bool:
+        try:
+            problem.misfit(y)
+            ok = True
+        except ConvergenceError:
+            ok = False
+        if problem.schedules() != schedules:  # re-adapted steps: another discretisation
+            problem.set_schedules(schedules)
+            ok = False
+        return ok
+
+    def apply_gn(vs, outs):
+        problem.hessian_mult_batch(vs, outs, gauss_newton=True)
+
+    res = volume_correction(set_point, apply_gn, basis, x, directions, std, covariance)
+    for v in (*basis, *directions):
+        v.destroy()
+    names = coefficient_names(blocks)
+    return {
+        "shift": res.shift,
+        "shift_over_std": (res.shift / np.where(std > 0, std, 1.0)).tolist(),
+        "half_log_det_gradient": res.gradient.tolist(),
+        "half_log_det": res.half_log_det,
+        "field_rank": res.rank,
+        "failed": [names[j] for j in res.failed],
+        "hessian_actions": problem.counters["hessian"] - h0,
+        "forward_runs": res.forward_runs,
+    }
 
 
 def _sample_band(
