@@ -24,10 +24,13 @@ is total: along ``t_j = (e_j, du*/dtheta_j)``, the posterior's conditional-mean 
 ``t_j = sum_k Gamma e_k (C^{-1})_kj`` from the marginals' columns ``Gamma e_k``. The log det is
 taken on the informed field subspace: the field parts of the low-rank Hessian eigenvectors,
 B-orthonormalised (``W^T B W = I``), as ``log det(I + W^T H W)``. Its slope comes from central
-differences at ``x +- h sigma_j t_j``: per point one forward run and one batched pass of
-``rank(W)`` Hessian actions (they share each step's factorisation). Directions the eigenvectors
-do not reach (the cut spectrum) are left out; their eigenvalues are below the rank decision's
-threshold, so their share of the log det and of its slope is small.
+differences at ``x +- h sigma_j t_j`` (h = 1, halved where a perturbed run fails): per point
+one forward run and one batched pass of ``rank(W)`` Hessian actions (they share each step's
+factorisation). :func:`femkin.uq.laplace_study.marginal_mode` runs every point on its own
+error-controlled time steps (a frozen step sequence often fails at perturbed points near
+c = 1; on a benchmark twin the MAP point's log det agreed to 1e-12 relative either way).
+Directions the eigenvectors do not reach (the cut spectrum) are left out; their eigenvalues are
+below the rank decision's threshold, so their share of the log det and of its slope is small.
 
 The routines take callables, not an inverse problem (``set_point(x)``: linearise at ``x``,
 False if the forward model failed there), so they are tested on problems with a known log det.
@@ -56,7 +59,9 @@ class VolumeCorrection(NamedTuple):
         rank: the dimension of the field basis ``W``.
         hessian_actions: Hessian actions spent.
         forward_runs: forward runs spent (two per coefficient).
-        failed: indices of coefficients whose perturbed forward runs failed (slope taken 0).
+        failed: indices of coefficients whose perturbed forward runs failed at every step
+            tried (slope taken 0).
+        steps: the difference step used per coefficient.
     """
 
     shift: np.ndarray
@@ -66,6 +71,7 @@ class VolumeCorrection(NamedTuple):
     hessian_actions: int
     forward_runs: int
     failed: list[int]
+    steps: np.ndarray
 
 
 def _sym(a: np.ndarray) -> np.ndarray:
@@ -130,6 +136,8 @@ def volume_correction(
     directions: Sequence[PETSc.Vec],
     steps: np.ndarray,
     covariance: np.ndarray,
+    *,
+    max_halvings: int = 3,
 ) -> VolumeCorrection:
     """The marginal mode's shift ``-C g`` by central differences (collective).
 
@@ -142,31 +150,35 @@ def volume_correction(
         x: the MAP point (not modified).
         directions: ``t_j``, the conditional-mean direction of each coefficient (unit change
             of coefficient ``j``, the fields following).
-        steps: the difference step of each coefficient (e.g. its posterior std).
+        steps: the difference step of each coefficient (e.g. its posterior std); where a
+            perturbed run fails the step is halved, up to ``max_halvings`` times.
         covariance: ``C``, the coefficients' marginal covariance.
+        max_halvings: halvings of a step before the coefficient's slope is given up (0).
 
     Returns:
         The :class:`VolumeCorrection`.
     """
-    steps = np.asarray(steps, dtype=float)
+    steps = np.asarray(steps, dtype=float).copy()
     p = len(directions)
     gradient = np.zeros(p)
     failed: list[int] = []
     actions = forward = 0
     y = x.duplicate()
     for j, t in enumerate(directions):
-        values: list[float] = []
-        for sign in (1.0, -1.0):
-            x.copy(y)
-            y.axpy(sign * steps[j], t)
-            forward += 1
-            if not set_point(y):
-                values = []
+        for _ in range(max_halvings + 1):
+            values: list[float] = []
+            for sign in (1.0, -1.0):
+                x.copy(y)
+                y.axpy(sign * steps[j], t)
+                forward += 1
+                if not set_point(y):
+                    break
+                values.append(half_log_det(apply_H_batch, basis))
+                actions += len(basis)
+            if len(values) == 2:
+                gradient[j] = (values[0] - values[1]) / (2.0 * steps[j])
                 break
-            values.append(half_log_det(apply_H_batch, basis))
-            actions += len(basis)
-        if len(values) == 2:
-            gradient[j] = (values[0] - values[1]) / (2.0 * steps[j])
+            steps[j] *= 0.5  # the forward model fails that far out: closer in
         else:
             failed.append(j)
     y.destroy()
@@ -176,4 +188,4 @@ def volume_correction(
     centre = half_log_det(apply_H_batch, basis)
     actions += len(basis)
     shift = -np.asarray(covariance, dtype=float) @ gradient
-    return VolumeCorrection(shift, gradient, centre, len(basis), actions, forward, failed)
+    return VolumeCorrection(shift, gradient, centre, len(basis), actions, forward, failed, steps)

@@ -114,14 +114,21 @@ def test_half_log_det_and_its_slope_match_the_closed_form():
 
 
 @pytest.mark.mpi
-def test_a_failed_perturbed_run_gives_no_slope():
+def test_a_failed_perturbed_run_halves_the_step_then_gives_no_slope():
     toy = Toy(MPI.COMM_WORLD)
     basis = field_basis(_eigenvector_like(toy, N_FIELD), toy.zero_coefficients, toy.apply_B)
     x_values = np.concatenate([[0.8], np.zeros(N_FIELD)])
     x, t = toy.vec(x_values), toy.vec(np.concatenate([[1.0], np.zeros(N_FIELD)]))
-    toy.fail_below = 0.75  # theta - 0.1 fails
+    toy.fail_below = 0.75  # theta - 0.1 fails, theta - 0.05 (one halving) does not
+    res = volume_correction(toy.set_point, toy.apply_H_batch, basis, x, [t], [0.1], np.eye(1))
+    value, slope = toy.exact(x_values, np.zeros(N_FIELD))
+    assert res.failed == [] and res.steps[0] == 0.05
+    assert res.gradient[0] == pytest.approx(slope, rel=1e-2)
+    # a forward run as far out as 1e-4 below fails: four step sizes tried, then no slope
+    toy.fail_below = 0.8 - 1e-4
     res = volume_correction(toy.set_point, toy.apply_H_batch, basis, x, [t], [0.1], np.eye(1))
     assert res.failed == [0] and res.gradient[0] == 0.0 and res.shift[0] == 0.0
+    assert res.forward_runs == 4 * 2 + 1 and res.hessian_actions == 4 * N_FIELD + N_FIELD
     assert np.allclose(toy.point, x_values)
 
 
