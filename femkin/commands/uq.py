@@ -5,8 +5,10 @@ point from ``CASE/checkpoints/state.npz``, computes the dominant eigenpairs of t
 prior-preconditioned Hessian (``[uq] hessian``, ``max_rank``, ``threshold``, ``oversampling``)
 and the low-rank posterior (:mod:`femkin.uq.laplace_study`), and writes into ``CASE/results/``:
 
-- ``uq.json``: ``eigenvalues``, ``rank``, ``coefficients`` (``{block: {"mean", "std",
-  "prior_std"}}``, ``k0`` in its coordinate ln k0, see :mod:`femkin.blocks`),
+- ``uq.json``: ``eigenvalues``, ``rank``, ``coefficients`` (``{block: {"mean", "map", "std",
+  "prior_std"}}``, ``k0`` in its coordinate ln k0, see :mod:`femkin.blocks`; ``mean`` is the
+  joint MAP value ``map`` unless ``[uq] coefficient_mean = "marginal"``, then the mode of the
+  coefficients' Laplace marginal, with ``marginal_mode`` saying how far it moved),
   ``coefficient_names`` and ``correlation`` (in the order of ``coefficients``), ``ln_k_std``
   summaries, ``c_t`` (the 95% band of the particle-average c(t) from ``[uq] samples``
   posterior samples), ``hessian_actions`` and ``wall_time``; ``evidence``: the Laplace log
