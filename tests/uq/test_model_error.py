@@ -9,12 +9,10 @@
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from uq_problems import simulated_twin
+from uq_problems import simulated_twin_fixture
 
 from femkin._fem import MPI
 from femkin.misfit import PixelMisfit
@@ -118,12 +116,7 @@ seed = 3
 @pytest.fixture(scope="module")
 def twin():
     """The tiny twin case, simulated (no fit: the analysis runs at the initial point)."""
-    comm = MPI.COMM_WORLD
-    root, case = simulated_twin("femkin-me-", 2, UQ_SECTION)
-    yield case
-    comm.barrier()
-    if comm.rank == 0:
-        shutil.rmtree(root, ignore_errors=True)
+    yield from simulated_twin_fixture("femkin-me-", UQ_SECTION)
 
 
 def _problem(case, refined=None):

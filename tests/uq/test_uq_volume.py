@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from uq_problems import simulated_twin_fixture
 
 from femkin._fem import MPI, PETSc
 from femkin.uq.volume import field_basis, half_log_det, volume_correction
@@ -147,16 +148,7 @@ seed = 3
 @pytest.fixture(scope="module")
 def twin():
     """The tiny twin case, simulated (no fit: the analysis runs at the initial point)."""
-    import shutil
-
-    from uq_problems import simulated_twin
-
-    comm = MPI.COMM_WORLD
-    root, case = simulated_twin("femkin-volume-", 2, UQ_SECTION)
-    yield case
-    comm.barrier()
-    if comm.rank == 0:
-        shutil.rmtree(root, ignore_errors=True)
+    yield from simulated_twin_fixture("femkin-volume-", UQ_SECTION)
 
 
 def _dense_half_log_det(problem, prior, x) -> float:

@@ -196,3 +196,16 @@ def simulated_twin(prefix: str, max_iterations: int, extra_toml: str):
     comm.barrier()
     assert main(["simulate", str(case), "--quiet"]) == 0
     return root, case
+
+
+def simulated_twin_fixture(prefix: str, extra_toml: str):
+    """Body of a module fixture: the tiny twin simulated (no fit: analyses run at its initial
+    point), yielded, and removed afterwards (collective)."""
+    import shutil
+
+    comm = MPI.COMM_WORLD
+    root, case = simulated_twin(prefix, 2, extra_toml)
+    yield case
+    comm.barrier()
+    if comm.rank == 0:
+        shutil.rmtree(root, ignore_errors=True)
