@@ -107,6 +107,8 @@ class UQResult:
             ``[uq] coefficient_mean = "marginal"``).
         marginal_mode: with ``coefficient_mean = "marginal"``: how ``mean`` moved from the MAP
             point to the Laplace-marginal mode (:func:`marginal_mode`); None otherwise.
+        fields_learned: whether a field (m, the initial state) was learned beside the
+            coefficients (then the joint MAP values can be biased: a note says so).
     """
 
     posterior: LowRankPosterior
@@ -132,6 +134,7 @@ class UQResult:
     evidence: Any = None
     map_values: np.ndarray | None = None
     marginal_mode: dict | None = None
+    fields_learned: bool = False
 
     @property
     def std(self) -> np.ndarray:
@@ -255,6 +258,13 @@ class UQResult:
         if self.evidence is not None:
             out.append(self.evidence.note())
         mm = self.marginal_mode
+        if mm is None and self.fields_learned and self.names:
+            out.append(
+                "Coefficient means are the joint MAP values. With a learned field they can sit "
+                "a posterior std or more from the coefficients' posterior mean (the fields' "
+                "posterior volume, benchmarks/README.md); [uq] coefficient_mean = "
+                '"marginal" moves them to the mode of their Laplace marginal.'
+            )
         if mm is not None:
             out.append(
                 "Coefficient means at the mode of their Laplace marginal (the fields' posterior "
@@ -702,6 +712,7 @@ def analyse(
         evidence=evidence,
         map_values=map_values,
         marginal_mode=volume,
+        fields_learned=any(name in problem.learn for name in ("m", "initial")),
     )
 
 

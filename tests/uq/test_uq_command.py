@@ -76,6 +76,11 @@ def test_uq_json_fields_and_shapes(inverted_case):
     assert uq["coefficient_names"] == ["mu_h[1]", "mu_h[2]", "j0", "k0"]
     # the k0 block is ln k0: its MAP lies near the truth ln(2e-3), far from k0 itself
     assert abs(uq["coefficients"]["k0"]["mean"][0] - np.log(2e-3)) < 1.0
+    # the default centre is the joint MAP point, and with the m field learned the notes say
+    # where its bias comes from and how to move to the marginal mode
+    assert all(v["mean"] == v["map"] for v in uq["coefficients"].values())
+    assert "marginal_mode" not in uq
+    assert any('coefficient_mean = "marginal"' in n for n in uq["notes"]), uq["notes"]
     for block, v in uq["coefficients"].items():
         std, prior = np.array(v["std"]), np.array(v["prior_std"])
         assert np.all(std > 0), block
