@@ -315,11 +315,12 @@ SCHEMA: dict[str, dict[str, Any]] = {
         ),
         "coefficient_mean": Key(
             "str",
-            "map",
-            _one_of("map", "marginal"),
+            "auto",
+            _one_of("auto", "map", "marginal"),
             "centre of the coefficients and their bands: the joint MAP point, or the mode of "
             "their Laplace marginal (the fields' posterior volume included; one Newton step, "
-            "2 forward runs and 2 x rank Hessian actions per coefficient)",
+            "2 forward runs and 2 x rank Hessian actions per coefficient); auto: the marginal "
+            "mode where a field is learned, the fit converged and the marginals converged",
         ),
         "omitted_samples": Key(
             "int",

@@ -76,7 +76,15 @@ def run_case(
         uq(case_path, quiet=quiet, comm=comm)
     else:  # the UQ step on the in-memory problem at the MAP point (see femkin.commands.uq)
         problem, result, timings, prior = out
-        uq_at(open_study(case_path, comm), problem, prior, result.x, result.history, quiet=quiet)
+        uq_at(
+            open_study(case_path, comm),
+            problem,
+            prior,
+            result.x,
+            result.history,
+            quiet=quiet,
+            fit_converged=bool(result.converged),
+        )
     return case
 
 

@@ -7,8 +7,10 @@ and the low-rank posterior (:mod:`femkin.uq.laplace_study`), and writes into ``C
 
 - ``uq.json``: ``eigenvalues``, ``rank``, ``coefficients`` (``{block: {"mean", "map", "std",
   "prior_std"}}``, ``k0`` in its coordinate ln k0, see :mod:`femkin.blocks`; ``mean`` is the
-  joint MAP value ``map`` unless ``[uq] coefficient_mean = "marginal"``, then the mode of the
-  coefficients' Laplace marginal, with ``marginal_mode`` saying how far it moved),
+  joint MAP value ``map``, or the mode of the coefficients' Laplace marginal, with
+  ``marginal_mode`` saying how far it moved; ``coefficient_mean``: ``setting``, ``used`` and
+  the ``reason`` where ``[uq] coefficient_mean`` (default ``"auto"``: the marginal mode where a
+  field is learned, the fit converged and the coefficient marginals converged) was not followed),
   ``coefficient_names`` and ``correlation`` (in the order of ``coefficients``), ``ln_k_std``
   summaries, ``c_t`` (the 95% band of the particle-average c(t) from ``[uq] samples``
   posterior samples), ``hessian_actions`` and ``wall_time``; ``evidence``: the Laplace log
@@ -136,11 +138,14 @@ def uq_at(
     quiet: bool = False,
     extra_timings: dict | None = None,
     fit: dict | None = None,
+    fit_converged: bool | None = None,
 ) -> dict | None:
     """The UQ step on a built problem at its MAP point ``x`` (also used by ``femkin run``).
 
     ``fit``: the fit's record (:func:`femkin.outputs.fit_record`), written into ``uq.json``;
     the files are added to the fit's result set and replace ``results/`` together.
+    ``fit_converged``: whether the fit converged, where ``fit`` is not given (``femkin run``);
+    the coefficients' centre depends on it.
 
     Returns:
         The ``uq.json`` content on rank 0, ``None`` elsewhere.
@@ -156,8 +161,10 @@ def uq_at(
     t0 = time.perf_counter()
     settings = study.case.uq
     model_error = None
+    if fit is not None:
+        fit_converged = fit.get("converged")
     if settings["model_error"] == "none":
-        result = analyse(problem, prior, x, settings, log=log)
+        result = analyse(problem, prior, x, settings, log=log, fit_converged=fit_converged)
     else:
         from femkin.study import build_problem
 
@@ -173,6 +180,7 @@ def uq_at(
             settings,
             lambda: build_problem(study, comm, learn=problem.learn, refined=factors),
             log=log,
+            fit_converged=fit_converged,
         )
     # the proposal of 'femkin sample'
     save_laplace(study.case.dir / "checkpoints" / "laplace.npz", problem.space, result.posterior, x)
@@ -184,6 +192,8 @@ def uq_at(
     if fit is None:  # called right after the fit (femkin run): the result set's own fit
         runs = comm.bcast(read_run_record(study.case.dir) if comm.rank == 0 else None, root=0)
         fit = {"run_id": runs.get("invert", {}).get("run_id"), "finished": True}
+        if fit_converged is not None:
+            fit["converged"] = bool(fit_converged)
     if payload is not None:
         payload["fit"] = fit
         if model_error is not None:

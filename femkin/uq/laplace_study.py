@@ -66,6 +66,9 @@ EXACT_VARIANCE_LIMIT = 6000
 SAMPLE_SEED_OFFSET = 1_000_003
 #: The trace samples bounding the omitted spectrum use seeds ``seed + OMITTED_SEED_OFFSET + i``.
 OMITTED_SEED_OFFSET = 2_000_003
+#: A marginal-mode move beyond this many posterior std gets a note: the one Newton step is a
+#: local approximation (the twins' moves measured 1-1.3 std, benchmarks/README.md).
+FAR_MOVE = 3.0
 
 
 @dataclasses.dataclass
@@ -103,12 +106,15 @@ class UQResult:
         residuals: the standardised residuals at the MAP point
             (:func:`femkin.uq.predictive.residual_check`).
         evidence: the Laplace log evidence (:class:`femkin.uq.evidence.Evidence`).
-        map_values: the joint MAP values of the global coefficients (``mean`` unless
-            ``[uq] coefficient_mean = "marginal"``).
-        marginal_mode: with ``coefficient_mean = "marginal"``: how ``mean`` moved from the MAP
-            point to the Laplace-marginal mode (:func:`marginal_mode`); None otherwise.
+        map_values: the joint MAP values of the global coefficients (``mean`` unless it is
+            their Laplace-marginal mode).
+        marginal_mode: where ``mean`` is the Laplace-marginal mode: how it moved from the MAP
+            point (:func:`marginal_mode`); None otherwise.
         fields_learned: whether a field (m, the initial state) was learned beside the
             coefficients (then the joint MAP values can be biased: a note says so).
+        centre: ``{"setting", "used", "reason"}``: ``[uq] coefficient_mean``, the centre
+            taken (``"map"`` or ``"marginal"``) and, where it differs from what was asked,
+            why (:func:`centre_choice`).
     """
 
     posterior: LowRankPosterior
@@ -135,6 +141,7 @@ class UQResult:
     map_values: np.ndarray | None = None
     marginal_mode: dict | None = None
     fields_learned: bool = False
+    centre: dict = dataclasses.field(default_factory=dict)
 
     @property
     def std(self) -> np.ndarray:
@@ -189,6 +196,8 @@ class UQResult:
         }
         if self.evidence is not None:
             out["evidence"] = self.evidence.to_json()
+        if self.centre:
+            out["coefficient_mean"] = dict(self.centre)
         if self.marginal_mode is not None:
             out["marginal_mode"] = {
                 k: (v.tolist() if isinstance(v, np.ndarray) else v)
@@ -258,12 +267,15 @@ class UQResult:
         if self.evidence is not None:
             out.append(self.evidence.note())
         mm = self.marginal_mode
+        reason = self.centre.get("reason")
+        if reason:
+            out.append(reason)
         if mm is None and self.fields_learned and self.names:
             out.append(
                 "Coefficient means are the joint MAP values. With a learned field they can sit "
                 "a posterior std or more from the coefficients' posterior mean (the fields' "
                 "posterior volume, benchmarks/README.md); [uq] coefficient_mean = "
-                '"marginal" moves them to the mode of their Laplace marginal.'
+                '"auto" or "marginal" moves them to the mode of their Laplace marginal.'
             )
         if mm is not None:
             out.append(
@@ -283,6 +295,13 @@ class UQResult:
                     else ""
                 )
             )
+            far = max((abs(s) for s in mm["shift_over_std"]), default=0.0)
+            if far > FAR_MOVE:
+                out.append(
+                    f"The marginal mode moved a coefficient by {far:.1f} posterior std: one "
+                    "Newton step is a local approximation that far out; check the centre with "
+                    "'femkin sample' (MCMC)."
+                )
         return out + self._ppc_note()
 
 
@@ -481,7 +500,14 @@ def _ln_k_maps(
 
 
 def analyse(
-    problem, prior, x: PETSc.Vec, settings: dict, *, variance_samples: int = 400, log=None
+    problem,
+    prior,
+    x: PETSc.Vec,
+    settings: dict,
+    *,
+    variance_samples: int = 400,
+    log=None,
+    fit_converged: bool | None = None,
 ) -> UQResult:
     """The Laplace approximation at the MAP point ``x`` (see the module docstring).
 
@@ -494,6 +520,8 @@ def analyse(
         variance_samples: samples of the prior-diagonal estimator for fields too large for the
             exact diagonal (:data:`EXACT_VARIANCE_LIMIT`).
         log: optional ``log(message)`` called on rank 0 for progress.
+        fit_converged: whether the fit that found ``x`` converged (None: not known); the
+            coefficients' centre depends on it (:func:`centre_choice`).
 
     Returns:
         The :class:`UQResult`.
@@ -647,7 +675,15 @@ def analyse(
     mean = map_values
     volume = None
     centre = x
-    if settings.get("coefficient_mean", "map") == "marginal" and names:
+    fields_learned = any(name in problem.learn for name in ("m", "initial"))
+    use_marginal, centre_reason = centre_choice(
+        settings.get("coefficient_mean", "auto"),
+        coefficients=bool(names),
+        fields_learned=fields_learned,
+        fit_converged=fit_converged,
+        marginals_converged=bool(marg.converged),
+    )
+    if use_marginal:
         t_volume = time.perf_counter()
         bar = Progress("uq: marginal mode", None, comm=comm, quiet=log is None)
         volume = marginal_mode(problem, prior, x, posterior, marg, covariance)
@@ -712,8 +748,62 @@ def analyse(
         evidence=evidence,
         map_values=map_values,
         marginal_mode=volume,
-        fields_learned=any(name in problem.learn for name in ("m", "initial")),
+        fields_learned=fields_learned,
+        centre={
+            "setting": settings.get("coefficient_mean", "auto"),
+            "used": "marginal" if use_marginal else "map",
+            "reason": centre_reason,
+        },
     )
+
+
+def centre_choice(
+    setting: str,
+    *,
+    coefficients: bool,
+    fields_learned: bool,
+    fit_converged: bool | None,
+    marginals_converged: bool,
+) -> tuple[bool, str | None]:
+    """Whether the coefficients are centred on their Laplace-marginal mode, and why not.
+
+    ``setting`` is ``[uq] coefficient_mean``. The one Newton step from the MAP point
+    (:func:`marginal_mode`) assumes the gradient of the joint objective vanishes there: at a
+    fit that did not converge it would move by the distance to the MAP point as well (8
+    posterior std at the initial point of a test twin), so it is never taken there. ``"auto"``
+    also needs a learned field (without one the coefficients' marginal is the joint posterior
+    and the move is zero) and converged coefficient marginals (an upper-bound covariance
+    lengthens the step). ``fit_converged`` None (not known, e.g. a library call) counts as
+    converged.
+
+    Returns:
+        ``(use_marginal, reason)``: ``reason`` is a sentence for the report when the setting
+        asked for the marginal mode (explicitly or by ``"auto"``) and it was not, or was taken
+        with a caveat; None otherwise.
+    """
+    if not coefficients or setting == "map":
+        return False, None
+    if fit_converged is False:
+        return False, (
+            "Coefficient means left at the fit's last point: the fit did not converge, and "
+            "the marginal mode's one Newton step holds only from a converged MAP point."
+        )
+    if setting == "auto":
+        if not fields_learned:
+            return False, None
+        if not marginals_converged:
+            return False, (
+                "Coefficient means left at the joint MAP point: their marginals did not "
+                "converge (raise [uq] marginal_max_iterations), and the marginal mode's step "
+                "needs their covariance."
+            )
+        return True, None
+    if not marginals_converged:  # "marginal", asked for explicitly
+        return True, (
+            "The marginal mode's step used the coefficients' unconverged (upper-bound) "
+            "covariance: it may overshoot; raise [uq] marginal_max_iterations."
+        )
+    return True, None
 
 
 def _split(values: np.ndarray, blocks) -> list[np.ndarray]:

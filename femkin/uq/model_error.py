@@ -219,6 +219,7 @@ def analyse_with_model_error(
     build_refined: Callable[[], Any],
     *,
     log=None,
+    fit_converged: bool | None = None,
 ) -> tuple[UQResult, dict]:
     """The Laplace analysis at ``x`` with the model error in the noise model.
 
@@ -231,6 +232,7 @@ def analyse_with_model_error(
             :func:`femkin.uq.laplace_study.analyse` reads).
         build_refined: returns the refined problem (same case, refined mesh and steps).
         log: optional ``log(message)`` (rank 0).
+        fit_converged: passed to :func:`femkin.uq.laplace_study.analyse`.
 
     Returns:
         The analysis with the model-error term (the problem's misfits are restored after it),
@@ -250,7 +252,10 @@ def analyse_with_model_error(
     points = [x]
     t0 = time.perf_counter()
     if mode == "samples":
-        base = analyse(problem, prior, x, {**settings, "samples": 0}, log=log)
+        # only its covariance is used (the points, band widths): the MAP centre will do
+        base = analyse(
+            problem, prior, x, {**settings, "samples": 0, "coefficient_mean": "map"}, log=log
+        )
         seed = int(settings["seed"])
         for i in range(int(settings["model_error_samples"])):
             z = prior_sample(prior, problem.space, seed + SEED_OFFSET + i)
@@ -300,7 +305,7 @@ def analyse_with_model_error(
     )
     if summary["added_error_zero"]:
         # Nothing to add: the plain analysis, unchanged.
-        result = analyse(problem, prior, x, settings, log=log)
+        result = analyse(problem, prior, x, settings, log=log, fit_converged=fit_converged)
         without = with_ = band_widths(result.bands)
         std_without = result.std
     else:
@@ -311,7 +316,7 @@ def analyse_with_model_error(
         )
         try:
             t1 = time.perf_counter()
-            result = analyse(problem, prior, x, settings, log=log)
+            result = analyse(problem, prior, x, settings, log=log, fit_converged=fit_converged)
             timings["analysis_with"] = time.perf_counter() - t1
         finally:
             restore(problem, replaced)

@@ -210,9 +210,11 @@ def test_identity_refinement_adds_nothing_and_real_error_widens(twin):
     rtol = 1e-12
     np.testing.assert_allclose(result.eigenvalues, plain.eigenvalues, rtol=rtol, atol=0)
     np.testing.assert_allclose(result.covariance, plain.covariance, rtol=rtol, atol=0)
-    np.testing.assert_array_equal(result.mean, plain.mean)
+    # the centre, and so the bands, is the marginal mode ("auto", a learned m): its finite
+    # differences of log dets amplify that round-off (measured 4e-12 relative)
+    np.testing.assert_allclose(result.mean, plain.mean, rtol=1e-9, atol=0)
     for name in ("mu_h", "j0"):
-        np.testing.assert_allclose(result.bands[name], plain.bands[name], rtol=rtol, atol=0)
+        np.testing.assert_allclose(result.bands[name], plain.bands[name], rtol=1e-9, atol=0)
 
     real = {
         **settings,

@@ -212,3 +212,90 @@ def test_marginal_mode_on_the_twin_uses_the_log_det_of_the_m_block(twin):
     payload = result.to_json(study.case.uq)
     assert payload["coefficients"]["mu_h"]["map"] == result.map_values[:2].tolist()
     assert "Laplace marginal" in " ".join(payload["notes"])
+
+
+@pytest.mark.mpi
+def test_default_centre_after_a_converged_fit_is_the_marginal_mode():
+    """``femkin invert`` to convergence, then ``femkin uq`` with the default ``"auto"``: the
+    coefficients move to their marginal mode; with ``"map"`` they stay at the MAP point, with the
+    same covariance (the centre does not change it)."""
+    import json
+    import shutil
+
+    from uq_problems import simulated_twin
+
+    from femkin.cli import main
+
+    comm = MPI.COMM_WORLD
+    section = "\n[uq]\nmax_rank = 20\nsamples = 0\nomitted_samples = 0\nseed = 3\n"
+    root, case = simulated_twin("femkin-centre-", 40, section)
+    try:
+        assert main(["invert", str(case), "--quiet"]) == 0
+        assert main(["uq", str(case), "--quiet"]) == 0
+        auto = json.loads((case / "results" / "uq.json").read_text())
+        comm.barrier()
+        if comm.rank == 0:
+            with open(case / "case.toml", "a") as f:  # [uq] is the file's last section
+                f.write('coefficient_mean = "map"\n')
+        comm.barrier()
+        assert main(["uq", str(case), "--quiet"]) == 0
+        at_map = json.loads((case / "results" / "uq.json").read_text())
+    finally:
+        comm.barrier()
+        if comm.rank == 0:
+            shutil.rmtree(root, ignore_errors=True)
+    assert auto["fit"]["converged"] is True
+    assert auto["coefficient_mean"] == {"setting": "auto", "used": "marginal", "reason": None}
+    assert at_map["coefficient_mean"] == {"setting": "map", "used": "map", "reason": None}
+    assert "marginal_mode" not in at_map
+    names = auto["coefficient_names"]
+    mean = np.concatenate([v["mean"] for v in auto["coefficients"].values()])
+    map_values = np.concatenate([v["map"] for v in auto["coefficients"].values()])
+    std = np.concatenate([v["std"] for v in auto["coefficients"].values()])
+    mm = auto["marginal_mode"]
+    np.testing.assert_allclose(mean - map_values, mm["shift"], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose((mean - map_values) / std, mm["shift_over_std"], rtol=1e-10)
+    # a real move (1.1 std for mu_h[1] and j0 on this twin), within the one step's reach
+    assert 0.3 < max(abs(s) for s in mm["shift_over_std"]) < 3.0, mm["shift_over_std"]
+    assert mm["failed"] == [] and mm["forward_runs"] == 2 * len(names) + 2
+    for block, v in at_map["coefficients"].items():
+        assert v["mean"] == v["map"] == auto["coefficients"][block]["map"]
+        np.testing.assert_allclose(v["std"], auto["coefficients"][block]["std"], rtol=1e-10)
+
+
+# -- which centre: [uq] coefficient_mean ------------------------------------------------------
+@pytest.mark.parametrize(
+    "setting, fields, fit, marginals, used, why",
+    [
+        ("auto", True, True, True, True, None),
+        ("auto", True, None, True, True, None),  # not known (a library call): as converged
+        ("auto", True, False, True, False, "did not converge"),
+        ("auto", True, True, False, False, "marginals did not converge"),
+        ("auto", False, True, True, False, None),  # no field: the joint MAP is the mode
+        ("map", True, True, True, False, None),
+        ("marginal", True, True, True, True, None),
+        ("marginal", False, True, True, True, None),
+        ("marginal", True, True, False, True, "may overshoot"),
+        ("marginal", True, False, True, False, "did not converge"),
+    ],
+)
+def test_centre_choice(setting, fields, fit, marginals, used, why):
+    from femkin.uq.laplace_study import centre_choice
+
+    take, reason = centre_choice(
+        setting,
+        coefficients=True,
+        fields_learned=fields,
+        fit_converged=fit,
+        marginals_converged=marginals,
+    )
+    assert take is used
+    assert (reason is None) if why is None else (why in reason)
+    # no global coefficients: nothing to centre, whatever is asked
+    assert centre_choice(
+        setting,
+        coefficients=False,
+        fields_learned=fields,
+        fit_converged=fit,
+        marginals_converged=marginals,
+    ) == (False, None)
