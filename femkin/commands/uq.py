@@ -183,7 +183,13 @@ def uq_at(
             fit_converged=fit_converged,
         )
     # the proposal of 'femkin sample'
-    save_laplace(study.case.dir / "checkpoints" / "laplace.npz", problem.space, result.posterior, x)
+    save_laplace(
+        study.case.dir / "checkpoints" / "laplace.npz",
+        problem.space,
+        result.posterior,
+        x,
+        centre=result.mean_vector,
+    )
     timings = dict(extra_timings or {})
     timings.update(result.wall_time)
     timings["total"] = time.perf_counter() - t0 + timings.get("setup", 0.0)

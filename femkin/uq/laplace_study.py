@@ -110,6 +110,9 @@ class UQResult:
             their Laplace-marginal mode).
         marginal_mode: where ``mean`` is the Laplace-marginal mode: how it moved from the MAP
             point (:func:`marginal_mode`); None otherwise.
+        mean_vector: where ``mean`` is the marginal mode: the Laplace mean as a parameter
+            vector (the coefficients moved, the fields at their conditional mean), the centre
+            of ``femkin sample``'s proposal; None otherwise.
         fields_learned: whether a field (m, the initial state) was learned beside the
             coefficients (then the joint MAP values can be biased: a note says so).
         centre: ``{"setting", "used", "reason"}``: ``[uq] coefficient_mean``, the centre
@@ -140,6 +143,7 @@ class UQResult:
     evidence: Any = None
     map_values: np.ndarray | None = None
     marginal_mode: dict | None = None
+    mean_vector: PETSc.Vec | None = None
     fields_learned: bool = False
     centre: dict = dataclasses.field(default_factory=dict)
 
@@ -674,6 +678,7 @@ def analyse(
     )
     mean = map_values
     volume = None
+    mean_vector = None
     centre = x
     fields_learned = any(name in problem.learn for name in ("m", "initial"))
     use_marginal, centre_reason = centre_choice(
@@ -687,12 +692,16 @@ def analyse(
         t_volume = time.perf_counter()
         bar = Progress("uq: marginal mode", None, comm=comm, quiet=log is None)
         volume = marginal_mode(problem, prior, x, posterior, marg, covariance)
+        mean_vector = volume.pop("mean_vector")
         bar.close()
         timings["marginal_mode"] = time.perf_counter() - t_volume
         mean = map_values + volume["shift"]
         centre = x.copy()
         for (b, _), values in zip(blocks, _split(mean, blocks), strict=True):
             space.set_scalars(centre, b, values)
+            # exactly the reported values (the conditional directions move the coefficients
+            # by the shift only to the marginals' CG tolerance)
+            space.set_scalars(mean_vector, b, values)
         say(
             "marginal mode: the coefficients move by "
             + " ".join(f"{s:+.2f}" for s in volume["shift_over_std"])
@@ -748,6 +757,7 @@ def analyse(
         evidence=evidence,
         map_values=map_values,
         marginal_mode=volume,
+        mean_vector=mean_vector,
         fields_learned=fields_learned,
         centre={
             "setting": settings.get("coefficient_mean", "auto"),
@@ -866,10 +876,15 @@ def marginal_mode(problem, prior, x, posterior, marg, covariance) -> dict:
         problem.freeze = freeze
         problem.set_schedules(schedules)
         problem.misfit(x)
+    # the Laplace mean: the coefficients moved, the fields at their conditional mean
+    mean_vector = x.copy()
+    for shift, t in zip(res.shift, directions, strict=True):
+        mean_vector.axpy(float(shift), t)
     for v in (*basis, *directions):
         v.destroy()
     names = coefficient_names(blocks)
     return {
+        "mean_vector": mean_vector,
         "shift": res.shift,
         "shift_over_std": (res.shift / np.where(std > 0, std, 1.0)).tolist(),
         "half_log_det_gradient": res.gradient.tolist(),

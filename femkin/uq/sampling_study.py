@@ -7,8 +7,10 @@ then
 1. splits the communicator into ``min(chains, size)`` groups; each group builds the problem
    on its sub-communicator and runs the chains ``c`` with ``c % groups == group``;
 2. runs each chain with the gpCN kernel (:mod:`femkin.uq.mcmc`; ``[sample] proposal =
-   "prior"`` gives plain pCN), started from the MAP point plus a Laplace sample, recording the
-   global coefficients after every step;
+   "prior"`` gives plain pCN), whose reference Gaussian is the Laplace posterior centred on its
+   mean (the MAP point, or where ``femkin uq`` moved the coefficients to their marginal mode,
+   that point with the fields at their conditional mean), started from that mean plus a
+   Laplace sample, recording the global coefficients after every step;
 3. checkpoints every chain (``CASE/checkpoints/mcmc_chain<c>.npz``: the state, the records,
    the settings' hash) every ``checkpoint_every`` steps; a later run resumes each chain where it
    stopped (the same random numbers: the uninterrupted answer) and extends it when ``steps``
@@ -50,6 +52,7 @@ __all__ = [
     "field_agreement",
     "laplace_check",
     "load_laplace",
+    "load_laplace_with_centre",
     "sample",
     "save_laplace",
     "summarise",
@@ -69,14 +72,28 @@ def _unflatten(prefix: str, data) -> dict:
     return {k[len(p) :]: data[k] for k in data.files if k.startswith(p)}
 
 
-def save_laplace(path: Path, space, posterior: LowRankPosterior, x: PETSc.Vec) -> None:
-    """Write the MAP point and the eigenpairs (``V^T B V = I``) to ``path`` (collective)."""
+def save_laplace(
+    path: Path,
+    space,
+    posterior: LowRankPosterior,
+    x: PETSc.Vec,
+    centre: PETSc.Vec | None = None,
+) -> None:
+    """Write the MAP point, the eigenpairs (``V^T B V = I``) and, where the coefficients were
+    moved to their marginal mode, the Laplace mean ``centre`` (the fields at their conditional
+    mean) to ``path`` (collective).
+    """
     from femkin.io.atomic import atomic_write
 
     arrays = {"eigenvalues": np.asarray(posterior.eigenvalues, dtype=float)}
     d = space.to_global_dict(x)
     if d is not None:
         arrays.update(_flatten("map", d))
+    if centre is not None:
+        d = space.to_global_dict(centre)
+        if d is not None:
+            fields = {k: a for k, a in d.items() if "coordinates" not in k}
+            arrays.update(_flatten("centre", fields))
     for i, v in enumerate(posterior.eigenvectors):
         d = space.to_global_dict(v)
         if d is not None:
@@ -97,12 +114,35 @@ def load_laplace(path: Path, space, prior) -> tuple[PETSc.Vec, LowRankPosterior]
 
     Collective; works on any number of ranks.
     """
+    x, post, centre = load_laplace_with_centre(path, space, prior)
+    if centre is not None:
+        centre.destroy()
+    return x, post
+
+
+def load_laplace_with_centre(
+    path: Path, space, prior
+) -> tuple[PETSc.Vec, LowRankPosterior, PETSc.Vec | None]:
+    """:func:`load_laplace` and the saved Laplace mean (None where none was saved: the
+    posterior is centred on the MAP point). Collective.
+    """
     comm = space.comm
     data = np.load(path) if comm.rank == 0 else None
     lam = comm.bcast(data["eigenvalues"] if data is not None else None, root=0)
     x = space.create_vector()
     m = _unflatten("map", data) if data is not None else None
     space.from_global_dict(m, x, source=str(path))
+    has_centre = comm.bcast(
+        data is not None and any(k.startswith("centre|") for k in data.files), root=0
+    )
+    centre = None
+    if has_centre:
+        d = None
+        if data is not None and m is not None:
+            d = _unflatten("centre", data)
+            d.update({k: a for k, a in m.items() if k.endswith("/coordinates")})
+        centre = space.create_vector()
+        space.from_global_dict(d, centre, source=str(path))
     vs = []
     for i in range(lam.size):
         d = None
@@ -115,7 +155,7 @@ def load_laplace(path: Path, space, prior) -> tuple[PETSc.Vec, LowRankPosterior]
     post = LowRankPosterior(
         lam, vs, prior.covariance_mult, apply_prior_precision=prior.precision_mult
     )
-    return x, post
+    return x, post, centre
 
 
 def _settings_hash(settings: dict, laplace_path: Path) -> str:
@@ -235,7 +275,7 @@ def run_group_chains(
 
     space = problem.space
     comm = problem.comm
-    x_map, post = load_laplace(laplace_path, space, prior)
+    x_map, post, laplace_mean = load_laplace_with_centre(laplace_path, space, prior)
     digest = comm.bcast(_settings_hash(settings, laplace_path) if comm.rank == 0 else None, 0)
     seed = int(settings["seed"])
     if settings["proposal"] == "prior":
@@ -243,8 +283,8 @@ def run_group_chains(
             np.zeros(0), [], prior.covariance_mult, apply_prior_precision=prior.precision_mult
         )
         centre = prior.mean()
-    else:
-        reference, centre = post, x_map
+    else:  # the Laplace posterior: centred on the coefficients' marginal mode where uq moved them
+        reference, centre = post, (x_map if laplace_mean is None else laplace_mean)
     kernel = GpcnKernel(
         _fixed_steps_misfit(problem),
         prior.precision_mult,
@@ -264,7 +304,7 @@ def run_group_chains(
         if state is None:
             z = prior_sample(prior, space, seed + START_SEED_OFFSET + c)
             x0 = post.sample(z)
-            x0.axpy(1.0, x_map)
+            x0.axpy(1.0, x_map if laplace_mean is None else laplace_mean)
             z.destroy()
             state = start_chain(kernel, c, x0, record)
             x0.destroy()
@@ -293,6 +333,8 @@ def run_group_chains(
         state.x.destroy()
     # leave the problem at the MAP point
     problem.misfit(x_map)
+    if laplace_mean is not None:
+        laplace_mean.destroy()
     return out
 
 
@@ -634,6 +676,13 @@ def sample(case_path, comm=MPI.COMM_WORLD, *, quiet: bool = False) -> dict | Non
         )
         payload["laplace_check"] = laplace_check(payload)
         payload["settings"] = settings
+        with np.load(laplace_path) as saved:
+            moved = any(k.startswith("centre|") for k in saved.files)
+        payload["proposal_centre"] = (
+            "prior mean"
+            if settings["proposal"] == "prior"
+            else ("the coefficients' marginal mode" if moved else "the MAP point")
+        )
         payload["wall_time"] = time.perf_counter() - t0
         payload["resumed_from"] = {str(c): chains[c]["resumed_from"] for c in sorted(chains)}
         _write_results(case, payload, chains, blocks, params, settings)

@@ -233,6 +233,19 @@ def test_default_centre_after_a_converged_fit_is_the_marginal_mode():
         assert main(["invert", str(case), "--quiet"]) == 0
         assert main(["uq", str(case), "--quiet"]) == 0
         auto = json.loads((case / "results" / "uq.json").read_text())
+        with np.load(case / "checkpoints" / "laplace.npz") as saved:
+            laplace = {k: saved[k] for k in saved.files if not k.startswith("v")}
+        comm.barrier()
+        if comm.rank == 0:  # femkin sample's proposal is centred there
+            with open(case / "case.toml", "a") as f:
+                f.write("\n[sample]\nchains = 1\nsteps = 4\nbeta = 0.5\n")
+        comm.barrier()
+        assert main(["sample", str(case), "--quiet"]) == 0
+        mcmc = json.loads((case / "results" / "mcmc.json").read_text())
+        comm.barrier()
+        if comm.rank == 0:
+            text = (case / "case.toml").read_text().split("\n[sample]")[0]
+            (case / "case.toml").write_text(text + "\n")
         comm.barrier()
         if comm.rank == 0:
             with open(case / "case.toml", "a") as f:  # [uq] is the file's last section
@@ -240,6 +253,8 @@ def test_default_centre_after_a_converged_fit_is_the_marginal_mode():
         comm.barrier()
         assert main(["uq", str(case), "--quiet"]) == 0
         at_map = json.loads((case / "results" / "uq.json").read_text())
+        with np.load(case / "checkpoints" / "laplace.npz") as saved:
+            map_files = list(saved.files)
     finally:
         comm.barrier()
         if comm.rank == 0:
@@ -261,6 +276,15 @@ def test_default_centre_after_a_converged_fit_is_the_marginal_mode():
     for block, v in at_map["coefficients"].items():
         assert v["mean"] == v["map"] == auto["coefficients"][block]["map"]
         np.testing.assert_allclose(v["std"], auto["coefficients"][block]["std"], rtol=1e-10)
+    # the saved Laplace mean: the reported coefficients, the m field at its conditional mean
+    # (moved from the MAP field); "map" saves none and the proposal stays at the MAP point
+    for block, v in auto["coefficients"].items():
+        np.testing.assert_array_equal(laplace[f"centre|{block}"], v["mean"])
+        np.testing.assert_array_equal(laplace[f"map|{block}"], v["map"])
+    dm = np.abs(laplace["centre|m/1"] - laplace["map|m/1"]).max()
+    assert 1e-3 < dm < 1.0, dm
+    assert not any(k.startswith("centre|") for k in map_files)
+    assert mcmc["proposal_centre"] == "the coefficients' marginal mode"
 
 
 # -- which centre: [uq] coefficient_mean ------------------------------------------------------
