@@ -561,9 +561,11 @@ def write_report(out: Path, summary: dict, figure_names: list[str], uq: dict | N
         lines += [f"- {note}" for note in uq.get("notes", [])]
         for k, v in uq["coefficients"].items():
             name = _COORDINATE_NAMES.get(k, k)
+            moved = "map" in v and v["map"] != v["mean"]
             lines.append(
                 f"- {name}: mean {np.round(v['mean'], 4).tolist()}, "
                 f"std {np.round(v['std'], 4).tolist()}"
+                + (f" (joint MAP {np.round(v['map'], 4).tolist()})" if moved else "")
             )
     if summary.get("fields"):
         lines += [

@@ -233,6 +233,7 @@ def test_default_centre_after_a_converged_fit_is_the_marginal_mode():
         assert main(["invert", str(case), "--quiet"]) == 0
         assert main(["uq", str(case), "--quiet"]) == 0
         auto = json.loads((case / "results" / "uq.json").read_text())
+        auto_report = (case / "results" / "report.md").read_text()
         with np.load(case / "checkpoints" / "laplace.npz") as saved:
             laplace = {k: saved[k] for k in saved.files if not k.startswith("v")}
         comm.barrier()
@@ -285,6 +286,9 @@ def test_default_centre_after_a_converged_fit_is_the_marginal_mode():
     assert 1e-3 < dm < 1.0, dm
     assert not any(k.startswith("centre|") for k in map_files)
     assert mcmc["proposal_centre"] == "the coefficients' marginal mode"
+    report = auto_report.splitlines()
+    mu_h_line = next(line for line in report if line.startswith("- mu_h: mean"))
+    assert "(joint MAP [" in mu_h_line, mu_h_line
 
 
 # -- which centre: [uq] coefficient_mean ------------------------------------------------------
