@@ -41,7 +41,7 @@ from femkin.uq.evidence import analyse_evidence
 from femkin.uq.laplace import LowRankPosterior, correlation
 from femkin.uq.marginals import marginal_covariance
 from femkin.uq.predictive import average_noise_std, predictive_c_t, residual_check
-from femkin.uq.randomized import adaptive_rank, combine, gram, omitted_spectrum
+from femkin.uq.randomized import adaptive_rank, combine, gram, omitted_spectrum, symmetric
 from femkin.uq.volume import field_basis, volume_correction
 
 __all__ = [
@@ -847,7 +847,7 @@ def marginal_mode(problem, prior, x, posterior, marg, covariance) -> dict:
     ftx = gram(functionals, marg.columns)
     for f in functionals:
         f.destroy()
-    directions = combine(marg.columns, np.linalg.inv(0.5 * (ftx + ftx.T)))
+    directions = combine(marg.columns, np.linalg.inv(symmetric(ftx)))
     std = np.sqrt(np.maximum(np.diag(covariance), 0.0))
     # Each point runs with its own adaptive time steps (error-controlled, BDF2 or Euler): a
     # frozen step sequence, the MAP point's, often fails at the perturbed points near c = 1.

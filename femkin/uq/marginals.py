@@ -39,7 +39,7 @@ from typing import NamedTuple
 import numpy as np
 
 from femkin._fem import PETSc
-from femkin.uq.randomized import ApplyBatch, apply_many, as_apply, gram
+from femkin.uq.randomized import ApplyBatch, apply_many, as_apply, gram, symmetric
 
 __all__ = ["Marginals", "marginal_covariance"]
 
@@ -77,10 +77,6 @@ class Marginals(NamedTuple):
     estimated_error: float = float("nan")
     lower_history: np.ndarray | None = None
     method: str = "certified"
-
-
-def _sym(a: np.ndarray) -> np.ndarray:
-    return 0.5 * (a + a.T)
 
 
 def _gaps(lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
@@ -152,7 +148,7 @@ def marginal_covariance(
         return out
 
     x = apply_many(apply_M, None, f)
-    low_rank = _sym(gram(f, x))
+    low_rank = symmetric(gram(f, x))
     px = apply_P(x)
     r = []
     for fj, pj in zip(f, px, strict=True):
@@ -174,8 +170,8 @@ def marginal_covariance(
         rz[j] = r[j].dot(z[j])
 
     def bracket():
-        lower = _sym(gram(f, x) + gram(x, r))
-        upper = lower + _sym(gram(r, z))
+        lower = symmetric(gram(f, x) + gram(x, r))
+        upper = lower + symmetric(gram(r, z))
         return lower, upper
 
     lower, upper = bracket()

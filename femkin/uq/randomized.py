@@ -45,6 +45,7 @@ __all__ = [
     "b_orthonormalize",
     "double_pass_generalized",
     "omitted_spectrum",
+    "symmetric",
 ]
 
 
@@ -111,6 +112,13 @@ def gram(us: Sequence[PETSc.Vec], ws: Sequence[PETSc.Vec]) -> np.ndarray:
         return np.zeros((len(us), len(ws)))
     local = _local(us).T @ _local(ws)
     return _mpi_comm(us[0]).allreduce(local, op=MPI.SUM)
+
+
+def symmetric(a: np.ndarray) -> np.ndarray:
+    """The symmetric part ``(a + a^T) / 2`` of a dense matrix (a Gram matrix of a symmetric
+    operator, up to round-off).
+    """
+    return 0.5 * (a + a.T)
 
 
 def combine(vs: Sequence[PETSc.Vec], coefficients: np.ndarray) -> list[PETSc.Vec]:

@@ -44,7 +44,7 @@ from typing import NamedTuple
 import numpy as np
 
 from femkin._fem import PETSc
-from femkin.uq.randomized import ApplyBatch, apply_many, as_apply, combine, gram
+from femkin.uq.randomized import ApplyBatch, apply_many, as_apply, combine, gram, symmetric
 
 __all__ = ["VolumeCorrection", "field_basis", "half_log_det", "volume_correction"]
 
@@ -72,10 +72,6 @@ class VolumeCorrection(NamedTuple):
     forward_runs: int
     failed: list[int]
     steps: np.ndarray
-
-
-def _sym(a: np.ndarray) -> np.ndarray:
-    return 0.5 * (a + a.T)
 
 
 def field_basis(
@@ -106,7 +102,7 @@ def field_basis(
         zero_coefficients(w)
         parts.append(w)
     b_parts = apply_many(as_apply(apply_B), None, parts)
-    g = _sym(gram(parts, b_parts))
+    g = symmetric(gram(parts, b_parts))
     s, q = np.linalg.eigh(g)
     keep = s > rtol * max(float(s.max()), 0.0) if s.size and s.max() > 0 else np.zeros(0, bool)
     basis = combine(parts, q[:, keep] / np.sqrt(s[keep])) if keep.any() else []
@@ -121,7 +117,7 @@ def half_log_det(apply_H_batch: ApplyBatch, basis: Sequence[PETSc.Vec]) -> float
         return 0.0
     hw = [w.duplicate() for w in basis]
     apply_H_batch(list(basis), hw)
-    a = _sym(gram(list(basis), hw))
+    a = symmetric(gram(list(basis), hw))
     for v in hw:
         v.destroy()
     ev = np.linalg.eigvalsh(a)
