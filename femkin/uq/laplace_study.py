@@ -16,7 +16,10 @@ the MAP point ``x``, :func:`analyse`
      (the prior diagonal of the BiLaplacian prior from :func:`bilaplacian_pointwise_variance`,
      the ``ln k0``-``m`` cross covariance from the eigenvectors), interpolated to the pixels,
    - 95% credible bands of ``mu_h(c)`` and ``ln j0(c)`` by linear propagation (both are linear
-     in the global coefficients: ``J C J^T`` with ``C`` their posterior covariance);
+     in the global coefficients: ``J C J^T`` with ``C`` their posterior covariance), centred
+     on the joint MAP values or, where :func:`centre_choice` says so (``[uq]
+     coefficient_mean``, default ``"auto"``), on the coefficients' Laplace-marginal mode
+     (:func:`marginal_mode`, :mod:`femkin.uq.volume`);
 4. draws ``N`` posterior samples ``x + S z`` (``z`` a prior sample from seeded, partition
    independent normals) and runs the forward model at each for a band of the predicted
    particle-average ``c(t)``.
