@@ -11,7 +11,10 @@ measures both on the demo case (``cases/demo``: simulated, the Hessian at its in
 that they give the same actions.
 
 Prints one JSON object: per batch size K the seconds per action of each route, their ratio
-and the largest relative difference of the actions.
+and the largest relative difference of the actions; ``one_at_a_time``: ``--repeats`` single
+actions at one point after a first one (a Newton-CG inner loop), with each step's operators
+kept beside its factorisation (``ParticleDerivatives.KEEP_OPERATORS``, the default) or
+assembled as vectors every time.
 
 Run: ``.venv/bin/python benchmarks/bench_hessian_batch.py [--sizes 1,4,6,15,60] [--keep DIR]``.
 """
@@ -34,6 +37,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1,4,6,15,60", help="batch sizes K")
     ap.add_argument("--keep", type=Path, default=None, help="work in this directory and keep it")
+    ap.add_argument("--repeats", type=int, default=10, help="single actions at one point")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
 
@@ -67,6 +71,8 @@ def main() -> None:
         "sizes": {},
     }
     default = ParticleDerivatives.MATRIX_BATCH
+    # the batch routes alone: operators assembled per pass, none kept between passes
+    ParticleDerivatives.KEEP_OPERATORS = False
     for k in sizes:
         vs = [problem.space.random_normal(100 + i) for i in range(k)]
         row = {}
@@ -91,6 +97,38 @@ def main() -> None:
         out["sizes"][str(k)] = row
         for v in vs:
             v.destroy()
+    # One action at a time at one point (a Newton-CG inner loop): the first keeps each step's
+    # factorisation and, unless switched off, its derivative operators; the later ones reuse.
+    repeats = args.repeats
+    vs = [problem.space.random_normal(500 + i) for i in range(repeats + 1)]
+    seq: dict = {}
+    for label, keep in (("vectors", False), ("kept_operators", True)):
+        ParticleDerivatives.KEEP_OPERATORS = keep
+        problem.gradient(x, g)  # a fresh trajectory: nothing kept
+        first = vs[0].duplicate()
+        t0 = time.perf_counter()
+        problem.hessian_mult(vs[0], first, gauss_newton=True)
+        t_first = time.perf_counter() - t0
+        outs = [v.duplicate() for v in vs[1:]]
+        t0 = time.perf_counter()
+        for v, o in zip(vs[1:], outs, strict=True):
+            problem.hessian_mult(v, o, gauss_newton=True)
+        seq[label] = {
+            "first_action_s": t_first,
+            "later_s_per_action": (time.perf_counter() - t0) / repeats,
+            "actions": np.array([o.getArray(readonly=True).copy() for o in outs]),
+        }
+    ParticleDerivatives.KEEP_OPERATORS = True
+    a, b = seq["kept_operators"].pop("actions"), seq["vectors"].pop("actions")
+    diff = comm.allreduce(float(np.max(np.abs(a - b))), op=MPI.MAX)
+    scale = comm.allreduce(float(np.max(np.abs(b))), op=MPI.MAX)
+    out["one_at_a_time"] = {
+        **seq,
+        "repeats": repeats,
+        "max_relative_difference": diff / scale,
+        "speedup_later": seq["vectors"]["later_s_per_action"]
+        / seq["kept_operators"]["later_s_per_action"],
+    }
     if comm.rank == 0:
         print(json.dumps(out, indent=1))
     if args.keep is None and comm.rank == 0:

@@ -91,8 +91,10 @@ class ParticleDerivatives:
     factorisation (a transposed solve, no second matrix). The ``*_many`` methods run several
     directions or sources through one trajectory, one Jacobian factorisation per step for all;
     batches of :attr:`MATRIX_BATCH` or more also assemble the step's other derivative operators
-    once, as matrices, and apply them to every member (3x less time per Gauss-Newton action
-    for a batch of 60 on the demo, ``benchmarks/bench_hessian_batch.py``).
+    once, as matrices, and apply them to every member (3-4x less time per Gauss-Newton action
+    for a batch of 60 on the demo), and a tangent pass that keeps J_n's factorisation keeps
+    them with it, so that later passes at the same point only multiply (3x less time per
+    single action in a Newton-CG loop; ``benchmarks/bench_hessian_batch.py``).
     """
 
     STEP_SCALARS = ("mu_e", "cbar")
@@ -102,6 +104,9 @@ class ParticleDerivatives:
     #: matrices cost about as much as six members' vectors (break-even measured at 6 on the
     #: demo, ``benchmarks/bench_hessian_batch.py``).
     MATRIX_BATCH = 8
+    #: Keep each step's derivative operators beside its kept factorisation (see
+    #: :meth:`_operators`); off only to measure what keeping saves.
+    KEEP_OPERATORS = True
 
     def __init__(self, model: ParticleModel):
         self.model = model
@@ -127,6 +132,8 @@ class ParticleDerivatives:
         self.bV = dolfinx.fem.petsc.create_vector(V)
         self._scalar_vecs: dict = {}
         self._ops: dict | None = None
+        #: Step operators kept beside the kept factorisations: {n: (generation, operators)}.
+        self._kept_ops: dict[int, tuple[int, dict]] = {}
         #: Factorised Jacobians of the current trajectory, by step (see _use_step).
         self.factors = FactorCache(model)
         self._ksp = model.ksp
@@ -240,19 +247,79 @@ class ParticleDerivatives:
             ops: dict[str, Any] = {"forms": compiled, "mats": mats, "keys": keys}
             if "scalars" in mats:
                 ops["q_vec"] = mats["scalars"].createVecLeft()
+                ops["w_vec"] = mats["scalars"].createVecRight()
             ops["v_vec"] = mats["m"].createVecRight()
             self._ops = ops
         return self._ops
 
-    def _assemble_step_operators(self) -> dict:
-        """Assemble the :meth:`_step_operators` at the model's current step."""
+    def _assemble_step_operators(self, *, keep: bool = False) -> dict:
+        """The step's derivative operators at the model's current step.
+
+        Returns ``{"old", "old2" (None for backward Euler), "m"}``, matrices of
+        :meth:`_step_operators`, and ``"D"``: row ``j`` the owned entries of the W vector
+        dF/dtheta_j (the ``scalars`` matrix summed over the cells), so that ``D lambda`` is
+        this rank's share of ``lambda . dF/dtheta`` and ``D^T dtheta`` its part of
+        ``dF/dtheta dtheta``. ``keep``: copies that stay valid after the next assembly;
+        otherwise the shared work matrices.
+        """
         ops = self._step_operators()
+        mats = ops["mats"]
         for k, form in ops["forms"].items():
-            A = ops["mats"][k]
+            A = mats[k]
             A.zeroEntries()
             dolfinx.fem.petsc.assemble_matrix(A, form)
             A.assemble()
-        return ops
+        keys = ops["keys"]
+        D = np.zeros((len(keys), self.b.getLocalSize()))
+        if "scalars" in mats:
+            q, w = ops["q_vec"], ops["w_vec"]
+            for j in range(len(keys)):
+                q.zeroEntries()
+                q.array.reshape(-1, len(keys))[:, j] = 1.0
+                mats["scalars"].multTranspose(q, w)
+                D[j] = w.array
+        out = {"old": mats["old"], "old2": mats.get("old2"), "m": mats["m"], "D": D}
+        if keep:
+            for k in ("old", "old2", "m"):
+                if out[k] is not None:
+                    out[k] = out[k].duplicate(copy=True)
+        return out
+
+    def _operators(self, n: int, *, batch: int, keep: bool = False) -> dict | None:
+        """The derivative operators at step n (the model at step n), or None: assemble one
+        vector per member instead.
+
+        Operators kept at this trajectory and parameters (beside the kept J_n) are reused. A
+        tangent pass (``keep``) whose J_n factorisation is kept assembles them and keeps them
+        with it, within ``[solver] factor_cache_mb``: the adjoint pass and every later action
+        at the point (a Newton-CG inner loop, the eigensolver's passes) then only multiply.
+        Otherwise a pass of :attr:`MATRIX_BATCH` or more members assembles them into the
+        shared work matrices. Collective: the kept factorisations are the same on every rank.
+        """
+        gen = self.factors.generation
+        kept = self._kept_ops.get(n)
+        if kept is not None and kept[0] == gen and n in self.factors:
+            return kept[1]
+        if keep and self.KEEP_OPERATORS and n in self.factors:
+            ops = self._assemble_step_operators(keep=True)
+            self._kept_ops[n] = (gen, ops)
+            nnz = sum(ops[k].getInfo()["nz_used"] for k in ("old", "old2", "m") if ops[k])
+            self.factors.add_kept(
+                self.model.comm.allreduce(12.0 * nnz + 8.0 * ops["D"].size, op=MPI.MAX)
+            )
+            return ops
+        if batch >= self.MATRIX_BATCH:
+            return self._assemble_step_operators()
+        return None
+
+    def _drop_stale_operators(self) -> None:
+        """Free the kept operators of an older generation of kept factorisations."""
+        gen = self.factors.generation
+        for n in [n for n, (g, _) in self._kept_ops.items() if g != gen]:
+            _, ops = self._kept_ops.pop(n)
+            for k in ("old", "old2", "m"):
+                if ops[k] is not None:
+                    ops[k].destroy()
 
     def _scalar_values(self, direction: Direction, keys: list, n: int, ds: float) -> np.ndarray:
         """The direction's d theta per scalar variable at step n (what :meth:`_set_direction`
@@ -311,8 +378,11 @@ class ParticleDerivatives:
             pass
 
     def clear_cache(self) -> None:
-        """Free the kept factorisations (done automatically when the trajectory changes)."""
+        """Free the kept factorisations and operators (done automatically when the trajectory
+        changes).
+        """
         self.factors.clear()
+        self._drop_stale_operators()
 
     def _use_step(self, n: int, keep: bool = False) -> None:
         """Make the next solves use J at step n (the model must be at step n: set_step).
@@ -486,44 +556,38 @@ class ParticleDerivatives:
         s_next = [0.0] * K
         s_next2 = [0.0] * K
         b = self.b
-        batched = K >= self.MATRIX_BATCH
-        if batched:  # one assembly of the step's operators per step; A^T lambda per source
-            ops = self._step_operators()
-            pick = [ops["keys"].index(key) for key in keys]
-            n_own = b.getLocalSize()
-            t_v = ops["v_vec"]
-            lam_vec = self.lam.x.petsc_vec
+        self._drop_stale_operators()
+        pick = [self._step_operators()["keys"].index(key) for key in keys]
+        n_own = b.getLocalSize()
+        t_v = self._step_operators()["v_vec"]
+        lam_vec = self.lam.x.petsc_vec
         for n in range(N, 0, -1):
             self.set_step(traj, n)
             self._use_step(n)
             _, (g1, g2) = traj.weights(n)
-            if batched:
-                mats = self._assemble_step_operators()["mats"]
+            # the step's operators (kept beside J_n, or assembled for a large batch): A^T lambda
+            # per source; None: one set of vectors assembled per source
+            ops = self._operators(n, batch=K)
             for k in range(K):
                 self._rhs(carry[k], sources[k], n, s_next[k]).scale(-1.0)
                 self._solve(True, b, self.lam)
                 if store:
                     lambdas[k][n] = self.lam.x.array.copy()
                 scal, g_m, mu_e_sens = acc[k]
-                if batched:
-                    values = np.zeros(len(keys))
-                    if "scalars" in mats:
-                        q_vec = ops["q_vec"]
-                        mats["scalars"].mult(lam_vec, q_vec)
-                        local = q_vec.array.reshape(-1, len(ops["keys"])).sum(axis=0)
-                        values = local[pick]
+                if ops is not None:
+                    values = ops["D"][pick] @ lam_vec.array
                     sigma = self._add_step_scalars(keys, values, n, scal, mu_e_sens, i_cbar)
                     if g_m is not None:
-                        mats["m"].multTranspose(lam_vec, t_v)
+                        ops["m"].multTranspose(lam_vec, t_v)
                         g_m.axpy(1.0, t_v)
                     # owned, already summed: the ghost slots carry nothing
-                    mats["old"].multTranspose(lam_vec, b)
+                    ops["old"].multTranspose(lam_vec, b)
                     carry[k][:n_own] = carry2[k][:n_own] + b.array
                     carry[k][n_own:] = carry2[k][n_own:]
                     s_next[k] = s_next2[k] + g1 * sigma
                     s_next2[k] = g2 * sigma
-                    if "old2" in mats:
-                        mats["old2"].multTranspose(lam_vec, b)
+                    if ops["old2"] is not None:
+                        ops["old2"].multTranspose(lam_vec, b)
                         carry2[k][:n_own] = b.array
                         carry2[k][n_own:] = 0.0
                     continue
@@ -579,40 +643,37 @@ class ParticleDerivatives:
             outs.append([du0])
         if len(directions) == 1:
             self._set_direction(directions[0])
-        batched = len(directions) >= self.MATRIX_BATCH
-        if batched:  # one assembly of the step's operators per step; A du per direction
-            ops = self._step_operators()
-            dm_vecs: list[PETSc.Vec | None] = []
-            for d in directions:
-                if d.m is None:
-                    dm_vecs.append(None)
-                    continue
-                v = ops["v_vec"].duplicate()
-                v.array[:] = d.m[: v.getLocalSize()]
-                dm_vecs.append(v)
-            b = self.b
+        self._drop_stale_operators()
+        keys = self._step_operators()["keys"]
+        dm_vecs: list[PETSc.Vec | None] = []
+        for d in directions:
+            if d.m is None:
+                dm_vecs.append(None)
+                continue
+            v = self._step_operators()["v_vec"].duplicate()
+            v.array[:] = d.m[: v.getLocalSize()]
+            dm_vecs.append(v)
+        b = self.b
         for n in range(1, N + 1):
             self.set_step(traj, n)
             self._use_step(n, keep=True)
             _, (g1, g2) = traj.weights(n)
-            if batched:
-                mats = self._assemble_step_operators()["mats"]
+            # the step's operators (kept with J_n, or assembled for a large batch): A du per
+            # direction; None: one right-hand side assembled per direction
+            ops = self._operators(n, batch=len(directions), keep=True)
+            if ops is not None:
                 for d, out, dm in zip(directions, outs, dm_vecs, strict=True):
                     self.du_old.x.array[:] = out[n - 1]
                     ds = g1 * self._mean_c_of(out[n - 1])
-                    mats["old"].mult(self.du_old.x.petsc_vec, b)
+                    ops["old"].mult(self.du_old.x.petsc_vec, b)
                     if self.multistep:
                         self.du_old2.x.array[:] = out[max(n - 2, 0)]
                         if g2:
                             ds += g2 * self._mean_c_of(out[n - 2])
-                        mats["old2"].multAdd(self.du_old2.x.petsc_vec, b, b)
+                        ops["old2"].multAdd(self.du_old2.x.petsc_vec, b, b)
                     if dm is not None:
-                        mats["m"].multAdd(dm, b, b)
-                    if "scalars" in mats:
-                        q_vec = ops["q_vec"]
-                        values = self._scalar_values(d, ops["keys"], n, ds)
-                        q_vec.array.reshape(-1, len(values))[:] = values
-                        mats["scalars"].multTransposeAdd(q_vec, b, b)
+                        ops["m"].multAdd(dm, b, b)
+                    b.array[:] += ops["D"].T @ self._scalar_values(d, keys, n, ds)
                     b.scale(-1.0)
                     self._solve(False, b, self.du)
                     out.append(self.du.x.array.copy())
@@ -633,10 +694,9 @@ class ParticleDerivatives:
                 b.scale(-1.0)
                 self._solve(False, b, self.du)
                 out.append(self.du.x.array.copy())
-        if batched:
-            for v in dm_vecs:
-                if v is not None:
-                    v.destroy()
+        for v in dm_vecs:
+            if v is not None:
+                v.destroy()
         return outs
 
     def _set_direction(self, direction: Direction) -> None:

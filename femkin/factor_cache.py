@@ -36,8 +36,14 @@ class FactorCache:
         self._ksps: dict[int, PETSc.KSP] = {}
         self._of = None
         self._key = None
-        #: Memory of the kept steps (bytes, estimated; see :meth:`step_bytes`).
+        #: Memory of the kept steps (bytes, estimated; see :meth:`step_bytes`); what is kept
+        #: beside a step's factorisation (:class:`~femkin.adjoint.ParticleDerivatives` keeps
+        #: the step's derivative operators) is added here and counts against the budget.
         self.bytes = 0.0
+        self._extra_bytes = 0.0
+        #: Incremented whenever the kept factorisations are dropped: what was kept beside them
+        #: under an older generation is stale.
+        self.generation = 0
         self._step_bytes: float | None = None
 
     # -- public queries -------------------------------------------------------------------
@@ -62,8 +68,12 @@ class FactorCache:
 
     @property
     def step_bytes(self) -> float | None:
-        """Estimated memory of one kept step (matrix and factors), once one was kept."""
-        return self._step_bytes
+        """Estimated memory of one kept step (matrix, factors and what is kept beside them,
+        :meth:`add_kept`), once one was kept.
+        """
+        if self._step_bytes is None:
+            return None
+        return self._step_bytes + self._extra_bytes
 
     # -- validity -------------------------------------------------------------------------
     def fingerprint(self) -> tuple:
@@ -100,6 +110,7 @@ class FactorCache:
         self._of = None
         self._key = None
         self.bytes = 0.0
+        self.generation += 1
 
     def release_count(self) -> None:
         """Forget this cache's MUMPS count without collective calls (for finalisers)."""
@@ -117,7 +128,7 @@ class FactorCache:
         """
         m = self.model
         budget = 2.0**20 * m.solver_options.factor_cache_mb
-        estimate = self._step_bytes if self._step_bytes is not None else 0.0
+        estimate = self.step_bytes or 0.0
         comm = m.comm
         mumps = comm.size > 1
         full = (
@@ -147,6 +158,14 @@ class FactorCache:
         self.bytes += self._step_bytes
         self._ksps[n] = ksp
         return ksp
+
+    def add_kept(self, nbytes: float) -> None:
+        """Count ``nbytes`` kept beside the step just factorised (about the same for every
+        step, e.g. its derivative operators): in :attr:`bytes`, and in :attr:`step_bytes`, the
+        budget's estimate of one step.
+        """
+        self.bytes += nbytes
+        self._extra_bytes = max(self._extra_bytes, nbytes)
 
     @staticmethod
     def _estimate_bytes(A: PETSc.Mat, pc: PETSc.PC) -> float:

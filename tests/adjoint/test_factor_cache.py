@@ -47,18 +47,26 @@ def test_kept_factorisations_reproduce_refactorising(problem):
     grad_ref = _flat(problem, der.adjoint(problem.traj, problem.source)[0])
     gn_ref = _flat(problem, _gauss_newton(problem, d))
     full_ref = _flat(problem, problem.hessian(d))
-    assert len(der.factors) == 0
+    assert len(der.factors) == 0 and len(der._kept_ops) == 0
     opts.factor_cache_mb = 1024.0
     grad = _flat(problem, der.adjoint(problem.traj, problem.source)[0])
     assert len(der.factors) == 0  # a lone gradient keeps nothing
     gn = _flat(problem, _gauss_newton(problem, d))
     n_steps = problem.traj.n_steps
     assert len(der.factors) == n_steps  # every step kept by the tangent run
+    # ... with the step's derivative operators: later actions at the point only multiply
+    assert sorted(der._kept_ops) == der.factors.steps()
     kept = {n: der.factors.get(n) for n in der.factors.steps()}
+    ops = {n: der._kept_ops[n][1]["old"] for n in der.factors.steps()}
+    gn2 = _flat(problem, _gauss_newton(problem, d))
     full = _flat(problem, problem.hessian(d))
     grad2 = _flat(problem, der.adjoint(problem.traj, problem.source)[0])
     assert all(der.factors.get(n) is kept[n] for n in kept)  # reused, not refactorised
+    assert all(der._kept_ops[n][1]["old"] is ops[n] for n in ops)  # reused, not reassembled
+    # the operators count against the budget beside the factorisations
+    assert der.factors.bytes == pytest.approx(n_steps * der.factors.step_bytes, rel=0.05)
     assert _rel(grad, grad_ref) < 1e-11
+    assert _rel(gn2, gn_ref) < 1e-11
     assert _rel(grad2, grad_ref) < 1e-11
     assert _rel(gn, gn_ref) < 1e-11
     assert _rel(full, full_ref) < 1e-11
