@@ -177,24 +177,33 @@ class ParticleDerivatives:
         """
         key = (tag, tuple(keys))
         if key not in self._forms:
-            model = self.model
             form = None
             if keys:
-                Q = dolfinx.fem.functionspace(model.mesh, ("DG", 0, (len(keys),)))
-                q = ufl.TestFunction(Q)
-                parts = [
-                    _times(builder(model.variables[name][i]), q[j])
-                    for j, (name, i) in enumerate(keys)
-                ]
-                parts = [f for f in parts if f.integrals()]
-                if parts:
-                    total = parts[0]
-                    for f in parts[1:]:
-                        total = total + f
+                total, Q = self._per_variable(keys, builder)
+                if total is not None:
                     form = dolfinx.fem.form(total)
                     self._scalar_vecs[key] = dolfinx.fem.petsc.create_vector(Q)
             self._forms[key] = form
         return self._forms[key], self._scalar_vecs.get(key)
+
+    def _per_variable(self, keys: list, builder: Callable):
+        """``sum_j builder(variable_j) q_j`` with ``q`` the test function of a cell-wise constant
+        space with one component per key; returns (the UFL form or None if every component
+        vanishes, the space).
+        """
+        model = self.model
+        Q = dolfinx.fem.functionspace(model.mesh, ("DG", 0, (len(keys),)))
+        q = ufl.TestFunction(Q)
+        parts = [
+            _times(builder(model.variables[name][i]), q[j]) for j, (name, i) in enumerate(keys)
+        ]
+        parts = [f for f in parts if f.integrals()]
+        if not parts:
+            return None, Q
+        total = parts[0]
+        for f in parts[1:]:
+            total = total + f
+        return total, Q
 
     def _scalars_local(self, compiled) -> np.ndarray:
         """This rank's share of every component of a :meth:`_scalar_form` (not reduced)."""
@@ -230,17 +239,8 @@ class ParticleDerivatives:
                 forms["old2"] = ufl.derivative(m.F_ufl, m.u_old2, w_trial)
             keys = [(name, i) for name, v in m.variables.items() for i in range(len(v))]
             f_trial = ufl.replace(m.F_ufl, {m.test: w_trial})
-            Q = dolfinx.fem.functionspace(m.mesh, ("DG", 0, (len(keys),)))
-            q = ufl.TestFunction(Q)
-            parts = [
-                _times(_diff_form(f_trial, m.variables[name][i]), q[j])
-                for j, (name, i) in enumerate(keys)
-            ]
-            parts = [f for f in parts if f.integrals()]
-            if parts:
-                total = parts[0]
-                for f in parts[1:]:
-                    total = total + f
+            total, _ = self._per_variable(keys, lambda var: _diff_form(f_trial, var))
+            if total is not None:
                 forms["scalars"] = total
             compiled = {k: dolfinx.fem.form(f) for k, f in forms.items()}
             mats = {k: dolfinx.fem.petsc.create_matrix(f) for k, f in compiled.items()}
