@@ -183,8 +183,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
             "float",
             1024.0,
             NON_NEGATIVE,
-            "memory per process for the Jacobian factorisations kept for "
-            "derivative solves (0: refactorise every time)",
+            "memory per process for the Jacobian factorisations (and the step's derivative "
+            "operators) kept for derivative solves (0: reassemble and refactorise every time)",
         ),
         "petsc_options": PETSC_TABLE,
     },
