@@ -557,9 +557,8 @@ class ParticleDerivatives:
         s_next2 = [0.0] * K
         b = self.b
         self._drop_stale_operators()
-        pick = [self._step_operators()["keys"].index(key) for key in keys]
+        pick: list[int] | None = None  # set at the first step with operators (compiled then)
         n_own = b.getLocalSize()
-        t_v = self._step_operators()["v_vec"]
         lam_vec = self.lam.x.petsc_vec
         for n in range(N, 0, -1):
             self.set_step(traj, n)
@@ -575,9 +574,12 @@ class ParticleDerivatives:
                     lambdas[k][n] = self.lam.x.array.copy()
                 scal, g_m, mu_e_sens = acc[k]
                 if ops is not None:
+                    if pick is None:
+                        pick = [self._step_operators()["keys"].index(key) for key in keys]
                     values = ops["D"][pick] @ lam_vec.array
                     sigma = self._add_step_scalars(keys, values, n, scal, mu_e_sens, i_cbar)
                     if g_m is not None:
+                        t_v = self._step_operators()["v_vec"]
                         ops["m"].multTranspose(lam_vec, t_v)
                         g_m.axpy(1.0, t_v)
                     # owned, already summed: the ghost slots carry nothing
@@ -644,15 +646,8 @@ class ParticleDerivatives:
         if len(directions) == 1:
             self._set_direction(directions[0])
         self._drop_stale_operators()
-        keys = self._step_operators()["keys"]
-        dm_vecs: list[PETSc.Vec | None] = []
-        for d in directions:
-            if d.m is None:
-                dm_vecs.append(None)
-                continue
-            v = self._step_operators()["v_vec"].duplicate()
-            v.array[:] = d.m[: v.getLocalSize()]
-            dm_vecs.append(v)
+        # dm as vectors of V, made at the first step with operators (compiled then)
+        dm_vecs: list[PETSc.Vec | None] | None = None
         b = self.b
         for n in range(1, N + 1):
             self.set_step(traj, n)
@@ -662,6 +657,9 @@ class ParticleDerivatives:
             # direction; None: one right-hand side assembled per direction
             ops = self._operators(n, batch=len(directions), keep=True)
             if ops is not None:
+                keys = self._step_operators()["keys"]
+                if dm_vecs is None:
+                    dm_vecs = [self._dm_vec(d) for d in directions]
                 for d, out, dm in zip(directions, outs, dm_vecs, strict=True):
                     self.du_old.x.array[:] = out[n - 1]
                     ds = g1 * self._mean_c_of(out[n - 1])
@@ -694,10 +692,18 @@ class ParticleDerivatives:
                 b.scale(-1.0)
                 self._solve(False, b, self.du)
                 out.append(self.du.x.array.copy())
-        for v in dm_vecs:
+        for v in dm_vecs or []:
             if v is not None:
                 v.destroy()
         return outs
+
+    def _dm_vec(self, direction: Direction) -> PETSc.Vec | None:
+        """The direction's dm as a vector of V (owned values), or None where it has none."""
+        if direction.m is None:
+            return None
+        v = self._step_operators()["v_vec"].duplicate()
+        v.array[:] = direction.m[: v.getLocalSize()]
+        return v
 
     def _set_direction(self, direction: Direction) -> None:
         for name, consts in self.dconst.items():
