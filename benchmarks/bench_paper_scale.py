@@ -22,6 +22,10 @@ gradients, 670 Gauss-Newton Hessian actions (78% of the fit's wall time; forward
 0.984 with the truth, mu_h within 0.157 kT of the truth on c in [0.1, 0.9], k0 1.98e-3
 against 2e-3 1/s.
 
+With each step's derivative operators kept beside its factorisation (2026-12-03, load ~2, same
+study): CONVERGED_GTTOL after the same 19 iterations, fit 470 s (495 s with the simulation),
+646 Gauss-Newton actions (57% of the fit), the same misfit, ln k Pearson and mu_h error.
+
 Before Newton-CG (2026-11-25, 2-core machine at load ~2, the full study): 40 particles, 177,440
 observed pixel values, 2 ranks, 30 TAO iterations (the limit; DIVERGED_MAXITS): fit 597 s,
 total 638 s (10.6 min, target 30 min; simulation 44 s more). Shares of the fit: forward runs
