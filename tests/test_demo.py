@@ -2,9 +2,10 @@
 
 ``femkin run`` on a temporary copy of ``cases/demo`` simulates the data on a mesh twice as
 fine as the fit's, adds noise 0.07, fits mu_h, j0, k0 and m (Newton-CG, to convergence), and
-runs the Laplace UQ (its bands are checked against the truth too). Asserted against the truth, with the issue's thresholds: the misfit RMS is within
-10 % of the noise, ln k correlates with the true ln k over the pixels with Pearson r >= 0.85,
-and the fitted mu_h is within 0.3 kT of the true one on c in [0.1, 0.9]. Measured on this
+runs the Laplace UQ (its bands are checked against the truth too). Asserted against the
+truth, with the issue's thresholds: the misfit RMS is within 10 % of the noise, ln k
+correlates with the true ln k over the pixels with Pearson r >= 0.85, and the fitted mu_h is
+within 0.3 kT of the true one on c in [0.1, 0.9]. Measured on this
 machine (13 frames, 10 bnls iterations, femkin at 92a4b41): misfit RMS 0.0711 (1.6 % off
 0.07), r = 0.994, max |mu_h error| = 0.20 kT (before 92a4b41's fixed step schedule: 0.0701,
 0.996, 0.19 kT). About 4 CPU minutes.
