@@ -387,6 +387,20 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "proposal": Key(
             "str", "laplace", _one_of("laplace", "prior"), "gpCN (laplace) or plain pCN (prior)"
         ),
+        "centre": Key(
+            "str",
+            "auto",
+            _one_of("auto", "map", "laplace"),
+            "centre of the Laplace reference: the MAP point, uq's Laplace mean, or (auto) the "
+            "one whose Gaussian fits the posterior better in a pilot of 8 draws each",
+        ),
+        "langevin": Key(
+            "bool",
+            False,
+            None,
+            "drift along the Laplace-preconditioned gradient (pCN-Langevin; an adjoint run "
+            "per step)",
+        ),
         "checkpoint_every": Key("int", 25, AT_LEAST_ONE, "steps between chain checkpoints"),
         "seed": Key("int", 0, NON_NEGATIVE, "chain seed"),
     },

@@ -593,11 +593,19 @@ def mcmc_report_lines(payload: dict) -> list[str]:
         MCMC_HEADING,
         "",
         f"- {payload['chains']} chains of {max(payload['steps_per_chain'])} steps "
-        f"({payload['settings']['proposal']} proposal, beta {payload['settings']['beta']}), "
+        f"({payload.get('kernel', 'gpCN')}, {payload['settings']['proposal']} proposal, "
+        f"beta {payload['settings']['beta']}), "
         f"acceptance {payload['acceptance_overall']:.2f}, min ESS {payload['min_ess']:.0f}, "
         f"max split-R-hat {payload['max_rhat']:.3f}, "
-        f"{payload['forward_runs_per_effective_sample']:.1f} forward runs per effective sample",
+        f"{payload['forward_runs_per_effective_sample']:.1f} "
+        f"{'gradient' if payload['settings'].get('langevin') else 'forward'} runs per "
+        "effective sample",
         f"- verdict: {check.get('verdict', 'no Laplace values to compare with')}",
+        *(
+            [f"- proposal ({payload['proposal_centre']}): {payload['reference_fit']}"]
+            if "reference_fit" in payload
+            else []
+        ),
         "",
         "| coefficient | Laplace mean | Laplace std | MCMC mean | MCMC std | dmean / std | "
         "std ratio | skewness | ESS | R-hat |",

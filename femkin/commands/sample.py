@@ -3,7 +3,8 @@
 Runs after ``femkin uq`` (which saves the MAP point and the low-rank posterior in
 ``CASE/checkpoints/laplace.npz``). Settings in ``[sample]``: ``chains``, ``steps`` (per chain;
 raising it extends finished chains), ``burn`` (fraction discarded), ``beta`` (the gpCN step),
-``proposal`` (``"laplace"``: generalised pCN; ``"prior"``: plain pCN), ``checkpoint_every``,
+``proposal`` (``"laplace"``: generalised pCN; ``"prior"``: plain pCN), ``langevin`` (drift
+along the Laplace-preconditioned gradient: pCN-Langevin), ``checkpoint_every``,
 ``seed``. Chains run in parallel over MPI groups (``mpirun -n N``: ``min(N, chains)`` groups),
 are checkpointed in ``CASE/checkpoints/mcmc_chain<c>.npz`` and resumed by a later run with the
 same settings. Writes ``CASE/results/mcmc.json`` (acceptance, and per global coefficient the

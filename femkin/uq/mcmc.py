@@ -17,6 +17,22 @@ With ``(m, Gamma)`` the Laplace posterior (MAP point, ``Gamma_post = Gamma_prior
 posterior is Gaussian and the Laplace approximation exact, ``eta`` is constant and every
 proposal is accepted: the chain is an exact AR(1) process in the posterior.
 
+With ``gradient`` given, the kernel is the Langevin version (pCN-Langevin, Cotter, Roberts,
+Stuart & White 2013, sec. 4.3, with the reference Gaussian ``N(m, Gamma)`` in place of the prior):
+with ``a = sqrt(1 - beta^2)``, ``y = x - m`` and ``g(x) = -grad eta(x)`` (dual; ``Gamma g`` is
+the Laplace-preconditioned gradient)
+
+    v = m + a (u - m) - (1 - a) Gamma g(u) + beta w,
+
+the Crank-Nicolson discretisation of the Langevin diffusion preconditioned by ``Gamma``. It is
+accepted with ``log alpha = eta(v) - eta(u) - (t_v - t_u) / (1 + a) - (1 - a) (n_v - n_u) /
+(2 (1 + a))``, ``t_v = <y_u - a y_v, g(v)>``, ``t_u = <y_v - a y_u, g(u)>``, ``n = <g, Gamma g>``:
+the Metropolis-Hastings ratio of the drifted Gaussian proposal, whose reference-Gaussian parts
+cancel, so it stays well defined as the mesh is refined. Where the Laplace approximation is
+exact ``g = 0`` and it is gpCN; where not, the drift follows the posterior's curvature (a skewed
+ridge of the coefficients) that a Gaussian proposal crosses only in small steps. Each step
+costs a gradient (one forward and one adjoint run) instead of a forward run.
+
 Every random number of step ``n`` of chain ``c`` comes from seeds computed from ``(seed, c,
 n)``: the prior sample behind ``w`` from ``prior_sample(seed_of(seed, c, n))`` (partition
 independent) and the uniform from ``numpy.random.default_rng([seed, c, n])``, so a chain
@@ -40,6 +56,7 @@ from femkin.uq.randomized import as_apply, gram
 
 __all__ = [
     "ChainState",
+    "Drift",
     "GpcnKernel",
     "effective_sample_size",
     "run_chain",
@@ -72,6 +89,8 @@ class GpcnKernel:
         centre: ``m`` (the MAP point for gpCN, the prior mean for pCN; not modified).
         prior_sample: ``prior_sample(seed)``: a zero-mean prior sample.
         beta: the step, in (0, 1].
+        gradient: ``gradient(x, g) -> Phi(x)``, writing the misfit's dual gradient to ``g``;
+            given, the kernel is pCN-Langevin (see the module docstring).
 
     Raises:
         ValueError: on ``beta`` outside (0, 1].
@@ -87,6 +106,7 @@ class GpcnKernel:
         prior_sample: Callable[[int], PETSc.Vec],
         *,
         beta: float,
+        gradient: Callable[[PETSc.Vec, PETSc.Vec], float] | None = None,
     ) -> None:
         if not 0.0 < beta <= 1.0:
             raise ValueError(f"beta must lie in (0, 1]; found {beta!r}")
@@ -97,6 +117,12 @@ class GpcnKernel:
         self.centre = centre
         self.prior_sample = prior_sample
         self.beta = float(beta)
+        self.gradient = gradient
+
+    @property
+    def langevin(self) -> bool:
+        """Whether proposals drift along the preconditioned gradient."""
+        return self.gradient is not None
 
     def _b_norm2(self, d: PETSc.Vec) -> tuple[float, PETSc.Vec]:
         bd = d.duplicate()
@@ -105,38 +131,143 @@ class GpcnKernel:
 
     def log_weight(self, x: PETSc.Vec) -> tuple[float, float]:
         """``(eta(x), Phi(x))``; ``eta = -inf`` when the forward model fails."""
+        eta, phi, drift = self.evaluate(x, with_drift=False)
+        return eta, phi
+
+    def evaluate(
+        self, x: PETSc.Vec, *, with_drift: bool | None = None
+    ) -> tuple[float, float, Drift | None]:
+        """``(eta(x), Phi(x), drift)``: the drift (Langevin kernels only, or ``with_drift``)
+        is ``g = -grad eta`` at ``x`` with ``Gamma g``; ``(-inf, inf, None)`` when the forward
+        model fails.
+        """
+        with_drift = self.langevin if with_drift is None else with_drift
+        g = None
         try:
-            phi = float(self.misfit(x))
+            if with_drift:
+                if self.gradient is None:
+                    raise ValueError("the kernel was built without a gradient")
+                g = x.duplicate()
+                phi = float(self.gradient(x, g))
+            else:
+                phi = float(self.misfit(x))
         except ConvergenceError:
-            return -np.inf, np.inf
+            if g is not None:
+                g.destroy()
+            return -np.inf, np.inf, None
         d = x.copy()
         d.axpy(-1.0, self.prior_mean)
         prior2, bd = self._b_norm2(d)
-        d.destroy()
-        bd.destroy()
         e = x.copy()
         e.axpy(-1.0, self.centre)
         ref2, be = self._b_norm2(e)
         post = self.reference
-        if post.rank:
-            c = gram(post.eigenvectors, [be])[:, 0]
-            ref2 += float(np.sum(post.eigenvalues * c * c))
+        c = gram(post.eigenvectors, [be])[:, 0] if post.rank else np.zeros(0)
+        ref2 += float(np.sum(post.eigenvalues * c * c))
+        eta = -phi - 0.5 * prior2 + 0.5 * ref2
+        drift = None
+        if g is not None:
+            # g = grad Phi + B (x - m0) - Gamma^{-1} (x - m),  Gamma^{-1} = B + B V L V^T B
+            g.axpy(1.0, bd)
+            g.axpy(-1.0, be)
+            if post.rank:
+                w = x.duplicate()
+                w.set(0.0)
+                for lam_c, v in zip(post.eigenvalues * c, post.eigenvectors, strict=True):
+                    w.axpy(float(lam_c), v)
+                bw = w.duplicate()
+                self._B(w, bw)
+                g.axpy(-1.0, bw)
+                w.destroy()
+                bw.destroy()
+            drift = self.drift_of(g)
+        d.destroy()
+        bd.destroy()
         e.destroy()
         be.destroy()
-        return -phi - 0.5 * prior2 + 0.5 * ref2, phi
+        return eta, phi, drift
 
-    def propose(self, u: PETSc.Vec, seed: int) -> PETSc.Vec:
-        """``v = m + sqrt(1 - beta^2)(u - m) + beta w`` with ``w`` from ``prior_sample(seed)``."""
+    def drift_of(self, g: PETSc.Vec) -> Drift:
+        """The :class:`Drift` of ``g = -grad eta`` (kept, not copied).
+
+        Computes ``Gamma g`` and ``<g, Gamma g>``.
+        """
+        pre = g.duplicate()
+        self.reference.covariance_mult(g, pre)
+        return Drift(g, pre, float(g.dot(pre)))
+
+    def log_ratio(
+        self,
+        u: PETSc.Vec,
+        eta_u: float,
+        drift_u: Drift | None,
+        v: PETSc.Vec,
+        eta_v: float,
+        drift_v: Drift | None,
+    ) -> float:
+        """The log Metropolis-Hastings ratio of moving from ``u`` to the proposal ``v``."""
+        if not self.langevin:
+            return eta_v - eta_u
+        if drift_u is None or drift_v is None:
+            raise ValueError("a Langevin kernel needs the drift at both points")
+        a = np.sqrt(1.0 - self.beta**2)
+        yu = u.copy()
+        yu.axpy(-1.0, self.centre)
+        yv = v.copy()
+        yv.axpy(-1.0, self.centre)
+        r = yu.copy()
+        r.axpy(-a, yv)  # y_u - a y_v
+        t_v = float(r.dot(drift_v.grad))
+        yv.axpy(-a, yu)  # y_v - a y_u
+        t_u = float(yv.dot(drift_u.grad))
+        for vec in (yu, yv, r):
+            vec.destroy()
+        return (
+            eta_v
+            - eta_u
+            - (t_v - t_u) / (1.0 + a)
+            - (1.0 - a) * (drift_v.norm2 - drift_u.norm2) / (2.0 * (1.0 + a))
+        )
+
+    def propose(self, u: PETSc.Vec, seed: int, drift: Drift | None = None) -> PETSc.Vec:
+        """``v = m + a (u - m) [- (1 - a) Gamma g(u)] + beta w``, ``a = sqrt(1 - beta^2)``.
+
+        ``w`` comes from ``prior_sample(seed)``; the drift term is there for Langevin kernels.
+        """
+        if self.langevin and drift is None:
+            raise ValueError("a Langevin kernel needs the drift at the current point")
         z = self.prior_sample(seed)
         w = self.reference.sample(z)
         z.destroy()
+        a = np.sqrt(1.0 - self.beta**2)
         v = u.copy()
         v.axpy(-1.0, self.centre)
-        v.scale(np.sqrt(1.0 - self.beta**2))
+        v.scale(a)
         v.axpy(1.0, self.centre)
         v.axpy(self.beta, w)
+        if self.langevin and drift is not None:
+            v.axpy(-(1.0 - a), drift.pre)
         w.destroy()
         return v
+
+
+class Drift(NamedTuple):
+    """The Langevin drift at a point.
+
+    Attributes:
+        grad: ``g = -grad eta`` (dual).
+        pre: ``Gamma g``.
+        norm2: ``<g, Gamma g>``.
+    """
+
+    grad: PETSc.Vec
+    pre: PETSc.Vec
+    norm2: float
+
+    def destroy(self) -> None:
+        """Free both vectors."""
+        self.grad.destroy()
+        self.pre.destroy()
 
 
 class ChainState(NamedTuple):
@@ -151,6 +282,7 @@ class ChainState(NamedTuple):
         accepted: proposals accepted so far.
         failed: proposals whose forward model failed.
         records: ``record(x)`` after every step, shape ``(step, n_q)``.
+        drift: the Langevin drift at ``x`` (None for gpCN).
     """
 
     chain: int
@@ -161,15 +293,16 @@ class ChainState(NamedTuple):
     accepted: int
     failed: int
     records: np.ndarray
+    drift: Drift | None = None
 
 
 def start_chain(kernel: GpcnKernel, chain: int, x0: PETSc.Vec, record) -> ChainState:
     """The state before the first step, at ``x0`` (copied)."""
-    eta, phi = kernel.log_weight(x0)
+    eta, phi, drift = kernel.evaluate(x0)
     if not np.isfinite(eta):
         raise ConvergenceError(f"chain {chain}: the forward model fails at the starting point")
     n_q = np.asarray(record(x0)).size
-    return ChainState(chain, 0, x0.copy(), eta, phi, 0, 0, np.zeros((0, n_q)))
+    return ChainState(chain, 0, x0.copy(), eta, phi, 0, 0, np.zeros((0, n_q)), drift)
 
 
 def run_chain(
@@ -198,23 +331,29 @@ def run_chain(
     Returns:
         The final state.
     """
-    x, eta, phi = state.x, state.eta, state.phi
+    x, eta, phi, drift = state.x, state.eta, state.phi, state.drift
+    if kernel.langevin and drift is None:  # e.g. a gpCN state continued by a Langevin kernel
+        eta, phi, drift = kernel.evaluate(x)
     accepted, failed = state.accepted, state.failed
     records = [state.records] if state.records.size else []
     rows = []
     for n in range(state.step, n_steps):
-        v = kernel.propose(x, seed_of(seed, state.chain, n))
-        eta_v, phi_v = kernel.log_weight(v)
+        v = kernel.propose(x, seed_of(seed, state.chain, n), drift)
+        eta_v, phi_v, drift_v = kernel.evaluate(v)
         u = np.random.default_rng([int(seed), int(state.chain), n]).uniform()
         if not np.isfinite(eta_v):
             failed += 1
             v.destroy()
-        elif np.log(u) < eta_v - eta:
+        elif np.log(u) < kernel.log_ratio(x, eta, drift, v, eta_v, drift_v):
             x.destroy()
-            x, eta, phi = v, eta_v, phi_v
+            if drift is not None:
+                drift.destroy()
+            x, eta, phi, drift = v, eta_v, phi_v, drift_v
             accepted += 1
         else:
             v.destroy()
+            if drift_v is not None:
+                drift_v.destroy()
         rows.append(np.asarray(record(x), dtype=float).ravel())
         if progress is not None:
             progress()
@@ -224,11 +363,13 @@ def run_chain(
             rows = []
             all_rec = np.concatenate(records)
             records = [all_rec]
-            checkpoint(ChainState(state.chain, done, x, eta, phi, accepted, failed, all_rec))
+            checkpoint(ChainState(state.chain, done, x, eta, phi, accepted, failed, all_rec, drift))
     if rows:
         records.append(np.array(rows))
     all_rec = np.concatenate(records) if records else state.records
-    return ChainState(state.chain, max(n_steps, state.step), x, eta, phi, accepted, failed, all_rec)
+    return ChainState(
+        state.chain, max(n_steps, state.step), x, eta, phi, accepted, failed, all_rec, drift
+    )
 
 
 # -- diagnostics ---------------------------------------------------------------------------

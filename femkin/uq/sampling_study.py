@@ -7,10 +7,12 @@ then
 1. splits the communicator into ``min(chains, size)`` groups; each group builds the problem
    on its sub-communicator and runs the chains ``c`` with ``c % groups == group``;
 2. runs each chain with the gpCN kernel (:mod:`femkin.uq.mcmc`; ``[sample] proposal =
-   "prior"`` gives plain pCN), whose reference Gaussian is the Laplace posterior centred on its
-   mean (the MAP point, or where ``femkin uq`` moved the coefficients to their marginal mode,
-   that point with the fields at their conditional mean), started from that mean plus a
-   Laplace sample, recording the global coefficients after every step;
+   "prior"`` gives plain pCN; ``langevin = true`` adds the drift along the
+   Laplace-preconditioned gradient, at the cost of an adjoint run per step), whose reference
+   Gaussian is the Laplace posterior centred on the MAP point or on its mean (where ``femkin
+   uq`` moved the coefficients to their marginal mode, that point with the fields at their
+   conditional mean), whichever fits the posterior better (:func:`choose_centre`), started from
+   that centre plus a Laplace sample, recording the global coefficients after every step;
 3. checkpoints every chain (``CASE/checkpoints/mcmc_chain<c>.npz``: the state, the records,
    the settings' hash) every ``checkpoint_every`` steps; a later run resumes each chain where it
    stopped (the same random numbers: the uninterrupted answer) and extends it when ``steps``
@@ -173,9 +175,12 @@ def _save_chain(path: Path, space, state: ChainState, digest: str) -> None:
     from femkin.io.atomic import atomic_write
 
     d = space.to_global_dict(state.x)
+    g = None if state.drift is None else space.to_global_dict(state.drift.grad)
     if space.comm.rank != 0:
         return
     arrays = _flatten("x", d)
+    if g is not None:  # the Langevin drift's gradient: a resumed chain continues exactly
+        arrays.update(_flatten("g", {k: a for k, a in g.items() if "coordinates" not in k}))
     arrays.update(
         step=state.step,
         eta=state.eta,
@@ -193,8 +198,13 @@ def _save_chain(path: Path, space, state: ChainState, digest: str) -> None:
     atomic_write(path, write)
 
 
-def _load_chain(path: Path, space, chain: int, digest: str) -> ChainState | None:
-    """The checkpointed state if it exists and belongs to these settings (collective)."""
+def _load_chain(
+    path: Path, space, chain: int, digest: str, kernel: GpcnKernel | None = None
+) -> ChainState | None:
+    """The checkpointed state if it exists and belongs to these settings (collective).
+
+    With a Langevin ``kernel`` the saved gradient gives the drift at the saved point.
+    """
     comm = space.comm
     data = None
     if comm.rank == 0 and path.exists():
@@ -205,7 +215,18 @@ def _load_chain(path: Path, space, chain: int, digest: str) -> ChainState | None
     if not ok:
         return None
     x = space.create_vector()
-    space.from_global_dict(_unflatten("x", data) if data is not None else None, x, str(path))
+    xd = _unflatten("x", data) if data is not None else None
+    space.from_global_dict(xd, x, str(path))
+    drift = None
+    has_g = comm.bcast(data is not None and any(k.startswith("g|") for k in data.files), 0)
+    if kernel is not None and kernel.langevin and has_g:
+        gd = None
+        if data is not None and xd is not None:
+            gd = _unflatten("g", data)
+            gd.update({k: a for k, a in xd.items() if k.endswith("/coordinates")})
+        g = space.create_vector()
+        space.from_global_dict(gd, g, str(path))
+        drift = kernel.drift_of(g)
     meta = None
     if data is not None:
         meta = {k: data[k] for k in ("step", "eta", "phi", "accepted", "failed", "records")}
@@ -219,6 +240,7 @@ def _load_chain(path: Path, space, chain: int, digest: str) -> ChainState | None
         int(meta["accepted"]),
         int(meta["failed"]),
         np.asarray(meta["records"], dtype=float),
+        drift,
     )
 
 
@@ -251,6 +273,19 @@ def _fixed_steps_misfit(problem):
     return misfit
 
 
+def _fixed_steps_gradient(problem):
+    """``problem.gradient`` on the step times frozen now, as :func:`_fixed_steps_misfit`."""
+    saved = problem.schedules()
+
+    def gradient(x, g):
+        try:
+            return problem.gradient(x, g)
+        finally:
+            problem.set_schedules(saved)
+
+    return gradient
+
+
 def run_group_chains(
     problem,
     prior,
@@ -261,12 +296,18 @@ def run_group_chains(
     *,
     log=None,
     record=None,
+    world=None,
+    info: dict | None = None,
 ) -> dict[int, dict]:
     """Run (or resume) the given chains on the problem's communicator.
 
     ``record(x)``: what to keep after every step (default: the global coefficients, in the
     order of :func:`~femkin.uq.laplace_study.coefficient_layout`); it must be right on the
     communicator's rank 0, whose records are returned.
+
+    The Laplace reference is centred where ``settings["centre"]`` says (:func:`choose_centre`);
+    with ``world`` (the communicator over all groups, every rank calling) the choice of world
+    rank 0 is taken by every group. ``info`` (a dict) receives ``centre`` and ``pilot``.
 
     Returns:
         ``{chain: {"records", "accepted", "failed", "steps", "resumed_from"}}`` (every rank).
@@ -276,35 +317,54 @@ def run_group_chains(
     space = problem.space
     comm = problem.comm
     x_map, post, laplace_mean = load_laplace_with_centre(laplace_path, space, prior)
-    digest = comm.bcast(_settings_hash(settings, laplace_path) if comm.rank == 0 else None, 0)
     seed = int(settings["seed"])
+    misfit = _fixed_steps_misfit(problem)
+
+    def make_kernel(reference, centre):
+        return GpcnKernel(
+            misfit,
+            prior.precision_mult,
+            prior.mean(),
+            reference,
+            centre,
+            lambda s: prior_sample(prior, space, s),
+            beta=float(settings["beta"]),
+            gradient=_fixed_steps_gradient(problem) if settings.get("langevin") else None,
+        )
+
+    candidates = {"map": x_map}
+    if laplace_mean is not None:
+        candidates["laplace"] = laplace_mean
+    choice, pilot = choose_centre(
+        settings.get("centre", "auto"),
+        {k: make_kernel(post, v) for k, v in candidates.items()},
+        lambda i: post.sample(prior_sample(prior, space, seed + PILOT_SEED_OFFSET + i)),
+    )
+    if world is not None:
+        choice = world.bcast(choice, root=0)
+    start = candidates[choice]
+    resolved = {**settings, "centre": choice}  # a checkpoint belongs to the centre it ran with
+    digest = comm.bcast(_settings_hash(resolved, laplace_path) if comm.rank == 0 else None, 0)
+    if info is not None:
+        info.update(centre=choice, pilot=pilot)
     if settings["proposal"] == "prior":
         reference = LowRankPosterior(
             np.zeros(0), [], prior.covariance_mult, apply_prior_precision=prior.precision_mult
         )
-        centre = prior.mean()
-    else:  # the Laplace posterior: centred on the coefficients' marginal mode where uq moved them
-        reference, centre = post, (x_map if laplace_mean is None else laplace_mean)
-    kernel = GpcnKernel(
-        _fixed_steps_misfit(problem),
-        prior.precision_mult,
-        prior.mean(),
-        reference,
-        centre,
-        lambda s: prior_sample(prior, space, s),
-        beta=float(settings["beta"]),
-    )
+        kernel = make_kernel(reference, prior.mean())
+    else:
+        kernel = make_kernel(post, start)
     if record is None:
         record = _record(space, coefficient_layout(space))
     out = {}
     for c in chains:
         path = _chain_path(case_dir, c)
-        state = _load_chain(path, space, c, digest)
+        state = _load_chain(path, space, c, digest, kernel)
         resumed_from = 0 if state is None else state.step
         if state is None:
             z = prior_sample(prior, space, seed + START_SEED_OFFSET + c)
             x0 = post.sample(z)
-            x0.axpy(1.0, x_map if laplace_mean is None else laplace_mean)
+            x0.axpy(1.0, start)
             z.destroy()
             state = start_chain(kernel, c, x0, record)
             x0.destroy()
@@ -331,11 +391,68 @@ def run_group_chains(
             "resumed_from": resumed_from,
         }
         state.x.destroy()
+        if state.drift is not None:
+            state.drift.destroy()
     # leave the problem at the MAP point
     problem.misfit(x_map)
     if laplace_mean is not None:
         laplace_mean.destroy()
     return out
+
+
+#: The pilot draws of :func:`choose_centre` use the seeds ``seed + PILOT_SEED_OFFSET + i``.
+PILOT_SEED_OFFSET = 5_000_017
+#: Pilot draws per candidate centre.
+PILOT_DRAWS = 8
+#: Above this std of the log weight over the pilot draws the reference counts as a poor fit.
+POOR_FIT_ETA_STD = 3.0
+
+
+def choose_centre(
+    setting: str, kernels: dict[str, GpcnKernel], draw, n: int = PILOT_DRAWS
+) -> tuple[str, dict]:
+    """Where the Laplace reference of the chains is centred.
+
+    ``"map"``: the MAP point; ``"laplace"``: the Laplace mean ``femkin uq`` saved (the
+    coefficients' marginal mode, the fields at their conditional mean; the MAP point where it
+    saved none); ``"auto"``: of the candidates, the one under whose reference Gaussian the log
+    weight ``eta = log pi - log N(centre, Gamma)`` varies least over ``n`` draws of it. That
+    spread is what gpCN's acceptance rests on (for an exact Gaussian reference ``eta`` is
+    constant and every proposal is accepted); a draw whose forward run fails counts as an
+    infinite spread. The two centres serve different ends: the marginal mode describes the
+    coefficients' marginals best, but a Gaussian moved there can fit the joint posterior of
+    coefficients and fields worse than the one at the joint mode.
+
+    Args:
+        setting: ``"auto"``, ``"map"`` or ``"laplace"``.
+        kernels: ``{"map": kernel, ["laplace": kernel]}``, each centred on its point.
+        draw: ``draw(i)``: the ``i``-th zero-mean draw of the reference Gaussian (new vector).
+        n: pilot draws per candidate.
+
+    Returns:
+        ``(choice, pilot)``, ``pilot = {candidate: {"eta_std", "failed"}}`` (for ``"auto"``,
+        even with one candidate: the spread says how well the reference fits; empty
+        otherwise).
+    """
+    if setting == "map":
+        return "map", {}
+    if setting == "laplace":
+        return ("laplace" if "laplace" in kernels else "map"), {}
+    pilot = {}
+    for name, kernel in kernels.items():
+        etas = []
+        for i in range(n):
+            x = draw(i)
+            x.axpy(1.0, kernel.centre)
+            etas.append(kernel.log_weight(x)[0])
+            x.destroy()
+        finite = np.isfinite(etas)
+        pilot[name] = {
+            "eta_std": float(np.std(np.asarray(etas)[finite])) if finite.all() else float("inf"),
+            "failed": int(np.sum(~finite)),
+        }
+    choice = min(pilot, key=lambda k: (pilot[k]["eta_std"], k != "laplace"))
+    return choice, pilot
 
 
 def summarise(chains: dict[int, dict], names: list[str], burn: float, laplace: dict | None) -> dict:
@@ -661,7 +778,10 @@ def sample(case_path, comm=MPI.COMM_WORLD, *, quiet: bool = False) -> dict | Non
     blocks = coefficient_layout(problem.space)
     names = coefficient_names(blocks)
     params = problem.parameters_at(x)
-    results = run_group_chains(problem, prior, laplace_path, case.dir, settings, mine, log=log)
+    info: dict = {}
+    results = run_group_chains(
+        problem, prior, laplace_path, case.dir, settings, mine, log=log, world=comm, info=info
+    )
     gathered = comm.gather(results if sub.rank == 0 else {}, root=0)
     payload = None
     if comm.rank == 0:
@@ -676,14 +796,35 @@ def sample(case_path, comm=MPI.COMM_WORLD, *, quiet: bool = False) -> dict | Non
         )
         payload["laplace_check"] = laplace_check(payload)
         payload["settings"] = settings
-        with np.load(laplace_path) as saved:
-            moved = any(k.startswith("centre|") for k in saved.files)
         payload["proposal_centre"] = (
             "prior mean"
             if settings["proposal"] == "prior"
-            else ("the coefficients' marginal mode" if moved else "the MAP point")
+            else (
+                "the coefficients' marginal mode"
+                if info["centre"] == "laplace"
+                else "the MAP point"
+            )
+        )
+        payload["centre_pilot"] = info["pilot"]
+        if info["pilot"]:
+            spread = info["pilot"][info["centre"]]["eta_std"]
+            payload["reference_fit"] = (
+                f"log weight std {spread:.2f} over {PILOT_DRAWS} draws of the reference: "
+                + (
+                    "the Laplace Gaussian fits the posterior well"
+                    if spread <= POOR_FIT_ETA_STD
+                    else "the Laplace Gaussian fits the posterior poorly, expect slow mixing "
+                    '(a smaller beta; with [uq] hessian = "full" it includes the residuals\' '
+                    "curvature)"
+                )
+            )
+        payload["kernel"] = ("pCN-Langevin" if settings.get("langevin") else "gpCN") + (
+            " (prior reference: pCN)" if settings["proposal"] == "prior" else ""
         )
         payload["wall_time"] = time.perf_counter() - t0
+        payload["seconds_per_effective_sample"] = (
+            payload["wall_time"] / payload["min_ess"] if payload["min_ess"] > 0 else float("nan")
+        )
         payload["resumed_from"] = {str(c): chains[c]["resumed_from"] for c in sorted(chains)}
         _write_results(case, payload, chains, blocks, params, settings)
         if log is not None:
@@ -693,6 +834,8 @@ def sample(case_path, comm=MPI.COMM_WORLD, *, quiet: bool = False) -> dict | Non
                 f"results in {case.dir / 'results' / 'mcmc.json'}"
             )
             log(payload["laplace_check"]["verdict"])
+            if "reference_fit" in payload:
+                log(f"proposal: {payload['reference_fit']}")
     comm.barrier()
     return payload
 

@@ -303,12 +303,13 @@ def test_sample_runs_resumes_and_reports(inverted_case):
     case, _ = inverted_case
     comm = MPI.COMM_WORLD
 
-    def set_steps(steps):
+    def set_steps(steps, langevin=False):
         if comm.rank == 0:
             text = (case / "case.toml").read_text().split("\n[sample]")[0]
             text += (
-                f"\n[sample]\nchains = 2\nsteps = {steps}\nburn = 0.25\nbeta = 0.5\n"
-                "checkpoint_every = 5\nseed = 3\n"
+                f"\n[sample]\nchains = 2\nsteps = {steps}\nburn = 0.25\n"
+                f"beta = {0.2 if langevin else 0.5}\ncheckpoint_every = 5\nseed = 3\n"
+                f"langevin = {str(langevin).lower()}\n"
             )
             (case / "case.toml").write_text(text)
         comm.barrier()
@@ -354,6 +355,30 @@ def test_sample_runs_resumes_and_reports(inverted_case):
     report = (case / "results" / "report.md").read_text()
     assert report.count(MCMC_HEADING) == 1
     assert f"| {uq['coefficient_names'][0]} |" in report.split(MCMC_HEADING)[1]
+    # pCN-Langevin: the checkpoints keep the gradient, so a resumed chain is the uninterrupted
+    # one; the gpCN checkpoints do not belong to it and are not resumed
+    set_steps(6, langevin=True)
+    assert main(["sample", str(case), "--quiet"]) == 0
+    lv_first = json.loads((case / "results" / "mcmc.json").read_text())
+    assert lv_first["resumed_from"] == {"0": 0, "1": 0}
+    assert lv_first["kernel"] == "pCN-Langevin"
+    set_steps(9, langevin=True)
+    assert main(["sample", str(case), "--quiet"]) == 0
+    lv_resumed = json.loads((case / "results" / "mcmc.json").read_text())
+    assert lv_resumed["resumed_from"] == {"0": 6, "1": 6}
+    comm.barrier()
+    if comm.rank == 0:
+        for c in (0, 1):
+            (case / "checkpoints" / f"mcmc_chain{c}.npz").unlink()
+    comm.barrier()
+    assert main(["sample", str(case), "--quiet"]) == 0
+    lv_straight = json.loads((case / "results" / "mcmc.json").read_text())
+    assert lv_straight["acceptance"] == lv_resumed["acceptance"]
+    assert 0 < lv_straight["acceptance_overall"] < 1
+    for name, v in lv_straight["coefficients"].items():
+        assert v["mean"] == lv_resumed["coefficients"][name]["mean"], name
+        assert v["mean"] != straight["coefficients"][name]["mean"], name
+    assert "pCN-Langevin" in (case / "results" / "report.md").read_text()
 
 
 @pytest.mark.mpi

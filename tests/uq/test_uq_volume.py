@@ -285,7 +285,18 @@ def test_default_centre_after_a_converged_fit_is_the_marginal_mode():
     dm = np.abs(laplace["centre|m/1"] - laplace["map|m/1"]).max()
     assert 1e-3 < dm < 1.0, dm
     assert not any(k.startswith("centre|") for k in map_files)
-    assert mcmc["proposal_centre"] == "the coefficients' marginal mode"
+    # "auto": the centre whose Laplace Gaussian fits the posterior better in the pilot
+    pilot = mcmc["centre_pilot"]
+    assert set(pilot) == {"map", "laplace"}
+    assert all(np.isfinite(v["eta_std"]) and v["failed"] == 0 for v in pilot.values())
+    best = min(pilot, key=lambda k: pilot[k]["eta_std"])
+    assert (
+        mcmc["proposal_centre"]
+        == {
+            "map": "the MAP point",
+            "laplace": "the coefficients' marginal mode",
+        }[best]
+    )
     report = auto_report.splitlines()
     mu_h_line = next(line for line in report if line.startswith("- mu_h: mean"))
     assert "(joint MAP [" in mu_h_line, mu_h_line
