@@ -682,7 +682,6 @@ def analyse(
     mean = map_values
     volume = None
     mean_vector = None
-    centre = x
     fields_learned = any(name in problem.learn for name in ("m", "initial"))
     use_marginal, centre_reason = centre_choice(
         settings.get("coefficient_mean", "auto"),
@@ -699,9 +698,7 @@ def analyse(
         bar.close()
         timings["marginal_mode"] = time.perf_counter() - t_volume
         mean = map_values + volume["shift"]
-        centre = x.copy()
         for (b, _), values in zip(blocks, _split(mean, blocks), strict=True):
-            space.set_scalars(centre, b, values)
             # exactly the reported values (the conditional directions move the coefficients
             # by the shift only to the marginals' CG tolerance)
             space.set_scalars(mean_vector, b, values)
@@ -710,9 +707,8 @@ def analyse(
             + " ".join(f"{s:+.2f}" for s in volume["shift_over_std"])
             + " posterior std from the joint MAP point"
         )
-    bands = credible_bands(problem, centre, blocks, covariance)
-    if centre is not x:
-        centre.destroy()
+    # the curves depend on the coefficients alone: centred on the reported means
+    bands = credible_bands(problem, x if mean_vector is None else mean_vector, blocks, covariance)
     ln_k_std, ln_k_prior_std, method, ln_k_std_dofs = _ln_k_maps(
         problem,
         prior,
