@@ -445,4 +445,72 @@ def test_choose_centre_takes_the_better_fitting_gaussian():
     assert pilot["laplace"]["eta_std"] == float("inf")
     assert choose_centre("laplace", {"map": narrow, "laplace": wide}, draw) == ("laplace", {})
     assert choose_centre("map", {"map": wide, "laplace": narrow}, draw) == ("map", {})
-    assert choose_centre("auto", {"map": wide}, draw) == ("map", {})
+    # one candidate: still the pilot, which says how well the reference fits
+    choice, pilot = choose_centre("auto", {"map": wide}, draw)
+    assert choice == "map" and pilot["map"]["eta_std"] == pytest.approx(3.0 * spread)
+
+
+@pytest.mark.mpi
+def test_adapted_reference_with_the_laplace_covariance_is_the_laplace_posterior(comm):
+    """S = diag(1/(1+lambda)) gives the Laplace posterior's draws, covariance products and
+    gpCN log weights; another S gives the covariance Gamma_prior + V (S - I) V^T (dense)."""
+    from femkin.uq.mcmc import AdaptedReference
+
+    p, kernel, centre, rows, _, _ = _setup(comm, 8)
+    post = kernel.reference
+    lap = AdaptedReference(
+        post.eigenvectors, np.diag(1.0 / (1.0 + post.eigenvalues)), p.apply_Binv, p.apply_B
+    )
+    z = p.prior_sample(3)
+    np.testing.assert_allclose(p.gather(lap.sample(z)), p.gather(post.sample(z)), atol=1e-12)
+    r = p.scatter(np.cos(np.arange(p.template.getSize())))
+    a, b = r.duplicate(), r.duplicate()
+    lap.covariance_mult(r, a)
+    post.covariance_mult(r, b)
+    np.testing.assert_allclose(p.gather(a), p.gather(b), rtol=1e-10, atol=1e-12)
+    twin = GpcnKernel(
+        kernel.misfit, p.apply_B, kernel.prior_mean, lap, centre, p.prior_sample, beta=0.5
+    )
+    y = centre.copy()
+    y.axpy(0.5, z)
+    assert twin.log_weight(y)[0] == pytest.approx(kernel.log_weight(y)[0], rel=1e-10, abs=1e-10)
+    # another S: dense covariance and draws' covariance
+    k = post.rank
+    q = np.linalg.qr(np.random.default_rng(2).standard_normal((k, k)))[0]
+    s = q @ np.diag(np.linspace(0.2, 3.0, k)) @ q.T
+    other = AdaptedReference(post.eigenvectors, s, p.apply_Binv, p.apply_B)
+    V = np.array([p.gather(v) for v in post.eigenvectors]).T
+    dense = np.linalg.inv(p.dense_B) + V @ (s - np.eye(k)) @ V.T
+    other.covariance_mult(r, a)
+    np.testing.assert_allclose(p.gather(a), dense @ p.gather(r), rtol=1e-9, atol=1e-10)
+    draws = np.array([p.gather(other.sample(p.prior_sample(100 + i))) for i in range(3000)])
+    c = draws @ p.dense_B @ V  # the draws' coordinates V^T B x: covariance S
+    assert np.abs(np.cov(c, rowvar=False) - s).max() < 0.2
+
+
+def test_adapt_reference_estimates_the_spread_and_shrinks_to_laplace():
+    """From draws whose coordinates have covariance S_true: S is their covariance, shrunk to
+    the Laplace one by k / (k + n_eff); the mean is theirs."""
+    from femkin.uq.mcmc import adapt_reference
+
+    class Laplace:
+        eigenvalues = np.array([100.0, 3.0, 0.5])
+        eigenvectors = [object(), object(), object()]
+        rank = 3
+
+    rng = np.random.default_rng(0)
+    s_true = np.diag([4.0 / 101.0, 0.25, 1.0 / 1.5])
+    draws = rng.multivariate_normal([0.3, 0.0, 0.0], s_true, size=(4, 2000)).reshape(-1, 3)
+    reference, mean, info = adapt_reference(Laplace, draws, 4, lambda x, y: None, lambda x, y: None)
+    w = 3 / (3 + info["effective_draws"])
+    assert info["effective_draws"] > 6000 and info["shrinkage"] == pytest.approx(w)
+    lap = np.diag(1 / (1 + Laplace.eigenvalues))
+    np.testing.assert_allclose(
+        reference.covariance, (1 - w) * np.cov(draws, rowvar=False) + w * lap, rtol=1e-12
+    )
+    np.testing.assert_allclose(np.diag(reference.covariance), np.diag(s_true), rtol=0.06)
+    assert info["std_ratio_max"] == pytest.approx(2.0, rel=0.05)  # the first: twice as wide
+    np.testing.assert_allclose(mean, draws.mean(axis=0))
+    # two effective draws: almost the Laplace covariance
+    few, _, info2 = adapt_reference(Laplace, draws[:8], 4, lambda x, y: None, lambda x, y: None)
+    assert info2["shrinkage"] > 0.4
