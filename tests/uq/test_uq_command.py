@@ -401,6 +401,10 @@ def test_sample_runs_resumes_and_reports(inverted_case):
     assert ad_straight["burn_in_per_chain"] == 6 and ad_straight["draws_used_per_chain"] == 6
     for name, v in ad_straight["coefficients"].items():
         assert v["mean"] == ad_resumed["coefficients"][name]["mean"], name
+    assert (
+        "- reference adapted after 6 steps per chain"
+        in (case / "results" / "report.md").read_text()
+    )
 
 
 @pytest.mark.mpi
