@@ -394,14 +394,6 @@ SCHEMA: dict[str, dict[str, Any]] = {
             "centre of the Laplace reference: the MAP point, uq's Laplace mean, or (auto) the "
             "one whose Gaussian fits the posterior better in a pilot of 8 draws each",
         ),
-        "reference_scale": Key(
-            "float",
-            1.0,
-            POSITIVE,
-            "the reference Gaussian's std along the Laplace eigenvectors, in units of the "
-            "Laplace (or adapted) one: above 1 for posteriors with heavier tails than the "
-            "Gaussian, where a chain would otherwise stick",
-        ),
         "adapt_steps": Key(
             "int",
             0,

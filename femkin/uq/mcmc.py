@@ -328,13 +328,7 @@ class AdaptedReference:
 
 
 def adapt_reference(
-    laplace,
-    coordinates: np.ndarray,
-    chains: int,
-    apply_prior_cov,
-    apply_prior_precision,
-    *,
-    scale: float = 1.0,
+    laplace, coordinates: np.ndarray, chains: int, apply_prior_cov, apply_prior_precision
 ) -> tuple[AdaptedReference, np.ndarray, dict]:
     """The reference Gaussian estimated from samples' Laplace-eigenvector coordinates.
 
@@ -350,8 +344,6 @@ def adapt_reference(
         chains: how many chains the rows come from (equal lengths).
         apply_prior_cov: ``out = Gamma_prior x``.
         apply_prior_precision: ``out = B x``.
-        scale: the std of the result along the span is ``scale`` times the estimate's
-            (``S`` times ``scale^2``; ``[sample] reference_scale``).
 
     Returns:
         ``(reference, mean, info)``: ``mean`` the coordinates' mean (move the centre by ``V
@@ -367,7 +359,7 @@ def adapt_reference(
     lap = np.diag(1.0 / (1.0 + laplace.eigenvalues))
     w = k / (k + max(n_eff, 1.0))
     cov = np.cov(flat, rowvar=False).reshape(k, k) if flat.shape[0] > 1 else lap
-    s = scale**2 * ((1.0 - w) * cov + w * lap)
+    s = (1.0 - w) * cov + w * lap
     reference = AdaptedReference(laplace.eigenvectors, s, apply_prior_cov, apply_prior_precision)
     ratio = np.sqrt(np.diag(s) * (1.0 + laplace.eigenvalues))
     info = {

@@ -41,7 +41,6 @@ import numpy as np
 from femkin._fem import MPI, PETSc
 from femkin.uq.laplace import LowRankPosterior
 from femkin.uq.mcmc import (
-    AdaptedReference,
     ChainState,
     GpcnKernel,
     adapt_reference,
@@ -335,24 +334,13 @@ def run_group_chains(
             gradient=_fixed_steps_gradient(problem) if settings.get("langevin") else None,
         )
 
-    scale = float(settings.get("reference_scale", 1.0))
-    laplace_reference: LowRankPosterior | AdaptedReference = post
-    if scale != 1.0:  # the Laplace covariance widened along its eigenvectors
-        laplace_reference = AdaptedReference(
-            post.eigenvectors,
-            np.diag(scale**2 / (1.0 + post.eigenvalues)),
-            prior.covariance_mult,
-            prior.precision_mult,
-        )
     candidates = {"map": x_map}
     if laplace_mean is not None:
         candidates["laplace"] = laplace_mean
     choice, pilot = choose_centre(
         settings.get("centre", "auto"),
-        {k: make_kernel(laplace_reference, v) for k, v in candidates.items()},
-        lambda i: laplace_reference.sample(
-            prior_sample(prior, space, seed + PILOT_SEED_OFFSET + i)
-        ),
+        {k: make_kernel(post, v) for k, v in candidates.items()},
+        lambda i: post.sample(prior_sample(prior, space, seed + PILOT_SEED_OFFSET + i)),
     )
     if world is not None:
         choice = world.bcast(choice, root=0)
@@ -369,7 +357,7 @@ def run_group_chains(
         )
         kernel = make_kernel(reference, prior.mean())
     else:
-        kernel = make_kernel(laplace_reference, start)
+        kernel = make_kernel(post, start)
     if record is None:
         record = _record(space, coefficient_layout(space))
     user_record = record
@@ -422,7 +410,6 @@ def run_group_chains(
             len(order),
             prior.covariance_mult,
             prior.precision_mult,
-            scale=scale,
         )
         centre2 = start.copy()
         for a, v in zip(shift, post.eigenvectors, strict=True):
