@@ -394,15 +394,6 @@ SCHEMA: dict[str, dict[str, Any]] = {
             "centre of the Laplace reference: the MAP point, uq's Laplace mean, or (auto) the "
             "one whose Gaussian fits the posterior better in a pilot of 8 draws each",
         ),
-        "adapt_steps": Key(
-            "int",
-            0,
-            NON_NEGATIVE,
-            "steps per chain under the Laplace reference, after which the reference's "
-            "covariance and mean in the Laplace eigenvectors' span are estimated from the "
-            "second half of them (all chains pooled) and used for the rest; 0: the Laplace "
-            "reference throughout",
-        ),
         "langevin": Key(
             "bool",
             False,

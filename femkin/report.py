@@ -606,18 +606,6 @@ def mcmc_report_lines(payload: dict) -> list[str]:
             if "reference_fit" in payload
             else []
         ),
-        *(
-            [
-                f"- reference adapted after {payload['adaptation']['steps']} steps per chain "
-                f"(those left out): its std along the Laplace eigenvectors is "
-                f"{payload['adaptation']['std_ratio_min']:.2f}-"
-                f"{payload['adaptation']['std_ratio_max']:.2f}x Laplace's, mean moved up to "
-                f"{payload['adaptation']['mean_shift_max']:.2f} Laplace std (shrinkage "
-                f"{payload['adaptation']['shrinkage']:.2f} to Laplace)"
-            ]
-            if "adaptation" in payload
-            else []
-        ),
         "",
         "| coefficient | Laplace mean | Laplace std | MCMC mean | MCMC std | dmean / std | "
         "std ratio | skewness | ESS | R-hat |",

@@ -55,11 +55,9 @@ from femkin.uq.laplace import LowRankPosterior
 from femkin.uq.randomized import as_apply, gram
 
 __all__ = [
-    "AdaptedReference",
     "ChainState",
     "Drift",
     "GpcnKernel",
-    "adapt_reference",
     "effective_sample_size",
     "run_chain",
     "seed_of",
@@ -165,19 +163,18 @@ class GpcnKernel:
         ref2, be = self._b_norm2(e)
         post = self.reference
         c = gram(post.eigenvectors, [be])[:, 0] if post.rank else np.zeros(0)
-        pc = precision_excess(post) @ c
-        ref2 += float(c @ pc)
+        ref2 += float(np.sum(post.eigenvalues * c * c))
         eta = -phi - 0.5 * prior2 + 0.5 * ref2
         drift = None
         if g is not None:
-            # g = grad Phi + B (x - m0) - Gamma^{-1} (x - m),  Gamma^{-1} = B + B V P V^T B
+            # g = grad Phi + B (x - m0) - Gamma^{-1} (x - m),  Gamma^{-1} = B + B V L V^T B
             g.axpy(1.0, bd)
             g.axpy(-1.0, be)
             if post.rank:
                 w = x.duplicate()
                 w.set(0.0)
-                for p_c, v in zip(pc, post.eigenvectors, strict=True):
-                    w.axpy(float(p_c), v)
+                for lam_c, v in zip(post.eigenvalues * c, post.eigenvectors, strict=True):
+                    w.axpy(float(lam_c), v)
                 bw = w.duplicate()
                 self._B(w, bw)
                 g.axpy(-1.0, bw)
@@ -252,128 +249,6 @@ class GpcnKernel:
             v.axpy(-(1.0 - a), drift.pre)
         w.destroy()
         return v
-
-
-def precision_excess(reference) -> np.ndarray:
-    """``P`` with ``Gamma^{-1} = B + B V P V^T B``: ``diag(lambda)`` for the Laplace posterior,
-    ``S^{-1} - I`` for an :class:`AdaptedReference`.
-    """
-    if isinstance(reference, AdaptedReference):
-        return reference.precision_excess
-    return np.diag(np.asarray(reference.eigenvalues, dtype=float))
-
-
-class AdaptedReference:
-    """The Gaussian ``N(0, Gamma)``, ``Gamma = Gamma_prior + V (S - I) V^T``, ``V^T B V = I``.
-
-    In the coordinates ``c = V^T B x`` of the Laplace eigenvectors (where the prior has
-    covariance ``I``) it has covariance ``S``, any SPD matrix; in the B-orthogonal complement it
-    is the prior. ``S = diag(1 / (1 + lambda))`` is the Laplace posterior; :func:`adapt_reference`
-    estimates ``S`` from chain samples, where the posterior is not Gaussian enough for the
-    Hessian at one point to describe it (the DILI idea of estimating the posterior covariance in
-    the likelihood-informed subspace from samples, Cui, Law & Marzouk 2016).
-
-    Args:
-        eigenvectors: ``V`` (not copied; do not modify them).
-        covariance: ``S``, ``(k, k)`` SPD.
-        apply_prior_cov: ``out = Gamma_prior x``.
-        apply_prior_precision: ``out = B x``.
-    """
-
-    def __init__(self, eigenvectors, covariance, apply_prior_cov, apply_prior_precision):
-        self.eigenvectors = list(eigenvectors)
-        s = np.asarray(covariance, dtype=float)
-        k = len(self.eigenvectors)
-        if s.shape != (k, k):
-            raise ValueError(f"covariance must be ({k}, {k}); found {s.shape}")
-        self.covariance = 0.5 * (s + s.T)
-        self.cholesky = np.linalg.cholesky(self.covariance)
-        self.precision_excess = np.linalg.inv(self.covariance) - np.eye(k)
-        self._prior_cov = as_apply(apply_prior_cov)
-        self._prior_precision = as_apply(apply_prior_precision)
-
-    @property
-    def rank(self) -> int:
-        """Dimension of the adapted subspace."""
-        return len(self.eigenvectors)
-
-    def coordinates(self, x: PETSc.Vec) -> np.ndarray:
-        """``V^T B x``."""
-        bx = x.duplicate()
-        self._prior_precision(x, bx)
-        c = gram(self.eigenvectors, [bx])[:, 0]
-        bx.destroy()
-        return c
-
-    def _add_v(self, out: PETSc.Vec, coefficients: np.ndarray) -> None:
-        for a, v in zip(coefficients, self.eigenvectors, strict=True):
-            out.axpy(float(a), v)
-
-    def covariance_mult(self, r: PETSc.Vec, out: PETSc.Vec) -> None:
-        """``out = Gamma r``."""
-        self._prior_cov(r, out)
-        vr = gram(self.eigenvectors, [r])[:, 0]
-        self._add_v(out, (self.covariance - np.eye(self.rank)) @ vr)
-
-    def sample(self, prior_sample: PETSc.Vec, out: PETSc.Vec | None = None) -> PETSc.Vec:
-        """A zero-mean draw from a zero-mean prior draw ``z``: ``z + V (L - I) V^T B z``
-        (``L L^T = S``; ``V^T B z`` is standard normal).
-        """
-        if out is None:
-            out = prior_sample.duplicate()
-        prior_sample.copy(out)
-        c = self.coordinates(prior_sample)
-        self._add_v(out, self.cholesky @ c - c)
-        return out
-
-
-def adapt_reference(
-    laplace, coordinates: np.ndarray, chains: int, apply_prior_cov, apply_prior_precision
-) -> tuple[AdaptedReference, np.ndarray, dict]:
-    """The reference Gaussian estimated from samples' Laplace-eigenvector coordinates.
-
-    ``S`` is the samples' covariance shrunk towards the Laplace one,
-    ``S = (1 - w) S_samples + w diag(1 / (1 + lambda))`` with ``w = k / (k + n_eff)`` (``k``
-    coordinates, ``n_eff`` the median of their effective sample sizes over the chains): with few
-    effective draws per coordinate the estimate leans on the Hessian. The mean is theirs.
-
-    Args:
-        laplace: the :class:`~femkin.uq.laplace.LowRankPosterior` (``V``, ``lambda``).
-        coordinates: ``(chains * draws, k)``: ``V^T B (x - centre)`` of the draws, chain by
-            chain.
-        chains: how many chains the rows come from (equal lengths).
-        apply_prior_cov: ``out = Gamma_prior x``.
-        apply_prior_precision: ``out = B x``.
-
-    Returns:
-        ``(reference, mean, info)``: ``mean`` the coordinates' mean (move the centre by ``V
-        mean``), ``info`` the shrinkage weight, ``n_eff`` and the largest and smallest ratios
-        of the adapted to the Laplace std along the eigenvectors.
-    """
-    k = laplace.rank
-    c = np.asarray(coordinates, dtype=float).reshape(chains, -1, k)
-    ess = [effective_sample_size(c[:, :, i]) for i in range(k)]
-    finite = [e for e in ess if np.isfinite(e)]
-    n_eff = float(np.median(finite)) if finite else 0.0  # too few draws for an ESS: none
-    flat = c.reshape(-1, k)
-    lap = np.diag(1.0 / (1.0 + laplace.eigenvalues))
-    w = k / (k + max(n_eff, 1.0))
-    cov = np.cov(flat, rowvar=False).reshape(k, k) if flat.shape[0] > 1 else lap
-    s = (1.0 - w) * cov + w * lap
-    reference = AdaptedReference(laplace.eigenvectors, s, apply_prior_cov, apply_prior_precision)
-    ratio = np.sqrt(np.diag(s) * (1.0 + laplace.eigenvalues))
-    info = {
-        "shrinkage": float(w),
-        "effective_draws": n_eff,
-        "std_ratio_max": float(ratio.max()) if k else 1.0,
-        "std_ratio_min": float(ratio.min()) if k else 1.0,
-        "mean_shift_max": float(
-            np.max(np.abs(flat.mean(axis=0)) * np.sqrt(1.0 + laplace.eigenvalues))
-        )
-        if k
-        else 0.0,
-    }
-    return reference, flat.mean(axis=0), info
 
 
 class Drift(NamedTuple):

@@ -43,13 +43,11 @@ from femkin.uq.laplace import LowRankPosterior
 from femkin.uq.mcmc import (
     ChainState,
     GpcnKernel,
-    adapt_reference,
     effective_sample_size,
     run_chain,
     split_rhat,
     start_chain,
 )
-from femkin.uq.randomized import gram
 
 __all__ = [
     "START_SEED_OFFSET",
@@ -349,8 +347,6 @@ def run_group_chains(
     digest = comm.bcast(_settings_hash(resolved, laplace_path) if comm.rank == 0 else None, 0)
     if info is not None:
         info.update(centre=choice, pilot=pilot)
-    adapt = int(settings.get("adapt_steps", 0)) if settings["proposal"] != "prior" else 0
-    steps = int(settings["steps"])
     if settings["proposal"] == "prior":
         reference = LowRankPosterior(
             np.zeros(0), [], prior.covariance_mult, apply_prior_precision=prior.precision_mult
@@ -360,27 +356,11 @@ def run_group_chains(
         kernel = make_kernel(post, start)
     if record is None:
         record = _record(space, coefficient_layout(space))
-    user_record = record
-    n_q = None
-    if adapt:  # also the draws' Laplace coordinates V^T B (x - centre), for the adaptation
-
-        def record(x):
-            e = x.copy()
-            e.axpy(-1.0, start)
-            be = e.duplicate()
-            prior.precision_mult(e, be)
-            coords = gram(post.eigenvectors, [be])[:, 0] if post.rank else np.zeros(0)
-            e.destroy()
-            be.destroy()
-            return np.concatenate([np.asarray(user_record(x), dtype=float).ravel(), coords])
-
-        n_q = np.asarray(user_record(start)).size
-    states, resumed, t0 = {}, {}, {}
+    out = {}
     for c in chains:
         path = _chain_path(case_dir, c)
         state = _load_chain(path, space, c, digest, kernel)
-        resumed[c] = 0 if state is None else state.step
-        t0[c] = time.perf_counter()
+        resumed_from = 0 if state is None else state.step
         if state is None:
             z = prior_sample(prior, space, seed + START_SEED_OFFSET + c)
             x0 = post.sample(z)
@@ -388,54 +368,27 @@ def run_group_chains(
             z.destroy()
             state = start_chain(kernel, c, x0, record)
             x0.destroy()
-        if not adapt:
-            state = _advance(kernel, state, steps, seed, record, path, space, digest, settings)
-        elif state.step < adapt:  # stage 1: the Laplace reference
-            state = _advance(
-                kernel, state, min(adapt, steps), seed, record, path, space, digest, settings
-            )
-        states[c] = state
-    if adapt and steps > adapt:  # stage 2: the reference adapted to the stage-1 draws
-        mine = {
-            c: st.records[adapt // 2 : adapt, n_q:] for c, st in states.items() if comm.rank == 0
-        }
-        parts = world.allgather(mine) if world is not None else [comm.bcast(mine, root=0)]
-        pooled = {}
-        for part in parts:
-            pooled.update(part)
-        order = sorted(pooled)
-        adapted, shift, adapt_info = adapt_reference(
-            post,
-            np.concatenate([pooled[c] for c in order]),
-            len(order),
-            prior.covariance_mult,
-            prior.precision_mult,
+        t0 = time.perf_counter()
+        state = run_chain(
+            kernel,
+            state,
+            int(settings["steps"]),
+            seed=seed,
+            record=record,
+            checkpoint=functools.partial(_save_chain, path, space, digest=digest),
+            every=int(settings["checkpoint_every"]),
         )
-        centre2 = start.copy()
-        for a, v in zip(shift, post.eigenvectors, strict=True):
-            centre2.axpy(float(a), v)
-        kernel2 = make_kernel(adapted, centre2)
-        if info is not None:
-            info["adaptation"] = {"steps": adapt, "chains": len(order), **adapt_info}
-        for c, state in states.items():
-            if state.step == adapt and state.drift is not None:  # the stage-1 kernel's drift
-                state.drift.destroy()
-                state = state._replace(drift=None)
-            path = _chain_path(case_dir, c)
-            states[c] = _advance(kernel2, state, steps, seed, record, path, space, digest, settings)
-    out = {}
-    for c, state in states.items():
         if log is not None and comm.rank == 0:
             log(
-                f"chain {c}: {state.step} steps (from {resumed[c]}), acceptance "
-                f"{state.accepted / max(state.step, 1):.2f}, {time.perf_counter() - t0[c]:.1f} s"
+                f"chain {c}: {state.step} steps (from {resumed_from}), acceptance "
+                f"{state.accepted / max(state.step, 1):.2f}, {time.perf_counter() - t0:.1f} s"
             )
         out[c] = {
-            "records": state.records if n_q is None else state.records[:, :n_q],
+            "records": state.records,
             "accepted": state.accepted,
             "failed": state.failed,
             "steps": state.step,
-            "resumed_from": resumed[c],
+            "resumed_from": resumed_from,
         }
         state.x.destroy()
         if state.drift is not None:
@@ -445,30 +398,6 @@ def run_group_chains(
     if laplace_mean is not None:
         laplace_mean.destroy()
     return out
-
-
-def discarded(settings: dict) -> float:
-    """The fraction of each chain left out of the estimates: ``burn``, and at least the
-    adaptation steps (drawn under another kernel) once the chains run past them.
-    """
-    adapt = int(settings.get("adapt_steps", 0)) if settings.get("proposal") != "prior" else 0
-    steps = max(int(settings["steps"]), 1)
-    if steps <= adapt:  # not adapted yet: one kernel throughout
-        return float(settings["burn"])
-    return max(float(settings["burn"]), adapt / steps)
-
-
-def _advance(kernel, state, steps, seed, record, path, space, digest, settings) -> ChainState:
-    """``run_chain`` to ``steps`` with checkpoints in ``path``."""
-    return run_chain(
-        kernel,
-        state,
-        steps,
-        seed=seed,
-        record=record,
-        checkpoint=functools.partial(_save_chain, path, space, digest=digest),
-        every=int(settings["checkpoint_every"]),
-    )
 
 
 #: The pilot draws of :func:`choose_centre` use the seeds ``seed + PILOT_SEED_OFFSET + i``.
@@ -862,7 +791,9 @@ def sample(case_path, comm=MPI.COMM_WORLD, *, quiet: bool = False) -> dict | Non
         uq = json.loads(uq_path.read_text())
         lap_mean = np.concatenate([uq["coefficients"][b]["mean"] for b, _ in blocks])
         lap_std = np.concatenate([uq["coefficients"][b]["std"] for b, _ in blocks])
-        payload = summarise(chains, names, discarded(settings), {"mean": lap_mean, "std": lap_std})
+        payload = summarise(
+            chains, names, float(settings["burn"]), {"mean": lap_mean, "std": lap_std}
+        )
         payload["laplace_check"] = laplace_check(payload)
         payload["settings"] = settings
         payload["proposal_centre"] = (
@@ -875,8 +806,6 @@ def sample(case_path, comm=MPI.COMM_WORLD, *, quiet: bool = False) -> dict | Non
             )
         )
         payload["centre_pilot"] = info["pilot"]
-        if "adaptation" in info:
-            payload["adaptation"] = info["adaptation"]
         if info["pilot"]:
             spread = info["pilot"][info["centre"]]["eta_std"]
             payload["reference_fit"] = (
@@ -920,7 +849,7 @@ def _write_results(case, payload, chains, blocks, params, settings) -> None:
     out = case.dir / "results"
     out.mkdir(parents=True, exist_ok=True)
     n = min(chains[c]["records"].shape[0] for c in chains)
-    start = int(np.floor(discarded(settings) * n))
+    start = int(np.floor(float(settings["burn"]) * n))
     draws = np.concatenate([chains[c]["records"][start:n] for c in sorted(chains)])
     figure_bands = {}
     for name in ("mu_h", "j0"):
