@@ -445,4 +445,6 @@ def test_choose_centre_takes_the_better_fitting_gaussian():
     assert pilot["laplace"]["eta_std"] == float("inf")
     assert choose_centre("laplace", {"map": narrow, "laplace": wide}, draw) == ("laplace", {})
     assert choose_centre("map", {"map": wide, "laplace": narrow}, draw) == ("map", {})
-    assert choose_centre("auto", {"map": wide}, draw) == ("map", {})
+    # one candidate: still the pilot, which says how well the reference fits
+    choice, pilot = choose_centre("auto", {"map": wide}, draw)
+    assert choice == "map" and pilot["map"]["eta_std"] == pytest.approx(3.0 * spread)
