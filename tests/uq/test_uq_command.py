@@ -314,6 +314,15 @@ def test_sample_runs_resumes_and_reports(inverted_case):
             (case / "case.toml").write_text(text)
         comm.barrier()
 
+    def straight_run():  # the chains afresh, for the uninterrupted answer
+        comm.barrier()
+        if comm.rank == 0:
+            for c in (0, 1):
+                (case / "checkpoints" / f"mcmc_chain{c}.npz").unlink()
+        comm.barrier()
+        assert main(["sample", str(case), "--quiet"]) == 0
+        return json.loads((case / "results" / "mcmc.json").read_text())
+
     set_steps(10)
     assert main(["sample", str(case), "--quiet"]) == 0
     first = json.loads((case / "results" / "mcmc.json").read_text())
@@ -323,13 +332,7 @@ def test_sample_runs_resumes_and_reports(inverted_case):
     assert main(["sample", str(case), "--quiet"]) == 0
     resumed = json.loads((case / "results" / "mcmc.json").read_text())
     assert resumed["resumed_from"] == {"0": 10, "1": 10}
-    comm.barrier()
-    if comm.rank == 0:
-        for c in (0, 1):
-            (case / "checkpoints" / f"mcmc_chain{c}.npz").unlink()
-    comm.barrier()
-    assert main(["sample", str(case), "--quiet"]) == 0
-    straight = json.loads((case / "results" / "mcmc.json").read_text())
+    straight = straight_run()
     assert straight["resumed_from"] == {"0": 0, "1": 0}
     assert straight["acceptance"] == resumed["acceptance"]
     for name, v in straight["coefficients"].items():
@@ -366,13 +369,7 @@ def test_sample_runs_resumes_and_reports(inverted_case):
     assert main(["sample", str(case), "--quiet"]) == 0
     lv_resumed = json.loads((case / "results" / "mcmc.json").read_text())
     assert lv_resumed["resumed_from"] == {"0": 6, "1": 6}
-    comm.barrier()
-    if comm.rank == 0:
-        for c in (0, 1):
-            (case / "checkpoints" / f"mcmc_chain{c}.npz").unlink()
-    comm.barrier()
-    assert main(["sample", str(case), "--quiet"]) == 0
-    lv_straight = json.loads((case / "results" / "mcmc.json").read_text())
+    lv_straight = straight_run()
     assert lv_straight["acceptance"] == lv_resumed["acceptance"]
     assert 0 < lv_straight["acceptance_overall"] < 1
     for name, v in lv_straight["coefficients"].items():

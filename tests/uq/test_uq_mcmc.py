@@ -202,48 +202,24 @@ def test_langevin_samples_a_non_gaussian_posterior(comm):
 
 
 @pytest.mark.mpi
-def test_resumed_langevin_chain_is_the_uninterrupted_one(comm):
-    p, kernel, centre, rows, *_ = _langevin(comm, 12, beta=0.8, quartic=1.0)
+@pytest.mark.parametrize("langevin", [False, True])
+def test_resumed_chain_is_the_uninterrupted_one(comm, langevin):
+    """A chain continued from a checkpoint (the point, and for pCN-Langevin the gradient there)
+    repeats the uninterrupted one; a Langevin state without its drift (a gpCN checkpoint) is
+    continued after one gradient."""
+    if langevin:
+        p, kernel, centre, rows, *_ = _langevin(comm, 12, beta=0.8, quartic=1.0)
+    else:
+        p, kernel, centre, rows, _, _ = _setup(comm, 8, beta=0.5)
 
     def record(x):
         return rows @ p.gather(x)
 
     saved = {}
 
-    def checkpoint(state):  # what a checkpoint file keeps: the point and the gradient there
-        g = state.drift.grad.copy()
-        saved[state.step] = state._replace(x=state.x.copy(), drift=kernel.drift_of(g))
-
-    full = run_chain(
-        kernel,
-        start_chain(kernel, 2, centre, record),
-        30,
-        seed=9,
-        record=record,
-        checkpoint=checkpoint,
-        every=10,
-    )
-    assert 0 < full.accepted < 30
-    bare = saved[10]._replace(x=saved[10].x.copy(), drift=None)  # run_chain consumes its state
-    resumed = run_chain(kernel, saved[10], 30, seed=9, record=record)
-    np.testing.assert_array_equal(resumed.records, full.records)
-    assert resumed.accepted == full.accepted
-    # a state without its drift (a gpCN checkpoint) is continued after one gradient
-    again = run_chain(kernel, bare, 30, seed=9, record=record)
-    np.testing.assert_allclose(again.records, full.records, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.mpi
-def test_resumed_chain_is_the_uninterrupted_one(comm):
-    p, kernel, centre, rows, _, _ = _setup(comm, 8, beta=0.5)
-
-    def record(x):
-        return rows @ p.gather(x)
-
-    saved = {}
-
-    def checkpoint(state):
-        saved[state.step] = state._replace(x=state.x.copy())
+    def checkpoint(state):  # what a checkpoint file keeps
+        drift = None if state.drift is None else kernel.drift_of(state.drift.grad.copy())
+        saved[state.step] = state._replace(x=state.x.copy(), drift=drift)
 
     full = run_chain(
         kernel,
@@ -255,10 +231,15 @@ def test_resumed_chain_is_the_uninterrupted_one(comm):
         every=10,
     )
     assert sorted(saved) == [10, 20, 30]
-    resumed = run_chain(kernel, saved[20], 30, seed=9, record=record)
+    assert 0 < full.accepted < 30 or not langevin
+    bare = saved[10]._replace(x=saved[10].x.copy(), drift=None)  # run_chain consumes its state
+    resumed = run_chain(kernel, saved[10], 30, seed=9, record=record)
     np.testing.assert_array_equal(resumed.records, full.records)
     assert resumed.accepted == full.accepted
     np.testing.assert_array_equal(p.gather(resumed.x), p.gather(full.x))
+    if langevin:
+        again = run_chain(kernel, bare, 30, seed=9, record=record)
+        np.testing.assert_allclose(again.records, full.records, rtol=1e-12, atol=1e-12)
 
 
 def test_ess_of_ar1_and_rhat():
