@@ -74,6 +74,24 @@ def _unflatten(prefix: str, data) -> dict:
     return {k[len(p) :]: data[k] for k in data.files if k.startswith(p)}
 
 
+def _fields(d: dict) -> dict:
+    """A global dict without its coordinates (saved once, with the point)."""
+    return {k: a for k, a in d.items() if "coordinates" not in k}
+
+
+def _read_vector(space, prefix: str, data, point: dict | None, path: Path) -> PETSc.Vec:
+    """The vector saved under ``prefix``, with the coordinates of the saved point's dict
+    ``point`` (collective; ``data`` and ``point`` are read on rank 0 only).
+    """
+    d = None
+    if data is not None and point is not None:
+        d = _unflatten(prefix, data)
+        d.update({k: a for k, a in point.items() if k.endswith("/coordinates")})
+    v = space.create_vector()
+    space.from_global_dict(d, v, source=str(path))
+    return v
+
+
 def save_laplace(
     path: Path,
     space,
@@ -94,12 +112,11 @@ def save_laplace(
     if centre is not None:
         d = space.to_global_dict(centre)
         if d is not None:
-            fields = {k: a for k, a in d.items() if "coordinates" not in k}
-            arrays.update(_flatten("centre", fields))
+            arrays.update(_flatten("centre", _fields(d)))
     for i, v in enumerate(posterior.eigenvectors):
         d = space.to_global_dict(v)
         if d is not None:
-            arrays.update(_flatten(f"v{i}", {k: a for k, a in d.items() if "coordinates" not in k}))
+            arrays.update(_flatten(f"v{i}", _fields(d)))
     if space.comm.rank == 0:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
 
@@ -137,23 +154,8 @@ def load_laplace_with_centre(
     has_centre = comm.bcast(
         data is not None and any(k.startswith("centre|") for k in data.files), root=0
     )
-    centre = None
-    if has_centre:
-        d = None
-        if data is not None and m is not None:
-            d = _unflatten("centre", data)
-            d.update({k: a for k, a in m.items() if k.endswith("/coordinates")})
-        centre = space.create_vector()
-        space.from_global_dict(d, centre, source=str(path))
-    vs = []
-    for i in range(lam.size):
-        d = None
-        if data is not None and m is not None:
-            d = _unflatten(f"v{i}", data)
-            d.update({k: a for k, a in m.items() if k.endswith("/coordinates")})
-        v = space.create_vector()
-        space.from_global_dict(d, v, source=str(path))
-        vs.append(v)
+    centre = _read_vector(space, "centre", data, m, path) if has_centre else None
+    vs = [_read_vector(space, f"v{i}", data, m, path) for i in range(lam.size)]
     post = LowRankPosterior(
         lam, vs, prior.covariance_mult, apply_prior_precision=prior.precision_mult
     )
@@ -180,7 +182,7 @@ def _save_chain(path: Path, space, state: ChainState, digest: str) -> None:
         return
     arrays = _flatten("x", d)
     if g is not None:  # the Langevin drift's gradient: a resumed chain continues exactly
-        arrays.update(_flatten("g", {k: a for k, a in g.items() if "coordinates" not in k}))
+        arrays.update(_flatten("g", _fields(g)))
     arrays.update(
         step=state.step,
         eta=state.eta,
@@ -220,13 +222,7 @@ def _load_chain(
     drift = None
     has_g = comm.bcast(data is not None and any(k.startswith("g|") for k in data.files), 0)
     if kernel is not None and kernel.langevin and has_g:
-        gd = None
-        if data is not None and xd is not None:
-            gd = _unflatten("g", data)
-            gd.update({k: a for k, a in xd.items() if k.endswith("/coordinates")})
-        g = space.create_vector()
-        space.from_global_dict(gd, g, str(path))
-        drift = kernel.drift_of(g)
+        drift = kernel.drift_of(_read_vector(space, "g", data, xd, path))
     meta = None
     if data is not None:
         meta = {k: data[k] for k in ("step", "eta", "phi", "accepted", "failed", "records")}
@@ -262,28 +258,25 @@ def _fixed_steps_misfit(problem):
     be the uninterrupted one): the MAP point's steps are restored after every run, so each
     proposal is judged by one fixed discrete model (re-adapted only for itself where it fails).
     """
-    saved = problem.schedules()
-
-    def misfit(x):
-        try:
-            return problem.misfit(x)
-        finally:
-            problem.set_schedules(saved)
-
-    return misfit
+    return _on_fixed_steps(problem, problem.misfit)
 
 
 def _fixed_steps_gradient(problem):
     """``problem.gradient`` on the step times frozen now, as :func:`_fixed_steps_misfit`."""
+    return _on_fixed_steps(problem, problem.gradient)
+
+
+def _on_fixed_steps(problem, evaluate):
+    """``evaluate(*args)`` with the problem's step times restored afterwards to those now."""
     saved = problem.schedules()
 
-    def gradient(x, g):
+    def on_fixed_steps(*args):
         try:
-            return problem.gradient(x, g)
+            return evaluate(*args)
         finally:
             problem.set_schedules(saved)
 
-    return gradient
+    return on_fixed_steps
 
 
 def run_group_chains(
