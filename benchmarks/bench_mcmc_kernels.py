@@ -7,6 +7,8 @@ section and runs ``mpirun -n RANKS femkin sample`` on the copy. Variants (``--va
 
 - ``gpcn``: gpCN with the Laplace reference, centred by ``[sample] centre`` (``--centre``);
 - ``langevin``: the same with the drift along the preconditioned gradient (pCN-Langevin);
+- ``hmc``: infinity-HMC with the Laplace reference, ``--leapfrog`` steps of angle
+  ``arcsin(--hmc-beta)`` per proposal (a gradient each);
 - ``pcn``: plain pCN (the prior as reference; ``--pcn-beta``), the dimension-robust baseline.
 
 Each variant runs ``--chains`` chains of ``--steps`` steps, one MPI group per rank. Printed
@@ -19,7 +21,7 @@ sample of every variant with ``gpcn``'s, measured in the same run. The chains ar
 measured bound, not a converged estimate.
 
 Run: ``.venv/bin/python benchmarks/bench_mcmc_kernels.py --case DIR [--steps 4000 --chains 4
---ranks 2 --variants gpcn,langevin,pcn]``
+--ranks 2 --variants gpcn,langevin,hmc,pcn --leapfrog 8 --hmc-beta 0.2 --hmc-steps 500]``
 """
 
 from __future__ import annotations
@@ -38,12 +40,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _sample_section(variant: str, args) -> str:
-    beta = args.pcn_beta if variant == "pcn" else args.beta
+    beta = {"pcn": args.pcn_beta, "hmc": args.hmc_beta}.get(variant, args.beta)
+    steps = args.hmc_steps if variant == "hmc" and args.hmc_steps else args.steps
     return (
-        f"\n[sample]\nchains = {args.chains}\nsteps = {args.steps}\nburn = {args.burn}\n"
+        f"\n[sample]\nchains = {args.chains}\nsteps = {steps}\nburn = {args.burn}\n"
         f'beta = {beta}\nproposal = "{"prior" if variant == "pcn" else "laplace"}"\n'
         f'centre = "{args.centre}"\nlangevin = {str(variant == "langevin").lower()}\n'
-        f"checkpoint_every = 250\nseed = {args.seed}\n"
+        f"leapfrog = {args.leapfrog if variant == 'hmc' else 0}\n"
+        f"checkpoint_every = {max(1, min(250, steps // 10))}\nseed = {args.seed}\n"
     )
 
 
@@ -86,6 +90,8 @@ def run_variant(case: pathlib.Path, variant: str, scratch: pathlib.Path, args) -
     return {
         "kernel": mcmc.get("kernel"),
         "beta": mcmc["settings"]["beta"],
+        "steps_per_chain": mcmc["steps_per_chain"],
+        "forward_runs": mcmc["forward_runs"],
         "proposal_centre": mcmc.get("proposal_centre"),
         "centre_pilot": mcmc.get("centre_pilot"),
         "acceptance": mcmc["acceptance"],
@@ -106,12 +112,15 @@ def run_variant(case: pathlib.Path, variant: str, scratch: pathlib.Path, args) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", type=pathlib.Path, required=True, help="inverted, uq done")
-    parser.add_argument("--variants", default="gpcn,langevin", help="gpcn, langevin, pcn")
+    parser.add_argument("--variants", default="gpcn,langevin", help="gpcn, langevin, hmc, pcn")
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--chains", type=int, default=4)
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--beta", type=float, default=0.5)
     parser.add_argument("--pcn-beta", type=float, default=0.05)
+    parser.add_argument("--hmc-beta", type=float, default=0.2, help="sin of the HMC step angle")
+    parser.add_argument("--leapfrog", type=int, default=8, help="HMC leapfrog steps per proposal")
+    parser.add_argument("--hmc-steps", type=int, default=0, help="HMC chain steps (0: --steps)")
     parser.add_argument("--burn", type=float, default=0.2)
     parser.add_argument("--centre", default="auto", choices=("auto", "map", "laplace"))
     parser.add_argument("--seed", type=int, default=0)

@@ -401,6 +401,13 @@ SCHEMA: dict[str, dict[str, Any]] = {
             "drift along the Laplace-preconditioned gradient (pCN-Langevin; an adjoint run "
             "per step)",
         ),
+        "leapfrog": Key(
+            "int",
+            0,
+            NON_NEGATIVE,
+            "infinity-HMC: leapfrog steps of angle arcsin(beta) per proposal, each a gradient "
+            "(0: off; about pi / (2 arcsin(beta)) follows a curved posterior furthest)",
+        ),
         "checkpoint_every": Key("int", 25, AT_LEAST_ONE, "steps between chain checkpoints"),
         "seed": Key("int", 0, NON_NEGATIVE, "chain seed"),
     },
@@ -496,6 +503,7 @@ def parse_sections(raw: dict[str, Any], file: str | os.PathLike) -> dict[str, An
     _check_driving(out["driving"], file)
     _check_kinetics(out, "learn" in raw.get("inversion", {}), file)
     _check_psf(out, file)
+    _check_sample(out["sample"], file)
     return out
 
 
@@ -607,6 +615,16 @@ def _check_psf(sections: dict[str, Any], file) -> None:
                 "[data] psf_fwhm (the starting PSF width and prior mean) with 'psf_fwhm'",
                 "no [data] psf_fwhm",
             )
+
+
+def _check_sample(sample: dict[str, Any], file) -> None:
+    if sample["langevin"] and sample["leapfrog"] > 0:
+        raise CaseError(
+            file,
+            "sample.leapfrog",
+            "0 with langevin = true (pCN-Langevin and infinity-HMC are two kernels: choose one)",
+            sample["leapfrog"],
+        )
 
 
 def _check_driving(driving: dict[str, Any], file) -> None:

@@ -199,6 +199,16 @@ BAD = {
         "verify.blocks",
         "kinetics = 'bv-lim'",
     ),
+    "two mcmc kernels": (
+        '[data]\nvideo="v"\n[sample]\nlangevin=true\nleapfrog=4\n',
+        "sample.leapfrog",
+        "choose one",
+    ),
+    "negative leapfrog": (
+        '[data]\nvideo="v"\n[sample]\nleapfrog=-1\n',
+        "sample.leapfrog",
+        "non-negative",
+    ),
     "zero checkpoint": (
         '[data]\nvideo="v"\n[inversion]\ncheckpoint_every=0\n',
         "inversion.checkpoint_every",

@@ -4,7 +4,8 @@ Runs after ``femkin uq`` (which saves the MAP point and the low-rank posterior i
 ``CASE/checkpoints/laplace.npz``). Settings in ``[sample]``: ``chains``, ``steps`` (per chain;
 raising it extends finished chains), ``burn`` (fraction discarded), ``beta`` (the gpCN step),
 ``proposal`` (``"laplace"``: generalised pCN; ``"prior"``: plain pCN), ``langevin`` (drift
-along the Laplace-preconditioned gradient: pCN-Langevin), ``checkpoint_every``,
+along the Laplace-preconditioned gradient: pCN-Langevin), ``leapfrog`` (infinity-HMC with
+that many leapfrog steps per proposal), ``checkpoint_every``,
 ``seed``. Chains run in parallel over MPI groups (``mpirun -n N``: ``min(N, chains)`` groups),
 are checkpointed in ``CASE/checkpoints/mcmc_chain<c>.npz`` and resumed by a later run with the
 same settings. Writes ``CASE/results/mcmc.json`` (acceptance, and per global coefficient the

@@ -33,9 +33,27 @@ exact ``g = 0`` and it is gpCN; where not, the drift follows the posterior's cur
 ridge of the coefficients) that a Gaussian proposal crosses only in small steps. Each step
 costs a gradient (one forward and one adjoint run) instead of a forward run.
 
+With ``leapfrog = L > 0`` (and ``gradient``) the kernel is Hamiltonian Monte Carlo on Hilbert
+spaces (infinity-HMC; Beskos, Pinski, Sanz-Serna & Stuart 2011; with the Laplace Gaussian as the
+reference, Beskos, Girolami, Lan, Farrell & Stuart 2017): with a velocity ``p ~ N(0, Gamma)``
+and ``y = x - m``, the Hamiltonian ``H = -eta(x) + |y|^2_{Gamma^{-1}} / 2 + |p|^2_{Gamma^{-1}} /
+2`` is integrated by ``L`` Strang steps of angle ``eps``: a half kick ``p <- p - (eps / 2) Gamma
+g(x)``, the exact rotation ``(y, p) <- (cos eps y + sin eps p, -sin eps y + cos eps p)`` of the
+Gaussian part, and a half kick. The map is volume preserving and reversible, and the proposal is
+accepted with ``log alpha = -Delta H = eta(x_L) - eta(x_0) - sum_kicks (-(eps / 2) <g, p> +
+(eps^2 / 8) <g, Gamma g>)``: the rotation keeps the Gaussian parts exactly, so only the kicks'
+change of the kinetic energy enters, and every term stays well defined as the mesh is refined.
+Where the Laplace approximation is exact every proposal is accepted, for any ``eps``; where not,
+a trajectory of ``L eps ~ pi / 2`` follows the posterior's curvature (a curved ridge of the
+coefficients) as far as an independent draw of the reference would go, at ``L`` gradients per
+step. ``eps = arcsin(beta)`` (the angle of pCN's step ``beta``), jittered per step by a factor
+in ``[1 - JITTER, 1 + JITTER]`` against periodic orbits. With ``L = 1`` it is a Langevin kernel
+of the pCN-Langevin family.
+
 Every random number of step ``n`` of chain ``c`` comes from seeds computed from ``(seed, c,
 n)``: the prior sample behind ``w`` from ``prior_sample(seed_of(seed, c, n))`` (partition
-independent) and the uniform from ``numpy.random.default_rng([seed, c, n])``, so a chain
+independent; for HMC the velocity) and the uniforms (acceptance, then the HMC angle's jitter)
+from ``numpy.random.default_rng([seed, c, n])``, so a chain
 restarted from a checkpoint reproduces the uninterrupted one exactly, on any number of ranks.
 
 Diagnostics (Gelman et al., *BDA3* sec. 11.4-11.5; Geyer 1992): split-R-hat and the effective
@@ -64,6 +82,8 @@ __all__ = [
     "split_rhat",
 ]
 
+#: Relative jitter of the HMC step angle.
+JITTER = 0.2
 #: Seeds of chain steps: ``seed + CHAIN_SEED_OFFSET + chain * CHAIN_STRIDE + step``.
 CHAIN_SEED_OFFSET = 7_000_003
 CHAIN_STRIDE = 10_000_000
@@ -91,9 +111,12 @@ class GpcnKernel:
         beta: the step, in (0, 1].
         gradient: ``gradient(x, g) -> Phi(x)``, writing the misfit's dual gradient to ``g``;
             given, the kernel is pCN-Langevin (see the module docstring).
+        leapfrog: with ``gradient``, ``L > 0`` makes the kernel infinity-HMC with ``L``
+            leapfrog steps of angle ``arcsin(beta)`` per proposal.
 
     Raises:
-        ValueError: on ``beta`` outside (0, 1].
+        ValueError: on ``beta`` outside (0, 1], a negative ``leapfrog``, or HMC without the
+            gradient.
     """
 
     def __init__(
@@ -107,9 +130,14 @@ class GpcnKernel:
         *,
         beta: float,
         gradient: Callable[[PETSc.Vec, PETSc.Vec], float] | None = None,
+        leapfrog: int = 0,
     ) -> None:
         if not 0.0 < beta <= 1.0:
             raise ValueError(f"beta must lie in (0, 1]; found {beta!r}")
+        if int(leapfrog) < 0:
+            raise ValueError(f"leapfrog must be >= 0; found {leapfrog!r}")
+        if leapfrog and gradient is None:
+            raise ValueError("an HMC kernel (leapfrog > 0) needs the gradient")
         self.misfit = misfit
         self._B = as_apply(apply_prior_precision)
         self.prior_mean = prior_mean
@@ -118,11 +146,27 @@ class GpcnKernel:
         self.prior_sample = prior_sample
         self.beta = float(beta)
         self.gradient = gradient
+        self.leapfrog = int(leapfrog)
+
+    @property
+    def needs_gradient(self) -> bool:
+        """Whether a chain state carries the drift (Langevin and HMC kernels)."""
+        return self.gradient is not None
+
+    @property
+    def hmc(self) -> bool:
+        """Whether proposals are infinity-HMC trajectories."""
+        return self.leapfrog > 0
 
     @property
     def langevin(self) -> bool:
-        """Whether proposals drift along the preconditioned gradient."""
-        return self.gradient is not None
+        """Whether proposals drift along the preconditioned gradient (one pCN-Langevin step)."""
+        return self.gradient is not None and not self.hmc
+
+    @property
+    def runs_per_step(self) -> int:
+        """Forward runs (gradients for Langevin and HMC kernels) per chain step."""
+        return max(self.leapfrog, 1)
 
     def _b_norm2(self, d: PETSc.Vec) -> tuple[float, PETSc.Vec]:
         bd = d.duplicate()
@@ -141,7 +185,7 @@ class GpcnKernel:
         is ``g = -grad eta`` at ``x`` with ``Gamma g``; ``(-inf, inf, None)`` when the forward
         model fails.
         """
-        with_drift = self.langevin if with_drift is None else with_drift
+        with_drift = self.needs_gradient if with_drift is None else with_drift
         g = None
         try:
             if with_drift:
@@ -152,6 +196,11 @@ class GpcnKernel:
             else:
                 phi = float(self.misfit(x))
         except ConvergenceError:
+            if g is not None:
+                g.destroy()
+            return -np.inf, np.inf, None
+        if not np.isfinite(phi) or (g is not None and not np.isfinite(g.norm())):
+            # a diverging trajectory (or proposal): zero likelihood, as a failed forward run
             if g is not None:
                 g.destroy()
             return -np.inf, np.inf, None
@@ -228,6 +277,67 @@ class GpcnKernel:
             - (t_v - t_u) / (1.0 + a)
             - (1.0 - a) * (drift_v.norm2 - drift_u.norm2) / (2.0 * (1.0 + a))
         )
+
+    def trajectory(
+        self, u: PETSc.Vec, eta_u: float, drift_u: Drift, velocity: PETSc.Vec, angle: float
+    ) -> tuple[PETSc.Vec | None, float, float, Drift | None, float]:
+        """The infinity-HMC proposal from ``u`` with the initial ``velocity`` (not modified):
+        ``leapfrog`` Strang steps of ``angle`` (see the module docstring).
+
+        Returns:
+            ``(x, eta(x), Phi(x), drift at x, log alpha)``; ``(None, -inf, inf, None, -inf)``
+            when the forward model fails on the way.
+        """
+        h = 0.5 * float(angle)
+        cos, sin = np.cos(angle), np.sin(angle)
+        y = u.copy()
+        y.axpy(-1.0, self.centre)
+        p = velocity.copy()
+        t = p.duplicate()
+        drift, eta, phi = drift_u, eta_u, np.nan
+        x = None
+        d_kinetic = 0.0
+        try:
+            for _ in range(self.leapfrog):
+                d_kinetic += -h * float(p.dot(drift.grad)) + 0.5 * h * h * drift.norm2
+                p.axpy(-h, drift.pre)
+                y.copy(t)
+                y.scale(cos)
+                y.axpy(sin, p)
+                p.scale(cos)
+                p.axpy(-sin, t)
+                if x is not None:
+                    x.destroy()
+                x = y.copy()
+                x.axpy(1.0, self.centre)
+                if drift is not drift_u:
+                    drift.destroy()
+                eta, phi, new = self.evaluate(x, with_drift=True)
+                if new is None:
+                    x.destroy()
+                    return None, -np.inf, np.inf, None, -np.inf
+                drift = new
+                d_kinetic += -h * float(p.dot(drift.grad)) + 0.5 * h * h * drift.norm2
+                p.axpy(-h, drift.pre)
+        finally:
+            for vec in (y, p, t):
+                vec.destroy()
+        return x, eta, phi, drift, eta - eta_u - d_kinetic
+
+    def hmc_proposal(
+        self, u: PETSc.Vec, eta_u: float, drift_u: Drift, seed: int, jitter: float
+    ) -> tuple[PETSc.Vec | None, float, float, Drift | None, float]:
+        """:meth:`trajectory` with the velocity from ``prior_sample(seed)`` and the angle
+        ``arcsin(beta) (1 + JITTER (2 jitter - 1))``, ``jitter`` uniform in [0, 1).
+        """
+        z = self.prior_sample(seed)
+        velocity = self.reference.sample(z)
+        z.destroy()
+        angle = np.arcsin(self.beta) * (1.0 + JITTER * (2.0 * float(jitter) - 1.0))
+        try:
+            return self.trajectory(u, eta_u, drift_u, velocity, angle)
+        finally:
+            velocity.destroy()
 
     def propose(self, u: PETSc.Vec, seed: int, drift: Drift | None = None) -> PETSc.Vec:
         """``v = m + a (u - m) [- (1 - a) Gamma g(u)] + beta w``, ``a = sqrt(1 - beta^2)``.
@@ -332,19 +442,29 @@ def run_chain(
         The final state.
     """
     x, eta, phi, drift = state.x, state.eta, state.phi, state.drift
-    if kernel.langevin and drift is None:  # e.g. a gpCN state continued by a Langevin kernel
+    if kernel.needs_gradient and drift is None:  # e.g. a gpCN state continued by a Langevin kernel
         eta, phi, drift = kernel.evaluate(x)
     accepted, failed = state.accepted, state.failed
     records = [state.records] if state.records.size else []
     rows = []
     for n in range(state.step, n_steps):
-        v = kernel.propose(x, seed_of(seed, state.chain, n), drift)
-        eta_v, phi_v, drift_v = kernel.evaluate(v)
-        u = np.random.default_rng([int(seed), int(state.chain), n]).uniform()
-        if not np.isfinite(eta_v):
+        rng = np.random.default_rng([int(seed), int(state.chain), n])
+        u = rng.uniform()
+        if kernel.hmc:
+            assert drift is not None  # evaluated above for every kernel that needs it
+            v, eta_v, phi_v, drift_v, log_alpha = kernel.hmc_proposal(
+                x, eta, drift, seed_of(seed, state.chain, n), rng.uniform()
+            )
+        else:
+            v = kernel.propose(x, seed_of(seed, state.chain, n), drift)
+            eta_v, phi_v, drift_v = kernel.evaluate(v)
+            if np.isfinite(eta_v):
+                log_alpha = kernel.log_ratio(x, eta, drift, v, eta_v, drift_v)
+        if v is None or not np.isfinite(eta_v):
             failed += 1
-            v.destroy()
-        elif np.log(u) < kernel.log_ratio(x, eta, drift, v, eta_v, drift_v):
+            if v is not None:
+                v.destroy()
+        elif np.log(u) < log_alpha:
             x.destroy()
             if drift is not None:
                 drift.destroy()

@@ -8,7 +8,8 @@ then
    on its sub-communicator and runs the chains ``c`` with ``c % groups == group``;
 2. runs each chain with the gpCN kernel (:mod:`femkin.uq.mcmc`; ``[sample] proposal =
    "prior"`` gives plain pCN; ``langevin = true`` adds the drift along the
-   Laplace-preconditioned gradient, at the cost of an adjoint run per step), whose reference
+   Laplace-preconditioned gradient, at the cost of an adjoint run per step; ``leapfrog = L``
+   makes it infinity-HMC, ``L`` gradients per step), whose reference
    Gaussian is the Laplace posterior centred on the MAP point or on its mean (where ``femkin
    uq`` moved the coefficients to their marginal mode, that point with the fields at their
    conditional mean), whichever fits the posterior better (:func:`choose_centre`), started from
@@ -162,6 +163,19 @@ def load_laplace_with_centre(
     return x, post, centre
 
 
+def uses_gradient(settings: dict) -> bool:
+    """Whether the ``[sample]`` kernel takes a gradient per step (Langevin or HMC)."""
+    return bool(settings.get("langevin")) or int(settings.get("leapfrog", 0)) > 0
+
+
+def kernel_name(settings: dict) -> str:
+    """The name of the ``[sample]`` kernel, as the report gives it."""
+    leapfrog = int(settings.get("leapfrog", 0))
+    if leapfrog:
+        return f"infinity-HMC ({leapfrog} leapfrog steps)"
+    return "pCN-Langevin" if settings.get("langevin") else "gpCN"
+
+
 def _settings_hash(settings: dict, laplace_path: Path) -> str:
     keep = {k: v for k, v in settings.items() if k not in ("steps", "checkpoint_every")}
     h = hashlib.sha256(json.dumps(keep, sort_keys=True).encode())
@@ -221,7 +235,7 @@ def _load_chain(
     space.from_global_dict(xd, x, str(path))
     drift = None
     has_g = comm.bcast(data is not None and any(k.startswith("g|") for k in data.files), 0)
-    if kernel is not None and kernel.langevin and has_g:
+    if kernel is not None and kernel.needs_gradient and has_g:
         drift = kernel.drift_of(_read_vector(space, "g", data, xd, path))
     meta = None
     if data is not None:
@@ -322,7 +336,8 @@ def run_group_chains(
             centre,
             lambda s: prior_sample(prior, space, s),
             beta=float(settings["beta"]),
-            gradient=_fixed_steps_gradient(problem) if settings.get("langevin") else None,
+            gradient=_fixed_steps_gradient(problem) if uses_gradient(settings) else None,
+            leapfrog=int(settings.get("leapfrog", 0)),
         )
 
     candidates = {"map": x_map}
@@ -448,7 +463,13 @@ def choose_centre(
     return choice, pilot
 
 
-def summarise(chains: dict[int, dict], names: list[str], burn: float, laplace: dict | None) -> dict:
+def summarise(
+    chains: dict[int, dict],
+    names: list[str],
+    burn: float,
+    laplace: dict | None,
+    runs_per_step: int = 1,
+) -> dict:
     """Diagnostics per global coefficient from the gathered chains (rank 0).
 
     Args:
@@ -456,6 +477,7 @@ def summarise(chains: dict[int, dict], names: list[str], burn: float, laplace: d
         names: the coefficient names (columns of the records).
         burn: the fraction of each chain discarded.
         laplace: ``{"mean": (n_q,), "std": (n_q,)}`` of the Laplace posterior, or None.
+        runs_per_step: forward (or gradient) runs per chain step (HMC: the leapfrog steps).
 
     Returns:
         The ``mcmc.json`` content (without settings).
@@ -494,10 +516,12 @@ def summarise(chains: dict[int, dict], names: list[str], burn: float, laplace: d
         "acceptance": {str(c): chains[c]["accepted"] / max(chains[c]["steps"], 1) for c in order},
         "acceptance_overall": sum(chains[c]["accepted"] for c in order) / max(steps, 1),
         "failed_forward_runs": int(sum(chains[c]["failed"] for c in order)),
-        "forward_runs": int(steps),
+        "forward_runs": int(steps * runs_per_step),
         "min_ess": float(min(ess)) if ess else float("nan"),
         "max_rhat": float(max(v["rhat"] for v in coefficients.values())) if names else 0.0,
-        "forward_runs_per_effective_sample": float(steps / min(ess)) if ess else float("nan"),
+        "forward_runs_per_effective_sample": (
+            float(steps * runs_per_step / min(ess)) if ess else float("nan")
+        ),
         "coefficients": coefficients,
     }
 
@@ -785,7 +809,11 @@ def sample(case_path, comm=MPI.COMM_WORLD, *, quiet: bool = False) -> dict | Non
         lap_mean = np.concatenate([uq["coefficients"][b]["mean"] for b, _ in blocks])
         lap_std = np.concatenate([uq["coefficients"][b]["std"] for b, _ in blocks])
         payload = summarise(
-            chains, names, float(settings["burn"]), {"mean": lap_mean, "std": lap_std}
+            chains,
+            names,
+            float(settings["burn"]),
+            {"mean": lap_mean, "std": lap_std},
+            runs_per_step=max(int(settings.get("leapfrog", 0)), 1),
         )
         payload["laplace_check"] = laplace_check(payload)
         payload["settings"] = settings
@@ -811,7 +839,7 @@ def sample(case_path, comm=MPI.COMM_WORLD, *, quiet: bool = False) -> dict | Non
                     "curvature)"
                 )
             )
-        payload["kernel"] = ("pCN-Langevin" if settings.get("langevin") else "gpCN") + (
+        payload["kernel"] = kernel_name(settings) + (
             " (prior reference: pCN)" if settings["proposal"] == "prior" else ""
         )
         payload["wall_time"] = time.perf_counter() - t0

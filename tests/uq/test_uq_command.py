@@ -303,13 +303,13 @@ def test_sample_runs_resumes_and_reports(inverted_case):
     case, _ = inverted_case
     comm = MPI.COMM_WORLD
 
-    def set_steps(steps, langevin=False):
+    def set_steps(steps, langevin=False, leapfrog=0):
         if comm.rank == 0:
             text = (case / "case.toml").read_text().split("\n[sample]")[0]
             text += (
                 f"\n[sample]\nchains = 2\nsteps = {steps}\nburn = 0.25\n"
-                f"beta = {0.2 if langevin else 0.5}\ncheckpoint_every = 5\nseed = 3\n"
-                f"langevin = {str(langevin).lower()}\n"
+                f"beta = {0.2 if langevin or leapfrog else 0.5}\ncheckpoint_every = 5\n"
+                f"seed = 3\nlangevin = {str(langevin).lower()}\nleapfrog = {leapfrog}\n"
             )
             (case / "case.toml").write_text(text)
         comm.barrier()
@@ -376,6 +376,22 @@ def test_sample_runs_resumes_and_reports(inverted_case):
         assert v["mean"] == lv_resumed["coefficients"][name]["mean"], name
         assert v["mean"] != straight["coefficients"][name]["mean"], name
     assert "pCN-Langevin" in (case / "results" / "report.md").read_text()
+    # infinity-HMC (2 leapfrog steps): resumed through the checkpoints' gradient as well, and
+    # its cost counts a gradient per leapfrog step
+    set_steps(6, leapfrog=2)
+    assert main(["sample", str(case), "--quiet"]) == 0
+    set_steps(9, leapfrog=2)
+    assert main(["sample", str(case), "--quiet"]) == 0
+    hmc_resumed = json.loads((case / "results" / "mcmc.json").read_text())
+    assert hmc_resumed["resumed_from"] == {"0": 6, "1": 6}
+    assert hmc_resumed["kernel"] == "infinity-HMC (2 leapfrog steps)"
+    assert hmc_resumed["forward_runs"] == 2 * 9 * 2
+    hmc_straight = straight_run()
+    assert hmc_straight["acceptance"] == hmc_resumed["acceptance"]
+    for name, v in hmc_straight["coefficients"].items():
+        assert v["mean"] == hmc_resumed["coefficients"][name]["mean"], name
+        assert v["mean"] != lv_straight["coefficients"][name]["mean"], name
+    assert "infinity-HMC" in (case / "results" / "report.md").read_text()
 
 
 @pytest.mark.mpi
