@@ -14,7 +14,9 @@ on a 1.5 px mesh) with the ln k field ``m`` learned together with ``mu_h``, ``j0
    chains (prior proposal, the same code with ``proposal = "prior"``), each recording the
    global coefficients and ln k at the dofs after every step. The pCN chains are capped at
    ``--pcn-steps`` steps (reported as ``capped``): their ESS is a measured lower bound of its
-   cost, not a converged estimate.
+   cost, not a converged estimate. With ``hmc`` in ``--samplers``, infinity-HMC chains with the
+   same Laplace reference (``--leapfrog`` steps of angle ``arcsin(--hmc-beta)``, ``--hmc-steps``
+   steps per chain; a gradient per leapfrog step).
 
 Printed (one JSON object): per global coefficient the Laplace mean/std against the MCMC
 mean/std, ``|dmean|/std_laplace``, the std ratio, skewness and excess kurtosis of the samples
@@ -23,9 +25,11 @@ of :func:`femkin.uq.sampling_study.laplace_check`; the ln k std-map ratio MCMC/L
 *informed* dofs (Laplace posterior std of ln k / prior std of m < ``--informed``, default 0.5)
 and over all
 dofs; acceptance, ESS, R-hat, forward runs and seconds per effective sample of gpCN and pCN,
-wall times and sizes.
+wall times and sizes. The truth's z-scores and the full-Hessian Laplace comparison are given
+against every sampler run.
 
-Run: ``.venv/bin/python benchmarks/bench_mcmc_laplace.py [--steps 2000 --chains 4]``
+Run: ``.venv/bin/python benchmarks/bench_mcmc_laplace.py [--steps 2000 --chains 4 --samplers
+gpcn,hmc,pcn --hmc-steps 250 --leapfrog 8 --hmc-beta 0.2]``
 """
 
 from __future__ import annotations
@@ -105,6 +109,10 @@ def main(argv=None) -> None:
     parser.add_argument("--chains", type=int, default=4)
     parser.add_argument("--beta", type=float, default=0.5, help="gpCN step")
     parser.add_argument("--pcn-beta", type=float, default=0.05, help="pCN step")
+    parser.add_argument("--samplers", default="gpcn,pcn", help="of gpcn, hmc, pcn")
+    parser.add_argument("--hmc-steps", type=int, default=250, help="HMC steps per chain")
+    parser.add_argument("--hmc-beta", type=float, default=0.2, help="sin of the HMC angle")
+    parser.add_argument("--leapfrog", type=int, default=8, help="HMC leapfrog steps")
     parser.add_argument("--noise", type=float, default=0.07)
     parser.add_argument("--seed", type=int, default=3, help="twin seed (noise and true m)")
     parser.add_argument("--informed", type=float, default=0.5)
@@ -165,6 +173,12 @@ def main(argv=None) -> None:
     for _ in range(n_timed):
         problem.misfit(x)
     forward_s = (time.perf_counter() - t0) / n_timed
+    g = x.duplicate()
+    t0 = time.perf_counter()
+    for _ in range(n_timed):
+        problem.gradient(x, g)
+    gradient_s = (time.perf_counter() - t0) / n_timed
+    g.destroy()
     t0 = time.perf_counter()
     lap_std_dofs, prior_std_dofs, result = _laplace_fields(problem, prior, x, study.case.uq)
     wall["laplace_fields"] = time.perf_counter() - t0
@@ -194,17 +208,29 @@ def main(argv=None) -> None:
             "iterations": summary["iterations"],
         },
         "forward_run_s": forward_s,
+        "gradient_run_s": gradient_s,
     }
     base = {"burn": args.burn, "checkpoint_every": 100000, "seed": 1}
     runs = {
         "gpcn": ({"proposal": "laplace", "beta": args.beta, "steps": args.steps}, False),
+        "hmc": (
+            {
+                "proposal": "laplace",
+                "beta": args.hmc_beta,
+                "steps": args.hmc_steps,
+                "leapfrog": args.leapfrog,
+            },
+            False,
+        ),
         "pcn": ({"proposal": "prior", "beta": args.pcn_beta, "steps": args.pcn_steps}, True),
     }
-    for name, (extra, capped) in runs.items():
+    samplers = [v.strip() for v in args.samplers.split(",")]
+    for name in samplers:
+        extra, capped = runs[name]
         settings = {**base, **extra, "chains": args.chains}
         chains, seconds = _chains(problem, prior, case, settings, args.chains, record)
         coef = {c: {**v, "records": v["records"][:, :n_q]} for c, v in chains.items()}
-        s = summarise(coef, names, args.burn, lap)
+        s = summarise(coef, names, args.burn, lap, runs_per_step=max(extra.get("leapfrog", 0), 1))
         n = min(v["records"].shape[0] for v in chains.values())
         start = int(np.floor(args.burn * n))
         fields = np.concatenate([v["records"][start:n, n_q:] for v in chains.values()])
@@ -227,14 +253,24 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     full = analyse(problem, prior, x, {**study.case.uq, "hessian": "full"})
     wall["laplace_full_hessian"] = time.perf_counter() - t0
+    mc_runs = [n for n in samplers if n != "pcn"]
     out["laplace_full_hessian"] = {
         "rank": int(full.posterior.rank),
         "coefficients": {
             q: {
+                "laplace_mean": float(full.mean[i]),
                 "laplace_std": float(full.std[i]),
-                "mean_difference_in_std": (out["gpcn"]["coefficients"][q]["mean"] - full.mean[i])
-                / float(full.std[i]),
-                "std_ratio": out["gpcn"]["coefficients"][q]["std"] / float(full.std[i]),
+                **{
+                    f"{n}_mean_difference_in_std": (
+                        out[n]["coefficients"][q]["mean"] - full.mean[i]
+                    )
+                    / float(full.std[i])
+                    for n in mc_runs
+                },
+                **{
+                    f"{n}_std_ratio": out[n]["coefficients"][q]["std"] / float(full.std[i])
+                    for n in mc_runs
+                },
             }
             for i, q in enumerate(names)
         },
@@ -244,21 +280,28 @@ def main(argv=None) -> None:
     true_coef = np.concatenate([truth["mu_h"], truth["j0"], [np.log(float(truth["k0"]))]])
     out["truth"] = {}
     for i, q in enumerate(names):
-        mc = out["gpcn"]["coefficients"][q]
         t = float(true_coef[i])
         out["truth"][q] = {
             "value": t,
             "z_laplace": float((result.mean[i] - t) / result.std[i]),
             "z_laplace_full_hessian": float((full.mean[i] - t) / full.std[i]),
-            "z_mcmc": (mc["mean"] - t) / mc["std"],
-            "in_mcmc_95": bool(mc["q025"] <= t <= mc["q975"]),
         }
-    g, p = out["gpcn"], out["pcn"]
-    out["cost_ratio_pcn_over_gpcn"] = {
-        "forward_runs_per_effective_sample": p["forward_runs_per_effective_sample"]
-        / g["forward_runs_per_effective_sample"],
-        "note": "pCN capped at --pcn-steps: its ESS is what the capped chain gave",
+        for n in mc_runs:
+            mc = out[n]["coefficients"][q]
+            out["truth"][q][f"z_{n}"] = (mc["mean"] - t) / mc["std"]
+            out["truth"][q][f"in_{n}_95"] = bool(mc["q025"] <= t <= mc["q975"])
+    out["cost_ratios"] = {
+        f"{n}_over_gpcn": {
+            "forward_runs_per_effective_sample": out[n]["forward_runs_per_effective_sample"]
+            / out["gpcn"]["forward_runs_per_effective_sample"],
+            "seconds_per_effective_sample": out[n]["seconds_per_effective_sample"]
+            / out["gpcn"]["seconds_per_effective_sample"],
+        }
+        for n in samplers
+        if n != "gpcn" and "gpcn" in out
     }
+    if "pcn" in out:
+        out["cost_ratios"]["note"] = "pCN capped at --pcn-steps: its ESS is what it gave"
     out["informed_definition"] = (
         f"dofs where the Laplace posterior std of ln k is below {args.informed} x the prior "
         "std of m there"

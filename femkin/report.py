@@ -610,6 +610,7 @@ def mcmc_report_lines(payload: dict) -> list[str]:
             if "reference_fit" in payload
             else []
         ),
+        *([f"- HMC step: {payload['hmc_step']['note']}"] if "hmc_step" in payload else []),
         "",
         "| coefficient | Laplace mean | Laplace std | MCMC mean | MCMC std | dmean / std | "
         "std ratio | skewness | ESS | R-hat |",

@@ -176,6 +176,53 @@ def kernel_name(settings: dict) -> str:
     return "pCN-Langevin" if settings.get("langevin") else "gpCN"
 
 
+def hmc_step_check(settings: dict, uq: dict) -> dict | None:
+    """For an HMC kernel, its leapfrog angle against the stiffest direction the reference omits.
+
+    Along a direction the reference Gaussian leaves out, with ``lambda`` the prior-preconditioned
+    Hessian's eigenvalue there, the kicks add a frequency ``sqrt(lambda)`` to the exactly
+    rotated reference; the leapfrog is stable for ``eps sqrt(lambda) < 2`` and accurate for
+    ``eps sqrt(lambda) <~ 1``. The largest omitted eigenvalue is ``uq``'s estimate where the
+    rank was capped, below the threshold where the spectrum was cut by it, and the top
+    eigenvalue with the prior as reference.
+
+    Returns:
+        None for other kernels, else ``{"angle", "largest_omitted_eigenvalue", "angle_limit",
+        "ok", "note"}`` (``angle_limit = 1 / sqrt(lambda)``).
+    """
+    if int(settings.get("leapfrog", 0)) <= 0:
+        return None
+    eigenvalues = [float(v) for v in uq.get("eigenvalues", [])]
+    spectrum = uq.get("spectrum", {})
+    if settings.get("proposal") == "prior":
+        lam = max(eigenvalues, default=0.0)
+    elif spectrum.get("truncated"):
+        lam = float(spectrum.get("omitted", {}).get("largest", eigenvalues[-1]))
+    else:
+        lam = float(uq.get("threshold", 0.0))
+    angle = float(np.arcsin(float(settings["beta"])))
+    limit = 1.0 / np.sqrt(lam) if lam > 0 else float("inf")
+    ok = bool(angle <= limit)
+    note = (
+        f"leapfrog angle {angle:.3g} rad against 1/sqrt(largest omitted eigenvalue "
+        f"{lam:.3g}) = {limit:.3g}: "
+        + (
+            "the reference holds the posterior's stiff directions"
+            if ok
+            else "trajectories along the directions the reference omits are inaccurate or "
+            f"unstable; take beta <= {np.sin(min(limit, np.pi / 2)):.3g} (or a higher [uq] "
+            "max_rank)"
+        )
+    )
+    return {
+        "angle": angle,
+        "largest_omitted_eigenvalue": lam,
+        "angle_limit": float(limit),
+        "ok": ok,
+        "note": note,
+    }
+
+
 def _settings_hash(settings: dict, laplace_path: Path) -> str:
     keep = {k: v for k, v in settings.items() if k not in ("steps", "checkpoint_every")}
     h = hashlib.sha256(json.dumps(keep, sort_keys=True).encode())
@@ -615,7 +662,9 @@ def laplace_check(
         verdict = (
             f"the chains have not converged (max split-R-hat {max(rhat):.3f}, target "
             f"< {rhat_max}; min ESS {min(ess):.0f}, target >= {ess_min:.0f}): no verdict on "
-            "the Laplace approximation; run more steps ([sample] steps)"
+            "the Laplace approximation; run more steps ([sample] steps; infinity-HMC, "
+            "[sample] leapfrog, mixes faster where the posterior curves away from the Laplace "
+            "Gaussian)"
         )
         agree = None
     elif not disagreeing:
@@ -839,6 +888,9 @@ def sample(case_path, comm=MPI.COMM_WORLD, *, quiet: bool = False) -> dict | Non
                     "curvature)"
                 )
             )
+        step_check = hmc_step_check(settings, uq)
+        if step_check is not None:
+            payload["hmc_step"] = step_check
         payload["kernel"] = kernel_name(settings) + (
             " (prior reference: pCN)" if settings["proposal"] == "prior" else ""
         )
@@ -857,6 +909,8 @@ def sample(case_path, comm=MPI.COMM_WORLD, *, quiet: bool = False) -> dict | Non
             log(payload["laplace_check"]["verdict"])
             if "reference_fit" in payload:
                 log(f"proposal: {payload['reference_fit']}")
+            if step_check is not None and not step_check["ok"]:
+                log(f"warning: HMC {step_check['note']}")
     comm.barrier()
     return payload
 

@@ -386,6 +386,8 @@ def test_sample_runs_resumes_and_reports(inverted_case):
     assert hmc_resumed["resumed_from"] == {"0": 6, "1": 6}
     assert hmc_resumed["kernel"] == "infinity-HMC (2 leapfrog steps)"
     assert hmc_resumed["forward_runs"] == 2 * 9 * 2
+    assert hmc_resumed["hmc_step"]["angle"] == pytest.approx(np.arcsin(0.2), rel=1e-12)
+    assert "hmc_step" not in lv_resumed
     hmc_straight = straight_run()
     assert hmc_straight["acceptance"] == hmc_resumed["acceptance"]
     for name, v in hmc_straight["coefficients"].items():

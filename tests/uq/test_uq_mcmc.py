@@ -560,3 +560,38 @@ def test_choose_centre_takes_the_better_fitting_gaussian():
     # one candidate: still the pilot, which says how well the reference fits
     choice, pilot = choose_centre("auto", {"map": wide}, draw)
     assert choice == "map" and pilot["map"]["eta_std"] == pytest.approx(3.0 * spread)
+
+
+@pytest.mark.mpi
+def test_hmc_step_check_bounds_the_stable_angle(comm):
+    """A rank-6 reference leaves eigenvalues up to lambda_7 ~ 67 out: hmc_step_check's limit
+    1/sqrt(lambda_7) separates accurate trajectories (half the limit: |log alpha| small) from
+    unstable ones (2.5x: the energy error explodes); an uncapped spectrum passes."""
+    import scipy.linalg
+
+    from femkin.uq.sampling_study import hmc_step_check
+
+    p, kernel, centre, *_ = _langevin(comm, 6, beta=0.3, leapfrog=10)
+    lam = scipy.linalg.eigh(p.dense_H, p.dense_B, eigvals_only=True)[::-1]
+    np.testing.assert_allclose(kernel.reference.eigenvalues, lam[:6], rtol=1e-6)
+    uq = {
+        "eigenvalues": list(lam[:6]),
+        "threshold": 0.1,
+        "spectrum": {"truncated": True, "omitted": {"largest": float(lam[6])}},
+    }
+    check = hmc_step_check({"leapfrog": 10, "beta": 0.3, "proposal": "laplace"}, uq)
+    assert check["angle_limit"] == pytest.approx(1 / np.sqrt(lam[6]), rel=1e-12)
+    assert not check["ok"] and "take beta <=" in check["note"]
+    u = centre.copy()
+    u.axpy(1.0, p.scatter(0.3 * np.cos(np.arange(p.template.getSize()))))
+    eta_u, _, drift_u = kernel.evaluate(u)
+    velocity = kernel.reference.sample(p.prior_sample(4))
+    log_alpha = {}
+    for f in (0.5, 2.5):
+        x, *_, log_alpha[f] = kernel.trajectory(u, eta_u, drift_u, velocity, f / np.sqrt(lam[6]))
+    assert abs(log_alpha[0.5]) < 0.2
+    assert log_alpha[2.5] < -100
+    uq["spectrum"] = {"truncated": False}
+    assert hmc_step_check({"leapfrog": 10, "beta": 0.3, "proposal": "laplace"}, uq)["ok"]
+    assert not hmc_step_check({"leapfrog": 10, "beta": 0.3, "proposal": "prior"}, uq)["ok"]
+    assert hmc_step_check({"leapfrog": 0, "beta": 0.3}, uq) is None
