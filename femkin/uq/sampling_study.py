@@ -662,9 +662,9 @@ def laplace_check(
         verdict = (
             f"the chains have not converged (max split-R-hat {max(rhat):.3f}, target "
             f"< {rhat_max}; min ESS {min(ess):.0f}, target >= {ess_min:.0f}): no verdict on "
-            "the Laplace approximation; run more steps ([sample] steps; infinity-HMC, "
-            "[sample] leapfrog, mixes faster where the posterior curves away from the Laplace "
-            "Gaussian)"
+            "the Laplace approximation; run more steps ([sample] steps), or try another "
+            "kernel ([sample] leapfrog: infinity-HMC, which follows a curved posterior at a "
+            "gradient per leapfrog step)"
         )
         agree = None
     elif not disagreeing:
@@ -885,7 +885,7 @@ def sample(case_path, comm=MPI.COMM_WORLD, *, quiet: bool = False) -> dict | Non
                     if spread <= POOR_FIT_ETA_STD
                     else "the Laplace Gaussian fits the posterior poorly, expect slow mixing "
                     '(a smaller beta; with [uq] hessian = "full" it includes the residuals\' '
-                    "curvature)"
+                    "curvature; or infinity-HMC, [sample] leapfrog)"
                 )
             )
         step_check = hmc_step_check(settings, uq)
