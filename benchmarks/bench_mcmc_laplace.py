@@ -28,8 +28,12 @@ dofs; acceptance, ESS, R-hat, forward runs and seconds per effective sample of g
 wall times and sizes. The truth's z-scores and the full-Hessian Laplace comparison are given
 against every sampler run.
 
+``--case DIR`` takes a fitted twin (``femkin invert`` and ``femkin uq`` run, ``simulated/truth.npz``
+there) in place of the tiny twin: a copy of it, its own Laplace posterior as the reference and
+its ``[uq] hessian`` for the Laplace ln k std map.
+
 Run: ``.venv/bin/python benchmarks/bench_mcmc_laplace.py [--steps 2000 --chains 4 --samplers
-gpcn,hmc,pcn --hmc-steps 250 --leapfrog 8 --hmc-beta 0.2]``
+gpcn,hmc,pcn --hmc-steps 250 --leapfrog 8 --hmc-beta 0.2 --case DIR]``
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import shutil
 import sys
 import tempfile
 import time
@@ -67,14 +72,15 @@ def _field_record(problem, coefficient_record):
 
 
 def _laplace_fields(problem, prior, x, settings) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Laplace posterior std of ln k and prior std of m at the dofs (serial), the UQ result.
+    """Laplace posterior std of ln k and prior std of m at the dofs (serial), the UQ result
+    (with ``settings["hessian"]``).
 
     The prior std of m, not of ln k = ln k0 + m: with ln k0's wide prior (std 2) every dof
     would count as informed.
     """
     from femkin.uq.laplace_study import analyse, bilaplacian_pointwise_variance
 
-    result = analyse(problem, prior, x, {**settings, "hessian": "gauss-newton"})
+    result = analyse(problem, prior, x, settings)
     post, pri = [], []
     for lb in problem.labels:
         n_owned = problem.particles[lb].model.V.dofmap.index_map.size_local
@@ -125,6 +131,13 @@ def main(argv=None) -> None:
         "always against both)",
     )
     parser.add_argument("--keep", type=pathlib.Path, default=None, help="keep the case here")
+    parser.add_argument(
+        "--case",
+        type=pathlib.Path,
+        default=None,
+        help="a twin on which 'femkin invert' and 'femkin uq' have run, instead of the tiny twin "
+        "(copied; the Laplace ln k std map then uses its [uq] hessian)",
+    )
     args = parser.parse_args(argv)
 
     from twin_case import write_case
@@ -144,18 +157,24 @@ def main(argv=None) -> None:
         root = pathlib.Path(tmp.name)
     else:
         root = args.keep
-    case = write_case(root / "case", max_iterations=100)
-    text = (case / "case.toml").read_text()
-    text = _set(text, "simulate", "noise", str(args.noise))
-    text = _set(text, "simulate", "seed", str(args.seed))
-    text = _set(text, "uq", "samples", "0")
-    text = _set(text, "uq", "hessian", f'"{args.proposal_hessian}"')
-    (case / "case.toml").write_text(text)
     wall = {}
-    for verb in ("simulate", "invert", "uq"):
-        t0 = time.perf_counter()
-        assert cli([verb, str(case), "--quiet"]) == 0
-        wall[verb] = time.perf_counter() - t0
+    if args.case is not None:
+        case = root / "case"
+        shutil.copytree(
+            args.case, case, ignore=shutil.ignore_patterns("mcmc_chain*.npz"), dirs_exist_ok=True
+        )
+    else:
+        case = write_case(root / "case", max_iterations=100)
+        text = (case / "case.toml").read_text()
+        text = _set(text, "simulate", "noise", str(args.noise))
+        text = _set(text, "simulate", "seed", str(args.seed))
+        text = _set(text, "uq", "samples", "0")
+        text = _set(text, "uq", "hessian", f'"{args.proposal_hessian}"')
+        (case / "case.toml").write_text(text)
+        for verb in ("simulate", "invert", "uq"):
+            t0 = time.perf_counter()
+            assert cli([verb, str(case), "--quiet"]) == 0
+            wall[verb] = time.perf_counter() - t0
     summary = json.loads((case / "results" / "summary.json").read_text())
     uq = json.loads((case / "results" / "uq.json").read_text())
 
@@ -180,7 +199,10 @@ def main(argv=None) -> None:
     gradient_s = (time.perf_counter() - t0) / n_timed
     g.destroy()
     t0 = time.perf_counter()
-    lap_std_dofs, prior_std_dofs, result = _laplace_fields(problem, prior, x, study.case.uq)
+    field_hessian = study.case.uq["hessian"] if args.case is not None else "gauss-newton"
+    lap_std_dofs, prior_std_dofs, result = _laplace_fields(
+        problem, prior, x, {**study.case.uq, "hessian": field_hessian}
+    )
     wall["laplace_fields"] = time.perf_counter() - t0
     blocks = coefficient_layout(problem.space)
     names = coefficient_names(blocks)
@@ -189,13 +211,16 @@ def main(argv=None) -> None:
     lap = {"mean": np.asarray(result.mean), "std": np.asarray(result.std)}
 
     out: dict = {
-        "proposal_hessian": args.proposal_hessian,
+        "proposal_hessian": args.proposal_hessian if args.case is None else field_hessian,
+        "field_laplace_hessian": field_hessian,
         "size": {
-            "case": "benchmarks/twin_case.write_case (tests/workflow_case.py)",
+            "case": str(args.case)
+            if args.case is not None
+            else "benchmarks/twin_case.write_case (tests/workflow_case.py)",
             "pixels": int(np.sum(problem.video.mask > 0)),
             "frames": len(problem.video.t),
-            "noise": args.noise,
-            "twin_seed": args.seed,
+            "noise": args.noise if args.case is None else None,
+            "twin_seed": args.seed if args.case is None else None,
             "parameters": int(problem.space.global_size),
             "field_dofs": int(lap_std_dofs.size),
             "coefficients": names,
