@@ -149,7 +149,13 @@ def main(argv=None) -> None:
     from femkin.inversion.fit import build_prior
     from femkin.study import build_problem, checkpoint_path, checkpoint_settings, open_study
     from femkin.uq.laplace_study import analyse, coefficient_layout, coefficient_names
-    from femkin.uq.sampling_study import _record, field_agreement, laplace_check, summarise
+    from femkin.uq.sampling_study import (
+        _record,
+        field_agreement,
+        laplace_check,
+        runs_per_step,
+        summarise,
+    )
 
     tmp = None
     if args.keep is None:
@@ -255,7 +261,7 @@ def main(argv=None) -> None:
         settings = {**base, **extra, "chains": args.chains}
         chains, seconds = _chains(problem, prior, case, settings, args.chains, record)
         coef = {c: {**v, "records": v["records"][:, :n_q]} for c, v in chains.items()}
-        s = summarise(coef, names, args.burn, lap, runs_per_step=max(extra.get("leapfrog", 0), 1))
+        s = summarise(coef, names, args.burn, lap, runs_per_step=runs_per_step(settings))
         n = min(v["records"].shape[0] for v in chains.values())
         start = int(np.floor(args.burn * n))
         fields = np.concatenate([v["records"][start:n, n_q:] for v in chains.values()])

@@ -588,9 +588,7 @@ MCMC_HEADING = "## MCMC check of the Laplace approximation"
 
 def mcmc_report_lines(payload: dict) -> list[str]:
     """The ``report.md`` section of ``femkin sample`` (``payload``: the ``mcmc.json`` content)."""
-
-    def _uses_gradient(settings: dict) -> bool:  # Langevin and HMC steps cost gradients
-        return bool(settings.get("langevin")) or int(settings.get("leapfrog", 0)) > 0
+    from femkin.uq.sampling_study import uses_gradient
 
     check = payload.get("laplace_check", {})
     lines = [
@@ -602,7 +600,7 @@ def mcmc_report_lines(payload: dict) -> list[str]:
         f"acceptance {payload['acceptance_overall']:.2f}, min ESS {payload['min_ess']:.0f}, "
         f"max split-R-hat {payload['max_rhat']:.3f}, "
         f"{payload['forward_runs_per_effective_sample']:.1f} "
-        f"{'gradient' if _uses_gradient(payload['settings']) else 'forward'} runs per "
+        f"{'gradient' if uses_gradient(payload['settings']) else 'forward'} runs per "
         "effective sample",
         f"- verdict: {check.get('verdict', 'no Laplace values to compare with')}",
         *(

@@ -163,11 +163,6 @@ class GpcnKernel:
         """Whether proposals drift along the preconditioned gradient (one pCN-Langevin step)."""
         return self.gradient is not None and not self.hmc
 
-    @property
-    def runs_per_step(self) -> int:
-        """Forward runs (gradients for Langevin and HMC kernels) per chain step."""
-        return max(self.leapfrog, 1)
-
     def _b_norm2(self, d: PETSc.Vec) -> tuple[float, PETSc.Vec]:
         bd = d.duplicate()
         self._B(d, bd)

@@ -168,6 +168,11 @@ def uses_gradient(settings: dict) -> bool:
     return bool(settings.get("langevin")) or int(settings.get("leapfrog", 0)) > 0
 
 
+def runs_per_step(settings: dict) -> int:
+    """Forward runs (gradients for Langevin and HMC kernels) per step of a ``[sample]`` chain."""
+    return max(int(settings.get("leapfrog", 0)), 1)
+
+
 def kernel_name(settings: dict) -> str:
     """The name of the ``[sample]`` kernel, as the report gives it."""
     leapfrog = int(settings.get("leapfrog", 0))
@@ -862,7 +867,7 @@ def sample(case_path, comm=MPI.COMM_WORLD, *, quiet: bool = False) -> dict | Non
             names,
             float(settings["burn"]),
             {"mean": lap_mean, "std": lap_std},
-            runs_per_step=max(int(settings.get("leapfrog", 0)), 1),
+            runs_per_step=runs_per_step(settings),
         )
         payload["laplace_check"] = laplace_check(payload)
         payload["settings"] = settings
